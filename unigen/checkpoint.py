@@ -1,0 +1,403 @@
+"""Reading and writing checkpoints. All checkpoint-name mapping lives in this file.
+
+Three layouts load:
+  * ``unigen``       our own: config.json (``"model_type": "unigen"``) + safetensors (sharded with an index)
+  * ``transformers`` ``JanusForConditionalGeneration.save_pretrained`` (deepseek-community/Janus-Pro-*)
+  * ``official``     DeepSeek's ``multi_modality`` layout (deepseek-ai/Janus-1.3B, Janus-Pro-1B/7B)
+
+Our module tree uses the official key names, so only the transformers layout is renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from unigen.config import LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says what was found."""
+
+
+# ---- locating files ----------------------------------------------------------------------
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "tokenizer*"]
+
+
+def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that contains config.json")
+    text = str(path_or_hub_id)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist (and is not a hub id owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=WEIGHT_PATTERNS))
+    except Exception as err:  # offline, unknown repo, no cache: all end here with the reason
+        raise FileNotFoundError(
+            f"{text!r} is not a local directory and could not be fetched from the hub ({type(err).__name__}: "
+            f"{err}). Download it first or pass a local directory."
+        ) from err
+
+
+def detect_layout(directory: Path) -> str:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        found = sorted(p.name for p in directory.iterdir())[:20]
+        raise CheckpointError(
+            f"{directory} has no config.json, so it is none of the known layouts (unigen, transformers "
+            f"Janus, DeepSeek official). Found: {found or 'an empty directory'}"
+        )
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
+    model_type = raw.get("model_type")
+    if model_type == "unigen":
+        return "unigen"
+    if model_type == "janus":
+        return "transformers"
+    if {"language_config", "vision_config", "gen_vision_config"} <= raw.keys():
+        return "official"
+    raise CheckpointError(
+        f"{config_path} has model_type={model_type!r} and keys {sorted(raw)[:12]}; expected a unigen config "
+        "(model_type 'unigen'), a transformers Janus config (model_type 'janus') or DeepSeek's official "
+        "config (language_config / vision_config / gen_vision_config sections)"
+    )
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Weights from safetensors (single or sharded) or pickled .bin (only with weights_only=True)."""
+    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shard file(s) that are missing: {missing}")
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(loader(directory / shard))
+            return state
+    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+        if (directory / name).is_file():
+            return loader(directory / name)
+    found = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(
+        f"{directory} has a config.json but no weights: expected model.safetensors, pytorch_model.bin or a "
+        f"sharded index (*.index.json). Found: {found}"
+    )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only refuses arbitrary pickled objects: a .bin from the hub must never run code on load
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch file: {err}") from err
+
+
+# ---- configs -------------------------------------------------------------------------------
+
+# DeepSeek's named SigLIP presets (janus/models/siglip_vit.py)
+SIGLIP_PRESETS = {
+    "siglip_large_patch16_384": dict(image_size=384, patch_size=16, width=1024, depth=24, num_heads=16,
+                                     mlp_ratio=4.0),
+    "siglip_so400m_patch14_384": dict(image_size=384, patch_size=14, width=1152, depth=27, num_heads=16,
+                                      mlp_ratio=3.7362),
+}
+# Unigen extension: these extra keys in an official config's params describe small test models
+OFFICIAL_VISION_EXTRA = {"width", "depth", "num_heads", "patch_size", "mlp_ratio"}
+OFFICIAL_VQ_EXTRA = {"base_channels", "channel_mult", "z_channels", "num_res_blocks", "image_size"}
+
+
+def _llm_config(text: dict) -> LLMConfig:
+    from transformers import LlamaConfig
+
+    # Janus-Pro-7B's language_config names only the layer count: the width comes from LlamaConfig
+    # defaults (4096 / 11008 / 32 heads), so build through LlamaConfig to get exactly those.
+    known = {k: v for k, v in text.items() if k not in ("architectures", "_name_or_path")}
+    c = LlamaConfig(**known)
+    if c.rope_parameters.get("rope_type", "default") != "default":
+        raise CheckpointError(f"rope scaling {c.rope_parameters} is not supported")
+    return LLMConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_theta=float(c.rope_parameters["rope_theta"]),
+    )
+
+
+def config_from_transformers(raw: dict) -> UniGenConfig:
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+
+    llm = _llm_config(raw.get("text_config") or {})
+    v = JanusVisionConfig(**(raw.get("vision_config") or {}))
+    q = JanusVQVAEConfig(**(raw.get("vq_config") or {}))
+    if v.use_qk_norm:
+        raise CheckpointError("vision_config.use_qk_norm=true is not part of Janus's SigLIP; not supported")
+    for name, value in (("vision_config.projection_dim", v.projection_dim),
+                        ("vq_config.projection_dim", q.projection_dim),
+                        ("vq_config.image_token_embed_dim", q.image_token_embed_dim)):
+        if value != llm.hidden_size:
+            raise CheckpointError(f"{name}={value} must equal text_config.hidden_size={llm.hidden_size}")
+    grid = v.image_size // v.patch_size  # transformers ties the VQ grid to the SigLIP grid
+    mult = tuple(q.channel_multiplier)
+    return UniGenConfig(
+        vision=SigLIPConfig(image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
+                            depth=v.num_hidden_layers, num_heads=v.num_attention_heads,
+                            mlp_ratio=float(v.mlp_ratio), layer_norm_eps=v.layer_norm_eps),
+        vq=VQConfig(codebook_size=q.num_embeddings, embed_dim=q.embed_dim, base_channels=q.base_channels,
+                    channel_mult=mult, num_res_blocks=q.num_res_blocks, z_channels=q.latent_channels,
+                    image_size=grid * 2 ** (len(mult) - 1)),
+        llm=llm,
+        aligner_depth=v.depth,
+        gen_aligner_depth=q.num_hidden_layers,
+        gen_head_dim=q.projection_dim,
+        tokens=TokenIds(image=raw.get("image_token_id", TokenIds.image)),
+    )
+
+
+def config_from_official(raw: dict) -> UniGenConfig:
+    llm = _llm_config(raw["language_config"])
+    vp = dict(raw["vision_config"].get("params", {}))
+    name = vp.get("model_name", "siglip_large_patch16_384")
+    if name not in SIGLIP_PRESETS:
+        raise CheckpointError(f"unknown SigLIP model_name {name!r}; known: {sorted(SIGLIP_PRESETS)}")
+    if vp.get("pixel_mean") or vp.get("pixel_std"):
+        raise CheckpointError("vision params pixel_mean/pixel_std (in-tower normalisation) are not supported")
+    vision = dict(SIGLIP_PRESETS[name])
+    vision.update({k: vp[k] for k in OFFICIAL_VISION_EXTRA | {"image_size"} if k in vp})
+    select = vp.get("select_layer", -1)  # official create_siglip_vit builds only the selected blocks
+    vision["depth"] = min(vision["depth"], vision["depth"] + select + 1 if select <= 0 else select)
+
+    gp = raw["gen_vision_config"].get("params", {})
+    if raw["gen_vision_config"].get("cls", "VQ-16") != "VQ-16":
+        raise CheckpointError(f"gen_vision_config.cls {raw['gen_vision_config'].get('cls')!r}: only VQ-16")
+    vq = {k: gp[k] for k in OFFICIAL_VQ_EXTRA if k in gp}
+    vq = VQConfig(codebook_size=gp.get("image_token_size", 16384), embed_dim=gp.get("n_embed", 8), **vq)
+
+    aligner = raw["aligner_config"]["params"]
+    gen_aligner = raw["gen_aligner_config"]["params"]
+    head = raw["gen_head_config"]["params"]
+    for where, got, want in (("aligner_config.params.n_embed", aligner.get("n_embed"), llm.hidden_size),
+                             ("gen_aligner_config.params.n_embed", gen_aligner.get("n_embed"), llm.hidden_size),
+                             ("gen_head_config.params.n_embed", head.get("n_embed"), llm.hidden_size),
+                             ("gen_head_config.params.image_token_size", head.get("image_token_size"),
+                              vq.codebook_size)):
+        if got is not None and got != want:
+            raise CheckpointError(f"{where}={got} disagrees with the model ({want})")
+    return UniGenConfig(
+        vision=SigLIPConfig(**vision), vq=vq, llm=llm,
+        aligner_depth=aligner.get("depth", 2), gen_aligner_depth=gen_aligner.get("depth", 2),
+        gen_head_dim=head.get("image_token_embed", llm.hidden_size),
+    )
+
+
+# ---- key names -------------------------------------------------------------------------------
+
+# transformers Janus name -> official name, first match wins. q/k/v are fused afterwards.
+_VIS = "vision_model.vision_tower"
+HF_TO_OFFICIAL: list[tuple[str, str]] = [
+    (r"model\.vision_model\.embeddings\.position_embedding\.weight", f"{_VIS}.pos_embed"),
+    (r"model\.vision_model\.embeddings\.patch_embedding\.", f"{_VIS}.patch_embed.proj."),
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", _VIS + r".blocks.\1.norm\2."),
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", _VIS + r".blocks.\1.attn.\2_proj."),
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection_layer\.", _VIS + r".blocks.\1.attn.proj."),
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.mlp\.", _VIS + r".blocks.\1.mlp."),
+    (r"model\.vision_model\.post_layernorm\.", f"{_VIS}.norm."),
+    (r"model\.aligner\.", "aligner."),
+    (r"model\.generation_aligner\.", "gen_aligner."),
+    (r"model\.generation_head\.proj_out\.", "gen_head.output_mlp_projector."),
+    (r"model\.generation_head\.vision_head\.", "gen_head.vision_head."),
+    (r"model\.generation_embeddings\.", "gen_embed."),
+    (r"model\.language_model\.", "language_model.model."),
+    (r"lm_head\.", "language_model.lm_head."),
+    (r"model\.vqmodel\.", "gen_vision_model."),
+]
+# inside the VQ
+HF_VQ_TO_OFFICIAL: list[tuple[str, str]] = [
+    (r"encoder\.down\.(\d+)\.block\.", r"encoder.conv_blocks.\1.res."),
+    (r"encoder\.down\.(\d+)\.", r"encoder.conv_blocks.\1."),
+    (r"decoder\.up\.(\d+)\.block\.", r"decoder.conv_blocks.\1.res."),
+    (r"decoder\.up\.(\d+)\.", r"decoder.conv_blocks.\1."),
+    (r"(encoder|decoder)\.mid\.block_1\.", r"\1.mid.0."),
+    (r"(encoder|decoder)\.mid\.attn_1\.", r"\1.mid.1."),
+    (r"(encoder|decoder)\.mid\.block_2\.", r"\1.mid.2."),
+]
+# present in real checkpoints but unused at run time
+IGNORED_KEYS = [r"vision_model\.vision_tower\.attn_pool\.", r"gen_vision_model\.quantize\.codebook_used$",
+                r"\.rotary_emb\.inv_freq$"]
+
+
+def _mlp_key(key: str) -> str:
+    # transformers' MLP aligner: fc1 + hidden_layers.{i}; official: nn.Sequential layers.{0, 2, 4, ...}
+    key = re.sub(r"^(aligner|gen_aligner)\.fc1\.", r"\1.layers.0.", key)
+    return re.sub(r"^(aligner|gen_aligner)\.hidden_layers\.(\d+)\.",
+                  lambda m: f"{m.group(1)}.layers.{2 * (int(m.group(2)) + 1)}.", key)
+
+
+def official_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    unmapped = []
+    for key, value in state.items():
+        for pattern, repl in HF_TO_OFFICIAL:
+            if re.match(pattern, key):
+                new = re.sub("^" + pattern, repl, key)
+                break
+        else:
+            unmapped.append(key)
+            continue
+        if new.startswith("gen_vision_model."):
+            inner = new[len("gen_vision_model."):]
+            for pattern, repl in HF_VQ_TO_OFFICIAL:
+                if re.match(pattern, inner):
+                    inner = re.sub("^" + pattern, repl, inner)
+                    break
+            new = "gen_vision_model." + inner
+        new = _mlp_key(new)
+        if new == f"{_VIS}.pos_embed":
+            value = value.unsqueeze(0)
+        out[new] = value
+    if unmapped:
+        raise CheckpointError(f"transformers checkpoint has keys with no unigen equivalent: {unmapped[:20]}")
+    # fuse q|k|v (official order) into timm's qkv
+    for key in [k for k in out if ".attn.q_proj." in k]:
+        parts = [out.pop(key.replace(".q_proj.", f".{x}_proj.")) for x in "qkv"]
+        out[key.replace(".q_proj.", ".qkv.")] = torch.cat(parts, 0)
+    return out
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = {
+    "bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>", "cfg_pad": "<｜▁pad▁｜>",
+    "image_start": "<begin_of_image>", "image_end": "<end_of_image>", "image": "<image_placeholder>",
+}
+
+
+def token_ids_from_tokenizer(directory: Path, fallback: TokenIds) -> tuple[TokenIds, str | None]:
+    """Special token ids (and the prompt format) read from the tokenizer saved beside the weights."""
+    if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return fallback, None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    vocab = tok.get_vocab()
+    ids = {name: vocab[text] for name, text in SPECIAL_TOKENS.items() if text in vocab}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else fallback.pad
+    fmt = "janus-pro" if "<|User|>" in vocab else "janus"
+    return TokenIds(**{**vars(fallback), **ids, "pad": pad}), fmt
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def load_config(directory: Path) -> tuple[UniGenConfig, str]:
+    layout = detect_layout(directory)
+    raw = json.loads((directory / "config.json").read_text())
+    if layout == "unigen":
+        return UniGenConfig.from_dict(raw), layout
+    config = config_from_transformers(raw) if layout == "transformers" else config_from_official(raw)
+    tokens, fmt = token_ids_from_tokenizer(directory, config.tokens)
+    config.tokens = tokens
+    if fmt is not None:
+        config.prompt_format = fmt
+    return config, layout
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    from unigen.model import UniGenModel
+
+    directory = resolve_checkpoint_dir(path)
+    config, layout = load_config(directory)
+    state = read_state_dict(directory)
+    if layout == "transformers":
+        state = official_from_transformers(state)
+    with torch.device("meta"):
+        model = UniGenModel(config)
+    load_state(model, state, dtype, directory)
+    model.to(device)
+    return model.eval()
+
+
+def load_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path) -> None:
+    """Strict load that names every missing, unexpected and mis-shaped key."""
+    state = {k: v for k, v in state.items() if not any(re.search(p, k) for p in IGNORED_KEYS)}
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+              for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing[:20]}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {sorted(shapes)[:20]}")
+    if problems:
+        raise CheckpointError(f"weights in {where} do not fit the model its config describes; " + "; ".join(problems))
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    _rebuild_non_persistent_buffers(model)
+
+
+def _rebuild_non_persistent_buffers(model) -> None:
+    """The model was built on the meta device; buffers not stored in checkpoints need real values."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    decoder = model.language_model.model
+    with torch.device("cpu"):
+        decoder.rotary_emb = LlamaRotaryEmbedding(config=decoder.config)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"internal error: tensors left uninitialised after loading: {leftover[:10]}")
+
+
+# ---- saving ----------------------------------------------------------------------------------------
+
+
+def save_model(model, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
+        stale.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,145 @@
+"""Typed configuration for every part of a unified model, saved as ``config.json``.
+
+The defaults describe Janus-Pro-1B. Small models for tests and the Shapes world are the
+same dataclasses with smaller numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class SigLIPConfig:
+    """SigLIP ViT (timm ``VisionTransformer``, no class token) for the understanding path."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    width: int = 1024
+    depth: int = 24  # blocks actually built (official select_layer=-1 keeps all of them)
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class VQConfig:
+    """LlamaGen VQ-16 image tokenizer: conv encoder/decoder around an l2-normalised codebook."""
+
+    codebook_size: int = 16384
+    embed_dim: int = 8
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dropout: float = 0.0
+    commit_beta: float = 0.25  # used only when training the tokenizer
+    image_size: int = 384  # generation resolution
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+
+@dataclass
+class LLMConfig:
+    """Llama-style decoder (built with transformers' ``LlamaForCausalLM``, untied head)."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 16
+    max_position_embeddings: int = 16384
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class TokenIds:
+    """Special token ids. Loaders read them from the tokenizer when one is present."""
+
+    bos: int = 100000
+    eos: int = 100001
+    pad: int = 100002  # tokenizer padding
+    cfg_pad: int = 100015  # "<｜▁pad▁｜>", used for the unconditional CFG prompt (not ``pad``)
+    image_start: int = 100016  # "<begin_of_image>"
+    image_end: int = 100593  # "<end_of_image>"
+    image: int = 100581  # "<image_placeholder>"
+
+
+@dataclass
+class UniGenConfig:
+    vision: SigLIPConfig = field(default_factory=SigLIPConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokens: TokenIds = field(default_factory=TokenIds)
+    aligner_depth: int = 2  # MLP SigLIP width -> LLM width
+    gen_aligner_depth: int = 2  # MLP VQ embed dim -> LLM width
+    gen_head_dim: int = 2048  # hidden width of the generation head
+    prompt_format: Literal["janus-pro", "janus"] = "janus-pro"
+    fusion: Literal["concat", "cross_attention"] = "concat"
+    encoder: Literal["siglip", "patch"] = "siglip"
+    cross_attention_every: int = 4
+    cross_attention_layers: list[int] | None = None  # explicit positions override ``cross_attention_every``
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokens.image
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model_type"] = "unigen"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UniGenConfig:
+        d = dict(d)
+        d.pop("model_type", None)
+        subs = {"vision": SigLIPConfig, "vq": VQConfig, "llm": LLMConfig, "tokens": TokenIds}
+        kwargs: dict[str, Any] = {}
+        for name, value in d.items():
+            if name in subs:
+                kwargs[name] = _build(subs[name], value, f"config.{name}")
+            else:
+                kwargs[name] = value
+        return _build(cls, kwargs, "config")
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> UniGenConfig:
+        return cls.from_dict(json.loads((Path(directory) / "config.json").read_text()))
+
+
+def _build(klass: type, values: dict[str, Any], where: str):
+    """Build a dataclass, naming unknown keys instead of a bare TypeError."""
+    known = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in {where}: {unknown}; known keys: {sorted(known)}")
+    values = dict(values)
+    if klass is VQConfig and "channel_mult" in values:
+        values["channel_mult"] = tuple(values["channel_mult"])
+    return klass(**values)

@@ -1,0 +1,254 @@
+"""UniGenModel: one Llama-style decoder shared by image understanding and image generation.
+
+Understanding (Method A): SigLIP features -> MLP aligner -> spliced into the text sequence at the
+image placeholder positions. Generation: VQ codes -> gen_embed -> gen_aligner -> decoder ->
+gen_head -> next-code logits. The module tree mirrors DeepSeek's official Janus checkpoint keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unigen.config import LLMConfig, SigLIPConfig, UniGenConfig
+from unigen.vq import VQModel
+
+
+class MLPAligner(nn.Module):
+    """``Linear -> (GELU -> Linear) * (depth - 1)``; exact (erf) GELU as in Janus."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        for _ in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class GenHead(nn.Module):
+    """Decoder hidden state -> logits over the VQ codebook (the "image output layer")."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, codebook_size: int):
+        super().__init__()
+        self.output_mlp_projector = nn.Linear(in_dim, hidden_dim)
+        self.vision_head = nn.Linear(hidden_dim, codebook_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vision_head(nn.functional.gelu(self.output_mlp_projector(x)))
+
+
+class SigLIPEncoder(nn.Module):
+    """timm ViT with SigLIP's shape: no class token; final LayerNorm output is the feature."""
+
+    def __init__(self, cfg: SigLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = VisionTransformer(
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.width,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            class_token=False,
+            global_pool="",  # the MAP head is unused by Janus; its checkpoint weights are ignored
+            num_classes=0,
+            norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        s = self.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (s, s):
+            raise ValueError(
+                f"pixel_values must have shape (n_images, 3, {s}, {s}); got {tuple(pixel_values.shape)}. "
+                "Use UniGenProcessor to resize and normalise images."
+            )
+        return self.vision_tower.forward_features(pixel_values)
+
+
+def llama_config(cfg: LLMConfig) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        tie_word_embeddings=False,  # Janus keeps lm_head separate from the embeddings
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_min(0)
+
+
+class DecoderOutput(NamedTuple):
+    last_hidden_state: torch.Tensor
+    past_key_values: object | None
+
+
+@dataclass
+class UniGenOutput:
+    logits: torch.Tensor  # (batch, seq, text vocab)
+    hidden_states: torch.Tensor  # final normed decoder state (batch, seq, width)
+    past_key_values: object | None = None
+
+
+class UniGenModel(nn.Module):
+    def __init__(self, config: UniGenConfig):
+        super().__init__()
+        self.config = config
+        width = config.llm.hidden_size
+        self.vision_model = SigLIPEncoder(config.vision)
+        self.aligner = MLPAligner(config.vision.width, width, config.aligner_depth)
+        self.gen_vision_model = VQModel(config.vq)
+        self.gen_embed = nn.Embedding(config.vq.codebook_size, config.vq.embed_dim)
+        self.gen_aligner = MLPAligner(config.vq.embed_dim, width, config.gen_aligner_depth)
+        self.gen_head = GenHead(width, config.gen_head_dim, config.vq.codebook_size)
+        self.language_model = LlamaForCausalLM(llama_config(config.llm))
+
+    # ---- pieces ------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformers ``LlamaModel`` (embeddings, blocks, final norm)."""
+        return self.language_model.model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gen_embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.gen_embed.weight.device
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def embed_image_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.gen_aligner(self.gen_embed(codes))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3, S, S) -> aligned features (n_images, n_vis_tokens, width)."""
+        return self.aligner(self.vision_model(pixel_values.to(self.dtype)))
+
+    def prepare_inputs_embeds(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        embeds = self.embed_text(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        n_slots = int(is_image.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(
+                    f"input_ids hold {n_slots} image placeholder tokens (id {self.config.image_token_id}) "
+                    "but no pixel_values were given"
+                )
+            return embeds
+        if pixel_values.ndim == 5:  # (batch, images_per_row, 3, S, S)
+            pixel_values = pixel_values.flatten(0, 1)
+        features = self.get_image_features(pixel_values)
+        n_feats = features.shape[0] * features.shape[1]
+        if n_slots != n_feats:
+            raise ValueError(
+                f"{features.shape[0]} image(s) give {n_feats} feature vectors "
+                f"({features.shape[1]} per image) but input_ids hold {n_slots} image placeholder tokens; "
+                "each image needs exactly that many placeholders (the processor inserts them)"
+            )
+        # placeholders are filled in reading order: row by row, left to right
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+
+    # ---- forward passes ----------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> UniGenOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values)
+        hidden = self.run_decoder(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache)
+        logits = self.language_model.lm_head(hidden.last_hidden_state)
+        return UniGenOutput(logits, hidden.last_hidden_state, hidden.past_key_values)
+
+    def run_decoder(
+        self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False
+    ) -> DecoderOutput:
+        if position_ids is None and attention_mask is not None and past_key_values is None:
+            position_ids = positions_from_mask(attention_mask)
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return DecoderOutput(out.last_hidden_state, out.past_key_values)
+
+    def image_logits(
+        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced generation-head logits (batch, n, codebook_size).
+
+        ``[:, i]`` is the distribution of ``image_tokens[:, i]`` given the prompt (which ends with the
+        image-start token) and ``image_tokens[:, :i]``.
+        """
+        if image_tokens.ndim != 2 or image_tokens.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"image_tokens must be (batch={input_ids.shape[0]}, n); got {tuple(image_tokens.shape)}"
+            )
+        n = image_tokens.shape[1]
+        embeds = torch.cat([self.embed_text(input_ids), self.embed_image_tokens(image_tokens[:, :-1])], 1)
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(attention_mask.shape[0], n - 1)
+            attention_mask = torch.cat([attention_mask, ones], 1)
+        hidden = self.run_decoder(embeds, attention_mask).last_hidden_state
+        return self.gen_head(hidden[:, input_ids.shape[1] - 1 :])
+
+    # ---- VQ ----------------------------------------------------------------------------
+    def encode_image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], (batch, 3, H, W) -> codes (batch, h*w)."""
+        return self.gen_vision_model.encode(pixels.to(self.dtype))
+
+    def decode_image_tokens(self, codes: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Codes (batch, h*w) -> pixels (batch, 3, H, W), clamped to [-1, 1] unless ``clamp=False``."""
+        pixels = self.gen_vision_model.decode(codes)
+        return pixels.clamp(-1, 1) if clamp else pixels
+
+    # ---- checkpoints -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> UniGenModel:
+        """Load our own, transformers' Janus, or DeepSeek's official layout (local dir or hub id)."""
+        from unigen.checkpoint import load_model
+
+        return load_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+        from unigen.checkpoint import save_model
+
+        save_model(self, directory, max_shard_bytes=max_shard_bytes)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
