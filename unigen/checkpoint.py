@@ -11,6 +11,7 @@ Our module tree uses the official key names, so only the transformers layout is 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -375,9 +376,13 @@ def _rebuild_non_persistent_buffers(model) -> None:
 
 
 def save_model(model, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+    """config.json + safetensors (sharded with an index above ``max_shard_bytes``).
+
+    Every file is written under a temporary name and renamed into place, so a crash never leaves a
+    half-written file under a real name.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.save(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -388,16 +393,25 @@ def save_model(model, directory: str | Path, max_shard_bytes: int = 4 << 30) -> 
             size = 0
         shards[-1][key] = tensor
         size += nbytes
-    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
-        stale.unlink()
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        _atomic(directory / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+    index_path = directory / "model.safetensors.index.json"
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        _atomic(index_path, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    _atomic(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(model.config.to_dict(), indent=2)))
+    # drop what an earlier save with another sharding left behind
+    stale = set(directory.glob("model*.safetensors")) - {directory / n for n in names}
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        stale.add(index_path)
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
