@@ -173,3 +173,20 @@ def test_official_config_uses_llama_defaults_for_missing_width(tmp_path):
     with torch.device("meta"):
         n = UniGenModel(cfg).num_parameters()
     assert 7.3e9 < n < 7.5e9  # 7.42B per the reference table
+
+
+def test_token_ids_come_from_the_tokenizer_or_the_transformers_configs(tiny_hf_janus, tmp_path):
+    import shutil
+
+    from unigen.testing import TINY_TOKENS
+
+    _, directory = tiny_hf_janus
+    assert UniGenModel.from_pretrained(directory).config.tokens == TINY_TOKENS  # read from the tokenizer
+    shutil.copytree(directory, tmp_path / "no_tokenizer")
+    for path in (tmp_path / "no_tokenizer").glob("*token*"):
+        path.unlink()
+    tokens = UniGenModel.from_pretrained(tmp_path / "no_tokenizer").config.tokens
+    # text_config gives bos/eos/pad; generation_config gives the CFG pad and <begin_of_image>
+    assert (tokens.bos, tokens.eos, tokens.pad, tokens.cfg_pad, tokens.image_start, tokens.image) == (
+        TINY_TOKENS.bos, TINY_TOKENS.eos, TINY_TOKENS.pad, TINY_TOKENS.cfg_pad, TINY_TOKENS.image_start,
+        TINY_TOKENS.image)

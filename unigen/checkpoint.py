@@ -307,6 +307,21 @@ def token_ids_from_tokenizer(directory: Path, fallback: TokenIds) -> tuple[Token
     return TokenIds(**{**vars(fallback), **ids, "pad": pad}), fmt
 
 
+def _token_ids_from_transformers_config(directory: Path, raw: dict, fallback: TokenIds) -> TokenIds:
+    """bos/eos/pad from text_config; the CFG pad and image-start ids from generation_config.json."""
+    text = raw.get("text_config") or {}
+    ids = {name: text[f"{name}_token_id"] for name in ("bos", "eos", "pad") if text.get(f"{name}_token_id") is not None}
+    gen_path = directory / "generation_config.json"
+    if gen_path.is_file():
+        gen = json.loads(gen_path.read_text())
+        if gen.get("pad_token_id") is not None:  # transformers' Janus generate pads the CFG prompt with it
+            ids["cfg_pad"] = gen["pad_token_id"]
+        boi = (gen.get("generation_kwargs") or {}).get("boi_token_id")
+        if boi is not None:
+            ids["image_start"] = boi
+    return TokenIds(**{**vars(fallback), **ids})
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 
@@ -316,6 +331,8 @@ def load_config(directory: Path) -> tuple[UniGenConfig, str]:
     if layout == "unigen":
         return UniGenConfig.from_dict(raw), layout
     config = config_from_transformers(raw) if layout == "transformers" else config_from_official(raw)
+    if layout == "transformers":
+        config.tokens = _token_ids_from_transformers_config(directory, raw, config.tokens)
     tokens, fmt = token_ids_from_tokenizer(directory, config.tokens)
     config.tokens = tokens
     if fmt is not None:
