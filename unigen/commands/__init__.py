@@ -1,0 +1,1 @@
+"""Subcommands of the ``unigen`` CLI, one module each (see ``unigen/cli.py``)."""
