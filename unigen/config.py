@@ -105,6 +105,11 @@ class UniGenConfig:
     def image_token_id(self) -> int:
         return self.tokens.image
 
+    @property
+    def image_placeholders_per_image(self) -> int:
+        """Placeholder tokens per image in ``input_ids``: one per feature (concat) or exactly one (cross_attention)."""
+        return 1 if self.fusion == "cross_attention" else self.vision.num_tokens
+
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,7 +1,9 @@
 """UniGenModel: one Llama-style decoder shared by image understanding and image generation.
 
-Understanding (Method A): SigLIP features -> MLP aligner -> spliced into the text sequence at the
-image placeholder positions. Generation: VQ codes -> gen_embed -> gen_aligner -> decoder ->
+Understanding (Method A, ``fusion: "concat"``): SigLIP features -> MLP aligner -> spliced into the text
+sequence at the image placeholder positions. Method B (``fusion: "cross_attention"``): the aligned
+features reach the decoder through gated cross-attention blocks (``unigen/cross_attention.py``).
+Generation: VQ codes -> gen_embed -> gen_aligner -> decoder ->
 gen_head -> next-code logits. The module tree mirrors DeepSeek's official Janus checkpoint keys.
 """
 
@@ -18,6 +20,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unigen.config import LLMConfig, SigLIPConfig, UniGenConfig
+from unigen.cross_attention import (
+    build_cross_attention_layers,
+    convert_fusion,
+    resolve_cross_attention_state,
+    run_decoder_with_cross_attention,
+)
+from unigen.patch_encoder import PatchEncoder
 from unigen.vq import VQModel
 
 
@@ -76,6 +85,15 @@ class SigLIPEncoder(nn.Module):
         return self.vision_tower.forward_features(pixel_values)
 
 
+def build_understanding_encoder(config: UniGenConfig) -> nn.Module:
+    """``encoder: "siglip"`` (pretrained ViT) or ``"patch"`` (Fuyu-style linear patch projection)."""
+    if config.encoder == "siglip":
+        return SigLIPEncoder(config.vision)
+    if config.encoder == "patch":
+        return PatchEncoder(config.vision)
+    raise ValueError(f"unknown encoder {config.encoder!r}; expected 'siglip' or 'patch'")
+
+
 def llama_config(cfg: LLMConfig) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
@@ -109,6 +127,7 @@ class UniGenOutput:
     logits: torch.Tensor  # (batch, seq, text vocab)
     hidden_states: torch.Tensor  # final normed decoder state (batch, seq, width)
     past_key_values: object | None = None
+    cross_attention_state: object | None = None  # Method B: image keys/values (also attached to the cache)
 
 
 class UniGenModel(nn.Module):
@@ -116,13 +135,15 @@ class UniGenModel(nn.Module):
         super().__init__()
         self.config = config
         width = config.llm.hidden_size
-        self.vision_model = SigLIPEncoder(config.vision)
+        self.vision_model = build_understanding_encoder(config)
         self.aligner = MLPAligner(config.vision.width, width, config.aligner_depth)
         self.gen_vision_model = VQModel(config.vq)
         self.gen_embed = nn.Embedding(config.vq.codebook_size, config.vq.embed_dim)
         self.gen_aligner = MLPAligner(config.vq.embed_dim, width, config.gen_aligner_depth)
         self.gen_head = GenHead(width, config.gen_head_dim, config.vq.codebook_size)
         self.language_model = LlamaForCausalLM(llama_config(config.llm))
+        # Method B blocks beside (not inside) the backbone's layer list; None for Method A
+        self.cross_attn_layers = build_cross_attention_layers(config, self.language_model.config)
 
     # ---- pieces ------------------------------------------------------------------------
     @property
@@ -151,6 +172,7 @@ class UniGenModel(nn.Module):
     def prepare_inputs_embeds(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """Method A: placeholders replaced by image features. (Method B never splices: see ``forward``.)"""
         embeds = self.embed_text(input_ids)
         is_image = input_ids == self.config.image_token_id
         n_slots = int(is_image.sum())
@@ -184,20 +206,30 @@ class UniGenModel(nn.Module):
         past_key_values=None,
         use_cache: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        cross_attention_state=None,
     ) -> UniGenOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        state = None
+        if self.cross_attn_layers is not None:  # Method B: images go to the cross-attention blocks
+            state = resolve_cross_attention_state(self, input_ids, pixel_values, past_key_values, cross_attention_state)
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_text(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values)
-        hidden = self.run_decoder(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache)
+        hidden = self.run_decoder(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, state)
         logits = self.language_model.lm_head(hidden.last_hidden_state)
-        return UniGenOutput(logits, hidden.last_hidden_state, hidden.past_key_values)
+        return UniGenOutput(logits, hidden.last_hidden_state, hidden.past_key_values, state)
 
     def run_decoder(
-        self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False
+        self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+        cross_attention_state=None,
     ) -> DecoderOutput:
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)
+        if cross_attention_state is not None:
+            return DecoderOutput(*run_decoder_with_cross_attention(
+                self, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, cross_attention_state))
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -239,16 +271,32 @@ class UniGenModel(nn.Module):
 
     # ---- checkpoints -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> UniGenModel:
-        """Load our own, transformers' Janus, or DeepSeek's official layout (local dir or hub id)."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", fusion=None,
+                        cross_attention_every: int | None = None,
+                        cross_attention_layers: list[int] | None = None) -> UniGenModel:
+        """Load our own, transformers' Janus, or DeepSeek's official layout (local dir or hub id).
+
+        ``fusion="cross_attention"`` on a base (concat) checkpoint adds fresh zero-gated cross-attention
+        blocks (at ``cross_attention_every`` / ``cross_attention_layers``): the deliberate way to start a
+        Method B model from a base model. ``fusion=None`` loads the checkpoint as saved.
+        """
         from unigen.checkpoint import load_model
 
-        return load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device)
+        if fusion is not None:
+            convert_fusion(model, fusion, cross_attention_every, cross_attention_layers)
+        return model
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
         from unigen.checkpoint import save_model
 
         save_model(self, directory, max_shard_bytes=max_shard_bytes)
+
+    def trainable_groups(self) -> dict[str, list[str]]:
+        """Parameter names by group (``unigen.param_groups.GROUPS``), e.g. ``"cross_attention"``, ``"llm"``."""
+        from unigen.param_groups import parameter_groups
+
+        return {group: [name for name, _ in params] for group, params in parameter_groups(self).items()}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,48 @@
+"""``encoder: "patch"``: a Fuyu-style understanding encoder, a linear projection of raw pixel patches.
+
+No pretrained vision tower: each ``patch_size x patch_size`` patch (channels first, then rows, then
+columns, as ``torch.nn.functional.unfold`` orders them) is flattened and mapped by one ``Linear`` to
+``config.vision.width``, plus a learned position embedding per patch. The model's ``aligner`` then
+maps that width to the LLM width, exactly as it does for SigLIP features, so both fusions
+(``concat`` and ``cross_attention``) use it unchanged. Fuyu itself has no image position embedding
+because the patches sit in the text sequence; we keep one so that cross-attention, which has no
+positions of its own, still knows where each patch is.
+
+Keys: ``vision_model.proj.{weight,bias}``, ``vision_model.pos_embed``. The only other fields of
+``SigLIPConfig`` it reads are ``image_size``, ``patch_size`` and ``width``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unigen.config import SigLIPConfig
+
+
+class PatchEncoder(nn.Module):
+    def __init__(self, cfg: SigLIPConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(
+                f"encoder='patch' needs image_size ({cfg.image_size}) to be a multiple of patch_size "
+                f"({cfg.patch_size})"
+            )
+        self.config = cfg
+        self.proj = nn.Linear(3 * cfg.patch_size**2, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) -> (n, n_patches, 3 * p * p), patches in row-major order."""
+        p = self.config.patch_size
+        return nn.functional.unfold(pixel_values, kernel_size=p, stride=p).transpose(1, 2)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        s = self.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (s, s):
+            raise ValueError(
+                f"pixel_values must have shape (n_images, 3, {s}, {s}); got {tuple(pixel_values.shape)}. "
+                "Use UniGenProcessor to resize and normalise images."
+            )
+        return self.proj(self.patches(pixel_values)) + self.pos_embed
