@@ -1,0 +1,232 @@
+"""Smoke and behaviour tests of the two visual tokenizer trainers (tiny images, tiny models, CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from unigen.config import LLMConfig, VQConfig
+from unigen.tokenizer_training import losses
+from unigen.tokenizer_training.config_io import load_config
+from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, SigLIPTrainer, load_siglip, load_siglip_into
+from unigen.tokenizer_training.vq_trainer import VQTrainConfig, VQTrainer, load_vq, load_vq_into
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "white": (235, 235, 235)}
+SPOTS = {"left": (1, 4), "right": (9, 4), "top": (5, 0), "bottom": (5, 9)}
+
+
+def write_images(root: Path, n: int, size: int = 16) -> Path:
+    """``n`` squares of distinct colour/position on black + a JSONL manifest with captions."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    combos = [(c, s) for c in COLORS for s in SPOTS]
+    for i in range(n):
+        color, spot = combos[i % len(combos)]
+        img = Image.new("RGB", (size, size))
+        x, y = SPOTS[spot]
+        img.paste(COLORS[color], (x, y, x + 6, y + 6))
+        img.save(root / "img" / f"{i:03d}.png")
+        rows.append({"image": f"img/{i:03d}.png", "caption": f"a {color} square at the {spot}"})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "data.jsonl"
+
+
+def vq_config(tmp_path: Path, data: Path, **kw) -> VQTrainConfig:
+    values = dict(data=str(data), out_dir=str(tmp_path / "vq"), steps=30, batch_size=4, lr=3e-3, warmup_steps=0,
+                  lr_schedule="constant", val_size=0, log_every=1000, eval_every=1000, save_every=1000,
+                  sample_images=0, device="cpu", usage_window=1000,
+                  vq=dict(image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1, z_channels=32,
+                          embed_dim=4, codebook_size=32))
+    values.update(kw)
+    return load_config(VQTrainConfig, **values)
+
+
+def test_vq_overfits_a_fixed_batch(tmp_path):
+    cfg = vq_config(tmp_path, write_images(tmp_path, 4), steps=40)
+    trainer = VQTrainer(cfg)
+    before = trainer.evaluate()["psnr"]
+    losses_ = [h["loss"] for h in trainer.train()]
+    assert sum(losses_[-5:]) / 5 < 0.5 * sum(losses_[:5]) / 5, losses_
+    assert trainer.evaluate()["psnr"] > before + 3
+    # the saved tokenizer loads and reproduces the trained model's codes
+    vq = load_vq(cfg.out_dir)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(vq.encode(x), trainer.model.eval().encode(x))
+    rows = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "eval"} <= {r["kind"] for r in rows} and "psnr" in rows[-1] and "usage" in rows[-1]
+
+
+def test_dead_codes_are_reseeded_from_encoder_outputs(tmp_path):
+    cfg = vq_config(tmp_path, write_images(tmp_path, 4), vq=dict(
+        image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1, z_channels=32, embed_dim=4,
+        codebook_size=256))
+    trainer = VQTrainer(cfg)
+    trainer.train(2)
+    weight = trainer.model.quantize.embedding.weight
+    dead = trainer.usage.counts == 0
+    assert dead.sum() > 100  # 4 images x 64 positions cannot use all 256 codes
+    before = weight.detach().clone()
+    assert trainer.reinit_dead_codes() == int(dead.sum())
+    after = weight.detach()
+    assert torch.equal(after[~dead], before[~dead])
+    assert (after[dead] != before[dead]).any(1).all()
+    # each re-seeded code points (almost) exactly where some recent encoder output points
+    cos = F.normalize(after[dead], dim=-1) @ trainer.z_buffer.t()
+    assert cos.max(1).values.min() > 0.99
+    assert trainer.opt.state[weight]["exp_avg"][dead].abs().sum() == 0
+
+
+def test_weight_decay_applies(tmp_path):
+    trainer = VQTrainer(vq_config(tmp_path, write_images(tmp_path, 4), weight_decay=0.5, lr=0.1))
+    model = trainer.model
+    conv = model.encoder.conv_in.weight
+    codebook = model.quantize.embedding.weight
+    bias = model.encoder.conv_in.bias
+    before = {name: p.detach().clone() for name, p in [("conv", conv), ("codebook", codebook), ("bias", bias)]}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.opt.step()
+    # zero gradient: AdamW's update is 0, only the decoupled decay moves the weight: w *= 1 - lr * wd
+    assert torch.allclose(conv.detach(), before["conv"] * (1 - 0.1 * 0.5))
+    assert torch.equal(codebook.detach(), before["codebook"]) and torch.equal(bias.detach(), before["bias"])
+
+
+def test_discriminator_not_run_while_off(tmp_path, monkeypatch):
+    calls = []
+    original = losses.PatchDiscriminator.forward
+    monkeypatch.setattr(losses.PatchDiscriminator, "forward", lambda self, x: calls.append(1) or original(self, x))
+    data = write_images(tmp_path, 4)
+    off = VQTrainer(vq_config(tmp_path, data, disc_weight=0.0))
+    off.train(3)
+    assert off.disc is None and not calls
+    late = VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "gan"), disc_weight=0.1, disc_start=2,
+                               disc_layers=2, disc_channels=8))
+    per_step = []
+    for _ in range(4):
+        n = len(calls)
+        late.train(late.step + 1)
+        per_step.append(len(calls) - n)
+    assert per_step == [0, 0, 3, 3]  # from disc_start: once for the generator, twice (real, fake) for D
+    assert "g_adv" in late.train(5)[-1]
+
+
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
+    data = write_images(tmp_path, 12)  # 3 batches per epoch: step 4 is mid-epoch
+    vq = dict(image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1, z_channels=32, embed_dim=4,
+              codebook_size=256)
+    kw = dict(steps=7, save_every=4, random_flip=True, usage_window=3, disc_weight=0.1, disc_start=1,
+              disc_layers=2, disc_channels=8, weight_decay=0.1, reinit_stop_fraction=1.0, vq=vq)
+    full = [h["loss"] for h in VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), **kw)).train()]
+    log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "reinit"] == [3, 6]  # dead-code re-seeding is exercised
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000004"
+    resumed = VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "b"), resume=str(ckpt), **kw))
+    assert resumed.step == 4 and resumed.batches_position() == (1, 1)
+    rest = [h["loss"] for h in resumed.train()]
+    assert rest == full[4:]
+    fresh = [h["loss"] for h in VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "c"), **kw)).train(7)]
+    assert fresh == full  # the run itself is deterministic, so equality above means something
+    assert VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), resume="auto", **kw)).step == 7
+
+
+def test_bad_images_are_skipped_and_listed(tmp_path, caplog):
+    write_images(tmp_path, 4)
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png at all")
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text(manifest.read_text() + json.dumps({"image": "img/broken.png"}) + "\n"
+                        + json.dumps({"image": "img/missing.png"}) + "\n")
+    trainer = VQTrainer(vq_config(tmp_path, manifest))
+    assert len(trainer.train_set) == 4
+    listed = (Path(trainer.cfg.out_dir) / "bad_images.txt").read_text()
+    assert "broken.png\tunreadable" in listed and "missing.png\tmissing" in listed
+    assert "skipped 2 of 6" in caplog.text
+    # a folder works too (the broken file is skipped there as well)
+    assert len(VQTrainer(vq_config(tmp_path, tmp_path / "img")).train_set) == 4
+
+
+def test_config_errors_are_clear(tmp_path):
+    data = write_images(tmp_path, 4)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in config.vq: \['codebok_size'\]"):
+        load_config(VQTrainConfig, None, ["vq.codebok_size=10"])
+    with pytest.raises(ValueError, match="perceptual_net_path"):
+        VQTrainer(vq_config(tmp_path, data, perceptual_weight=1.0))
+    for recipe, cls in (("vq-shapes.yaml", VQTrainConfig), ("siglip-shapes.yaml", SigLIPTrainConfig)):
+        cfg = load_config(cls, ROOT / "tokenizers" / recipe, ["steps=3"])
+        assert cfg.steps == 3 and cfg.data
+
+
+def test_perceptual_loss_on_a_small_feature_net():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, 2, 1))
+    loss = losses.PerceptualLoss(net, taps=(1, 2))
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert loss(x, x).item() == 0.0 and loss(x, -x).item() > 0
+    assert not any(p.requires_grad for p in loss.parameters())
+
+
+def siglip_config(tmp_path: Path, data: Path, **kw) -> SigLIPTrainConfig:
+    values = dict(data=str(data), out_dir=str(tmp_path / "siglip"), steps=200, batch_size=8, lr=3e-3,
+                  warmup_steps=0, lr_schedule="constant", val_size=0, log_every=1000, eval_every=1000,
+                  save_every=1000, device="cpu", embed_dim=32,
+                  vision=dict(image_size=16, patch_size=8, width=32, depth=1, num_heads=2),
+                  text=dict(width=32, depth=1, num_heads=2, max_len=8))
+    values.update(kw)
+    return load_config(SigLIPTrainConfig, **values)
+
+
+def test_siglip_overfits_and_drops_into_unigen_model(tmp_path):
+    cfg = siglip_config(tmp_path, write_images(tmp_path, 8))
+    trainer = SigLIPTrainer(cfg)
+    assert trainer.model.logit_scale.exp().item() == pytest.approx(10.0)
+    assert trainer.model.logit_bias.item() == pytest.approx(-10.0)
+    hist = [h["loss"] for h in trainer.train()]
+    # the bias alone takes the loss from ~10 to a ~3 plateau; below it only by telling pairs apart
+    assert sum(hist[-5:]) / 5 < 0.5 * sum(hist[10:30]) / 20, hist
+    scores = trainer.evaluate()
+    assert scores["n_classes"] == 8 and scores["i2t_acc"] >= 0.5  # chance is 1/8
+
+    from unigen import UniGenConfig, UniGenModel
+
+    llm = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
+                    max_position_embeddings=64)
+    vq = dict(image_size=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=32, embed_dim=4)
+    config = UniGenConfig(vision=cfg.vision, vq=VQConfig(codebook_size=32, **vq), llm=llm, gen_head_dim=32)
+    model = UniGenModel(config)
+    load_siglip_into(model, cfg.out_dir)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(model.vision_model(x), trainer.model.vision_model.eval()(x), atol=1e-6)
+        assert torch.allclose(load_siglip(cfg.out_dir)(x), model.vision_model(x), atol=1e-6)
+    vq_cfg = vq_config(tmp_path, tmp_path / "data.jsonl", steps=2)
+    VQTrainer(vq_cfg).train()
+    load_vq_into(model, vq_cfg.out_dir)
+    codebook = load_vq(vq_cfg.out_dir).quantize.embedding.weight
+    assert torch.equal(model.gen_vision_model.quantize.embedding.weight, codebook)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        other = UniGenConfig(vision=cfg.vision, vq=VQConfig(codebook_size=64, **vq), llm=llm, gen_head_dim=32)
+        load_vq_into(UniGenModel(other), vq_cfg.out_dir)
+
+
+def test_cli_train_vq_runs_a_recipe(tmp_path):
+    from unigen.cli import main
+
+    data = write_images(tmp_path, 4)
+    rc = main(["train-vq", "--config", str(ROOT / "tokenizers" / "vq-shapes.yaml"), f"data={data}",
+               f"out_dir={tmp_path / 'cli'}", "steps=2", "batch_size=2", "val_size=0", "vq.image_size=16",
+               "vq.channel_mult=[1,2]", "vq.codebook_size=16", "vq.base_channels=32", "sample_images=2"])
+    assert rc == 0 and load_vq(tmp_path / "cli").config.codebook_size == 16
+    assert (tmp_path / "cli" / "samples" / "step_0000002.png").is_file()
+
+
+def test_tokenizers_folder_does_not_shadow_hf_tokenizers():
+    assert (ROOT / "tokenizers").is_dir()
+    assert not list((ROOT / "tokenizers").rglob("__init__.py"))
+    # run from the repo root, where a package named tokenizers/ would win over site-packages
+    code = "import tokenizers, sys; print(tokenizers.__file__); tokenizers.Tokenizer; tokenizers.models.WordLevel"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "site-packages" in out.stdout, out.stdout

@@ -1,0 +1,184 @@
+"""Images (and captions) from a folder or a JSONL manifest, with bad files skipped and listed.
+
+A manifest has one JSON object per line, ``{"image": "relative/or/absolute.png", "caption": "..."}``;
+relative image paths are relative to the manifest's folder. Batches follow a seeded permutation per
+epoch, so the data position at any step is a pure function of (seed, step) and resume is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+log = logging.getLogger("unigen.tokenizer_training")
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+TEXT_KEYS = ("caption", "text", "prompt")
+
+
+@dataclass
+class Record:
+    image: Path
+    text: str | None = None
+
+
+def read_records(source: str | Path, need_text: bool = False, text_key: str | None = None) -> list[Record]:
+    """Records from a folder of images (recursive, sorted) or a ``.jsonl`` manifest."""
+    source = Path(source).expanduser()
+    if source.is_dir():
+        if need_text:
+            raise ValueError(f"{source} is a folder of images, but captions are needed: pass a JSONL manifest "
+                             '({"image": ..., "caption": ...} per line)')
+        records = [Record(p) for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+        if not records:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {source}")
+        return records
+    if not source.is_file():
+        raise FileNotFoundError(f"data source {source} does not exist (expected a folder of images or a .jsonl)")
+    records = []
+    for n, line in enumerate(source.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}:{n} is not valid JSON: {err}") from err
+        if not isinstance(row, dict) or "image" not in row:
+            raise ValueError(f'{source}:{n} has no "image" key: {line[:120]}')
+        text = None
+        keys = (text_key,) if text_key else TEXT_KEYS
+        for key in keys:
+            if key in row:
+                text = str(row[key])
+                break
+        if need_text and text is None:
+            raise ValueError(f"{source}:{n} has none of the caption keys {list(keys)}: {line[:120]}")
+        path = Path(row["image"]).expanduser()
+        records.append(Record(path if path.is_absolute() else source.parent / path, text))
+    if not records:
+        raise ValueError(f"manifest {source} has no records")
+    return records
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """RGB uint8 (3, size, size): shorter side resized to ``size`` (bicubic), then center-cropped."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        if (w, h) != (size, size):
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1] (the normalisation of both Janus image encoders)."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes every image once up front; unreadable ones are dropped and listed in ``self.bad``.
+
+    ``cache=True`` keeps the decoded uint8 tensors in memory (fine for 64-256 px datasets up to
+    ~100k images); otherwise images are decoded again when a batch needs them.
+    """
+
+    def __init__(self, records: list[Record], image_size: int, cache: bool = True, desc: str = "images"):
+        self.image_size = image_size
+        self.records: list[Record] = []
+        self.bad: list[tuple[str, str]] = []
+        self.cache: list[torch.Tensor] | None = [] if cache else None
+        for rec in tqdm(records, desc=f"checking {desc}", leave=False, mininterval=1.0):
+            if not rec.image.is_file():
+                self.bad.append((str(rec.image), "missing"))
+                continue
+            try:
+                img = load_image(rec.image, image_size)
+            except Exception as err:  # PIL raises many types for truncated/corrupt files
+                self.bad.append((str(rec.image), f"unreadable: {type(err).__name__}: {err}"))
+                continue
+            self.records.append(rec)
+            if self.cache is not None:
+                self.cache.append(img)
+        if self.bad:
+            shown = "; ".join(f"{p} ({why})" for p, why in self.bad[:5])
+            log.warning("skipped %d of %d %s that are missing or unreadable: %s%s", len(self.bad), len(records),
+                        desc, shown, " ..." if len(self.bad) > 5 else "")
+        if not self.records:
+            raise ValueError(f"none of the {len(records)} {desc} could be read; first problems: {self.bad[:5]}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        img = self.cache[i] if self.cache is not None else load_image(self.records[i].image, self.image_size)
+        return img, self.records[i].text or ""
+
+    def write_bad_list(self, path: Path) -> None:
+        if self.bad:
+            path.write_text("".join(f"{p}\t{why}\n" for p, why in self.bad))
+
+
+def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([img for img, _ in items]), [text for _, text in items]
+
+
+def split_holdout(records: list[Record], n_val: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """A fixed random ``n_val`` records for evaluation; the rest for training."""
+    if n_val <= 0:
+        return records, []
+    if n_val >= len(records):
+        raise ValueError(f"val_size={n_val} leaves no training data ({len(records)} records)")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in val], [records[i] for i in sorted(val)]
+
+
+class EpochBatches:
+    """Infinite batches of indices: epoch e is ``randperm(n)`` seeded with (seed, e), remainder dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0):
+        if n < batch_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {n} training images")
+        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+        self.per_epoch = n // batch_size
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index within the epoch) of the batch used at ``step``."""
+        return divmod(step, self.per_epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, pos = self.position(self.start_step)
+        while True:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=gen).tolist()
+            for b in range(pos, self.per_epoch):
+                yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+            epoch, pos = epoch + 1, 0
+
+
+def batch_loader(dataset: ImageDataset, batch_size: int, seed: int, start_step: int, num_workers: int = 0):
+    """Iterator of (uint8 images, captions) starting at the batch of ``start_step``."""
+    batches = EpochBatches(len(dataset), batch_size, seed, start_step)
+    # its own generator: creating the iterator must not draw from the global RNG (resume would drift)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                                         persistent_workers=num_workers > 0, generator=torch.Generator())
+    return iter(loader)
