@@ -176,18 +176,21 @@ def test_generation_rows_pass_through_unchanged():
     assert torch.equal(out.logits, backbone_logits(base, prompt))
 
 
-def test_cached_decoding_equals_uncached():
+@pytest.mark.parametrize("text_row", [False, True])
+def test_cached_decoding_equals_uncached(text_row):
     _, b = base_and_b(seed=4)
-    ids, mask = left_pad([[BOS, 20, IMG, 21, 22], [BOS, IMG, 30, 31, IMG, 32, 33]])
+    # one image, two images (so the first row has a padding slot), and maybe a row without images
+    rows = [[BOS, 20, IMG, 21, 22], [BOS, IMG, 30, 31, IMG, 32, 33]] + [[BOS, 40, 41]] * text_row
+    ids, mask = left_pad(rows)
     px = pixels(3, seed=4)
-    steps = torch.tensor([[50, 51, 52, 53], [60, 61, 62, 63]])
+    steps = torch.tensor([[50, 51, 52, 53], [60, 61, 62, 63], [70, 71, 72, 73]])[: len(rows)]
     with torch.no_grad():
         out = b(ids, pixel_values=px, attention_mask=mask, use_cache=True)
         cache = out.past_key_values
         assert getattr(cache, CACHE_ATTR) is out.cross_attention_state
         cached = [out.logits[:, -1]]
         for t in range(steps.shape[1]):
-            mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
             pos = mask.sum(1, keepdim=True) - 1
             # the decode step passes the cache only: the image K/V come with it
             step = b(steps[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=cache,

@@ -126,11 +126,15 @@ class CrossAttentionBlock(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                mask: torch.Tensor | None, sees_image: torch.Tensor) -> torch.Tensor:
-        """``sees_image``: (batch, q_len, 1), 1 where the position sees at least one image, else 0."""
-        attn = self.cross_attn(self.input_layernorm(hidden), keys, values, mask) * sees_image
+                mask: torch.Tensor | None, sees_image: torch.Tensor | None) -> torch.Tensor:
+        """``sees_image``: (batch, q_len, 1), 1 where the position sees at least one image, else 0 (None: all 1)."""
+        attn = self.cross_attn(self.input_layernorm(hidden), keys, values, mask)
+        if sees_image is not None:
+            attn = attn * sees_image
         hidden = hidden + self.cross_attn_attn_gate.tanh() * attn
-        ff = self.mlp(self.post_attention_layernorm(hidden)) * sees_image
+        ff = self.mlp(self.post_attention_layernorm(hidden))
+        if sees_image is not None:
+            ff = ff * sees_image
         return hidden + self.cross_attn_mlp_gate.tanh() * ff
 
 
@@ -158,26 +162,42 @@ class CrossAttentionState:
     keys: dict[str, torch.Tensor]
     values: dict[str, torch.Tensor]
     key_columns: torch.Tensor
+    last_column: int = _NEVER  # largest placeholder column: later queries see every image of their row
+    no_padding: bool = False  # every row holds the same number of images (no padding slots)
+    _steady: tuple | None = dataclasses.field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
         return self.key_columns.shape[0]
 
-    def visibility(self, columns: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """For query columns (q_len,): SDPA mask (batch, 1, q_len, n_keys) or None, and (batch, q_len, 1) sees-image.
+    def visibility(self, start: int, q_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For query columns ``start .. start + q_len - 1``: the SDPA mask (broadcastable to (batch, 1, q_len,
+        n_keys); None = all visible) and sees-image (broadcastable to (batch, q_len, 1); None = all see one).
 
         Positions that see no image get an all-true mask row (no NaN from an empty softmax); their output is
-        multiplied by zero through ``sees_image`` anyway.
+        multiplied by zero through ``sees_image``. Decode steps (every image already placed) reuse one
+        precomputed pair: no per-step mask work and no host sync.
         """
-        visible = self.key_columns[:, None, :] <= columns.to(self.key_columns.device)[None, :, None]
+        if start >= self.last_column:
+            if self._steady is None:
+                valid = self.key_columns != _NEVER
+                sees = valid.any(-1)
+                if bool(sees.all()):
+                    self._steady = (None if self.no_padding else valid[:, None, None, :], None)
+                else:
+                    self._steady = ((valid | ~sees[:, None])[:, None, None, :], sees[:, None, None])
+            return self._steady
+        columns = torch.arange(start, start + q_len, device=self.key_columns.device)
+        visible = self.key_columns[:, None, :] <= columns[None, :, None]
+        if bool(visible.all()):
+            return None, None
         sees = visible.any(-1, keepdim=True)
-        visible = visible | ~sees
-        mask = None if bool(visible.all()) else visible[:, None]
-        return mask, sees
+        return (visible | ~sees)[:, None], sees
 
     def _map(self, fn) -> CrossAttentionState:
         return CrossAttentionState({k: fn(v) for k, v in self.keys.items()},
-                                   {k: fn(v) for k, v in self.values.items()}, fn(self.key_columns))
+                                   {k: fn(v) for k, v in self.values.items()}, fn(self.key_columns),
+                                   self.last_column, self.no_padding)
 
     # same names as transformers' Cache batch methods, for samplers that reshape the batch
     def batch_repeat_interleave(self, repeats: int) -> CrossAttentionState:
@@ -223,7 +243,8 @@ def prepare_cross_attention_state(model, input_ids: torch.Tensor, pixel_values: 
     keys, values = {}, {}
     for name, block in model.cross_attn_layers.items():
         keys[name], values[name] = block.cross_attn.project_kv(flat)
-    return CrossAttentionState(keys, values, key_columns)
+    return CrossAttentionState(keys, values, key_columns, last_column=int(image_columns[rows, slot].max()),
+                               no_padding=bool((per_row == most).all()))
 
 
 def resolve_cross_attention_state(model, input_ids, pixel_values, past_key_values, explicit):
@@ -267,8 +288,9 @@ def run_decoder_with_cross_attention(model, inputs_embeds, attention_mask, posit
                                      past_key_values=past_key_values, position_ids=position_ids)
     hidden = inputs_embeds
     position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
-    mask, sees = state.visibility(torch.arange(start, start + n, device=hidden.device))
-    sees = sees.to(hidden.dtype)
+    mask, sees = state.visibility(start, n)
+    if sees is not None:
+        sees = sees.to(hidden.dtype)
     blocks = model.cross_attn_layers
     num_layers = decoder.config.num_hidden_layers
     for i, layer in enumerate(decoder.layers[:num_layers]):
