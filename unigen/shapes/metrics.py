@@ -1,0 +1,79 @@
+"""Shapes-world scores: captioning accuracy and prompt fidelity of generated images.
+
+A result is a plain dict: {"n": int, "overall": share with all four attributes right,
+"per_attribute": {"color": share, "shape": ..., "size": ..., "position": ...}} (+ "single_object" for
+generations). The spec asks for >= 200 items drawn uniformly from the 576 combinations with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from unigen.shapes.captions import parse_caption
+from unigen.shapes.checker import detect
+from unigen.shapes.world import ATTRIBUTES, ShapeSpec
+
+
+def score_specs(pairs: Iterable[tuple[ShapeSpec, ShapeSpec]], valid: Iterable[bool] | None = None) -> dict:
+    """Compare (truth, found) specs. ``valid[i]`` False makes item i wrong overall whatever its attributes."""
+    pairs = list(pairs)
+    valid = [True] * len(pairs) if valid is None else list(valid)
+    if len(valid) != len(pairs):
+        raise ValueError(f"{len(valid)} validity flags for {len(pairs)} pairs")
+    hits = {name: 0 for name in ATTRIBUTES}
+    overall = 0
+    for (truth, found), ok in zip(pairs, valid):
+        match = truth.matches(found)
+        for name in ATTRIBUTES:
+            hits[name] += match[name]
+        overall += ok and all(match.values())
+    n = len(pairs)
+    share = lambda k: k / n if n else 0.0
+    return {"n": n, "overall": share(overall), "per_attribute": {k: share(v) for k, v in hits.items()}}
+
+
+def caption_accuracy(pairs: Iterable[tuple[ShapeSpec, str]]) -> dict:
+    """(true spec, caption text) pairs -> share of captions naming all four attributes right, and each."""
+    return score_specs((truth, parse_caption(text)) for truth, text in pairs)
+
+
+def generation_fidelity(pairs: Iterable[tuple[ShapeSpec, object]], *,
+                        require_single_object: bool = True) -> dict:
+    """(prompt spec, generated image) pairs -> share of images whose one object matches the prompt, and each.
+
+    Per-attribute shares judge the largest object; overall also needs exactly one object unless
+    ``require_single_object`` is False. Images: anything ``checker.to_rgb_array`` takes.
+    """
+    truths, found, single = [], [], []
+    for truth, image in pairs:
+        d = detect(image)
+        truths.append(truth)
+        found.append(d.spec)
+        single.append(d.n_objects == 1)
+    result = score_specs(zip(truths, found), single if require_single_object else None)
+    result["single_object"] = sum(single) / len(single) if single else 0.0
+    return result
+
+
+def format_table(results: Mapping[str, dict] | dict, markdown: bool = True) -> str:
+    """One row per named result (or a single result): n, overall and each attribute, in percent."""
+    if "overall" in results:
+        results = {"": results}
+    header = ["", "n", "overall", *ATTRIBUTES]
+    percent = lambda r: [f"{100 * v:.1f}" for v in [r["overall"], *map(r["per_attribute"].get, ATTRIBUTES)]]
+    rows = [[name, str(r["n"]), *percent(r)] for name, r in results.items()]
+    if markdown:
+        md = lambda row: "| " + " | ".join(row) + " |"
+        rule = "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"
+        return "\n".join([md(header), rule, *map(md, rows)])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join(line(row) for row in [header, *rows])
+
+
+def dump_json(results: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
