@@ -326,3 +326,20 @@ def test_base_checkpoint_loads_as_method_b(tmp_path):
         assert torch.equal(b(ids, pixel_values=pixels(1)).logits, backbone_logits(base, ids))
     plain = UniGenModel.from_pretrained(tmp_path)
     assert plain.cross_attn_layers is None and plain.config.fusion == "concat"
+
+
+def test_run_decoder_decode_step_takes_the_images_from_the_cache():
+    """A sampler that steps with ``run_decoder`` (embeddings in, e.g. image-token embeddings) keeps the images."""
+    base, b = base_and_b(seed=6)
+    ids = torch.tensor([[BOS, 20, IMG, 21]])
+    with torch.no_grad():
+        cache = b(ids, pixel_values=pixels(1), use_cache=True).past_key_values
+        twin = copy.deepcopy(cache)
+        pos = torch.tensor([[4]])
+        via_forward = b(torch.tensor([[22]]), position_ids=pos, past_key_values=cache, use_cache=True).logits
+        hidden = b.run_decoder(b.embed_text(torch.tensor([[22]])), position_ids=pos, past_key_values=twin,
+                               use_cache=True).last_hidden_state
+        assert torch.equal(b.language_model.lm_head(hidden), via_forward)
+        full = b(torch.tensor([[BOS, 20, IMG, 21, 22]]), pixel_values=pixels(1)).logits[:, -1:]
+        torch.testing.assert_close(via_forward, full, atol=1e-5, rtol=0)
+        assert (full - backbone_logits(base, torch.tensor([[BOS, 20, IMG, 21, 22]]))[:, -1:]).abs().amax() > 1e-3

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unigen.config import LLMConfig, SigLIPConfig, UniGenConfig
+from unigen.cross_attention import CACHE_ATTR as CROSS_ATTENTION_CACHE_ATTR
 from unigen.cross_attention import (
     build_cross_attention_layers,
     convert_fusion,
@@ -227,6 +228,8 @@ class UniGenModel(nn.Module):
     ) -> DecoderOutput:
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)
+        if cross_attention_state is None and past_key_values is not None:  # Method B decode: images ride on the cache
+            cross_attention_state = getattr(past_key_values, CROSS_ATTENTION_CACHE_ATTR, None)
         if cross_attention_state is not None:
             return DecoderOutput(*run_decoder_with_cross_attention(
                 self, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, cross_attention_state))
