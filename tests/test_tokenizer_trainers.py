@@ -150,6 +150,21 @@ def test_bad_images_are_skipped_and_listed(tmp_path, caplog):
     assert len(VQTrainer(vq_config(tmp_path, tmp_path / "img")).train_set) == 4
 
 
+def test_manifest_caption_keys(tmp_path):
+    from unigen.tokenizer_training.data import read_records
+
+    rows = [{"image": "a.png", "caption": "one"}, {"image": "/abs/b.png", "text": "two"},
+            {"image": "c.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                                 {"from": "gpt", "value": "three"}]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_records(tmp_path / "m.jsonl", need_text=True)
+    assert [r.text for r in records] == ["one", "two", "three"]
+    assert records[0].image == tmp_path / "a.png" and records[1].image == Path("/abs/b.png")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "a.png"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1 has none of the caption keys"):
+        read_records(tmp_path / "bad.jsonl", need_text=True)
+
+
 def test_config_errors_are_clear(tmp_path):
     data = write_images(tmp_path, 4)
     with pytest.raises(ValueError, match=r"unknown key\(s\) in config.vq: \['codebok_size'\]"):

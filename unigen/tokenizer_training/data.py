@@ -1,6 +1,7 @@
 """Images (and captions) from a folder or a JSONL manifest, with bad files skipped and listed.
 
-A manifest has one JSON object per line, ``{"image": "relative/or/absolute.png", "caption": "..."}``;
+A manifest has one JSON object per line, ``{"image": "relative/or/absolute.png", "caption": "..."}``
+(or ``text`` / ``prompt``, or LLaVA-style ``conversations`` whose last ``gpt`` turn is the caption);
 relative image paths are relative to the manifest's folder. Batches follow a seeded permutation per
 epoch, so the data position at any step is a pure function of (seed, step) and resume is exact.
 """
@@ -60,6 +61,9 @@ def read_records(source: str | Path, need_text: bool = False, text_key: str | No
             if key in row:
                 text = str(row[key])
                 break
+        if text is None and not text_key and isinstance(row.get("conversations"), list):
+            answers = [t.get("value") for t in row["conversations"] if isinstance(t, dict) and t.get("from") == "gpt"]
+            text = str(answers[-1]) if answers else None  # LLaVA-style record: the caption is the answer
         if need_text and text is None:
             raise ValueError(f"{source}:{n} has none of the caption keys {list(keys)}: {line[:120]}")
         path = Path(row["image"]).expanduser()

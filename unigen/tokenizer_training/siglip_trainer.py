@@ -299,6 +299,9 @@ class SigLIPTrainer:
         towers = cfg.towers()
         if towers.text.vocab_size <= 0:
             towers.text.vocab_size = self.tokenizer.get_vocab_size()
+        elif towers.text.vocab_size < self.tokenizer.get_vocab_size():
+            raise ValueError(f"text.vocab_size={towers.text.vocab_size} is smaller than the caption vocabulary "
+                             f"({self.tokenizer.get_vocab_size()} words); leave it 0 to size it from the captions")
         self.model = SigLIPDualEncoder(towers, cfg.logit_scale_init, cfg.logit_bias_init).to(self.device).train()
         skip = {"logit_scale", "logit_bias", "text_model.pos_embed", "vision_model.vision_tower.pos_embed",
                 "image_head.latent"}
