@@ -128,9 +128,18 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{7}", p.name))
 
 
-def resolve_resume(resume: str | None, root: Path) -> Path | None:
-    """``None``: fresh run; ``"auto"``: latest checkpoint under ``root`` if any; else a checkpoint folder."""
+def resolve_resume(resume: str | None, root: Path, overwrite: bool = False) -> Path | None:
+    """``None``: fresh run; ``"auto"``: latest checkpoint under ``root`` if any; else a checkpoint folder.
+
+    A fresh run refuses to mix its checkpoints with an earlier run's unless ``overwrite`` (which deletes them).
+    """
     if not resume:
+        found = checkpoint_dirs(root)
+        if found and not overwrite:
+            raise FileExistsError(f"{root} already holds checkpoints of an earlier run (latest {found[-1].name}): "
+                                  "pass resume=auto to continue it, overwrite=true to start over, or another out_dir")
+        if found:
+            shutil.rmtree(root)
         return None
     if resume == "auto":
         found = checkpoint_dirs(root)

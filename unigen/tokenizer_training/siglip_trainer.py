@@ -98,7 +98,8 @@ class SigLIPTrainConfig:
     save_every: int = 1000
     keep_last: int = 2
     tensorboard: bool = False
-    resume: str | None = None
+    resume: str | None = None  # "auto" (latest under out_dir/checkpoints) or a checkpoint folder
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
 
     def towers(self) -> SigLIPTowersConfig:
         return SigLIPTowersConfig(self.vision, self.text, self.embed_dim)
@@ -289,7 +290,7 @@ class SigLIPTrainer:
         if bad:
             (self.out_dir / "bad_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in bad))
 
-        resume = common.resolve_resume(cfg.resume, self.ckpt_root)
+        resume = common.resolve_resume(cfg.resume, self.ckpt_root, cfg.overwrite)
         if resume is not None:
             from tokenizers import Tokenizer
 
@@ -314,6 +315,8 @@ class SigLIPTrainer:
         self.metrics = common.MetricsLog(self.out_dir, cfg.tensorboard)
         if resume is not None:
             self.load_checkpoint(resume)
+        else:
+            self.metrics.truncate_after(0)  # a fresh run starts a fresh log
         self.batches = batch_loader(self.train_set, cfg.batch_size, cfg.seed, self.step, cfg.num_workers)
 
     @property

@@ -94,6 +94,7 @@ class VQTrainConfig:
     sample_images: int = 8
     tensorboard: bool = False
     resume: str | None = None  # "auto" (latest under out_dir/checkpoints) or a checkpoint folder
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
 
     def __post_init__(self):
         if self.recon_loss not in ("l1", "l2"):
@@ -237,9 +238,11 @@ class VQTrainer:
         self.z_buffer = torch.zeros(0, cfg.vq.embed_dim)
         self.step = 0
         self.metrics = common.MetricsLog(self.out_dir, cfg.tensorboard)
-        resume = common.resolve_resume(cfg.resume, self.ckpt_root)
+        resume = common.resolve_resume(cfg.resume, self.ckpt_root, cfg.overwrite)
         if resume is not None:
             self.load_checkpoint(resume)
+        else:
+            self.metrics.truncate_after(0)  # a fresh run starts a fresh log
         self.batches = batch_loader(self.train_set, cfg.batch_size, cfg.seed, self.step, cfg.num_workers)
 
     @property
