@@ -1,0 +1,91 @@
+"""UniGenPipeline and the generate / caption / eval commands on a tiny checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unigen import UniGenModel
+from unigen.cli import main
+from unigen.pipeline import UniGenPipeline, resolve_device
+from unigen.sampling import generate_text
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_hf_janus):
+    return UniGenPipeline.from_pretrained(tiny_hf_janus[1])
+
+
+def test_pipeline_generates_pil_images(pipe):
+    out = pipe(["a red circle", "a blue square at the top"], num_images_per_prompt=2,
+               generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 4 and out.tokens.shape == (4, 16)
+    assert all(img.size == (16, 16) and img.mode == "RGB" for img in out.images)
+    expected = ((pipe.model.decode_image_tokens(out.tokens) + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(torch.from_numpy(np.array(out.images[3])).permute(2, 0, 1), expected[3])
+
+
+def test_caption_matches_generate_text(pipe):
+    img = Image.new("RGB", (20, 10), (200, 30, 30))
+    batch = pipe.processor.understanding_inputs([img], "Describe the image.")
+    ids = generate_text(pipe.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                        max_new_tokens=6)[0]
+    text = pipe.caption(img, max_new_tokens=6)
+    assert isinstance(text, str) and text == pipe.processor.decode(ids)
+    assert pipe.caption([img, img], max_new_tokens=6) == [text, text]
+
+
+def test_pipeline_save_and_reload(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    again = UniGenPipeline.from_pretrained(tmp_path)
+    g = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(again("a cat", generator=g()).tokens, pipe("a cat", generator=g()).tokens)
+    assert isinstance(UniGenModel.from_pretrained(tmp_path), UniGenModel)
+
+
+def test_unknown_or_missing_device():
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_cli_generate_writes_pngs_and_grid(tiny_hf_janus, tmp_path, capsys):
+    rc = main(["generate", "a red circle", "--model", str(tiny_hf_janus[1]), "--num-images", "3", "--seed", "1",
+               "--output-dir", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "image_000.png", "image_001.png",
+                                                         "image_002.png"]
+    assert Image.open(tmp_path / "grid.png").size == (32, 32)
+    with pytest.raises(SystemExit) as err:
+        main(["generate", "x", "--model", str(tiny_hf_janus[1]), "--device", "tpu"])
+    assert err.value.code == 2
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_cli_caption_reports_bad_images_and_captions_the_rest(tiny_hf_janus, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    rc = main(["caption", str(good), str(bad), str(tmp_path / "missing.png"), "--model", str(tiny_hf_janus[1]),
+               "--max-new-tokens", "4", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert out.startswith(f"{good}\t") and out.count("\n") == 1
+    assert "bad.png could not be decoded" in err and "missing.png does not exist" in err
+    assert "2 image(s) could not be read" in err
+
+
+def test_cli_eval_shapes_writes_json(tiny_hf_janus, tmp_path, capsys):
+    rc = main(["eval", "shapes", "--model", str(tiny_hf_janus[1]), "--n", "3", "--json", str(tmp_path / "s.json"),
+               "--device", "cpu"])
+    assert rc == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["captioning"]["n"] == 3 and result["generation"]["n"] == 3
+    assert set(result["generation"]["per_attribute"]) == {"color", "shape", "size", "position"}
+    assert "| captioning |" in capsys.readouterr().out

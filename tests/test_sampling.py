@@ -1,0 +1,147 @@
+"""Image-token and text sampling against transformers' Janus generate, on the same tiny random weights."""
+
+import pytest
+import torch
+
+from unigen import UniGenModel
+from unigen.sampling import CFGSchedule, filter_logits, generate_image_tokens, generate_text
+from unigen.testing import TINY_TOKENS as T
+
+
+@pytest.fixture(scope="module")
+def models(tiny_hf_janus):
+    hf, directory = tiny_hf_janus
+    return hf, UniGenModel.from_pretrained(directory)
+
+
+def prompts():
+    ids = torch.tensor([[T.pad, T.pad, T.bos, 20, 21, 22, T.image_start],
+                        [T.bos, 30, 31, 32, 33, 34, T.image_start]])
+    return ids, (ids != T.pad).long()
+
+
+def test_greedy_image_tokens_equal_transformers(models):
+    hf, model = models
+    ids, mask = prompts()
+    ref = hf.generate(ids, attention_mask=mask, generation_mode="image", do_sample=False, guidance_scale=5.0)
+    ours = generate_image_tokens(model, ids, mask, guidance_scale=5.0, temperature=0)
+    assert ours.shape == (2, model.config.vq.num_tokens)
+    assert torch.equal(ours, ref)
+
+
+def test_greedy_captions_equal_transformers(models):
+    hf, model = models
+    img = [T.image_start] + [T.image] * 16 + [T.image_end]
+    ids = torch.tensor([[T.pad, T.pad, T.bos, 20] + img + [21, 22], [T.bos, 30, 31, 32] + img + [33, 34]])
+    mask = (ids != T.pad).long()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref = hf.generate(ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=10, do_sample=False)
+    ours = generate_text(model, ids, mask, pixels, max_new_tokens=10, eos_token_id=-1)
+    assert ours == ref[:, ids.shape[1]:].tolist()
+
+
+def test_left_padded_batch_equals_each_prompt_alone(models):
+    _, model = models
+    ids, mask = prompts()
+    both = generate_image_tokens(model, ids, mask, temperature=0)
+    first = generate_image_tokens(model, ids[:1, 2:], temperature=0)
+    second = generate_image_tokens(model, ids[1:], temperature=0)
+    assert torch.equal(both, torch.cat([first, second]))
+
+
+def test_text_stops_at_eos_and_streams(models):
+    _, model = models
+    ids = torch.tensor([[T.bos, 20, 21]])
+    free = generate_text(model, ids, max_new_tokens=8, eos_token_id=-1)[0]
+    stop = free[3]
+    cut = generate_text(model, ids, max_new_tokens=8, eos_token_id=stop)[0]
+    assert cut == free[: free.index(stop)]
+
+    class Collect:
+        def __init__(self):
+            self.ids, self.ended = [], False
+
+        def put(self, t):
+            self.ids += t.tolist()
+
+        def end(self):
+            self.ended = True
+
+    s = Collect()
+    generate_text(model, ids, max_new_tokens=5, eos_token_id=-1, streamer=s)
+    assert s.ids == free[:5] and s.ended
+
+
+def test_same_generator_seed_gives_same_images(models):
+    _, model = models
+    ids, mask = prompts()
+    def run(seed):
+        return generate_image_tokens(model, ids, mask, num_images=2, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(7), run(7), run(8)
+    assert a.shape == (4, 16)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_one_generator_per_image(models):
+    _, model = models
+    ids, mask = prompts()
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    a = generate_image_tokens(model, ids, mask, generator=gens(1, 2))
+    b = generate_image_tokens(model, ids, mask, generator=gens(1, 3))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="3 generators for 2 images"):
+        generate_image_tokens(model, ids, mask, generator=gens(1, 2, 3))
+
+
+def test_top_k_one_is_greedy_and_cutoff_zero_is_unguided(models):
+    _, model = models
+    ids, mask = prompts()
+    greedy = generate_image_tokens(model, ids, mask, temperature=0)
+    assert torch.equal(generate_image_tokens(model, ids, mask, top_k=1, generator=torch.Generator()), greedy)
+    unguided = generate_image_tokens(model, ids, mask, guidance_scale=1.0, temperature=0)
+    assert torch.equal(generate_image_tokens(model, ids, mask, temperature=0, cfg_schedule="cutoff:0"), unguided)
+    assert not torch.equal(unguided, greedy)
+
+
+def test_negative_prompt_replaces_the_unconditional_branch(models):
+    _, model = models
+    ids, mask = prompts()
+    default_uncond = torch.tensor([[T.bos, T.cfg_pad, T.cfg_pad, T.cfg_pad, T.image_start]])
+    one = generate_image_tokens(model, ids[:1, 2:], temperature=0)
+    same = generate_image_tokens(model, ids[:1, 2:], temperature=0, negative_prompt_ids=default_uncond)
+    other = generate_image_tokens(model, ids[:1, 2:], temperature=0,
+                                  negative_prompt_ids=torch.tensor([[T.bos, 40, 41, T.image_start]]))
+    assert torch.equal(one, same) and not torch.equal(one, other)
+
+
+def test_cfg_schedules():
+    assert CFGSchedule().scales(5.0, 3) == [5.0, 5.0, 5.0]
+    assert CFGSchedule("linear").scales(5.0, 4) == [2.0, 3.0, 4.0, 5.0]
+    assert CFGSchedule("cutoff", 2).scales(5.0, 4) == [5.0, 5.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown cfg_schedule 'cosine'"):
+        CFGSchedule("cosine").scales(5.0, 4)
+
+
+def test_filter_logits_top_p_and_top_k():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_p=0.8)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.81)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_k=1)).tolist() == [[False, True, True, True]]
+
+
+def test_bad_arguments_are_named(models):
+    _, model = models
+    ids, mask = prompts()
+    with pytest.raises(ValueError, match="num_images must be at least 1, got 0"):
+        generate_image_tokens(model, ids, mask, num_images=0)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        generate_image_tokens(model, ids, mask, guidance_scale=-1)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+            generate_image_tokens(model, ids, mask, top_p=bad)
+    long_prompt = torch.full((1, 500), 20)
+    with pytest.raises(ValueError, match="500 tokens \\+ 16 image tokens exceeds the context of 512; shorten"):
+        generate_image_tokens(model, long_prompt)
+    with pytest.raises(ValueError, match="exceeds the context of 512"):
+        generate_text(model, long_prompt, max_new_tokens=20)

@@ -1,0 +1,23 @@
+"""Flags shared by the commands that load a model: --model, --device, --dtype."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (any layout unigen loads) or hub id")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="where to run: auto picks cuda, then mps, then cpu (default auto)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
+
+
+def load_pipeline(args: argparse.Namespace):
+    import torch
+
+    from unigen.pipeline import UniGenPipeline, resolve_device
+
+    device = resolve_device(args.device)
+    return UniGenPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)

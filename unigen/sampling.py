@@ -1,0 +1,265 @@
+"""Sampling: image tokens with classifier-free guidance, and text (captions, answers).
+
+Image generation follows Janus: each image has a conditional row (the prompt) and an
+unconditional row (the prompt with every token but BOS and <begin_of_image> replaced by the CFG pad
+id, or a negative prompt), both in one batched forward; logits = u + s * (c - u); the sampled code is
+embedded (gen_embed -> gen_aligner) into both rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from unigen.kv_decoder import StaticKVDecoder
+
+# ---- logits -> tokens ----------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Mask everything outside the top-k and outside the smallest set with probability >= top_p."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """(rows, vocab) -> (rows,). ``temperature == 0`` is greedy. A list of generators: one per row."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None = off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# ---- CFG schedules -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CFGSchedule:
+    """Guidance scale per image token: ``constant``, ``linear`` (from 1 up to the scale over the
+    image), or ``cutoff`` (the scale for the first ``cutoff`` tokens, then 1 = no guidance)."""
+
+    kind: str = "constant"
+    cutoff: int | None = None
+
+    def scales(self, scale: float, n: int) -> list[float]:
+        if self.kind == "constant":
+            return [scale] * n
+        if self.kind == "linear":
+            return [1 + (scale - 1) * (i + 1) / n for i in range(n)]
+        if self.kind == "cutoff":
+            if self.cutoff is None or self.cutoff < 0:
+                raise ValueError("cfg_schedule 'cutoff' needs cutoff >= 0 (the token index where guidance stops)")
+            return [scale if i < self.cutoff else 1.0 for i in range(n)]
+        raise ValueError(f"unknown cfg_schedule {self.kind!r}; expected constant, linear or cutoff")
+
+
+def as_schedule(schedule: CFGSchedule | str | None) -> CFGSchedule:
+    if schedule is None:
+        return CFGSchedule()
+    if isinstance(schedule, str):
+        kind, _, k = schedule.partition(":")  # "cutoff:100" is accepted as a shorthand
+        return CFGSchedule(kind, int(k) if k else None)
+    return schedule
+
+
+# ---- image tokens -------------------------------------------------------------------------------
+
+
+def _left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    if attention_mask is None:
+        return list(input_ids)
+    return [ids[m.bool()] for ids, m in zip(input_ids, attention_mask, strict=True)]
+
+
+def unconditional_rows(rows: list[torch.Tensor], tokens) -> list[torch.Tensor]:
+    """Janus's unconditional prompt: keep BOS and <begin_of_image>, every other token -> CFG pad."""
+    keep = lambda r: (r == tokens.bos) | (r == tokens.image_start)
+    return [torch.where(keep(r), r, torch.full_like(r, tokens.cfg_pad)) for r in rows]
+
+
+@torch.no_grad()
+def generate_image_tokens(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    num_images: int = 1,
+    guidance_scale: float = 5.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    cfg_schedule: CFGSchedule | str | None = None,
+    negative_prompt_ids: torch.Tensor | None = None,
+    negative_attention_mask: torch.Tensor | None = None,
+    compile: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Prompts (ending with <begin_of_image>, left padded) -> codes (batch * num_images, n_image_tokens).
+
+    Images of one prompt are consecutive rows. ``negative_prompt_ids`` (one row, or one per prompt)
+    replace the default unconditional prompt (Emu3 style).
+    """
+    cfg = model.config
+    n_tokens = cfg.vq.num_tokens
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+    check_sampling_args(temperature, top_k, top_p)
+    scales = as_schedule(cfg_schedule).scales(guidance_scale, n_tokens)
+    limit = model.decoder.config.max_position_embeddings
+    if input_ids.shape[1] + n_tokens > limit:
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens + {n_tokens} image tokens exceeds the context of {limit}; "
+            f"shorten the prompt to at most {limit - n_tokens} tokens"
+        )
+    n_gen = input_ids.shape[0] * num_images
+    if isinstance(generator, (list, tuple)) and len(generator) != n_gen:
+        raise ValueError(f"{len(generator)} generators for {n_gen} images; pass one per image or a single one")
+
+    cond = [r for r in _rows(input_ids, attention_mask) for _ in range(num_images)]
+    if negative_prompt_ids is None:
+        uncond = unconditional_rows(cond, cfg.tokens)
+    else:
+        neg = _rows(negative_prompt_ids, negative_attention_mask)
+        if len(neg) not in (1, input_ids.shape[0]):
+            raise ValueError(f"{len(neg)} negative prompts for {input_ids.shape[0]} prompts; give 1 or one each")
+        uncond = [neg[0 if len(neg) == 1 else i // num_images] for i in range(n_gen)]
+    ids, mask = _left_pad(cond + uncond, cfg.tokens.pad)  # halves: conditional rows, then unconditional
+
+    runner = StaticKVDecoder(model, 2 * n_gen, ids.shape[1] + n_tokens)
+    hidden = runner.prefill(model.embed_text(ids), mask)[:, -1]
+    step = torch.compile(runner.step, dynamic=True) if compile else runner.step
+    codes = torch.empty(n_gen, n_tokens, dtype=torch.long, device=ids.device)
+    for i in tqdm(range(n_tokens), desc="image tokens", disable=not progress, leave=False):
+        logits = model.gen_head(hidden).float()
+        c, u = logits[:n_gen], logits[n_gen:]
+        guided = u + scales[i] * (c - u)
+        codes[:, i] = pick_tokens(guided, temperature, top_k, top_p, generator)
+        if i + 1 < n_tokens:
+            embeds = model.embed_image_tokens(codes[:, i].repeat(2))[:, None]
+            hidden = step(embeds)[:, -1]
+    return codes
+
+
+# ---- text ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    eos_token_id: int | None = None,
+    streamer=None,
+) -> list[list[int]]:
+    """Greedy (temperature 0) or sampled continuation of each row; stops at EOS or ``max_new_tokens``.
+
+    Returns the new token ids of each row (EOS excluded). ``streamer`` gets ``put(ids)`` / ``end()``
+    calls like transformers' streamers (batch of one).
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    b, n = input_ids.shape
+    limit = model.decoder.config.max_position_embeddings
+    if n + max_new_tokens > limit:
+        raise ValueError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the context of {limit}")
+    eos = model.config.tokens.eos if eos_token_id is None else eos_token_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    step = _text_stepper(model, input_ids, attention_mask, pixel_values, n + max_new_tokens)
+    logits = step(None)
+    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    out = torch.full((b, max_new_tokens), eos, dtype=torch.long, device=input_ids.device)
+    for i in range(max_new_tokens):
+        token = pick_tokens(logits.float(), temperature, top_k, top_p, generator)
+        token = torch.where(done, torch.full_like(token, eos), token)
+        out[:, i] = token
+        if streamer is not None:
+            streamer.put(token.cpu())
+        done |= token == eos
+        if bool(done.all()) or i + 1 == max_new_tokens:
+            break
+        logits = step(token)
+    if streamer is not None:
+        streamer.end()
+    return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
+
+
+def _text_stepper(model, input_ids, attention_mask, pixel_values, max_len):
+    """A closure: ``step(None)`` runs the prompt, ``step(tokens)`` one new token; both return logits."""
+    lm_head = model.language_model.lm_head
+    if getattr(model, "cross_attn_layers", None) is None:
+        runner = StaticKVDecoder(model, input_ids.shape[0], max_len)
+
+        def step(tokens):
+            if tokens is None:
+                embeds = model.prepare_inputs_embeds(input_ids, pixel_values)
+                return lm_head(runner.prefill(embeds, attention_mask)[:, -1])
+            return lm_head(runner.step(model.embed_text(tokens)[:, None])[:, -1])
+
+        return step
+
+    # Method B: image keys/values live in the cross-attention state that rides on transformers' cache
+    from transformers import DynamicCache
+
+    state = {"cache": DynamicCache(), "mask": attention_mask, "pos": attention_mask.long().sum(1) - 1}
+
+    def step(tokens):
+        if tokens is None:
+            out = model(input_ids, pixel_values=pixel_values, attention_mask=state["mask"],
+                        past_key_values=state["cache"], use_cache=True)
+        else:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], 1)
+            state["pos"] = state["pos"] + 1
+            out = model(tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"][:, None],
+                        past_key_values=state["cache"], use_cache=True)
+        state["cache"] = out.past_key_values
+        return out.logits[:, -1]
+
+    return step
