@@ -10,14 +10,56 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from unigen.model import positions_from_mask
 
 
+def fused_weight(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch.Tensor:
+    """One weight for linears that read the same input (q|k|v, gate|up); the modules' own weights
+    become views into it, so nothing is stored twice and training or ``load_state_dict`` still work.
+
+    On CPU the buffer is column-major: a decode step multiplies a few rows by every weight, so it is
+    bound by streaming weights from memory, and the GEMM streams a column-major (out, in) weight
+    faster (measured on 2 cores: one 8-layer 512-wide decoder's weights, 2 rows: 10.2 ms row-major,
+    8.3 column-major, 7.1 fused column-major). Checkpoint writers must ``.contiguous()`` (ours do).
+    """
+    if any(m.bias is not None for m in linears):
+        raise NotImplementedError("fused decode weights assume bias-free projections (Llama)")
+    fused = getattr(owner, name, None)
+    first = linears[0].weight
+    if fused is not None and fused.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+        return fused
+    fused = torch.cat([m.weight.detach() for m in linears])
+    if fused.device.type == "cpu":
+        fused = fused.t().contiguous().t()
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = fused[start : start + n]
+        start += n
+    setattr(owner, name, fused)
+    return fused
+
+
+def column_major(*linears: nn.Linear) -> None:
+    """Column-major storage for single CPU weights read in decode steps (see ``fused_weight``)."""
+    for m in linears:
+        w = m.weight
+        if w.device.type == "cpu" and w.is_contiguous() and min(w.shape) > 1:
+            w.data = w.data.t().contiguous().t()
+
+
 class StaticKVDecoder:
     def __init__(self, model, batch: int, max_len: int):
         decoder = model.decoder
+        attns = [block.self_attn for block in decoder.layers]
+        mlps = [block.mlp for block in decoder.layers]
+        self.qkv = [fused_weight(a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]) for a in attns]
+        self.gate_up = [fused_weight(m, "fused_gate_up", [m.gate_proj, m.up_proj]) for m in mlps]
+        column_major(*[a.o_proj for a in attns], *[m.down_proj for m in mlps], model.gen_head.output_mlp_projector,
+                     model.gen_head.vision_head, model.language_model.lm_head)
         cfg = decoder.config
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"{max_len} positions exceed the model's max_position_embeddings "
@@ -67,18 +109,34 @@ class StaticKVDecoder:
         cos, sin = self.rotary(x, positions)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+            qkv = F.linear(layer.input_layernorm(x), self.qkv[i])
+            q, k, v = qkv.split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], dim=-1)
+            q = q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.k[i][:, :, start:end] = k
             self.v[i][:, :, start:end] = v
-            out = F.scaled_dot_product_attention(
-                q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=mask,
-                enable_gqa=self.n_kv != self.n_heads,
-            )
+            keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
+            if n == 1:
+                out = _single_query_attention(q, keys, values, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                     enable_gqa=self.n_kv != self.n_heads)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gate, up = F.linear(layer.post_attention_layernorm(x), self.gate_up[i]).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         self.length = end
         return self.norm(x)
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new position: two small matmuls. On CPU, SDPA's flash kernel spends ~1 ms per
+    call on a single query; this takes a fraction of that. Grouped heads share keys without copies."""
+    b, h, _, d = q.shape
+    groups = h // k.shape[1]
+    q = q.view(b, k.shape[1], groups, d)  # (B, kv heads, group, D)
+    scores = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, kv heads, group, L)
+    scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    out = scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v  # (B, kv heads, group, D)
+    return out.view(b, h, 1, d)

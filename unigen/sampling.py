@@ -41,8 +41,13 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])[:, 0]
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        u = torch.cat([torch.rand(1, 1, generator=g, device=g.device) for g in generator]).to(probs.device)
+    else:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    # inverse-CDF draw: one uniform per row. torch.multinomial draws one exponential per vocabulary
+    # entry, ~5 ms per step for 16 images x 16384 codes on CPU.
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(probs.shape[-1] - 1)[:, 0]
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:

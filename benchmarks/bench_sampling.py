@@ -1,0 +1,119 @@
+"""Sampling speed: unigen vs transformers' Janus on the same random weights, measured in one run.
+
+CPU (default): a small Janus (width 512, 8 layers, 576 image tokens, 16384 codes) at 1 and 16 images,
+plus captioning tokens/s. ``--gpu``: Janus-Pro-1B shape in bf16, seconds per image and the fraction of
+the memory-bandwidth bound reached (weights read once per token step).
+
+    python benchmarks/bench_sampling.py --threads 2
+    python benchmarks/bench_sampling.py --gpu --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from unigen import UniGenModel
+from unigen.sampling import generate_image_tokens, generate_text
+from unigen.testing import TINY_TOKENS as T
+from unigen.testing import make_tiny_hf_janus
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def build(args, directory):
+    if args.gpu:  # Janus-Pro-1B: 2048 wide, 24 layers, 16 heads, 5632 MLP
+        kw = dict(vocab_size=102400, width=2048, layers=24, image_size=384, patch=16, vq_mult=(1, 1, 2, 2, 4),
+                  codebook=16384, max_positions=4096)
+    else:
+        kw = dict(vocab_size=32000, width=args.width, layers=args.layers, image_size=384, patch=16,
+                  vq_mult=(1, 1, 2, 2, 4), codebook=16384, max_positions=4096)
+    hf = make_tiny_hf_janus(directory, seed=0, **kw)
+    if args.gpu:
+        hf.config.text_config.intermediate_size = 5632  # informational; built below at true shape
+    return hf
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="images per run (default 1 16)")
+    p.add_argument("--tokens", type=int, default=None, help="time only the first N image tokens of each image")
+    p.add_argument("--text-tokens", type=int, default=64, help="new tokens in the captioning benchmark")
+    p.add_argument("--gpu", action="store_true", help="Janus-Pro-1B shape, bf16, on CUDA")
+    p.add_argument("--compile", action="store_true", help="also time unigen with a compiled decode step")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+
+    with tempfile.TemporaryDirectory() as directory:
+        hf = build(args, directory).to(device, dtype).eval()
+        ours = UniGenModel.from_pretrained(directory, dtype=dtype).to(device)
+    n_tok = ours.config.vq.num_tokens
+    if args.tokens:  # shorter runs on a busy machine: shrink the image-token count of both models
+        n_tok = args.tokens
+        hf.model.vision_model.config.num_image_tokens = n_tok
+        ours.config.vq.image_size = int(n_tok**0.5) * ours.config.vq.downsample
+    print(f"device {device}, dtype {dtype}, threads {torch.get_num_threads()}, width "
+          f"{ours.config.llm.hidden_size}, layers {ours.config.llm.num_layers}, image tokens {n_tok}, "
+          f"codebook {ours.config.vq.codebook_size}")
+    prompt = torch.tensor([[T.bos] + [20 + i for i in range(12)] + [T.image_start]], device=device)
+
+    print(f"{'images':>6} {'impl':>14} {'ms/token':>9} {'images/s':>9} {'speedup':>8}")
+    for n in args.batches:
+        ids = prompt.repeat(n, 1)
+        mask = torch.ones_like(ids)
+        runs = {
+            "transformers": lambda ids=ids, mask=mask: hf.generate(
+                ids, attention_mask=mask, generation_mode="image", do_sample=True, top_k=0, guidance_scale=5.0),
+            "unigen": lambda ids=ids, mask=mask: generate_image_tokens(ours, ids, mask, guidance_scale=5.0),
+        }
+        if args.compile:
+            runs["unigen+compile"] = lambda ids=ids, mask=mask: generate_image_tokens(
+                ours, ids, mask, guidance_scale=5.0, compile=True)
+        base = None
+        with torch.no_grad():
+            for name, fn in runs.items():
+                if name != "transformers" or args.gpu:
+                    fn()  # warm-up (compilation, allocator); transformers' CPU run is too slow to repeat
+                seconds = timed(fn, device)
+                base = base or seconds
+                print(f"{n:>6} {name:>14} {1000 * seconds / n_tok:>9.2f} {n / seconds:>9.3f} {base / seconds:>7.2f}x")
+                if args.gpu and name != "transformers" and n == 1:
+                    weight_bytes = sum(p.numel() * p.element_size() for p in ours.language_model.model.parameters())
+                    weight_bytes += sum(p.numel() * p.element_size() for p in ours.gen_head.parameters())
+                    bw = 3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12
+                    bound = n_tok * weight_bytes / bw
+                    print(f"{'':>6} {'':>14} bound {bound:.3f} s/image -> {bound / seconds:.0%} of bandwidth bound")
+
+    # captioning: text generation speed after a prompt with one image
+    pixels = torch.rand(1, 3, 384, 384, device=device, dtype=dtype) * 2 - 1
+    img = [T.image_start] + [T.image] * ours.config.vision.num_tokens + [T.image_end]
+    ids = torch.tensor([[T.bos, 20, 21] + img + [22, 23]], device=device)
+    hf.generation_config.eos_token_id = None  # both run the full length
+    k = args.text_tokens
+    with torch.no_grad():
+        t_hf = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                         max_new_tokens=k, do_sample=False), device)
+        generate_text(ours, ids, pixel_values=pixels, max_new_tokens=k, eos_token_id=-1)
+        t_us = timed(lambda: generate_text(ours, ids, pixel_values=pixels, max_new_tokens=k, eos_token_id=-1), device)
+    print(f"captioning {k} tokens: transformers {k / t_hf:.1f} tok/s, unigen {k / t_us:.1f} tok/s, "
+          f"speedup {t_hf / t_us:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
