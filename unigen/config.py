@@ -41,6 +41,9 @@ class VQConfig:
     num_res_blocks: int = 2
     z_channels: int = 256
     dropout: float = 0.0
+    # GroupNorm groups (LlamaGen/Janus: 32). At 32 channels that is one channel per group, which
+    # normalises a flat colour away; small tokenizers learn colour much sooner with fewer groups.
+    norm_groups: int = 32
     commit_beta: float = 0.25  # used only when training the tokenizer
     image_size: int = 384  # generation resolution
 

@@ -16,16 +16,16 @@ from torch import nn
 from unigen.config import VQConfig
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = _norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -41,9 +41,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention over all h*w positions."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int = 32):
         super().__init__()
-        self.norm = _norm(ch)
+        self.norm = _norm(ch, groups)
         self.q = nn.Conv2d(ch, ch, 1)
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
@@ -78,12 +78,13 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution: residual blocks, optional attention after each, optional resampling."""
 
-    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, attn: bool, resample: type | None, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, attn: bool, resample: type | None, dropout: float,
+                 groups: int):
         super().__init__()
         self.res = nn.ModuleList(
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout) for i in range(n_blocks)
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout, groups) for i in range(n_blocks)
         )
-        self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(n_blocks)) if attn else nn.ModuleList()
+        self.attn = nn.ModuleList(AttnBlock(out_ch, groups) for _ in range(n_blocks)) if attn else nn.ModuleList()
         if resample is Downsample:
             self.downsample = Downsample(out_ch)
         elif resample is Upsample:
@@ -101,8 +102,9 @@ class Level(nn.Module):
         return x
 
 
-def _mid(ch: int, dropout: float) -> nn.ModuleList:
-    return nn.ModuleList([ResnetBlock(ch, ch, dropout), AttnBlock(ch), ResnetBlock(ch, ch, dropout)])
+def _mid(ch: int, dropout: float, groups: int) -> nn.ModuleList:
+    return nn.ModuleList([ResnetBlock(ch, ch, dropout, groups), AttnBlock(ch, groups),
+                          ResnetBlock(ch, ch, dropout, groups)])
 
 
 class Encoder(nn.Module):
@@ -113,11 +115,12 @@ class Encoder(nn.Module):
         levels, in_ch, last = [], ch, len(mult) - 1
         for i, m in enumerate(mult):
             resample = Downsample if i != last else None
-            levels.append(Level(in_ch, ch * m, cfg.num_res_blocks, i == last, resample, cfg.dropout))
+            levels.append(Level(in_ch, ch * m, cfg.num_res_blocks, i == last, resample, cfg.dropout,
+                                cfg.norm_groups))
             in_ch = ch * m
         self.conv_blocks = nn.ModuleList(levels)
-        self.mid = _mid(in_ch, cfg.dropout)
-        self.norm_out = _norm(in_ch)
+        self.mid = _mid(in_ch, cfg.dropout, cfg.norm_groups)
+        self.norm_out = _norm(in_ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(in_ch, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,14 +138,15 @@ class Decoder(nn.Module):
         mult, ch = cfg.channel_mult, cfg.base_channels
         in_ch = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, in_ch, 3, padding=1)
-        self.mid = _mid(in_ch, cfg.dropout)
+        self.mid = _mid(in_ch, cfg.dropout, cfg.norm_groups)
         levels = []
         for i, m in enumerate(reversed(mult)):  # lowest resolution first
             resample = Upsample if i != len(mult) - 1 else None
-            levels.append(Level(in_ch, ch * m, cfg.num_res_blocks + 1, i == 0, resample, cfg.dropout))
+            levels.append(Level(in_ch, ch * m, cfg.num_res_blocks + 1, i == 0, resample, cfg.dropout,
+                                cfg.norm_groups))
             in_ch = ch * m
         self.conv_blocks = nn.ModuleList(levels)
-        self.norm_out = _norm(in_ch)
+        self.norm_out = _norm(in_ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(in_ch, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
