@@ -39,10 +39,7 @@ def build(args, directory):
     else:
         kw = dict(vocab_size=32000, width=args.width, layers=args.layers, image_size=384, patch=16,
                   vq_mult=(1, 1, 2, 2, 4), codebook=16384, max_positions=4096)
-    hf = make_tiny_hf_janus(directory, seed=0, **kw)
-    if args.gpu:
-        hf.config.text_config.intermediate_size = 5632  # informational; built below at true shape
-    return hf
+    return make_tiny_hf_janus(directory, seed=0, **kw)
 
 
 def main() -> None:

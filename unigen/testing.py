@@ -42,13 +42,14 @@ def write_tiny_tokenizer(directory: str | Path, vocab_size: int = 256) -> None:
 
 def tiny_janus_config(vocab_size: int = 256, image_token_id: int = TINY_TOKENS.image, width: int = 64,
                       layers: int = 2, image_size: int = 32, patch: int = 8, vq_mult=(1, 1, 2),
-                      codebook: int = 64, max_positions: int = 512):
+                      codebook: int = 64, max_positions: int = 512,
+                      intermediate: int | None = None, heads: int = 4):
     """A transformers ``JanusConfig`` with every dimension small (SigLIP grid = VQ grid)."""
     from transformers import JanusConfig, LlamaConfig
     from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
 
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=intermediate or 2 * width,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=max_positions, bos_token_id=TINY_TOKENS.bos,
                        eos_token_id=TINY_TOKENS.eos,
                        pad_token_id=TINY_TOKENS.pad, tie_word_embeddings=False)
