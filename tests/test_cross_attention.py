@@ -343,3 +343,22 @@ def test_run_decoder_decode_step_takes_the_images_from_the_cache():
         full = b(torch.tensor([[BOS, 20, IMG, 21, 22]]), pixel_values=pixels(1)).logits[:, -1:]
         torch.testing.assert_close(via_forward, full, atol=1e-5, rtol=0)
         assert (full - backbone_logits(base, torch.tensor([[BOS, 20, IMG, 21, 22]]))[:, -1:]).abs().amax() > 1e-3
+
+
+def test_method_b_captioning_through_the_sampler_equals_full_recompute():
+    """generate_text (prefill with images, then cached steps) == re-running the whole sequence each step."""
+    from unigen.sampling import generate_text
+
+    _, b = base_and_b()
+    ids, mask = left_pad([[BOS, 10, IMG, 11, 12], [BOS, 13, 14, IMG, 15, 16, 17]])
+    px = pixels(2)
+    new = generate_text(b, ids, mask, px, max_new_tokens=6, eos_token_id=-1)
+    rows, m = ids.clone(), mask.clone()
+    expected = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = b(rows, pixel_values=px, attention_mask=m).logits[:, -1].argmax(-1)
+            expected.append(nxt)
+            rows = torch.cat([rows, nxt[:, None]], 1)
+            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    assert new == torch.stack(expected, 1).tolist()

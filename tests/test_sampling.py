@@ -145,3 +145,21 @@ def test_bad_arguments_are_named(models):
         generate_image_tokens(model, long_prompt)
     with pytest.raises(ValueError, match="exceeds the context of 512"):
         generate_text(model, long_prompt, max_new_tokens=20)
+
+
+def test_cached_forward_with_left_padding_equals_full_recompute(models):
+    """model(...) with a transformers cache: positions come from the mask in prefill and in decode steps."""
+    from transformers import DynamicCache
+
+    _, model = models
+    ids = torch.tensor([[T.pad, T.pad, T.bos, 20, 21], [T.bos, 30, 31, 32, 33]])
+    nxt = torch.tensor([[40, 41], [42, 43]])
+    mask = (ids != T.pad).long()
+    full_mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    with torch.no_grad():
+        ref = model(torch.cat([ids, nxt], 1), attention_mask=full_mask).logits
+        out = model(ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
+        for j in range(2):
+            out = model(nxt[:, j : j + 1], attention_mask=full_mask[:, : ids.shape[1] + j + 1],
+                        past_key_values=out.past_key_values, use_cache=True)
+            assert (out.logits[:, -1] - ref[:, ids.shape[1] + j]).abs().max() < 1e-5

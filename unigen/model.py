@@ -226,8 +226,9 @@ class UniGenModel(nn.Module):
         self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
         cross_attention_state=None,
     ) -> DecoderOutput:
-        if position_ids is None and attention_mask is not None and past_key_values is None:
-            position_ids = positions_from_mask(attention_mask)
+        if position_ids is None and attention_mask is not None:
+            # the mask covers cached + new positions; left padding shifts every row's positions
+            position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
         if cross_attention_state is None and past_key_values is not None:  # Method B decode: images ride on the cache
             cross_attention_state = getattr(past_key_values, CROSS_ATTENTION_CACHE_ATTR, None)
         if cross_attention_state is not None:
