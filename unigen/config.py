@@ -99,6 +99,7 @@ class UniGenConfig:
     gen_aligner_depth: int = 2  # MLP VQ embed dim -> LLM width
     gen_head_dim: int = 2048  # hidden width of the generation head
     prompt_format: Literal["janus-pro", "janus"] = "janus-pro"
+    system_prompt: str | None = None  # understanding prompts; None = the format's (Janus's) system prompt
     fusion: Literal["concat", "cross_attention"] = "concat"
     encoder: Literal["siglip", "patch"] = "siglip"
     cross_attention_every: int = 4

@@ -139,7 +139,7 @@ class UniGenProcessor:
         self.tokenizer = tokenizer
         self.config = config
         self.format = prompt_format(config.prompt_format)
-        self.system_prompt = system_prompt
+        self.system_prompt = config.system_prompt if system_prompt is None else system_prompt
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: UniGenConfig | None = None) -> UniGenProcessor:
@@ -155,7 +155,15 @@ class UniGenProcessor:
             from unigen.checkpoint import load_config
 
             config, _ = load_config(directory)
-        return cls(AutoTokenizer.from_pretrained(str(directory)), config)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it warns that config.json's model_type "unigen" is not its own
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return cls(tokenizer, config)
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(str(directory))
