@@ -23,3 +23,8 @@ test: setup lint
 
 test-slow: setup
 	$(VENV)/bin/pytest -q -m slow
+
+# The Shapes world end to end on this machine: data, both visual tokenizers, three stages, report.
+demo: setup
+	$(VENV)/bin/unigen demo --out-dir demo_out
+	@echo "open demo_out/index.html"

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: tuple[str, ...] = ("generate", "caption", "eval", "train", "train_vq", "train_siglip")
+COMMANDS: tuple[str, ...] = ("demo", "generate", "caption", "eval", "train", "train_vq", "train_siglip")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,8 @@ def evaluate_captions(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, q
     for batch in tqdm(list(_batches(images, batch_size)), desc="captioning", unit="batch"):
         out = pipe.caption(batch, question=question, max_new_tokens=max_new_tokens)
         texts += [out] if isinstance(out, str) else list(out)
-    records = [{"truth": caption(s), "caption": t} for s, t in zip(specs, texts, strict=True)]
+    records = [{"spec": s, "truth": caption(s), "caption": t, "image": img}
+               for s, t, img in zip(specs, texts, images, strict=True)]
     return caption_accuracy(zip(specs, texts, strict=True)), records
 
 

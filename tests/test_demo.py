@@ -1,0 +1,17 @@
+"""The Shapes demo pipeline end to end on a few steps of everything (the real run is `make demo`)."""
+
+import json
+
+from unigen.shapes.demo import DemoConfig, run_demo
+
+
+def test_demo_pipeline_runs_end_to_end(tmp_path):
+    page = run_demo(DemoConfig(out_dir=str(tmp_path), n_train=300, vq_steps=3, siglip_steps=3, stage_steps=(2, 2, 2),
+                               n_eval=4, threads=1))
+    html = page.read_text()
+    assert "Generated from prompts" in html and "Captions of held-out images" in html
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["scores"]["captioning"]["n"] == 4 and scores["scores"]["generation"]["n"] == 4
+    assert set(scores["timings_s"]) >= {"data", "VQ tokenizer", "SigLIP encoder", "stage 1", "stage 2", "stage 3"}
+    assert (tmp_path / "model" / "stage3" / "final" / "config.json").is_file()
+    assert len(list((tmp_path / "images").glob("gen_*.png"))) == 8 + 4

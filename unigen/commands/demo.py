@@ -1,0 +1,32 @@
+"""``unigen demo``: the Shapes world end to end, trained from scratch on this machine."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Train and evaluate a unified model on the Shapes world from scratch; writes DIR/index.html."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from unigen.shapes.demo import DemoConfig
+
+    d = DemoConfig()
+    p.add_argument("--out-dir", default=d.out_dir, help=f"output folder (default {d.out_dir})")
+    p.add_argument("--n-train", type=int, default=d.n_train, help=f"training images (default {d.n_train})")
+    p.add_argument("--vq-steps", type=int, default=d.vq_steps, help=f"VQ tokenizer steps (default {d.vq_steps})")
+    p.add_argument("--siglip-steps", type=int, default=d.siglip_steps,
+                   help=f"SigLIP encoder steps (default {d.siglip_steps})")
+    p.add_argument("--stage-steps", type=int, nargs=3, default=list(d.stage_steps), metavar=("I", "II", "III"),
+                   help=f"steps of the three stages (default {' '.join(map(str, d.stage_steps))})")
+    p.add_argument("--n-eval", type=int, default=d.n_eval, help=f"evaluation items per task (default {d.n_eval})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 2)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from unigen.shapes.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out_dir=args.out_dir, n_train=args.n_train, vq_steps=args.vq_steps,
+                        siglip_steps=args.siglip_steps, stage_steps=tuple(args.stage_steps), n_eval=args.n_eval,
+                        seed=args.seed, threads=args.threads))
+    return 0
