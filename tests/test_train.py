@@ -191,3 +191,17 @@ def test_unknown_recipe_key_and_missing_previous_stage(data, tmp_path):
         recipe(data, tmp_path, "stage1.stepz=3")
     with pytest.raises(FileNotFoundError, match="stage 2 starts from stage 1's final weights"):
         run_stage(recipe(data, tmp_path), 2, progress=False)
+
+
+def test_cli_overrides_may_follow_options_and_checkpointing_bf16_run(data, tmp_path, capsys):
+    from unigen.cli import main
+
+    rc = main(["train", "--config", str(SMOKE), f"data={data}", "--output-dir", str(tmp_path), "--stage", "1",
+               "grad_checkpointing=true", "bf16=true", "stage1.steps=2"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert json.loads((tmp_path / "recipe.json").read_text())["grad_checkpointing"] is True
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(SMOKE), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

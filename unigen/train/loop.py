@@ -135,7 +135,8 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     model, processor = load_start(recipe, stage, samples, init_from)
     model.to(device).train()
     if recipe.grad_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
+        lm = model.language_model  # transformers 5 renamed the switch
+        (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
     groups = stage_groups(model.config, cfg.groups, cfg.train_llm)
     set_trainable(model, groups)
     for name, params in parameter_groups(model).items():
