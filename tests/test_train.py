@@ -205,3 +205,12 @@ def test_cli_overrides_may_follow_options_and_checkpointing_bf16_run(data, tmp_p
     with pytest.raises(SystemExit):
         main(["train", "--config", str(SMOKE), "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_method_b_trains_cross_attention_in_every_stage_and_keeps_the_llm_frozen(data, tmp_path):
+    r = recipe(data, tmp_path, "model.fusion=cross_attention", "model.cross_attention_every=1", "stage1.steps=1",
+               "stage2.steps=1")
+    first = run_stage(r, 1, progress=False)
+    before, after = weights(first), weights(run_stage(r, 2, progress=False))
+    trained, frozen = changed_groups(before, after)
+    assert "cross_attention" in trained and "llm" in frozen  # Llama 3.2 Vision default: text behaviour kept
