@@ -1,0 +1,36 @@
+"""Generate images from prompts with any checkpoint unigen loads; the Python twin of `unigen generate`.
+
+    python sample/generate.py --model demo_out/model/stage3/final "a large red circle at the top left"
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from unigen import UniGenPipeline
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompts", nargs="+")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    args = p.parse_args()
+
+    pipe = UniGenPipeline.from_pretrained(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    out = pipe(args.prompts, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
+               generator=torch.Generator(pipe.device).manual_seed(args.seed), progress=True)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(out.images):
+        prompt = args.prompts[i // args.num_images]
+        path = args.output_dir / f"{i // args.num_images:02d}_{i % args.num_images:02d}.png"
+        image.save(path)
+        print(f"{path}\t{prompt}")
+
+
+if __name__ == "__main__":
+    main()
