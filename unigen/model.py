@@ -28,6 +28,7 @@ from unigen.cross_attention import (
     run_decoder_with_cross_attention,
 )
 from unigen.patch_encoder import PatchEncoder
+from unigen.processor import check_pixel_values
 from unigen.vq import VQModel
 
 
@@ -77,12 +78,7 @@ class SigLIPEncoder(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        s = self.config.image_size
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (s, s):
-            raise ValueError(
-                f"pixel_values must have shape (n_images, 3, {s}, {s}); got {tuple(pixel_values.shape)}. "
-                "Use UniGenProcessor to resize and normalise images."
-            )
+        check_pixel_values(pixel_values, self.config.image_size)
         return self.vision_tower.forward_features(pixel_values)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from unigen.config import SigLIPConfig
+from unigen.processor import check_pixel_values
 
 
 class PatchEncoder(nn.Module):
@@ -39,10 +40,5 @@ class PatchEncoder(nn.Module):
         return nn.functional.unfold(pixel_values, kernel_size=p, stride=p).transpose(1, 2)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        s = self.config.image_size
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (s, s):
-            raise ValueError(
-                f"pixel_values must have shape (n_images, 3, {s}, {s}); got {tuple(pixel_values.shape)}. "
-                "Use UniGenProcessor to resize and normalise images."
-            )
+        check_pixel_values(pixel_values, self.config.image_size)
         return self.proj(self.patches(pixel_values)) + self.pos_embed

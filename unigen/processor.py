@@ -47,6 +47,16 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
         raise ImageDecodeError(f"{path} could not be decoded as an image ({err}); is the file corrupt?") from err
 
 
+def check_pixel_values(pixel_values: torch.Tensor, image_size: int) -> None:
+    """Understanding encoders take (n_images, 3, S, S); anything else is named, with the fix."""
+    s = image_size
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (s, s):
+        raise ValueError(
+            f"pixel_values must have shape (n_images, 3, {s}, {s}); got {tuple(pixel_values.shape)}. "
+            "Use UniGenProcessor to resize and normalise images."
+        )
+
+
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
