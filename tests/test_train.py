@@ -80,7 +80,7 @@ def test_loss_masks_token_by_token(data, tmp_path):
         assert supervised.tolist() == list(range(n - len(answer) - 1, n))  # the last prompt position onwards
         assert torch.equal(tgt[supervised[:-1]], ids[supervised[:-1] + 1])  # targets are the next tokens
         assert (ids[: n - len(answer)] == model.config.tokens.image).sum() == model.config.vision.num_tokens
-    g = b.generation(samples * 8, torch.Generator().manual_seed(0))
+    g = b.generation(samples * 8, torch.rand(16, generator=torch.Generator().manual_seed(0)) < 0.5)
     assert g["codes"].shape == (16, model.config.vq.num_tokens)
     keep = {model.config.tokens.bos, model.config.tokens.image_start, model.config.tokens.cfg_pad,
             model.config.tokens.pad}
@@ -214,3 +214,20 @@ def test_method_b_trains_cross_attention_in_every_stage_and_keeps_the_llm_frozen
     before, after = weights(first), weights(run_stage(r, 2, progress=False))
     trained, frozen = changed_groups(before, after)
     assert "cross_attention" in trained and "llm" in frozen  # Llama 3.2 Vision default: text behaviour kept
+
+
+def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data, tmp_path):
+    common = ["train", "--config", str(SMOKE), "--stage", "1", f"data={data}", "stage1.steps=4",
+              "stage1.groups=[aligner,gen_aligner,gen_embed,gen_head,llm]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "unigen.cli", *common, "--output-dir", str(tmp_path / "one"), "stage1.batch_size=8"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "unigen.cli", *common, "--output-dir", str(tmp_path / "two"), "stage1.batch_size=4"]
+    for cmd in (one, two):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    wa, wb = weights(tmp_path / "one" / "stage1" / "final"), weights(tmp_path / "two" / "stage1" / "final")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5

@@ -72,10 +72,10 @@ class BatchBuilder:
         ids, tgt, mask = self._right_pad(rows, targets)
         return {"input_ids": ids, "targets": tgt, "attention_mask": mask}
 
-    def generation(self, samples: list[Sample], generator: torch.Generator) -> dict:
+    def generation(self, samples: list[Sample], drop: torch.Tensor) -> dict:
+        """``drop[i]``: train sample i on the unconditional (CFG) prompt (caption dropout, drawn by the caller)."""
         tokens = self.model.config.tokens
         prompts = [torch.tensor(self.processor.encode(self.processor.format.generation(s.caption))) for s in samples]
-        drop = torch.rand(len(samples), generator=generator) < self.caption_dropout
         prompts = [u if d else c for c, u, d in zip(prompts, unconditional_rows(prompts, tokens), drop, strict=True)]
         batch = self.processor.pad([p.tolist() for p in prompts])  # left padding: prompts end at the same column
         batch["codes"] = torch.stack([self._codes(s) for s in samples])

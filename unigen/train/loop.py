@@ -87,7 +87,12 @@ def make_optimizer(model, groups: set[str], cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
-def draw_step(pools: dict[str, list[Sample]], mixture, batch: int, g: torch.Generator) -> dict[str, list[Sample]]:
+def draw_step(pools: dict[str, list[Sample]], mixture, batch: int, g: torch.Generator, caption_dropout: float,
+              rank: int = 0, world: int = 1) -> dict:
+    """The step's global batch (identical on every rank), then this rank's share of it.
+
+    ``"dropped"`` marks the generation samples trained with the unconditional (CFG) prompt.
+    """
     weights = torch.tensor([w if pools[t] else 0.0 for t, w in zip(TASKS, mixture, strict=True)])
     if weights.sum() <= 0:
         raise ValueError(f"task mixture {tuple(mixture)} selects no task that the data has "
@@ -97,13 +102,14 @@ def draw_step(pools: dict[str, list[Sample]], mixture, batch: int, g: torch.Gene
     for k in tasks:
         pool = pools[TASKS[k]]
         picked[TASKS[k]].append(pool[int(torch.randint(len(pool), (1,), generator=g))])
-    return picked
+    picked["dropped"] = torch.rand(len(picked["generation"]), generator=g) < caption_dropout
+    return {task: chosen[rank::world] for task, chosen in picked.items()}
 
 
-def task_loss(model, builder: BatchBuilder, task: str, samples, g, device) -> tuple[torch.Tensor, int]:
+def task_loss(model, builder: BatchBuilder, task: str, samples, dropped, device) -> tuple[torch.Tensor, int]:
     """Summed token cross-entropy and the supervised token count of one task's micro-batch."""
     if task == "generation":
-        b = builder.generation(samples, g)
+        b = builder.generation(samples, dropped)
         logits = model.image_logits(b["input_ids"].to(device), b["codes"].to(device), b["attention_mask"].to(device))
         return F.cross_entropy(logits.flatten(0, 1).float(), b["codes"].to(device).flatten(), reduction="sum"), \
             b["codes"].numel()
@@ -132,7 +138,12 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     pools = {t: [s for s in samples if t in s.tasks] for t in TASKS}
 
     device = common.resolve_device(recipe.device)
+    rank, world = dist_setup()
+    if rank > 0:  # rank 0 trains the tokenizer of a fresh model first; the others then build the same model
+        torch.distributed.barrier()
     model, processor = load_start(recipe, stage, samples, init_from)
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
     model.to(device).train()
     if recipe.grad_checkpointing:
         lm = model.language_model  # transformers 5 renamed the switch
@@ -166,24 +177,35 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + stage * 10_007 + step)
-        micro = [draw_step(pools, cfg.mixture, cfg.batch_size, g) for _ in range(cfg.grad_accum)]
+        micro = [draw_step(pools, cfg.mixture, cfg.batch_size * world, g, recipe.caption_dropout, rank, world)
+                 for _ in range(cfg.grad_accum)]
         sums = {t: 0.0 for t in TASKS}
         counts = {t: 0 for t in TASKS}
         total = 0
         losses = []
-        for picked in micro:  # token counts first: the loss is normalised over the whole step
-            for task, chosen in picked.items():
+        for picked in micro:  # the loss is normalised by the step's token count over all micro-batches and ranks
+            for task in TASKS:
+                chosen = picked[task]
                 if chosen:
                     with autocast:
-                        loss, n = task_loss(model, builder, task, chosen, g, device)
+                        loss, n = task_loss(model, builder, task, chosen, picked["dropped"], device)
                     losses.append((task, loss, n))
                     total += n
-        step_loss = 0.0
+        total = all_reduce_sum(torch.tensor([float(total)]))[0].item()
         for task, loss, n in losses:
             (loss / total).backward()
             sums[task] += loss.item()
             counts[task] += n
-            step_loss += loss.item() / total
+        if world > 1:  # each rank's loss already carries the global normaliser, so gradients simply add up
+            for p in model.parameters():
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+        reduced = all_reduce_sum(torch.tensor([sums[t] for t in TASKS] + [float(counts[t]) for t in TASKS]))
+        sums = dict(zip(TASKS, reduced[:3].tolist(), strict=True))
+        counts = dict(zip(TASKS, reduced[3:].tolist(), strict=True))
+        step_loss = sum(sums.values()) / total
         if not torch.isfinite(torch.tensor(step_loss)):
             raise FloatingPointError(
                 f"stage {stage} step {step}: the loss is {step_loss}; stopping. The last good checkpoint is "
@@ -194,15 +216,37 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         row = {"stage": stage, "loss": step_loss, "lr": lr, "tokens": total,
                "tokens_per_s": total / (time.perf_counter() - t0)}
         row.update({f"loss_{t}": sums[t] / counts[t] for t in TASKS if counts[t]})
-        metrics.write(step + 1, "train", row)
+        if rank == 0:
+            metrics.write(step + 1, "train", row)
         bar.set_postfix(loss=f"{step_loss:.4f}")
-        if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < steps:
+        if rank == 0 and recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < steps:
             last_good = save_training_state(ckpt_root, step + 1, model, processor, optimizer, recipe.keep_last)
     final = out / "final"
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
+    if rank == 0:
+        model.save_pretrained(final)
+        processor.save_pretrained(final)
+    if world > 1:
+        torch.distributed.barrier()
     log.info("stage %d done: %s", stage, final)
     return final
+
+
+def dist_setup() -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), world
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(x)
+    return x
 
 
 def save_training_state(root: Path, step: int, model, processor, optimizer, keep_last: int) -> Path:
