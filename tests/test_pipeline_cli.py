@@ -89,3 +89,51 @@ def test_cli_eval_shapes_writes_json(tiny_hf_janus, tmp_path, capsys):
     assert result["captioning"]["n"] == 3 and result["generation"]["n"] == 3
     assert set(result["generation"]["per_attribute"]) == {"color", "shape", "size", "position"}
     assert "| captioning |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-images", "0"], "--num-images must be at least 1, got 0"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be >= 0"),
+    (["--top-p", "0"], r"top_p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], r"top_p must be in (0, 1], got 1.5"),
+    (["--temperature", "-0.5"], "temperature must be >= 0"),
+    (["--cfg-schedule", "cosine"], "unknown cfg_schedule 'cosine'"),
+    (["--cfg-schedule", "cutoff:x"], "expected cutoff:K"),
+])
+def test_cli_generate_rejects_bad_flags_before_loading(tmp_path, flags, message):
+    # the model path does not exist: the flag must be named before any load is tried
+    with pytest.raises(SystemExit) as err:
+        main(["generate", "a cat", "--model", str(tmp_path / "nowhere"), "--device", "cpu", *flags])
+    assert str(err.value.code).startswith("error: ") and message in str(err.value.code)
+
+
+def test_cli_generate_names_a_prompt_too_long_for_the_context(tiny_hf_janus, tmp_path):
+    long_prompt = " ".join(["red"] * 600)
+    with pytest.raises(SystemExit) as err:
+        main(["generate", long_prompt, "--model", str(tiny_hf_janus[1]), "--device", "cpu",
+              "--output-dir", str(tmp_path)])
+    assert "16 image tokens exceeds the context of 512; shorten the prompt to at most 496 tokens" in str(err.value.code)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_caption_rejects_bad_flags_before_loading(tmp_path):
+    for flags, message in ((["--temperature", "-1"], "temperature must be >= 0"),
+                           (["--batch-size", "0"], "--batch-size must be at least 1")):
+        with pytest.raises(SystemExit) as err:
+            main(["caption", str(tmp_path / "x.png"), "--model", str(tmp_path / "nowhere"), *flags])
+        assert message in str(err.value.code)
+
+
+def test_cli_help_documents_every_flag(capsys):
+    from unigen.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("generate", "caption"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        for action in sub.choices[name]._actions:
+            for flag in action.option_strings:
+                assert flag in text, (name, flag)
+            assert action.help, (name, action.dest)

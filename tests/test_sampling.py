@@ -163,3 +163,22 @@ def test_cached_forward_with_left_padding_equals_full_recompute(models):
             out = model(nxt[:, j : j + 1], attention_mask=full_mask[:, : ids.shape[1] + j + 1],
                         past_key_values=out.past_key_values, use_cache=True)
             assert (out.logits[:, -1] - ref[:, ids.shape[1] + j]).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(models):
+    _, model = models
+    ids, mask = prompts()
+    eager = generate_image_tokens(model, ids, mask, temperature=0)
+    assert torch.equal(generate_image_tokens(model, ids, mask, temperature=0, compile=True), eager)
+    g = lambda: torch.Generator().manual_seed(5)
+    assert torch.equal(generate_image_tokens(model, ids, mask, generator=g(), compile=True),
+                       generate_image_tokens(model, ids, mask, generator=g()))
+
+
+def test_cutoff_schedule_needs_a_token_index(models):
+    _, model = models
+    ids, mask = prompts()
+    for bad in ("cutoff:-3", "cutoff:x", "cutoff"):
+        with pytest.raises(ValueError, match="cutoff"):
+            generate_image_tokens(model, ids, mask, cfg_schedule=bad)

@@ -40,10 +40,13 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
     if temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    # uniforms are drawn on each generator's own device (a CPU generator may drive a CUDA model, as in
+    # diffusers; that costs a host-to-device copy per step, a generator on the model's device does not)
     if isinstance(generator, (list, tuple)):
         u = torch.cat([torch.rand(1, 1, generator=g, device=g.device) for g in generator]).to(probs.device)
     else:
-        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+        where = probs.device if generator is None else generator.device
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=where).to(probs.device)
     # inverse-CDF draw: one uniform per row. torch.multinomial draws one exponential per vocabulary
     # entry, ~5 ms per step for 16 images x 16384 codes on CPU.
     cdf = probs.cumsum(-1)
@@ -87,6 +90,8 @@ def as_schedule(schedule: CFGSchedule | str | None) -> CFGSchedule:
         return CFGSchedule()
     if isinstance(schedule, str):
         kind, _, k = schedule.partition(":")  # "cutoff:100" is accepted as a shorthand
+        if k and not k.isdigit():
+            raise ValueError(f"cfg_schedule {schedule!r}: expected cutoff:K with K a token index >= 0")
         return CFGSchedule(kind, int(k) if k else None)
     return schedule
 

@@ -19,5 +19,8 @@ def load_pipeline(args: argparse.Namespace):
 
     from unigen.pipeline import UniGenPipeline, resolve_device
 
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)  # before loading: a missing CUDA/MPS is named without a traceback
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     return UniGenPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)

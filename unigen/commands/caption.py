@@ -22,7 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unigen.processor import ImageDecodeError, load_image
+    from unigen.sampling import check_sampling_args
 
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise SystemExit(f"error: --max-new-tokens and --batch-size must be at least 1, got "
+                         f"{args.max_new_tokens} and {args.batch_size}")
+    try:
+        check_sampling_args(args.temperature, None, None)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     images, bad = [], []
     for path in args.images:
         try:

@@ -40,17 +40,34 @@ def grid(images):
     return sheet
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def check_arguments(args: argparse.Namespace) -> None:
+    """Flag errors before the (slow) model load, as ``error: ...`` lines instead of tracebacks."""
+    from unigen.sampling import as_schedule, check_sampling_args
 
     if args.num_images < 1:
         raise SystemExit(f"error: --num-images must be at least 1, got {args.num_images}")
+    if args.guidance_scale < 0:
+        raise SystemExit(f"error: --guidance-scale must be >= 0 (1 = no guidance), got {args.guidance_scale}")
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+        as_schedule(args.cfg_schedule).scales(args.guidance_scale, 1)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    check_arguments(args)
     pipe = load_pipeline(args)
     generators = [torch.Generator(pipe.device).manual_seed(args.seed + i) for i in range(args.num_images)]
-    out = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
-               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generators,
-               cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt, progress=True,
-               compile=args.compile)
+    try:
+        out = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generators,
+                   cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt, progress=True,
+                   compile=args.compile)
+    except ValueError as err:  # e.g. a prompt too long for the image tokens left in the context
+        raise SystemExit(f"error: {err}") from None
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(out.images):
         path = args.output_dir / f"image_{i:03d}.png"
