@@ -4,10 +4,12 @@ Understanding images follow DeepSeek's ``VLMImageProcessor`` exactly (floor long
 PIL bicubic, pad to square with gray 127, mean = std = 0.5 -> [-1, 1]); transformers' port rounds
 instead of flooring and resizes with torch, which gives small pixel differences.
 Generation (VQ) images: short-side resize + centre crop -> [-1, 1] (the Janus paper's recipe).
+Prompts follow DeepSeek's "deepseek" conversation template (``janus/utils/conversation.py``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +18,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from unigen.config import TokenIds, UniGenConfig
+from unigen.text_tokenizer import SPECIAL_TOKEN_TEXT, special_token_ids
 
 JANUS_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
     "the user provides, and assist the user with a variety of tasks using natural language."
 )
+IMAGE_TAG, IMAGE_START_TAG, IMAGE_END_TAG = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+BOS_TEXT, EOS_TEXT, CFG_PAD_TEXT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 PAD_GRAY = 127  # int(0.5 * 255): the official background colour
 MIN_SIDE = 14
 
@@ -33,12 +38,16 @@ class ImageDecodeError(ValueError):
 
 
 def load_image(image: str | Path | Image.Image) -> Image.Image:
-    """A path or PIL image -> RGB PIL image (RGBA, LA, L, P, CMYK, I;16 are converted)."""
+    """A path or PIL image -> RGB PIL image. Like Janus, every mode (RGBA, LA, L, P, CMYK, ...) goes
+    through a plain ``convert("RGB")``: transparent pixels keep their stored colour."""
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     path = Path(image)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass the path of an image file inside it")
     if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist; check the path")
+        raise FileNotFoundError(f"image file {path} does not exist; check the path "
+                                f"(relative paths start from {Path.cwd()})")
     try:
         with Image.open(path) as img:
             img.load()
@@ -58,18 +67,24 @@ def check_pixel_values(pixel_values: torch.Tensor, image_size: int) -> None:
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
+    # float32(x) / 255 equals DeepSeek's float32(float64(x) * (1 / 255)) for every uint8 x
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
+def understanding_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(w, h) after DeepSeek's resize: the long side becomes ``image_size``, the short side is floored."""
+    longest = max(width, height)
+    return (max(int(width / longest * image_size), MIN_SIDE), max(int(height / longest * image_size), MIN_SIDE))
+
+
 def understanding_pixels(images, image_size: int, normalize: bool = True) -> torch.Tensor:
-    """DeepSeek's understanding preprocessing -> (n, 3, S, S); [-1, 1] when ``normalize``."""
+    """DeepSeek's understanding preprocessing -> (n, 3, S, S) float32; [-1, 1] when ``normalize``,
+    else [0, 1] (the first Janus-1.3B revision had ``do_normalize: false``)."""
     out = []
     for image in images:
         img = load_image(image)
-        w, h = img.size
-        longest = max(w, h)
-        size = (max(int(w / longest * image_size), MIN_SIDE), max(int(h / longest * image_size), MIN_SIDE))
-        img = img.resize(size, Image.BICUBIC)
+        size = understanding_size(*img.size, image_size)
+        img = img.resize(size, Image.BICUBIC)  # = torchvision's resize on a PIL image (antialias=True)
         canvas = Image.new("RGB", (image_size, image_size), (PAD_GRAY,) * 3)
         canvas.paste(img, ((image_size - size[0]) // 2, (image_size - size[1]) // 2))
         x = _to_tensor(canvas)
@@ -104,30 +119,39 @@ def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """DeepSeek's "deepseek" conversation template: ``role: message`` turns separated by a blank line."""
+    """DeepSeek's "deepseek" template: optional ``system + sep``, then ``role: message`` turns, each ended by
+    ``sep`` (user) or ``sep2`` (assistant); an empty message renders as a bare ``role:`` (the reply slot)."""
 
     user: str
     assistant: str
     system: str = JANUS_SYSTEM_PROMPT
+    sep: str = "\n\n"
+    sep2: str = EOS_TEXT
+
+    def render(self, messages: list[str], system: str | None = None) -> str:
+        """Turns alternate user, assistant, user, ...; like the official code, each message and the
+        whole prompt are stripped."""
+        system = self.system if system is None else system
+        out = system + self.sep if system else ""
+        for i, message in enumerate(messages):
+            role, message = (self.user, self.assistant)[i % 2], message.strip()
+            out += f"{role}: {message}{(self.sep, self.sep2)[i % 2]}" if message else f"{role}:"
+        return out.strip()
 
     def understanding(self, question: str, system: str | None = None) -> str:
-        system = self.system if system is None else system
-        head = f"{system}\n\n" if system else ""
-        return f"{head}{self.user}: <image_placeholder>\n{question}\n\n{self.assistant}:"
+        return self.render([f"{IMAGE_TAG}\n{question}", ""], system)
 
     def generation(self, prompt: str) -> str:
-        # generation prompts are rendered with an empty system prompt, then the image-start tag
-        return f"{self.user}: {prompt}\n\n{self.assistant}:<begin_of_image>"
+        # the official scripts render generation prompts with system_prompt="", then add the image-start tag
+        return self.render([prompt, ""], system="") + IMAGE_START_TAG
 
     def text(self, message: str, system: str | None = None) -> str:
-        system = self.system if system is None else system
-        head = f"{system}\n\n" if system else ""
-        return f"{head}{self.user}: {message}\n\n{self.assistant}:"
+        return self.render([message, ""], system)
 
 
 PROMPT_FORMATS = {
     "janus-pro": PromptFormat("<|User|>", "<|Assistant|>"),
-    "janus": PromptFormat("User", "Assistant"),
+    "janus": PromptFormat("User", "Assistant"),  # Janus-1.3B's scripts pass these role names
 }
 
 
@@ -140,55 +164,80 @@ def prompt_format(name: str) -> PromptFormat:
 # ---- the processor -------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 class UniGenProcessor:
     """Turns prompts and images into model inputs, and generated ids back into text."""
 
-    def __init__(self, tokenizer, config: UniGenConfig, system_prompt: str | None = None):
+    def __init__(self, tokenizer, config: UniGenConfig, system_prompt: str | None = None,
+                 do_normalize: bool = True):
         self.tokenizer = tokenizer
         self.config = config
         self.format = prompt_format(config.prompt_format)
         self.system_prompt = config.system_prompt if system_prompt is None else system_prompt
+        self.do_normalize = do_normalize
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: UniGenConfig | None = None) -> UniGenProcessor:
-        from transformers import AutoTokenizer
-
+        """The tokenizer saved in ``path``; ``config`` defaults to the checkpoint's config.json, or, in a
+        tokenizer-only directory, to the default config with the tokenizer's special ids."""
         directory = Path(path)
         if not any((directory / name).is_file() for name in TOKENIZER_FILES):
             raise FileNotFoundError(
                 f"{directory} holds no text tokenizer (expected one of {list(TOKENIZER_FILES)}); save one "
                 "there with tokenizer.save_pretrained(dir) or UniGenProcessor.save_pretrained(dir)"
             )
-        if config is None:
+        tokenizer = _load_tokenizer(directory)
+        if config is None and (directory / "config.json").is_file():
             from unigen.checkpoint import load_config
 
             config, _ = load_config(directory)
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # it warns that config.json's model_type "unigen" is not its own
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        return cls(tokenizer, config)
+        elif config is None:
+            config = UniGenConfig(tokens=special_token_ids(tokenizer))
+            config.prompt_format = "janus-pro" if "<|User|>" in tokenizer.get_vocab() else "janus"
+        processor = cls(tokenizer, config, do_normalize=_read_do_normalize(directory))
+        processor.check_token_ids()
+        return processor
 
     def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(directory))
+        # the keys of DeepSeek's preprocessor_config.json that describe what we do
+        s = self.config.vision.image_size
+        pre = {"image_size": s, "min_size": MIN_SIDE, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+               "background_color": [PAD_GRAY] * 3, "rescale_factor": 1 / 255, "do_normalize": self.do_normalize}
+        (directory / PREPROCESSOR_FILE).write_text(json.dumps(pre, indent=2) + "\n")
 
     @property
     def tokens(self) -> TokenIds:
         return self.config.tokens
 
+    def resolve_token_ids(self) -> TokenIds:
+        """The special ids as the tokenizer's vocabulary has them (not as the config says)."""
+        return special_token_ids(self.tokenizer)
+
+    def check_token_ids(self) -> None:
+        """A config whose special ids disagree with the tokenizer would build wrong prompts silently."""
+        vocab = self.tokenizer.get_vocab()
+        actual = {k: vocab[t] for k, t in SPECIAL_TOKEN_TEXT.items() if t in vocab}
+        if self.tokenizer.pad_token_id is not None:
+            actual["pad"] = self.tokenizer.pad_token_id
+        wrong = {k: (getattr(self.tokens, k), v) for k, v in actual.items() if getattr(self.tokens, k) != v}
+        if wrong:
+            detail = ", ".join(f"{k}: config {c}, tokenizer {t}" for k, (c, t) in sorted(wrong.items()))
+            raise ValueError(f"config.tokens disagree with the tokenizer ({detail}); set "
+                             "config.tokens = processor.resolve_token_ids() or pass the checkpoint's config")
+
     def encode(self, text: str) -> list[int]:
-        """Token ids with exactly one leading BOS."""
+        """Token ids with exactly one leading BOS (the Janus tokenizer adds it; we add it ourselves so
+        that a tokenizer without a BOS post-processor gives the same ids)."""
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return [self.tokens.bos, *ids]
 
     def _expand_images(self, ids: list[int]) -> list[int]:
-        # one placeholder in the prompt -> <begin_of_image> + placeholders + <end_of_image>
+        # each placeholder -> <begin_of_image> + placeholders + <end_of_image> (official add_image_token)
         t = self.tokens
         block = [t.image_start, *([t.image] * self.config.image_placeholders_per_image), t.image_end]
         out: list[int] = []
@@ -197,7 +246,8 @@ class UniGenProcessor:
         return out
 
     def pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Left padding (generation appends on the right) with ``tokens.pad`` and a 0/1 mask."""
+        """Left padding (generation appends on the right) with ``tokens.pad`` and a 0/1 mask.
+        (The official batchify pads with "<｜▁pad▁｜>"; padded positions are masked, so it does not matter.)"""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tokens.pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -209,18 +259,24 @@ class UniGenProcessor:
     def understanding_prompt(self, question: str) -> str:
         return self.format.understanding(question, self.system_prompt)
 
+    def understanding_pixels(self, images) -> torch.Tensor:
+        return understanding_pixels(images, self.config.vision.image_size, self.do_normalize)
+
     def understanding_inputs(self, images, questions) -> dict[str, torch.Tensor]:
-        """One image and one question per row -> input_ids, attention_mask, pixel_values."""
+        """One image and one question per row -> input_ids, attention_mask, pixel_values (n_images, 3, S, S)."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
         if len(questions) != len(images):
             raise ValueError(f"{len(images)} images but {len(questions)} questions; give one question per image")
+        if any(IMAGE_TAG in q for q in questions):
+            raise ValueError(f"questions must not contain {IMAGE_TAG}; the prompt format adds one per image")
         rows = [self._expand_images(self.encode(self.understanding_prompt(q))) for q in questions]
         batch = self.pad(rows)
-        batch["pixel_values"] = understanding_pixels(images, self.config.vision.image_size)
+        batch["pixel_values"] = self.understanding_pixels(images)
         return batch
 
     def generation_inputs(self, prompts) -> dict[str, torch.Tensor]:
+        """Text-to-image prompts -> left-padded input_ids ending in <begin_of_image>, attention_mask."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
@@ -230,6 +286,32 @@ class UniGenProcessor:
         return generation_pixels(images, self.config.vq.image_size)
 
     def decode(self, ids) -> str:
+        """One row of ids -> text, special tokens (BOS, EOS, pads, image tags, roles) skipped."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def batch_decode(self, rows) -> list[str]:
+        return [self.decode(row) for row in rows]
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it warns that config.json's model_type "unigen" is not its own
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _read_do_normalize(directory: Path) -> bool:
+    path = directory / PREPROCESSOR_FILE
+    if not path.is_file():
+        return True
+    try:
+        return bool(json.loads(path.read_text()).get("do_normalize", True))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
