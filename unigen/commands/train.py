@@ -17,12 +17,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", default=None,
                    help="checkpoint to start the first stage run from (default: the recipe's init_from, or the "
                         "previous stage's final weights in the output dir)")
-    p.add_argument("--resume", default=None, help="'latest' or a stageN/checkpoints/step_XXXXXXX folder")
+    p.add_argument("--resume", default=None,
+                   help="'latest' (skip finished stages, continue the newest checkpoint) or a "
+                        "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage1.steps=50 data=PATH")
 
 
+def plan(stages: list[int] | None, resume: str | None) -> list[tuple[int, str | None]]:
+    """(stage, resume) for each stage to run."""
+    from pathlib import Path
+
+    from unigen.train.checkpoints import read_progress
+
+    stages = sorted(set(stages or [1, 2, 3]))
+    if resume is None or resume == "latest":
+        return [(s, resume) for s in stages]
+    first = int(read_progress(Path(resume))["stage"])
+    if first not in stages:
+        raise SystemExit(f"--resume {resume} is a stage-{first} checkpoint, but --stage asks for {stages}")
+    return [(s, resume if s == first else None) for s in stages if s >= first]
+
+
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from unigen.train import load_recipe, run_stage
+    from unigen.train.checkpoints import is_complete
+    from unigen.train.start import stage_dir
 
     values = {}
     if args.output_dir:
@@ -30,9 +51,12 @@ def run(args: argparse.Namespace) -> int:
     if args.save_every is not None:
         values["save_every"] = args.save_every
     recipe = load_recipe(args.config, args.overrides, **values)
-    resume = "auto" if args.resume == "latest" else args.resume
-    for i, stage in enumerate(args.stage or [1, 2, 3]):
-        final = run_stage(recipe, stage, init_from=args.init_from if i == 0 else None,
-                          resume=resume if i == 0 else None, max_steps=args.max_steps)
+    for i, (stage, resume) in enumerate(plan(args.stage, args.resume)):
+        final = stage_dir(recipe, stage) / "final"
+        if resume == "latest" and is_complete(final):
+            logging.getLogger("unigen.train").info("stage %d already finished (%s)", stage, final)
+            continue
+        final = run_stage(recipe, stage, init_from=args.init_from if i == 0 else None, resume=resume,
+                          max_steps=args.max_steps)
         print(final)
     return 0

@@ -2,16 +2,18 @@
 
 Line shapes (paths relative to the manifest):
   {"image": "a.png", "caption": "..."}                  understanding and generation
-  {"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}
-  {"text": "..."}                                         text-only
+  {"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
+                                                        understanding (LLaVA style; every gpt turn is supervised)
+  {"text": "..."}                                       text-only
 imagefolder: ``metadata.jsonl`` lines {"file_name": ..., "text": ...} next to the images.
-Optional ``"codes": [...]`` on image lines: pre-extracted VQ codes for generation.
+Optional ``"codes"`` on caption lines: pre-extracted VQ codes for generation, a list of ints or a ``.npy``
+/ ``.pt`` file (relative to the manifest).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -22,47 +24,73 @@ class Sample:
     line: int  # 1-based line in the manifest, for error messages
     image: Path | None = None
     caption: str | None = None  # caption lines: understanding answer and generation prompt
-    question: str | None = None  # conversations: the human turn (without <image>)
-    answer: str | None = None  # conversations: the gpt turn
+    turns: list[tuple[str, str]] = field(default_factory=list)  # conversations: (human, gpt) pairs
     text: str | None = None  # text-only
-    codes: list[int] | None = None
+    codes: list[int] | Path | None = None
 
     @property
     def tasks(self) -> list[str]:
         if self.text is not None:
             return ["text"]
-        if self.answer is not None:
+        if self.turns:
             return ["understanding"]
         return ["understanding", "generation"]
 
 
 class ManifestError(ValueError):
-    pass
+    """A manifest line of the wrong shape; the message names the file and line."""
 
 
-def _parse(record, where: str, root: Path, line: int) -> Sample:
+def _string(record: dict, key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _codes(record: dict, where: str, root: Path):
+    codes = record.get("codes")
+    if codes is None:
+        return None
+    if isinstance(codes, str):
+        return root / codes
+    if not isinstance(codes, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
+        raise ManifestError(f"{where}: 'codes' must be a list of ints or a .npy/.pt file name")
+    return codes
+
+
+def _turns(conv, where: str) -> list[tuple[str, str]]:
+    shape = ("'conversations' must alternate human and gpt turns, starting with human, each "
+             '{"from": ..., "value": "..."}')
+    if not isinstance(conv, list) or len(conv) < 2 or len(conv) % 2:
+        raise ManifestError(f"{where}: {shape}; got {len(conv) if isinstance(conv, list) else type(conv).__name__}"
+                            " turn(s)")
+    turns = []
+    for i in range(0, len(conv), 2):
+        human, gpt = conv[i], conv[i + 1]
+        if not (isinstance(human, dict) and isinstance(gpt, dict) and human.get("from") == "human"
+                and gpt.get("from") == "gpt" and isinstance(human.get("value"), str)
+                and isinstance(gpt.get("value"), str)):
+            raise ManifestError(f"{where}: {shape} (turn {i + 1} is not)")
+        turns.append((human["value"].replace("<image>", "").strip(), gpt["value"]))
+    return turns
+
+
+def parse_line(record, where: str, root: Path, line: int) -> Sample:
     if not isinstance(record, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "text" in record and "image" not in record and "file_name" not in record:
-        if not isinstance(record["text"], str) or not record["text"].strip():
-            raise ManifestError(f"{where}: 'text' must be a non-empty string")
-        return Sample(line, text=record["text"])
     image = record.get("image", record.get("file_name"))
-    if not isinstance(image, str):
-        raise ManifestError(f"{where}: needs 'image' (or 'file_name') with 'caption'/'text', 'conversations', "
+    if image is None and "text" in record:
+        return Sample(line, text=_string(record, "text", where))
+    if not isinstance(image, str) or not image:
+        raise ManifestError(f"{where}: needs 'image' (or 'file_name') with 'caption'/'text' or 'conversations', "
                             f"or a text-only 'text'; got keys {sorted(record)}")
-    codes = record.get("codes")
     if "conversations" in record:
-        conv = record["conversations"]
-        ok = isinstance(conv, list) and len(conv) >= 2 and all(isinstance(t, dict) and "value" in t for t in conv)
-        if not ok or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
-            raise ManifestError(f"{where}: 'conversations' must start with a human turn then a gpt turn")
-        question = conv[0]["value"].replace("<image>", "").strip()
-        return Sample(line, image=root / image, question=question, answer=conv[1]["value"], codes=codes)
-    caption = record.get("caption", record.get("text"))
-    if not isinstance(caption, str) or not caption.strip():
-        raise ManifestError(f"{where}: image line needs a non-empty 'caption' (or 'text')")
-    return Sample(line, image=root / image, caption=caption, codes=codes)
+        return Sample(line, image=root / image, turns=_turns(record["conversations"], where))
+    key = "caption" if "caption" in record else "text"
+    if key not in record:
+        raise ManifestError(f"{where}: image line needs a non-empty 'caption' (or 'text'); got keys {sorted(record)}")
+    return Sample(line, image=root / image, caption=_string(record, key, where), codes=_codes(record, where, root))
 
 
 def read_samples(path: str | Path) -> list[Sample]:
@@ -81,7 +109,7 @@ def read_samples(path: str | Path) -> list[Sample]:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
             raise ManifestError(f"{where}: not valid JSON ({err})") from err
-        samples.append(_parse(record, where, path.parent, i))
+        samples.append(parse_line(record, where, path.parent, i))
     if not samples:
         raise ManifestError(f"{path} holds no samples")
     return samples
@@ -96,8 +124,8 @@ def check_images(samples: list[Sample]) -> tuple[list[Sample], list[dict]]:
             continue
         try:
             with Image.open(s.image) as img:
-                img.verify()
+                img.load()  # a full decode: verify() lets truncated files through
             good.append(s)
-        except (OSError, SyntaxError, ValueError) as err:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             bad.append({"line": s.line, "image": str(s.image), "error": f"{type(err).__name__}: {err}"})
     return good, bad

@@ -1,9 +1,12 @@
-"""Typed training recipes: YAML + ``key=value`` overrides, Janus's three-stage defaults."""
+"""Typed training recipes: YAML + ``key=value`` overrides, Janus's three-stage defaults, validated on build."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from unigen.param_groups import GROUPS
+
+TASKS = ("understanding", "text", "generation")  # the order of a mixture
 # Janus recipe: I adaptors and heads; II + the LLM; III + the SigLIP encoder. The VQ never trains.
 STAGE_GROUPS = {
     1: ["aligner", "gen_aligner", "gen_embed", "gen_head"],
@@ -16,11 +19,11 @@ MIXTURES = {1: (1.0, 0.0, 3.0), 2: (2.0, 3.0, 5.0), 3: (5.0, 1.0, 4.0)}
 
 @dataclass
 class StageConfig:
-    steps: int = 100
+    steps: int = 100  # optimizer steps
     lr: float = 1e-4
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decay floor
-    batch_size: int = 8  # samples per micro-batch (per process)
+    batch_size: int = 8  # samples per micro-batch per process (global batch = batch_size x grad_accum x processes)
     grad_accum: int = 1
     mixture: tuple[float, float, float] | None = None  # understanding : text : generation (None: Janus-Pro's)
     groups: list[str] | None = None  # trainable parameter groups (unigen.param_groups); None: Janus's
@@ -28,7 +31,25 @@ class StageConfig:
     train_llm: bool | None = None  # None: default policy (Method B keeps the LLM frozen)
     weight_decay: float = 0.0
 
-
+    def validate(self, where: str) -> None:
+        for name in ("steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"{where}.lr must be > 0, got {self.lr}")
+        if len(self.mixture) != 3 or min(self.mixture) < 0 or sum(self.mixture) <= 0:
+            raise ValueError(f"{where}.mixture must be 3 non-negative weights ({' : '.join(TASKS)}) with a "
+                             f"positive sum, got {list(self.mixture)}")
+        for key, names in (("groups", self.groups), ("lr_mult", list(self.lr_mult))):
+            unknown = sorted(set(names) - GROUPS.keys())
+            if unknown:
+                raise ValueError(f"{where}.{key}: unknown parameter group(s) {unknown}; known: {sorted(GROUPS)}")
+        if "vq" in self.groups:
+            raise ValueError(f"{where}.groups: the VQ tokenizer stays frozen here (its codes are the generation "
+                             "targets); train it with `unigen train-vq`")
 
 
 @dataclass
@@ -42,16 +63,18 @@ class TrainRecipe:
     tokenizer_vocab: int = 512  # word-level text tokenizer trained on the data for a fresh model
     question: str = "Describe the image."  # understanding prompt for caption lines
     system_prompt: str = ""  # "" keeps prompts short for small models; None would use Janus's
-    caption_dropout: float = 0.1  # generation samples trained unconditionally, for CFG
+    caption_dropout: float = 0.1  # generation samples trained on the unconditional (CFG) prompt
+    max_seq_len: int = 0  # longer understanding/text rows are cut on the right (0: the LLM's max positions)
     seed: int = 0
-    device: str = "auto"
-    bf16: bool = False  # autocast to bfloat16
+    device: str = "auto"  # auto | cpu | cuda (under a launcher each process takes its own GPU)
+    parallel: str = "auto"  # auto (what the launcher configured: DDP, FSDP or DeepSpeed) | ddp | fsdp
+    bf16: bool = False  # bfloat16 mixed precision
     grad_checkpointing: bool = False
     grad_clip: float = 1.0
-    save_every: int = 0  # periodic resumable checkpoints (0: only at the end of a stage)
+    save_every: int = 0  # periodic resumable checkpoints (0: only the final weights of each stage)
     keep_last: int = 2
-    log_every: int = 10
-    tensorboard: bool = False
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints of the same stage
+    tensorboard: bool = True
     stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-4))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(lr=4e-5))
@@ -59,8 +82,17 @@ class TrainRecipe:
     def __post_init__(self):
         for n in (1, 2, 3):  # unset stage choices take the Janus recipe's
             stage = self.stage(n)
-            stage.groups = list(STAGE_GROUPS[n]) if stage.groups is None else stage.groups
-            stage.mixture = MIXTURES[n] if stage.mixture is None else stage.mixture
+            stage.groups = list(STAGE_GROUPS[n]) if stage.groups is None else list(stage.groups)
+            stage.mixture = MIXTURES[n] if stage.mixture is None else tuple(stage.mixture)
+            stage.validate(f"stage{n}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.save_every < 0 or self.keep_last < 1 or self.max_seq_len < 0:
+            raise ValueError("save_every and max_seq_len must be >= 0 and keep_last >= 1")
 
     def stage(self, n: int) -> StageConfig:
         if n not in (1, 2, 3):

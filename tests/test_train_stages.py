@@ -1,0 +1,127 @@
+"""Staged unfreezing: each stage trains exactly its modules; stage chaining; recipe validation; logging."""
+
+import json
+from pathlib import Path
+
+import pytest
+from train_common import SMOKE, changed_groups, metrics, recipe, weights
+
+from unigen.shapes import write_dataset
+from unigen.train import load_recipe, run_stage
+from unigen.train.data import read_samples
+from unigen.train.start import build_fresh
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shapes"), 24, seed=3)
+
+
+def test_each_stage_trains_exactly_its_modules(data, tmp_path):
+    r = recipe(data, tmp_path, "stage1.steps=1", "stage2.steps=1", "stage3.steps=1", "tensorboard=true")
+    initial = build_fresh(r, read_samples(data))[0].state_dict()
+    finals = [run_stage(r, s, progress=False) for s in (1, 2, 3)]  # II and III start from the previous final
+    states = [initial] + [weights(f) for f in finals]
+    heads = {"aligner", "gen_aligner", "gen_embed", "gen_head"}
+    expected = {1: heads, 2: heads | {"llm"}, 3: heads | {"llm", "vision_encoder"}}
+    for stage in (1, 2, 3):
+        trained, frozen = changed_groups(states[stage - 1], states[stage])
+        assert trained == expected[stage], stage
+        assert frozen == {"vision_encoder", "vq", "llm", *heads} - expected[stage], stage
+    rows = metrics(tmp_path)
+    assert [(r["stage"], r["step"]) for r in rows] == [(1, 1), (2, 1), (3, 1)]
+    assert all({"loss", "lr", "stage", "step", "tokens_per_s"} <= r.keys() for r in rows)
+    assert {k for k in rows[2] if k.startswith("lr_")} == {f"lr_{g}" for g in expected[3]}
+    assert json.loads((tmp_path / "recipe.json").read_text())["stage1"]["steps"] == 1
+    assert (tmp_path / "stage2" / "recipe.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"stage1/loss", "stage1/loss_generation", "stage1/lr/gen_head", "stage3/lr/vision_encoder",
+            "stage2/tokens_per_s"} <= set(tags)
+
+
+def test_lr_multipliers_and_explicit_groups(data, tmp_path):
+    r = recipe(data, tmp_path, "stage1.steps=2", "stage1.warmup_steps=0", "stage1.lr_mult={gen_head: 0.5}",
+               "stage1.groups=[gen_head, llm]", "stage1.mixture=[0, 0, 1]")
+    before = build_fresh(r, read_samples(data))[0].state_dict()
+    trained, _ = changed_groups(before, weights(run_stage(r, 1, progress=False)))
+    assert trained == {"gen_head", "llm"}
+    first = metrics(tmp_path)[0]
+    assert first["lr_gen_head"] == pytest.approx(0.5 * first["lr"]) and first["lr_llm"] == first["lr"]
+    assert set(first) >= {"loss_generation"} and "loss_understanding" not in first
+
+
+def test_method_b_trains_cross_attention_in_every_stage_and_keeps_the_llm_frozen(data, tmp_path):
+    r = recipe(data, tmp_path, "model.fusion=cross_attention", "model.cross_attention_every=1", "stage1.steps=1",
+               "stage2.steps=1")
+    before = weights(run_stage(r, 1, progress=False))
+    trained, frozen = changed_groups(before, weights(run_stage(r, 2, progress=False)))
+    assert "cross_attention" in trained and "llm" in frozen  # Llama 3.2 Vision default: text behaviour kept
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage1_steps=3", r"unknown key\(s\) in .*\['stage1_steps'\]"),
+    ("stage1.stepz=3", r"unknown key\(s\) in .*stage1.*\['stepz'\]"),
+    ("stage2.lr_mult={llm_head: 2}", r"stage2.lr_mult: unknown parameter group\(s\) \['llm_head'\]"),
+    ("stage1.groups=[vq]", "stage1.groups: the VQ tokenizer stays frozen"),
+    ("stage1.mixture=[1, 2]", r"stage1.mixture must be 3 non-negative weights"),
+    ("stage3.batch_size=0", "stage3.batch_size must be >= 1"),
+    ("stage1.lr=fast", "stage1.lr must be a float"),
+])
+def test_recipe_errors_name_the_key(data, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        recipe(data, tmp_path, override)
+
+
+def test_stage_chaining_and_task_checks(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage 2 starts from stage 1's final weights"):
+        run_stage(recipe(data, tmp_path), 2, progress=False)
+    text_only = tmp_path / "text.jsonl"
+    text_only.write_text('{"text": "a red circle"}\n')
+    with pytest.raises(ValueError, match=r"stage 1 mixture .* selects no task the data has"):
+        run_stage(recipe(text_only, tmp_path / "a"), 1, progress=False)
+    root = Path(data).parent
+    rows = [{**json.loads(x), "text": None} for x in Path(data).read_text().splitlines()]
+    rows = [{"image": str(root / r["image"]), "caption": r["caption"]} for r in rows] + [{"text": "a red circle"}]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"stage 1: the mixture gives text weight 1.0, but none of the modules"):
+        run_stage(recipe(mixed, tmp_path / "b", "stage1.mixture=[1, 1, 1]"), 1, progress=False)
+
+
+def test_cli_overrides_after_options_checkpointing_bf16_and_init_from(data, tmp_path, capsys):
+    from unigen.cli import main
+
+    rc = main(["train", "--config", str(SMOKE), f"data={data}", "--output-dir", str(tmp_path / "a"), "--stage", "1",
+               "grad_checkpointing=true", "bf16=true", "stage1.steps=2", "tensorboard=false"])
+    assert rc == 0
+    assert [r["step"] for r in metrics(tmp_path / "a")] == [1, 2]
+    assert json.loads((tmp_path / "a" / "recipe.json").read_text())["grad_checkpointing"] is True
+    # --init-from: stage 2 of another output dir starts from these weights
+    start = tmp_path / "a" / "stage1" / "final"
+    assert main(["train", "--config", str(SMOKE), "--stage", "2", "--init-from", str(start), "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "b"), f"data={data}", "tensorboard=false"]) == 0
+    trained, frozen = changed_groups(weights(start), weights(tmp_path / "b" / "stage2" / "final"))
+    assert "llm" in trained and "vision_encoder" in frozen
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(SMOKE), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_janus_defaults_and_optimizer(data, tmp_path):
+    from unigen.param_groups import set_trainable
+    from unigen.train.loop import make_optimizer
+
+    r = load_recipe(SMOKE, ["data=x"])
+    assert r.stage1.groups == ["aligner", "gen_aligner", "gen_embed", "gen_head"]
+    assert "llm" in r.stage2.groups and "vision_encoder" in r.stage3.groups
+    assert (r.stage1.mixture, r.stage2.mixture, r.stage3.mixture) == ((1, 0, 3), (2, 3, 5), (5, 1, 4))
+    assert r.caption_dropout == 0.1 and r.grad_clip == 1.0
+    model = build_fresh(recipe(data, tmp_path), read_samples(data))[0]
+    set_trainable(model, r.stage1.groups)
+    opt = make_optimizer(model, set(r.stage1.groups), r.stage1)
+    assert {g["name"] for g in opt.param_groups} == set(r.stage1.groups)
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable

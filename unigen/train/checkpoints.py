@@ -1,0 +1,168 @@
+"""Resumable checkpoints: ``stageN/checkpoints/step_XXXXXXX`` holds
+
+  model/               the weights + tokenizer in our layout (``UniGenPipeline.from_pretrained`` reads it)
+  optimizer.pt         optimizer state (gathered in full under FSDP)     | DeepSpeed: accelerate's
+  scheduler.pt         learning-rate schedule                           | save_state files instead
+  rng_<rank>.pt        every RNG of every process
+  progress.json        stage and step: the data position (batches are a function of the step)
+
+Every process writes into ``.tmp-step_XXXXXXX`` and rank 0 renames it when all are done, so a folder under
+its real name is always complete; the oldest beyond ``keep_last`` are deleted. ``stageN/final`` is written
+the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unigen.train.parallel import barrier
+
+STEP_DIR = re.compile(r"step_\d{7}")
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+
+
+def is_complete(final: Path) -> bool:
+    return (final / "config.json").is_file()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Weights:
+    """What ``save_pretrained`` needs from a model, for a state dict gathered from shards."""
+
+    def __init__(self, state: dict, config):
+        self._state, self.config = state, config
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def full_model_state(wrapped, model, kind: str) -> dict | None:
+    """The unsharded weights (keys as in ``UniGenModel``) on rank 0; ``None`` elsewhere. Collective."""
+    if kind != "fsdp":
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() != 0:
+        return None
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    for k, v in model.gen_vision_model.state_dict().items():  # the VQ is not sharded (ignored by FSDP)
+        state.setdefault(f"gen_vision_model.{k}", v.detach().cpu())
+    return {k: state[k] for k in model.state_dict()}  # checkpoint order = the model's
+
+
+def save_weights(directory: Path, wrapped, model, processor, kind: str, rank: int) -> None:
+    state = full_model_state(wrapped, model, kind)
+    if rank == 0:
+        from unigen.checkpoint import save_model
+
+        save_model(_Weights(state, model.config), directory)
+        processor.save_pretrained(directory)
+
+
+def _publish(tmp: Path, final: Path, rank: int) -> None:
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    barrier()
+
+
+def save_final(out: Path, wrapped, model, processor, kind: str, rank: int) -> Path:
+    final, tmp = out / "final", out / ".tmp-final"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+    save_weights(tmp, wrapped, model, processor, kind, rank)
+    _publish(tmp, final, rank)
+    return final
+
+
+def save_checkpoint(root: Path, *, stage: int, step: int, wrapped, model, processor, optimizer, scheduler,
+                    accelerator, kind: str, rank: int, keep_last: int) -> Path:
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_weights(tmp / "model", wrapped, model, processor, kind, rank)
+    if kind == "deepspeed":
+        accelerator.save_state(str(tmp / "accelerate"))
+    else:
+        optim = _optimizer_state(wrapped, optimizer, kind)
+        if rank == 0:
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    if rank == 0:
+        (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
+    _publish(tmp, final, rank)
+    if rank == 0:
+        for old in checkpoint_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _optimizer_state(wrapped, optimizer, kind: str):
+    if kind != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def read_progress(path: Path) -> dict:
+    progress = path / "progress.json"
+    if not progress.is_file():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no progress.json); pass 'latest' or a "
+                                "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder")
+    return json.loads(progress.read_text())
+
+
+def load_checkpoint(path: Path, *, wrapped, optimizer, scheduler, accelerator, kind: str, rank: int) -> int:
+    """Restore optimizer, scheduler and RNG in place (the weights were built from ``path/model``); returns
+    the step to continue from."""
+    if kind == "deepspeed":
+        accelerator.load_state(str(path / "accelerate"))
+    else:
+        optim = torch.load(path / "optimizer.pt", weights_only=False)
+        if kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(wrapped, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(optim)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = path / f"rng_{rank}.pt"
+    if rng.is_file():  # a run resumed on more processes than it was saved with keeps fresh RNG on the new ones
+        set_rng_state(torch.load(rng, weights_only=False))
+    return int(read_progress(path)["step"])

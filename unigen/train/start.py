@@ -1,0 +1,65 @@
+"""Where a stage's weights come from: ``--init-from``, the previous stage's final weights, or a fresh model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unigen.model import UniGenModel
+from unigen.processor import UniGenProcessor
+from unigen.train.data import Sample
+from unigen.train.recipe import TrainRecipe
+
+
+def stage_dir(recipe: TrainRecipe, stage: int) -> Path:
+    return Path(recipe.output_dir) / f"stage{stage}"
+
+
+def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel, UniGenProcessor]:
+    """A new model of the recipe's size with a word-level tokenizer trained on the data's text."""
+    from unigen.config import UniGenConfig
+    from unigen.processor import JANUS_SYSTEM_PROMPT
+    from unigen.text_tokenizer import special_token_ids, train_text_tokenizer
+
+    config = UniGenConfig.from_dict(recipe.model)
+    config.system_prompt = recipe.system_prompt
+    texts = [t for s in samples for t in (s.caption, s.text, *(x for turn in s.turns for x in turn)) if t]
+    texts += [recipe.question, recipe.system_prompt or JANUS_SYSTEM_PROMPT]
+    tok_dir = Path(recipe.output_dir) / "tokenizer"
+    tokenizer = train_text_tokenizer(texts, tok_dir, vocab_size=recipe.tokenizer_vocab, kind="wordlevel")
+    config.tokens = special_token_ids(tokenizer)
+    if len(tokenizer) > config.llm.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is "
+                         f"{config.llm.vocab_size}; raise model.llm.vocab_size")
+    torch.manual_seed(recipe.seed)
+    model = UniGenModel(config)
+    if recipe.vq_from:
+        from unigen.tokenizer_training.vq_trainer import load_vq_into
+
+        load_vq_into(model, recipe.vq_from)
+    if recipe.siglip_from:
+        from unigen.tokenizer_training.siglip_trainer import load_siglip_into
+
+        load_siglip_into(model, recipe.siglip_from)
+    return model, UniGenProcessor(tokenizer, config)
+
+
+def load_pretrained(source) -> tuple[UniGenModel, UniGenProcessor]:
+    model = UniGenModel.from_pretrained(source)
+    return model, UniGenProcessor.from_pretrained(source, config=model.config)
+
+
+def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
+    source = init_from or recipe.init_from
+    if source is None and stage > 1:
+        previous = stage_dir(recipe, stage - 1) / "final"
+        if not (previous / "config.json").is_file():
+            raise FileNotFoundError(f"stage {stage} starts from stage {stage - 1}'s final weights, but {previous} "
+                                    "does not exist: train that stage first or pass --init-from DIR")
+        source = str(previous)
+    if source is None:
+        if not recipe.model:
+            raise ValueError("no model to train: set init_from (a checkpoint) or a model: section in the recipe")
+        return build_fresh(recipe, samples)
+    return load_pretrained(source)
