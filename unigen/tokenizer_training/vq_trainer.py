@@ -99,8 +99,9 @@ class VQTrainConfig:
     def __post_init__(self):
         if self.recon_loss not in ("l1", "l2"):
             raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
-        if self.vq.base_channels % 32:
-            raise ValueError(f"vq.base_channels must be a multiple of 32 (GroupNorm(32)); got {self.vq.base_channels}")
+        if self.vq.base_channels % self.vq.norm_groups:
+            raise ValueError(f"vq.base_channels ({self.vq.base_channels}) must be a multiple of vq.norm_groups "
+                             f"({self.vq.norm_groups}): every GroupNorm splits its channels into that many groups")
 
 
 # ---- VQ checkpoints ------------------------------------------------------------------------
