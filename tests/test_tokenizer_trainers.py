@@ -62,6 +62,25 @@ def test_vq_overfits_a_fixed_batch(tmp_path):
     assert {"train", "eval"} <= {r["kind"] for r in rows} and "psnr" in rows[-1] and "usage" in rows[-1]
 
 
+def test_pre_extracted_codes_match_what_the_trainer_would_encode(tmp_path):
+    from unigen.processor import generation_pixels
+    from unigen.tokenizer_training.vq_codes import add_vq_codes
+    from unigen.train.data import read_samples
+
+    data = write_images(tmp_path, 6)
+    cfg = vq_config(tmp_path, data, steps=2)
+    VQTrainer(cfg).train()
+    with data.open("a") as f:  # a text-only line is copied as it is
+        f.write(json.dumps({"text": "text only"}) + "\n")
+    coded = add_vq_codes(data, cfg.out_dir, tmp_path / "coded.jsonl", batch_size=4, progress=False)
+    samples = read_samples(coded)
+    vq = load_vq(cfg.out_dir)
+    want = vq.encode(generation_pixels([s.image for s in samples[:6]], 16))
+    assert [s.codes for s in samples[:6]] == want.tolist() and samples[6].text == "text only"
+    with pytest.raises(ValueError, match="next to"):
+        add_vq_codes(data, cfg.out_dir, tmp_path / "sub" / "coded.jsonl")
+
+
 def test_dead_codes_are_reseeded_from_encoder_outputs(tmp_path):
     cfg = vq_config(tmp_path, write_images(tmp_path, 4), vq=dict(
         image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1, z_channels=32, embed_dim=4,

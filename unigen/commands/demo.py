@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-eval", type=int, default=d.n_eval, help=f"evaluation items per task (default {d.n_eval})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 2)")
+    p.add_argument("--recipe", default=d.recipe, help="training recipe (default train/shapes.yaml)")
+    p.add_argument("--vq-from", default=None, help="reuse this trained VQ tokenizer instead of training one")
+    p.add_argument("--siglip-from", default=None, help="reuse this trained SigLIP encoder instead of training one")
+    p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage2.lr=5e-4")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
 
     run_demo(DemoConfig(out_dir=args.out_dir, n_train=args.n_train, vq_steps=args.vq_steps,
                         siglip_steps=args.siglip_steps, stage_steps=tuple(args.stage_steps), n_eval=args.n_eval,
-                        seed=args.seed, threads=args.threads))
+                        seed=args.seed, threads=args.threads, recipe=args.recipe, vq_from=args.vq_from,
+                        siglip_from=args.siglip_from, overrides=tuple(args.overrides)))
     return 0

@@ -29,6 +29,10 @@ class DemoConfig:
     n_eval: int = 200
     seed: int = 0
     threads: int = 2
+    recipe: str = str(REPO / "train" / "shapes.yaml")
+    vq_from: str | None = None  # a trained VQ tokenizer to reuse instead of training one
+    siglip_from: str | None = None  # a trained SigLIP encoder to reuse instead of training one
+    overrides: tuple[str, ...] = ()  # recipe key=value overrides
 
 
 def _timed(timings: dict, name: str, fn):
@@ -55,19 +59,26 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings: dict[str, float] = {}
     manifest = _timed(timings, "data", lambda: write_dataset(out / "data", cfg.n_train, seed=cfg.seed + 1))
     common = [f"data={manifest}", "overwrite=true", "amp=true"]
-    vq_cfg = load_config(VQTrainConfig, REPO / "tokenizers" / "vq-shapes.yaml",
-                         common + [f"out_dir={out / 'vq'}", f"steps={cfg.vq_steps}",
-                                  f"eval_every={cfg.vq_steps}", f"save_every={cfg.vq_steps}"])
-    _timed(timings, "VQ tokenizer", lambda: train_vq(vq_cfg))
-    sig_cfg = load_config(SigLIPTrainConfig, REPO / "tokenizers" / "siglip-shapes.yaml",
-                          [f"data={manifest}", "overwrite=true", f"out_dir={out / 'siglip'}",
-                           f"steps={cfg.siglip_steps}",
-                           f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
-    _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
+    vq_dir, siglip_dir = cfg.vq_from or out / "vq", cfg.siglip_from or out / "siglip"
+    if cfg.vq_from is None:
+        vq_cfg = load_config(VQTrainConfig, REPO / "tokenizers" / "vq-shapes.yaml",
+                             common + [f"out_dir={vq_dir}", f"steps={cfg.vq_steps}",
+                                      f"eval_every={cfg.vq_steps}", f"save_every={cfg.vq_steps}"])
+        _timed(timings, "VQ tokenizer", lambda: train_vq(vq_cfg))
+    if cfg.siglip_from is None:
+        sig_cfg = load_config(SigLIPTrainConfig, REPO / "tokenizers" / "siglip-shapes.yaml",
+                              [f"data={manifest}", "overwrite=true", f"out_dir={siglip_dir}",
+                               f"steps={cfg.siglip_steps}",
+                               f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
+        _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
+    from unigen.tokenizer_training.vq_codes import add_vq_codes
+
+    # the VQ is frozen from here on: encode every training image once instead of once per stage
+    coded = _timed(timings, "VQ codes", lambda: add_vq_codes(manifest, vq_dir, manifest.with_name("train-codes.jsonl")))
     steps = [f"stage{i + 1}.steps={n}" for i, n in enumerate(cfg.stage_steps)]
-    recipe = load_recipe(REPO / "train" / "shapes.yaml", [f"data={manifest}", f"output_dir={out / 'model'}",
-                                                           f"vq_from={out / 'vq'}", f"siglip_from={out / 'siglip'}",
-                                                           f"seed={cfg.seed}", *steps])
+    recipe = load_recipe(cfg.recipe, [f"data={coded}", f"output_dir={out / 'model'}", f"vq_from={vq_dir}",
+                                      f"siglip_from={siglip_dir}", f"seed={cfg.seed}", "overwrite=true", *steps,
+                                      *cfg.overrides])
     final = None
     for stage in (1, 2, 3):
         final = _timed(timings, f"stage {stage}", lambda stage=stage: run_stage(recipe, stage, resume=None))
