@@ -266,3 +266,26 @@ def test_tokenizers_folder_does_not_shadow_hf_tokenizers():
     code = "import tokenizers, sys; print(tokenizers.__file__); tokenizers.Tokenizer; tokenizers.models.WordLevel"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "site-packages" in out.stdout, out.stdout
+
+
+def test_local_encoder_has_no_attention_and_normalises_each_pixel_alone(tmp_path):
+    from unigen.vq import ChannelNorm, VQModel
+
+    cfg = dict(image_size=16, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=4,
+               codebook_size=16, norm_groups=4)
+    llamagen, local = VQModel(VQConfig(**cfg)), VQModel(VQConfig(**cfg, local_encoder=True))
+    attn = {k for k in llamagen.state_dict() if k.startswith("encoder.") and ".q." in k}
+    assert attn and not any(k.startswith("encoder.") and ".q." in k for k in local.state_dict())
+    assert any(".q." in k for k in local.state_dict() if k.startswith("decoder."))  # the decoder is LlamaGen's
+    norm = ChannelNorm(6)
+    x = torch.randn(2, 6, 5, 5)
+    want = F.layer_norm(x.permute(0, 2, 3, 1), (6,), eps=1e-6).permute(0, 3, 1, 2)
+    assert torch.allclose(norm(x), want, atol=1e-6)
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 100  # one pixel changes: every other pixel's output stays the same
+    assert torch.equal(norm(x2)[:, :, 1:], norm(x)[:, :, 1:])
+    # the flag is part of the tokenizer's architecture: saved, and checked when loaded into a model
+    from unigen.tokenizer_training.vq_trainer import save_vq
+
+    save_vq(local, tmp_path / "vq")
+    assert load_vq(tmp_path / "vq").config.local_encoder is True

@@ -44,6 +44,11 @@ class VQConfig:
     # GroupNorm groups (LlamaGen/Janus: 32). At 32 channels that is one channel per group, which
     # normalises a flat colour away; small tokenizers learn colour much sooner with fewer groups.
     norm_groups: int = 32
+    # Encoder without attention and with per-pixel channel norms: a code then depends only on its own
+    # neighbourhood. LlamaGen's encoder (False) lets GroupNorm statistics and attention carry the whole
+    # image into every code, so an empty background gets different codes in every image, which a
+    # generator must then learn to predict (measured on Shapes: the same caption shares 0.42 of its codes).
+    local_encoder: bool = False
     commit_beta: float = 0.25  # used only when training the tokenizer
     image_size: int = 384  # generation resolution
 

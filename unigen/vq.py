@@ -16,7 +16,26 @@ from torch import nn
 from unigen.config import VQConfig
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel: unlike GroupNorm it reads no statistics of other pixels."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+LOCAL = 0  # ``groups`` value that selects ChannelNorm (the local encoder)
+
+
+def _norm(channels: int, groups: int) -> nn.Module:
+    if groups == LOCAL:
+        return ChannelNorm(channels)
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
@@ -102,25 +121,28 @@ class Level(nn.Module):
         return x
 
 
-def _mid(ch: int, dropout: float, groups: int) -> nn.ModuleList:
-    return nn.ModuleList([ResnetBlock(ch, ch, dropout, groups), AttnBlock(ch, groups),
-                          ResnetBlock(ch, ch, dropout, groups)])
+def _mid(ch: int, dropout: float, groups: int, attention: bool = True) -> nn.ModuleList:
+    middle = AttnBlock(ch, groups) if attention else nn.Identity()  # Identity keeps the indices (mid.2)
+    return nn.ModuleList([ResnetBlock(ch, ch, dropout, groups), middle, ResnetBlock(ch, ch, dropout, groups)])
 
 
 class Encoder(nn.Module):
+    """LlamaGen's encoder; with ``cfg.local_encoder`` no attention and per-pixel norms (see VQConfig)."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
         mult, ch = cfg.channel_mult, cfg.base_channels
+        groups = LOCAL if cfg.local_encoder else cfg.norm_groups
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         levels, in_ch, last = [], ch, len(mult) - 1
         for i, m in enumerate(mult):
             resample = Downsample if i != last else None
-            levels.append(Level(in_ch, ch * m, cfg.num_res_blocks, i == last, resample, cfg.dropout,
-                                cfg.norm_groups))
+            attn = i == last and not cfg.local_encoder
+            levels.append(Level(in_ch, ch * m, cfg.num_res_blocks, attn, resample, cfg.dropout, groups))
             in_ch = ch * m
         self.conv_blocks = nn.ModuleList(levels)
-        self.mid = _mid(in_ch, cfg.dropout, cfg.norm_groups)
-        self.norm_out = _norm(in_ch, cfg.norm_groups)
+        self.mid = _mid(in_ch, cfg.dropout, groups, attention=not cfg.local_encoder)
+        self.norm_out = _norm(in_ch, groups)
         self.conv_out = nn.Conv2d(in_ch, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ class VQTrainConfig:
 VQ_MODEL_TYPE = "unigen-vq"
 # norm_groups changes no weight shape, so a mismatch would load silently: it must be checked too
 _ARCH_FIELDS = ("codebook_size", "embed_dim", "base_channels", "channel_mult", "num_res_blocks", "z_channels",
-                "image_size", "norm_groups")
+                "image_size", "norm_groups", "local_encoder")
 
 
 def save_vq(vq: VQModel, directory: str | Path) -> Path:
