@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vq-steps", type=int, default=d.vq_steps, help=f"VQ tokenizer steps (default {d.vq_steps})")
     p.add_argument("--siglip-steps", type=int, default=d.siglip_steps,
                    help=f"SigLIP encoder steps (default {d.siglip_steps})")
-    p.add_argument("--stage-steps", type=int, nargs=3, default=list(d.stage_steps), metavar=("I", "II", "III"),
-                   help=f"steps of the three stages (default {' '.join(map(str, d.stage_steps))})")
+    p.add_argument("--stage-steps", type=int, nargs=3, default=None, metavar=("I", "II", "III"),
+                   help="steps of the three stages (default: the recipe's)")
     p.add_argument("--n-eval", type=int, default=d.n_eval, help=f"evaluation items per task (default {d.n_eval})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 2)")
@@ -30,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from unigen.shapes.demo import DemoConfig, run_demo
 
+    stage_steps = tuple(args.stage_steps) if args.stage_steps else None
     run_demo(DemoConfig(out_dir=args.out_dir, n_train=args.n_train, vq_steps=args.vq_steps,
-                        siglip_steps=args.siglip_steps, stage_steps=tuple(args.stage_steps), n_eval=args.n_eval,
+                        siglip_steps=args.siglip_steps, stage_steps=stage_steps, n_eval=args.n_eval,
                         seed=args.seed, threads=args.threads, recipe=args.recipe, vq_from=args.vq_from,
                         siglip_from=args.siglip_from, overrides=tuple(args.overrides)))
     return 0

@@ -25,7 +25,7 @@ class DemoConfig:
     n_train: int = 4000
     vq_steps: int = 600
     siglip_steps: int = 300
-    stage_steps: tuple[int, int, int] = (150, 500, 250)
+    stage_steps: tuple[int, int, int] | None = None  # None: the recipe's
     n_eval: int = 200
     seed: int = 0
     threads: int = 2
@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     # the VQ is frozen from here on: encode every training image once instead of once per stage
     coded = _timed(timings, "VQ codes", lambda: add_vq_codes(manifest, vq_dir, manifest.with_name("train-codes.jsonl")))
-    steps = [f"stage{i + 1}.steps={n}" for i, n in enumerate(cfg.stage_steps)]
+    steps = [f"stage{i + 1}.steps={n}" for i, n in enumerate(cfg.stage_steps or ())]
     recipe = load_recipe(cfg.recipe, [f"data={coded}", f"output_dir={out / 'model'}", f"vq_from={vq_dir}",
                                       f"siglip_from={siglip_dir}", f"seed={cfg.seed}", "overwrite=true", *steps,
                                       *cfg.overrides])
