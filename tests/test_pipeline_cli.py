@@ -45,6 +45,19 @@ def test_pipeline_save_and_reload(pipe, tmp_path):
     assert isinstance(UniGenModel.from_pretrained(tmp_path), UniGenModel)
 
 
+def test_checkpoint_carries_its_default_guidance_scale(pipe, tmp_path):
+    assert pipe.model.config.guidance_scale == 5.0  # Janus's scale for Janus checkpoints
+    pipe.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["guidance_scale"] == 5.0
+    (tmp_path / "config.json").write_text(json.dumps({**config, "guidance_scale": 1.5}))
+    again = UniGenPipeline.from_pretrained(tmp_path)
+    g = lambda: torch.Generator().manual_seed(4)
+    default = again(["a cat", "a dog"], generator=g()).tokens
+    assert torch.equal(default, again(["a cat", "a dog"], guidance_scale=1.5, generator=g()).tokens)
+    assert not torch.equal(default, again(["a cat", "a dog"], guidance_scale=5.0, generator=g()).tokens)
+
+
 def test_unknown_or_missing_device():
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         resolve_device("tpu")
@@ -88,6 +101,7 @@ def test_cli_eval_shapes_writes_json(tiny_hf_janus, tmp_path, capsys):
     result = json.loads((tmp_path / "s.json").read_text())
     assert result["captioning"]["n"] == 3 and result["generation"]["n"] == 3
     assert set(result["generation"]["per_attribute"]) == {"color", "shape", "size", "position"}
+    assert result["guidance_scale"] == 5.0  # the checkpoint's default, recorded with the scores
     assert "| captioning |" in capsys.readouterr().out
 
 

@@ -70,7 +70,7 @@ class UniGenPipeline:
         self,
         prompt: str | Sequence[str],
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -80,6 +80,8 @@ class UniGenPipeline:
         progress: bool = False,
         compile: bool = False,
     ) -> PipelineOutput:
+        if guidance_scale is None:
+            guidance_scale = self.model.config.guidance_scale
         batch = self.processor.generation_inputs(prompt)
         negative = None
         if negative_prompt is not None:

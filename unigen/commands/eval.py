@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=200, help="items per task, drawn uniformly from the 576 (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed for the items and for sampling (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward batch (default 16)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale for generation (default 5)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale for generation (default: the checkpoint's config.guidance_scale, 5 for Janus)")
     p.add_argument("--temperature", type=float, default=1.0, help="image-token temperature, 0 = greedy")
     p.add_argument("--question", default=None, help="captioning question (default: the model's caption prompt)")
     p.add_argument("--skip", choices=["captions", "generation"], action="append", default=[],
@@ -34,15 +35,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --n must be at least 1, got {args.n}", file=sys.stderr)
         return 2
     pipe = load_pipeline(args)
+    guidance = pipe.model.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
     results = {}
     if "captions" not in args.skip:
         results["captioning"], _ = evaluate_captions(pipe, args.n, args.seed, args.batch_size, args.question)
     if "generation" not in args.skip:
         results["generation"], _ = evaluate_generation(pipe, args.n, args.seed, args.batch_size,
-                                                       args.guidance_scale, args.temperature)
+                                                       guidance, args.temperature)
     print(format_table(results))
+    if "generation" in results:
+        print(f"generation: guidance scale {guidance:g}, temperature {args.temperature:g}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": str(args.model), "n": args.n, "seed": args.seed, **results},
+        args.json.write_text(json.dumps({"model": str(args.model), "n": args.n, "seed": args.seed,
+                                         "guidance_scale": guidance, "temperature": args.temperature, **results},
                                         indent=2) + "\n")
     return 0

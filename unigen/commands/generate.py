@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=4, help="images to draw (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed + i (default 0)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where PNGs go (default outputs/)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the checkpoint's config.guidance_scale, 5 for Janus)")
     p.add_argument("--cfg-schedule", default="constant",
                    help="constant, linear, or cutoff:K (guidance only for the first K tokens)")
     p.add_argument("--negative-prompt", default=None, help="prompt for the unconditional branch (default: none)")
@@ -46,11 +47,11 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     if args.num_images < 1:
         raise SystemExit(f"error: --num-images must be at least 1, got {args.num_images}")
-    if args.guidance_scale < 0:
+    if args.guidance_scale is not None and args.guidance_scale < 0:
         raise SystemExit(f"error: --guidance-scale must be >= 0 (1 = no guidance), got {args.guidance_scale}")
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
-        as_schedule(args.cfg_schedule).scales(args.guidance_scale, 1)
+        as_schedule(args.cfg_schedule).scales(1.0, 1)  # validates the schedule; the scale is not checked here
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -94,7 +94,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     generations = [(parse_caption(p), img) for p, img in zip(DEMO_PROMPTS, demo_images, strict=True)]
     generations += [(parse_caption(p), img) for p, img in gen_items[:16]]
     captions = [(item["spec"], item["image"], item["caption"]) for item in cap_items[:24]]
-    (out / "scores.json").write_text(json.dumps({"scores": scores, "timings_s": timings}, indent=2) + "\n")
+    (out / "scores.json").write_text(json.dumps({"scores": scores, "guidance_scale": pipe.model.config.guidance_scale,
+                                                 "timings_s": timings}, indent=2) + "\n")
     page = write_report(out, scores, generations, captions, timings)
     print(format_table(scores))
     print(f"[demo] total {sum(timings.values()):.0f} s; report: {page}")

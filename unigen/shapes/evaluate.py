@@ -35,7 +35,7 @@ def evaluate_captions(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, q
     return caption_accuracy(zip(specs, texts, strict=True)), records
 
 
-def evaluate_generation(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, guidance_scale: float = 5.0,
+def evaluate_generation(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, guidance_scale: float | None = None,
                         temperature: float = 1.0) -> tuple[dict, list]:
     """Generate one image per prompt for ``n`` prompts; return (scores, [(prompt, PIL image)])."""
     specs = sample_specs(n, seed + 2 * EVAL_SEED_OFFSET)
