@@ -289,3 +289,18 @@ def test_local_encoder_has_no_attention_and_normalises_each_pixel_alone(tmp_path
 
     save_vq(local, tmp_path / "vq")
     assert load_vq(tmp_path / "vq").config.local_encoder is True
+
+
+def test_amp_auto_uses_bf16_only_where_it_is_native(tmp_path, monkeypatch):
+    from unigen.tokenizer_training import common
+
+    data = write_images(tmp_path, 4)
+    # an AVX2-only CPU emulates bf16 (a Shapes VQ step ~40x slower): "auto" must leave autocast off there
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert VQTrainer(vq_config(tmp_path, data, amp="auto")).amp is False
+    assert VQTrainer(vq_config(tmp_path, data, amp=True, overwrite=True)).amp is True
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert common.resolve_amp("auto", torch.device("cpu")) is True
+    assert common.resolve_amp("auto", torch.device("cuda")) is True
+    with pytest.raises(ValueError, match="amp must be true, false or auto, got 'bf16'"):
+        VQTrainer(vq_config(tmp_path, data, amp="bf16", overwrite=True))

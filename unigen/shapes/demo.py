@@ -58,7 +58,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     out = Path(cfg.out_dir)
     timings: dict[str, float] = {}
     manifest = _timed(timings, "data", lambda: write_dataset(out / "data", cfg.n_train, seed=cfg.seed + 1))
-    common = [f"data={manifest}", "overwrite=true", "amp=true"]
+    common = [f"data={manifest}", "overwrite=true"]
     vq_dir, siglip_dir = cfg.vq_from or out / "vq", cfg.siglip_from or out / "siglip"
     if cfg.vq_from is None:
         vq_cfg = load_config(VQTrainConfig, REPO / "tokenizers" / "vq-shapes.yaml",

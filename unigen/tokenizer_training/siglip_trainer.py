@@ -86,7 +86,7 @@ class SigLIPTrainConfig:
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    amp: bool = False  # bf16 autocast (CUDA, or CPUs with avx512_bf16)
+    amp: bool | str = False  # bf16 autocast: true, false, or "auto" (native bf16 only: CUDA, avx512_bf16/AMX)
     logit_scale_init: float = math.log(10.0)
     logit_bias_init: float = -10.0
     same_text_positive: bool = True
@@ -275,6 +275,7 @@ class SigLIPTrainer:
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = common.resolve_device(cfg.device)
+        self.amp = common.resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed)
 
         records = read_records(cfg.data, need_text=True, text_key=cfg.text_key)
@@ -332,7 +333,7 @@ class SigLIPTrainer:
         positive = None
         if cfg.same_text_positive:
             positive = torch.tensor([[a == b for b in captions] for a in captions], device=self.device)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.amp):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
             img = self.model.encode_image(x)
             txt = self.model.encode_text(ids.to(self.device), mask.to(self.device))
         logits = self.model.logits(img.float(), txt.float())

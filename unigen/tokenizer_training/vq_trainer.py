@@ -66,7 +66,9 @@ class VQTrainConfig:
     lr_schedule: str = "cosine"  # or "constant"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    amp: bool = False  # bf16 autocast (CUDA, or CPUs with avx512_bf16); the quantizer always runs in fp32
+    # bf16 autocast: true, false, or "auto" (where bf16 is native: CUDA, avx512_bf16/AMX CPUs); the quantizer
+    # always runs in fp32
+    amp: bool | str = False
     # losses
     recon_loss: str = "l2"  # or "l1"
     recon_weight: float = 1.0
@@ -196,6 +198,7 @@ class VQTrainer:
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = common.resolve_device(cfg.device)
+        self.amp = common.resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed)
 
         records = read_records(cfg.data)
@@ -262,7 +265,7 @@ class VQTrainer:
         lr = common.lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
         common.set_lr(self.opt, lr)
         use_disc = self.disc is not None and self.step >= cfg.disc_start
-        amp = torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.amp)
+        amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
 
         with amp:
             h = model.quant_conv(model.encoder(x))
