@@ -125,3 +125,14 @@ def test_janus_defaults_and_optimizer(data, tmp_path):
     assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+
+
+@pytest.mark.parametrize("fmt", ["janus-pro", "janus"])
+def test_fresh_word_tokenizer_knows_every_word_of_its_prompts(data, tmp_path, fmt):
+    r = recipe(data, tmp_path, f"model.prompt_format={fmt}")
+    _, processor = build_fresh(r, read_samples(data))
+    tok = processor.tokenizer
+    assert processor.format.user == {"janus-pro": "<|User|>", "janus": "User"}[fmt]
+    for text in (processor.format.understanding(r.question, processor.system_prompt),
+                 processor.format.generation("a small red circle at the top")):
+        assert tok.unk_token_id not in tok(text)["input_ids"], tok.tokenize(text)

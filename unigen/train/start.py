@@ -19,13 +19,15 @@ def stage_dir(recipe: TrainRecipe, stage: int) -> Path:
 def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel, UniGenProcessor]:
     """A new model of the recipe's size with a word-level tokenizer trained on the data's text."""
     from unigen.config import UniGenConfig
-    from unigen.processor import JANUS_SYSTEM_PROMPT
+    from unigen.processor import JANUS_SYSTEM_PROMPT, prompt_format
     from unigen.text_tokenizer import special_token_ids, train_text_tokenizer
 
     config = UniGenConfig.from_dict(recipe.model)
     config.system_prompt = recipe.system_prompt
     texts = [t for s in samples for t in (s.caption, s.text, *(x for turn in s.turns for x in turn)) if t]
-    texts += [recipe.question, recipe.system_prompt or JANUS_SYSTEM_PROMPT]
+    fmt = prompt_format(config.prompt_format)
+    # the template's words too (role names of "janus", the question): unseen words would all become <unk>
+    texts += [recipe.question, recipe.system_prompt or JANUS_SYSTEM_PROMPT, fmt.user, fmt.assistant]
     tok_dir = Path(recipe.output_dir) / "tokenizer"
     tokenizer = train_text_tokenizer(texts, tok_dir, vocab_size=recipe.tokenizer_vocab, kind="wordlevel")
     config.tokens = special_token_ids(tokenizer)
