@@ -1,6 +1,8 @@
 """Train the Shapes VQ recipe and report steps/s, PSNR and the checker's accuracy on reconstructions.
 
-    python benchmarks/vq_shapes.py [--train-n 6000] [--test-n 300] [key=value ...]   # overrides go to the recipe
+    python benchmarks/vq_shapes.py [--threads 2] [--train-n 6000] [--test-n 300] [key=value ...]
+
+key=value overrides go to the recipe.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from unigen.shapes import write_dataset
 from unigen.tokenizer_training.config_io import load_config
@@ -22,8 +26,10 @@ def main() -> None:
     ap.add_argument("--data-dir", default="runs/bench-shapes-data")
     ap.add_argument("--train-n", type=int, default=6000)
     ap.add_argument("--test-n", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     data = Path(args.data_dir)
     train = data / "train.jsonl"
     test = data / "test.jsonl"
@@ -37,7 +43,8 @@ def main() -> None:
     trainer.train()
     seconds = time.perf_counter() - t0
     result = {"steps": cfg.steps, "batch_size": cfg.batch_size, "train_seconds": round(seconds, 1),
-              "steps_per_s": round(cfg.steps / seconds, 3), "device": str(trainer.device), "amp": cfg.amp,
+              "steps_per_s": round(cfg.steps / seconds, 3), "device": str(trainer.device),
+              "amp": trainer.amp, "threads": args.threads,
               "recon_check": vq_checker_accuracy(trainer.model, test)}
     (Path(cfg.out_dir) / "recon_check.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
