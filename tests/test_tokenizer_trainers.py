@@ -295,7 +295,7 @@ def test_amp_auto_uses_bf16_only_where_it_is_native(tmp_path, monkeypatch):
     from unigen.tokenizer_training import common
 
     data = write_images(tmp_path, 4)
-    # an AVX2-only CPU emulates bf16 (a Shapes VQ step ~40x slower): "auto" must leave autocast off there
+    # an AVX2-only CPU emulates bf16 (a Shapes VQ step ~10x slower): "auto" must leave autocast off there
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert VQTrainer(vq_config(tmp_path, data, amp="auto")).amp is False
     assert VQTrainer(vq_config(tmp_path, data, amp=True, overwrite=True)).amp is True
