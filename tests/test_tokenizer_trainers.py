@@ -292,7 +292,7 @@ def test_local_encoder_has_no_attention_and_normalises_each_pixel_alone(tmp_path
 
 
 def test_amp_auto_uses_bf16_only_where_it_is_native(tmp_path, monkeypatch):
-    from unigen.tokenizer_training import common
+    from unigen import precision
 
     data = write_images(tmp_path, 4)
     # an AVX2-only CPU emulates bf16 (a Shapes VQ step ~10x slower): "auto" must leave autocast off there
@@ -300,7 +300,7 @@ def test_amp_auto_uses_bf16_only_where_it_is_native(tmp_path, monkeypatch):
     assert VQTrainer(vq_config(tmp_path, data, amp="auto")).amp is False
     assert VQTrainer(vq_config(tmp_path, data, amp=True, overwrite=True)).amp is True
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert common.resolve_amp("auto", torch.device("cpu")) is True
-    assert common.resolve_amp("auto", torch.device("cuda")) is True
+    assert precision.resolve_amp("auto", torch.device("cpu")) is True
+    assert precision.resolve_amp("auto", torch.device("cuda")) is True
     with pytest.raises(ValueError, match="amp must be true, false or auto, got 'bf16'"):
         VQTrainer(vq_config(tmp_path, data, amp="bf16", overwrite=True))

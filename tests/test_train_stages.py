@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from train_common import SMOKE, changed_groups, metrics, recipe, weights
 
 from unigen.shapes import write_dataset
@@ -136,3 +137,17 @@ def test_fresh_word_tokenizer_knows_every_word_of_its_prompts(data, tmp_path, fm
     for text in (processor.format.understanding(r.question, processor.system_prompt),
                  processor.format.generation("a small red circle at the top")):
         assert tok.unk_token_id not in tok(text)["input_ids"], tok.tokenize(text)
+
+
+def test_bf16_auto_turns_mixed_precision_on_only_where_bf16_is_native(monkeypatch):
+    from unigen.train.parallel import make_accelerator
+
+    recipe = load_recipe(None, ["bf16=auto", "device=cpu"])
+    # an AVX2-only CPU emulates bf16 at several times the fp32 cost: "auto" must leave it off there
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert make_accelerator(recipe, 1).mixed_precision == "no"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert make_accelerator(recipe, 1).mixed_precision == "bf16"
+    assert make_accelerator(load_recipe(None, ["bf16=false", "device=cpu"]), 1).mixed_precision == "no"
+    with pytest.raises(ValueError, match="bf16 must be true, false or auto, got 'fp16'"):
+        load_recipe(None, ["bf16=fp16"])

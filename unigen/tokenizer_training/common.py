@@ -33,23 +33,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 math is native here: CUDA, or a CPU with avx512_bf16 / AMX. Elsewhere (an AVX2-only CPU)
-    autocast emulates bf16 and a Shapes VQ step is ~10x slower than in fp32 (measured, 1 thread: 7.5 s vs 0.76 s)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_amp(amp: bool | str, device: torch.device) -> bool:
-    """``amp`` from a config: true, false, or "auto" (bf16 autocast only where :func:`native_bf16`)."""
-    if amp == "auto":
-        return native_bf16(device)
-    if isinstance(amp, bool):
-        return amp
-    raise ValueError(f"amp must be true, false or auto, got {amp!r}")
-
-
 def param_groups(module: nn.Module, weight_decay: float, no_decay: Callable[[str, nn.Parameter], bool] | None = None):
     """AdamW groups: matrices/conv kernels decay; biases, norms (1-d) and ``no_decay`` names do not.
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from unigen.config import SigLIPConfig
 from unigen.model import SigLIPEncoder
+from unigen.precision import resolve_amp
 from unigen.tokenizer_training import common
 from unigen.tokenizer_training.config_io import build_config, config_to_dict
 from unigen.tokenizer_training.data import ImageDataset, batch_loader, read_records, split_holdout, to_pixels
@@ -275,7 +276,7 @@ class SigLIPTrainer:
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = common.resolve_device(cfg.device)
-        self.amp = common.resolve_amp(cfg.amp, self.device)
+        self.amp = resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed)
 
         records = read_records(cfg.data, need_text=True, text_key=cfg.text_key)

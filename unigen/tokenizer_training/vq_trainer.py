@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from unigen.config import VQConfig, _build
+from unigen.precision import resolve_amp
 from unigen.tokenizer_training import common
 from unigen.tokenizer_training.config_io import config_to_dict
 from unigen.tokenizer_training.data import (
@@ -198,7 +199,7 @@ class VQTrainer:
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = common.resolve_device(cfg.device)
-        self.amp = common.resolve_amp(cfg.amp, self.device)
+        self.amp = resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed)
 
         records = read_records(cfg.data)

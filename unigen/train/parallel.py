@@ -27,15 +27,19 @@ def make_accelerator(recipe, grad_accum: int):
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
+    from unigen.precision import resolve_amp
+
     # accelerate keeps one global state; a new stage (maybe another precision or accumulation) starts it anew
     AcceleratorState._reset_state(reset_partial_state=False)
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but no CUDA device is available")
     # on a machine without CUDA, accelerate only reads torchrun's environment as multi-process with cpu=True
     cpu = recipe.device == "cpu" or (recipe.device == "auto" and not torch.cuda.is_available())
+    # "auto": bf16 only where it is native; an AVX2-only CPU emulates it at several times the fp32 cost
+    bf16 = resolve_amp(recipe.bf16, torch.device("cpu" if cpu else "cuda"), key="bf16")
     return Accelerator(
         cpu=cpu,
-        mixed_precision="bf16" if recipe.bf16 else "no",
+        mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )

@@ -68,7 +68,7 @@ class TrainRecipe:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (under a launcher each process takes its own GPU)
     parallel: str = "auto"  # auto (what the launcher configured: DDP, FSDP or DeepSpeed) | ddp | fsdp
-    bf16: bool = False  # bfloat16 mixed precision
+    bf16: bool | str = False  # bfloat16 mixed precision: true, false, or "auto" (where bf16 is native)
     grad_checkpointing: bool = False
     grad_clip: float = 1.0
     save_every: int = 0  # periodic resumable checkpoints (0: only the final weights of each stage)
@@ -89,6 +89,8 @@ class TrainRecipe:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        if self.bf16 not in (True, False, "auto"):
+            raise ValueError(f"bf16 must be true, false or auto, got {self.bf16!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.save_every < 0 or self.keep_last < 1 or self.max_seq_len < 0:
