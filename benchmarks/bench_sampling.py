@@ -1,10 +1,12 @@
 """Sampling speed: unigen vs transformers' Janus on the same random weights, measured in one run.
 
 CPU (default): a small Janus (width 512, 8 layers, 576 image tokens, 16384 codes) at 1 and 16 images,
-plus captioning tokens/s. ``--gpu``: Janus-Pro-1B shape in bf16, seconds per image and the fraction of
-the memory-bandwidth bound reached (weights read once per token step).
+plus captioning tokens/s, both models in float32 (``--dtype bfloat16``: both in bf16). ``--gpu``: Janus-Pro-1B
+shape in bf16, seconds per image and the fraction of the memory-bandwidth bound reached (weights read once
+per token step).
 
     python benchmarks/bench_sampling.py --threads 2
+    python benchmarks/bench_sampling.py --threads 2 --dtype bfloat16
     python benchmarks/bench_sampling.py --gpu --compile
 """
 
@@ -72,13 +74,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="time only the first N image tokens of each image")
     p.add_argument("--text-tokens", type=int, default=64, help="new tokens in the captioning benchmark")
     p.add_argument("--gpu", action="store_true", help="Janus-Pro-1B shape, bf16, on CUDA")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and activations of both models (default: float32 on CPU, bfloat16 with --gpu)")
     p.add_argument("--compile", action="store_true", help="also time unigen with a compiled decode step")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per implementation, best kept (default 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     device = torch.device("cuda" if args.gpu else "cpu")
-    dtype = torch.bfloat16 if args.gpu else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.gpu else "float32"))
 
     with tempfile.TemporaryDirectory() as directory:
         hf = build(args, directory).to(device, dtype).eval()

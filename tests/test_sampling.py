@@ -182,3 +182,34 @@ def test_cutoff_schedule_needs_a_token_index(models):
     for bad in ("cutoff:-3", "cutoff:x", "cutoff"):
         with pytest.raises(ValueError, match="cutoff"):
             generate_image_tokens(model, ids, mask, cfg_schedule=bad)
+
+
+def test_bf16_decode_keeps_row_major_weights_and_fp32_attention_where_bf16_is_emulated(tiny_hf_janus, monkeypatch):
+    """On CPU the decoder stores fp32 weights column-major (faster GEMV); bf16 ones must stay row-major
+    (column-major bf16 took 98 vs 2.4 ms for a 16384 x 512 head). Where bf16 is emulated, the KV cache and
+    the attention run in fp32. Either way a cached decode equals a full forward to bf16 rounding."""
+    from unigen.kv_decoder import StaticKVDecoder
+    from unigen.model import positions_from_mask
+
+    _, directory = tiny_hf_janus
+    model = UniGenModel.from_pretrained(directory)
+    ids, mask = prompts()
+    StaticKVDecoder(model, 2, ids.shape[1])  # fuses the decode weights, column-major in fp32 on CPU
+    assert model.decoder.layers[0].self_attn.fused_qkv.stride(0) == 1
+    model.to(torch.bfloat16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    runner = StaticKVDecoder(model, 2, ids.shape[1])
+    assert runner.qkv[0].is_contiguous() and runner.gate_up[0].is_contiguous()
+    assert model.decoder.layers[0].mlp.down_proj.weight.is_contiguous()
+    assert model.gen_head.vision_head.weight.is_contiguous()
+    assert runner.k[0].dtype == torch.float32
+    with torch.no_grad():
+        embeds = model.embed_text(ids)
+        full = model.decoder(inputs_embeds=embeds, attention_mask=mask,
+                             position_ids=positions_from_mask(mask)).last_hidden_state
+        runner.prefill(embeds[:, :-1], mask[:, :-1])
+        last = runner.step(embeds[:, -1:])
+    assert last.dtype == torch.bfloat16
+    assert (last[:, 0].float() - full[:, -1].float()).abs().max() < 5e-2
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert StaticKVDecoder(model, 2, ids.shape[1]).k[0].dtype == torch.bfloat16

@@ -14,16 +14,14 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from unigen.model import positions_from_mask
+from unigen.precision import native_bf16
 
 
 def fused_weight(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch.Tensor:
     """One weight for linears that read the same input (q|k|v, gate|up); the modules' own weights
     become views into it, so nothing is stored twice and training or ``load_state_dict`` still work.
 
-    On CPU the buffer is column-major: a decode step multiplies a few rows by every weight, so it is
-    bound by streaming weights from memory, and the GEMM streams a column-major (out, in) weight
-    faster (measured on 2 cores: one 8-layer 512-wide decoder's weights, 2 rows: 10.2 ms row-major,
-    8.3 column-major, 7.1 fused column-major). Checkpoint writers must ``.contiguous()`` (ours do).
+    The buffer's layout follows :func:`decode_layout`. Checkpoint writers must ``.contiguous()`` (ours do).
     """
     if any(m.bias is not None for m in linears):
         raise NotImplementedError("fused decode weights assume bias-free projections (Llama)")
@@ -31,9 +29,7 @@ def fused_weight(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch
     first = linears[0].weight
     if fused is not None and fused.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
         return fused
-    fused = torch.cat([m.weight.detach() for m in linears])
-    if fused.device.type == "cpu":
-        fused = fused.t().contiguous().t()
+    fused = decode_layout(torch.cat([m.weight.detach() for m in linears]))
     start = 0
     for m in linears:
         n = m.weight.shape[0]
@@ -43,12 +39,26 @@ def fused_weight(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch
     return fused
 
 
-def column_major(*linears: nn.Linear) -> None:
-    """Column-major storage for single CPU weights read in decode steps (see ``fused_weight``)."""
+def decode_layout(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (out, in) in the layout a decode step multiplies fastest.
+
+    A decode step multiplies a few rows by every weight, so it is bound by streaming weights from memory.
+    On CPU in float32 the GEMM streams a column-major weight faster (measured on 2 cores: one 8-layer
+    512-wide decoder's weights, 2 rows: 10.2 ms row-major, 8.3 column-major, 7.1 fused column-major). In
+    bfloat16 it is the other way round, by far: a 16384 x 512 head times 2 rows takes 2.4 ms row-major and
+    98 ms column-major (2-core AVX2 EPYC). Elsewhere (GPU) row-major, the layout everything else expects.
+    """
+    column = w.device.type == "cpu" and w.dtype == torch.float32
+    if column:
+        return w if w.stride() == (1, w.shape[0]) else w.t().contiguous().t()
+    return w.contiguous()
+
+
+def set_decode_layout(*linears: nn.Linear) -> None:
+    """:func:`decode_layout` for single weights read in decode steps (see :func:`fused_weight`)."""
     for m in linears:
-        w = m.weight
-        if w.device.type == "cpu" and w.is_contiguous() and min(w.shape) > 1:
-            w.data = w.data.t().contiguous().t()
+        if min(m.weight.shape) > 1:
+            m.weight.data = decode_layout(m.weight.data)
 
 
 class StaticKVDecoder:
@@ -58,7 +68,7 @@ class StaticKVDecoder:
         mlps = [block.mlp for block in decoder.layers]
         self.qkv = [fused_weight(a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]) for a in attns]
         self.gate_up = [fused_weight(m, "fused_gate_up", [m.gate_proj, m.up_proj]) for m in mlps]
-        column_major(*[a.o_proj for a in attns], *[m.down_proj for m in mlps], model.gen_head.output_mlp_projector,
+        set_decode_layout(*[a.o_proj for a in attns], *[m.down_proj for m in mlps], model.gen_head.output_mlp_projector,
                      model.gen_head.vision_head, model.language_model.lm_head)
         cfg = decoder.config
         if max_len > cfg.max_position_embeddings:
@@ -71,9 +81,13 @@ class StaticKVDecoder:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = model.gen_embed.weight
+        # Where bf16 is emulated (AVX2-only CPUs) its batched matmuls are 2-4x slower than fp32 ones (one
+        # query against 576 keys, 32 rows x 8 heads: 5.5 vs 3.5 ms for q.k, 11.9 vs 5.1 ms for p.v), so the
+        # cache and the attention stay in fp32 there; the weights (the bulk of the bytes read) stay bf16.
+        self.attn_dtype = torch.float32 if p.dtype == torch.bfloat16 and not native_bf16(p.device) else p.dtype
         shape = (batch, self.n_kv, max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
+        self.k = [torch.zeros(shape, dtype=self.attn_dtype, device=p.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=self.attn_dtype, device=p.device) for _ in self.layers]
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=p.device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=p.device)
         self.length = 0  # filled cache positions (a Python int: slicing by it needs no sync)
@@ -115,6 +129,7 @@ class StaticKVDecoder:
             k = k.view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q = q.to(self.attn_dtype)
             self.k[i][:, :, start:end] = k
             self.v[i][:, :, start:end] = v
             keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
@@ -123,7 +138,7 @@ class StaticKVDecoder:
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                      enable_gqa=self.n_kv != self.n_heads)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+            x = x + attn.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, n, -1))
             gate, up = F.linear(layer.post_attention_layernorm(x), self.gate_up[i]).chunk(2, dim=-1)
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         self.length = end
