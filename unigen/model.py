@@ -54,8 +54,10 @@ class GenHead(nn.Module):
         self.output_mlp_projector = nn.Linear(in_dim, hidden_dim)
         self.vision_head = nn.Linear(hidden_dim, codebook_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vision_head(nn.functional.gelu(self.output_mlp_projector(x)))
+    def forward(self, x: torch.Tensor, linear=nn.functional.linear) -> torch.Tensor:
+        """``linear``: the matmul to use (decode steps pass ``unigen.kv_decoder.decode_linear``)."""
+        hidden = nn.functional.gelu(linear(x, self.output_mlp_projector.weight, self.output_mlp_projector.bias))
+        return linear(hidden, self.vision_head.weight, self.vision_head.bias)
 
 
 class SigLIPEncoder(nn.Module):

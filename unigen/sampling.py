@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from unigen.kv_decoder import StaticKVDecoder
+from unigen.kv_decoder import StaticKVDecoder, decode_linear
 
 # ---- logits -> tokens ----------------------------------------------------------------------------
 
@@ -179,7 +179,7 @@ def generate_image_tokens(
     step = torch.compile(runner.step, dynamic=True) if compile else runner.step
     codes = torch.empty(n_gen, n_tokens, dtype=torch.long, device=ids.device)
     for i in tqdm(range(n_tokens), desc="image tokens", disable=not progress, leave=False):
-        logits = model.gen_head(hidden).float()
+        logits = model.gen_head(hidden, linear=decode_linear).float()
         c, u = logits[:n_gen], logits[n_gen:]
         guided = u + scales[i] * (c - u)
         codes[:, i] = pick_tokens(guided, temperature, top_k, top_p, generator)
@@ -250,8 +250,8 @@ def _text_stepper(model, input_ids, attention_mask, pixel_values, max_len):
         def step(tokens):
             if tokens is None:
                 embeds = model.prepare_inputs_embeds(input_ids, pixel_values)
-                return lm_head(runner.prefill(embeds, attention_mask)[:, -1])
-            return lm_head(runner.step(model.embed_text(tokens)[:, None])[:, -1])
+                return decode_linear(runner.prefill(embeds, attention_mask)[:, -1], lm_head.weight, lm_head.bias)
+            return decode_linear(runner.step(model.embed_text(tokens)[:, None])[:, -1], lm_head.weight, lm_head.bias)
 
         return step
 
