@@ -24,8 +24,8 @@ class DemoConfig:
     out_dir: str = "demo_out"
     # sized for <= 15 minutes with set-up on a 2-core AVX2 CPU (README has the measured split)
     n_train: int = 5000
-    vq_steps: int = 720
-    siglip_steps: int = 120  # a head start only: the recipe trains the encoder end to end from stage II
+    vq_steps: int = 680
+    siglip_steps: int = 200  # a head start only: the recipe trains the encoder end to end from stage II
     stage_steps: tuple[int, int, int] | None = None  # None: the recipe's
     n_eval: int = 200
     seed: int = 0
@@ -71,7 +71,6 @@ def run_demo(cfg: DemoConfig) -> Path:
                               [f"data={manifest}", "overwrite=true", f"out_dir={siglip_dir}",
                                f"steps={cfg.siglip_steps}",
                                f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
-        sig_cfg.warmup_steps = min(sig_cfg.warmup_steps, cfg.siglip_steps // 5)  # short runs: mostly at full lr
         _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
     from unigen.tokenizer_training.vq_codes import add_vq_codes
 
