@@ -2,13 +2,13 @@
 # uv installs the ~5 GB torch + CUDA wheel set in ~25 s where pip takes ~2 min (it unpacks in parallel),
 # which matters for the 15-minute `make demo` on a fresh clone. uv does not read pip's configuration, so it
 # is handed the extra indexes and wheel folders this machine's pip is set up with (none on most machines),
-# and picks the best version across all of them, as pip does.
+# and picks the best version across all of them, as pip does. (Deferred `=`: pip is asked only when installing.)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
-PIP_EXTRA_INDEXES := $(shell python3 -m pip config get global.extra-index-url 2>/dev/null)
-PIP_FIND_LINKS := $(shell python3 -m pip config get global.find-links 2>/dev/null)
-UV_INSTALL := $(UV) pip install -q --python $(PY) --index-strategy unsafe-best-match \
+PIP_EXTRA_INDEXES = $(shell python3 -m pip config get global.extra-index-url 2>/dev/null)
+PIP_FIND_LINKS = $(shell python3 -m pip config get global.find-links 2>/dev/null)
+UV_INSTALL = $(UV) pip install -q --python $(PY) --index-strategy unsafe-best-match \
 	$(foreach u,$(PIP_EXTRA_INDEXES),--extra-index-url $(u)) $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

@@ -27,7 +27,7 @@ def fused_weight(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch
     first = linears[0].weight
     if fused is not None and fused.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
         return fused
-    fused = torch.cat([m.weight.detach().contiguous() for m in linears])
+    fused = torch.cat([m.weight.detach() for m in linears])
     start = 0
     for m in linears:
         n = m.weight.shape[0]

@@ -246,12 +246,12 @@ def _text_stepper(model, input_ids, attention_mask, pixel_values, max_len):
     lm_head = model.language_model.lm_head
     if getattr(model, "cross_attn_layers", None) is None:
         runner = StaticKVDecoder(model, input_ids.shape[0], max_len)
+        logits = lambda hidden: decode_linear(hidden[:, -1], lm_head.weight, lm_head.bias)
 
         def step(tokens):
             if tokens is None:
-                embeds = model.prepare_inputs_embeds(input_ids, pixel_values)
-                return decode_linear(runner.prefill(embeds, attention_mask)[:, -1], lm_head.weight, lm_head.bias)
-            return decode_linear(runner.step(model.embed_text(tokens)[:, None])[:, -1], lm_head.weight, lm_head.bias)
+                return logits(runner.prefill(model.prepare_inputs_embeds(input_ids, pixel_values), attention_mask))
+            return logits(runner.step(model.embed_text(tokens)[:, None]))
 
         return step
 
