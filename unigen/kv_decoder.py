@@ -1,9 +1,10 @@
 """A lean incremental decoder over the weights of transformers' ``LlamaModel``.
 
 transformers' ``generate`` spends much of each step outside the matmuls (cache objects, mask
-building, logits processors). This runs the same blocks, in the same arithmetic, with a
-pre-allocated KV cache: ``prefill`` fills positions ``[0, L)``, each ``step`` writes one position
-and attends to the filled prefix only. No host-device sync happens inside a step.
+building, logits processors). This runs the same blocks, in the same arithmetic (except bf16 attention
+on CPUs that emulate bf16, which runs in fp32), with a pre-allocated KV cache: ``prefill`` fills
+positions ``[0, L)``, each ``step`` writes one position and attends to the filled prefix only. No
+host-device sync happens inside a step.
 """
 
 from __future__ import annotations
