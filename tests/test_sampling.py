@@ -185,12 +185,14 @@ def test_cutoff_schedule_needs_a_token_index(models):
 
 
 def test_decode_linear_equals_linear_at_every_row_count():
-    from unigen.kv_decoder import SKINNY_ROWS, WIDE_OUTPUT, decode_linear
+    from unigen.kv_decoder import SKINNY_ROWS, decode_linear
 
     g = torch.Generator().manual_seed(0)
-    for n_out in (300, WIDE_OUTPUT):  # a wide head doubles a one-row input
+    for n_out in (300, 9000):
         w, b = torch.randn(n_out, 48, generator=g), torch.randn(n_out, generator=g)
-        for shape in [(1, 48), (1, 1, 48), (2, 1, 48), (SKINNY_ROWS, 48), (SKINNY_ROWS + 1, 48), (3, 50, 48)]:
+        # odd row counts get a row repeated; above SKINNY_ROWS rows it is F.linear itself
+        for shape in [(1, 48), (1, 1, 48), (2, 1, 48), (3, 1, 48), (SKINNY_ROWS - 1, 48), (SKINNY_ROWS, 48),
+                      (SKINNY_ROWS + 1, 48), (3, 50, 48)]:
             x = torch.randn(*shape, generator=g)
             for bias in (None, b):
                 out = decode_linear(x, w, bias)
@@ -224,3 +226,28 @@ def test_bf16_decode_keeps_row_major_weights_and_fp32_attention_where_bf16_is_em
     assert (last[:, 0].float() - full[:, -1].float()).abs().max() < 5e-2
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert StaticKVDecoder(model, 2, ids.shape[1]).k[0].dtype == torch.bfloat16
+
+
+def test_decoder_shortcuts_give_transformers_numbers_bit_for_bit(models):
+    """The decode step's fused norm, rotary table and sign-folded rotate-half are exact rewrites of
+    transformers' LlamaRMSNorm / rotary embedding / apply_rotary_pos_emb, in fp32 and bf16."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from unigen.kv_decoder import StaticKVDecoder, _rms_norm
+
+    _, model = models
+    runner = StaticKVDecoder(model, 2, 40)
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([[0, 1, 2, 3, 39], [7, 7, 8, 9, 10]])
+    x = torch.randn(2, 5, model.decoder.config.hidden_size, generator=g)
+    cos, sin = runner.rotary(x, positions)
+    assert torch.equal(runner.rope_table[0][positions], cos) and torch.equal(runner.rope_table[1][positions], sin)
+    q = torch.randn(2, runner.n_heads, 5, runner.head_dim, generator=g)
+    expected, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    half = runner.head_dim // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]
+    assert torch.equal(q * cos[:, None] + q.roll(half, dims=-1) * signed, expected)
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = LlamaRMSNorm(x.shape[-1], eps=1e-6).to(dtype)
+        norm.weight.data.normal_(generator=g)
+        assert torch.equal(_rms_norm(norm, (3 * x).to(dtype)), norm((3 * x).to(dtype)))

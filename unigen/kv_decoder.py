@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from unigen.model import positions_from_mask
 from unigen.precision import native_bf16
@@ -39,7 +38,6 @@ def fused_weight(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch
 
 
 SKINNY_ROWS = 64  # up to this many rows, decode_linear's weight-on-the-left product is the faster one
-WIDE_OUTPUT = 8192  # output heads at least this wide get a one-row input doubled (see decode_linear)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,17 +45,21 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     On CPU in float32, MKL computes ``weight @ x.T`` much faster than ``x @ weight.T`` when x has few
     rows (2-core AVX2 EPYC, 32 rows: 9.9 vs 18.0 ms for a 16384 x 512 head, 1.05 vs 1.87 ms for a
-    2752 x 512 gate|up); from a few hundred rows on (a prefill) the usual form is as fast or faster. A
-    single row goes to MKL's matrix-vector kernel, which streams a large head at half the speed of a
-    two-column product: 11.4 ms for a 32000 x 512 head vs 6.6 ms with the row doubled (smaller weights
-    are faster without). In bfloat16 and on GPUs ``F.linear`` is as fast or faster at every size measured.
+    2752 x 512 gate|up); from a few hundred rows on (a prefill) the usual form is as fast or faster.
+    An odd row count gets its last row repeated: with the weights streamed from memory (a model larger
+    than the L3 cache), MKL's even-column kernels read them much faster. One row is the matrix-vector
+    kernel, 12.5-14.5 ms for the 8 blocks of the width-512 benchmark model and 10-11 ms for a 32000 x 512
+    head, vs 8.3-9.3 and 5.7-6.1 ms with the row doubled; 15 rows 27 ms vs 18 ms for 16. In bfloat16 and
+    on GPUs ``F.linear`` is as fast or faster at every size measured.
     """
+    if not x.is_cpu or x.dtype != torch.float32:
+        return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > SKINNY_ROWS:
+    if rows > SKINNY_ROWS:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
-    if rows == 1 and weight.shape[0] >= WIDE_OUTPUT:
-        flat = torch.cat([flat, flat])
+    if rows % 2:
+        flat = torch.cat([flat, flat[-1:]])
     out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
     return out[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
@@ -88,9 +90,20 @@ class StaticKVDecoder:
         self.k = [torch.zeros(shape, dtype=self.attn_dtype, device=p.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.attn_dtype, device=p.device) for _ in self.layers]
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=p.device)
+        # the same mask as an additive bias (0 or -inf) per kv head: one batched matmul adds it for free
+        self.key_bias = torch.zeros(batch, self.n_kv, max_len, dtype=self.attn_dtype, device=p.device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=p.device)
         self.length = 0  # filled cache positions (a Python int: slicing by it needs no sync)
         self.max_len = max_len
+        # cos and sin of every position, looked up per step (the rotary module's own forward is ~15 ops);
+        # the same numbers, each entry is one product and one cos/sin. Dynamic RoPE types rescale with
+        # the sequence length, so those keep calling the module.
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        self.rope_table = None
+        if "dynamic" not in rope_type and rope_type != "longrope":
+            every = torch.arange(max_len, device=p.device)[None]
+            cos, sin = self.rotary(torch.empty(0, dtype=p.dtype, device=p.device), every)
+            self.rope_table = (cos[0], sin[0])
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompt (left padded); return the final normed hidden state of every position."""
@@ -98,6 +111,8 @@ class StaticKVDecoder:
         if attention_mask is None:
             attention_mask = torch.ones(b, n, dtype=torch.long, device=embeds.device)
         self.key_valid[:, :n] = attention_mask.bool()
+        self.key_bias[:, :, :n] = torch.zeros_like(self.key_bias[:, :, :n]).masked_fill(
+            ~self.key_valid[:, None, :n], float("-inf"))
         positions = positions_from_mask(attention_mask)
         self.next_pos = attention_mask.long().sum(1)
         causal = torch.ones(n, n, dtype=torch.bool, device=embeds.device).tril()
@@ -113,46 +128,63 @@ class StaticKVDecoder:
             raise RuntimeError(f"KV cache of {self.max_len} positions is full")
         positions = self.next_pos[:, None]
         self.next_pos = self.next_pos + 1
-        mask = self.key_valid[:, None, None, : t + 1]
-        return self._forward(embeds, positions, mask, start=t)
+        bias = self.key_bias[:, :, : t + 1].flatten(0, 1)[:, None]  # (B * kv heads, 1, t + 1), a view
+        return self._forward(embeds, positions, bias, start=t)
 
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+        """``mask``: a boolean (B, 1, n, end) mask for a prompt, the additive key bias for a single step.
+
+        A decode step is ~100 small ops per block, and on a CPU their dispatch costs as much as the
+        matmuls of a small model (9 ms of a 27 ms caption step at width 512, 8 blocks), so this spends few:
+        fused norms, one rotary over q and k together, a batched matmul that adds the mask."""
         b, n, _ = x.shape
         end = start + n
-        cos, sin = self.rotary(x, positions)
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        half = d // 2
+        if self.rope_table is None:
+            cos, sin = self.rotary(x, positions)
+        else:
+            cos, sin = self.rope_table[0][positions], self.rope_table[1][positions]
+        # rotate_half(t) * sin == roll(t, d/2) * sin with the first half of sin negated (exactly: only
+        # signs move); unsqueezed once to broadcast over the q and k heads
+        cos, sin = cos[:, :, None], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            qkv = decode_linear(layer.input_layernorm(x), self.qkv[i])
-            q, k, v = qkv.split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], dim=-1)
-            q = q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v.view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            q = q.to(self.attn_dtype)
-            self.k[i][:, :, start:end] = k
-            self.v[i][:, :, start:end] = v
+            qkv = decode_linear(_rms_norm(layer.input_layernorm, x), self.qkv[i])
+            qk, v = qkv.view(b, n, h + 2 * kv, d).split([h + kv, kv], dim=2)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            self.k[i][:, :, start:end] = qk[:, :, h:].transpose(1, 2)
+            self.v[i][:, :, start:end] = v.transpose(1, 2)
             keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
             if n == 1:
-                out = _single_query_attention(q, keys, values, mask)
+                out = _single_query_attention(qk[:, :, :h].to(self.attn_dtype), keys, values, mask)
             else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                     enable_gqa=self.n_kv != self.n_heads)
-            out = out.to(x.dtype).transpose(1, 2).reshape(b, n, -1)
+                q = qk[:, :, :h].transpose(1, 2).to(self.attn_dtype)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv != h)
+                out = out.transpose(1, 2)
+            out = out.to(x.dtype).reshape(b, n, h * d)
+            attn = layer.self_attn
             x = x + decode_linear(out, attn.o_proj.weight, attn.o_proj.bias)
-            gate, up = decode_linear(layer.post_attention_layernorm(x), self.gate_up[i]).chunk(2, dim=-1)
+            gate, up = decode_linear(_rms_norm(layer.post_attention_layernorm, x), self.gate_up[i]).chunk(2, dim=-1)
             mlp = layer.mlp
             x = x + decode_linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
         self.length = end
-        return self.norm(x)
+        return _rms_norm(self.norm, x)
 
 
-def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one new position: two small matmuls. On CPU, SDPA's flash kernel spends ~1 ms per
-    call on a single query; this takes a fraction of that. Grouped heads share keys without copies."""
-    b, h, _, d = q.shape
-    groups = h // k.shape[1]
-    q = q.view(b, k.shape[1], groups, d)  # (B, kv heads, group, D)
-    scores = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, kv heads, group, L)
-    scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
-    out = scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v  # (B, kv heads, group, D)
-    return out.view(b, h, 1, d)
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm`` in one fused op (bit-identical: normalise in fp32, cast, scale)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, eps=norm.variance_epsilon).to(x.dtype)
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of one new position: two batched matmuls. On CPU, SDPA's flash kernel spends ~1 ms per
+    call on a single query; this takes a fraction of that. Grouped heads share keys without copies.
+    q (B, 1, H, D), k and v (B, kv heads, L, D), bias (B * kv heads, 1, L) -> (B, 1, H, D)."""
+    b, _, h, d = q.shape
+    kv = k.shape[1]
+    q = q.reshape(b * kv, h // kv, d)
+    scores = torch.baddbmm(bias, q, k.flatten(0, 1).transpose(1, 2), alpha=d**-0.5)
+    out = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v.flatten(0, 1))  # (B * kv, group, D)
+    return out.view(b, 1, h, d)
