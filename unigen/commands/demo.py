@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=d.recipe, help="training recipe (default train/shapes.yaml)")
     p.add_argument("--vq-from", default=None, help="reuse this trained VQ tokenizer instead of training one")
     p.add_argument("--siglip-from", default=None, help="reuse this trained SigLIP encoder instead of training one")
-    p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage2.lr=5e-4")
+    p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage2.lr=5e-4; the tokenizers "
+                   "are trained in the recipe's model.vq / model.vision shape, e.g. model.vq.codebook_size=256")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ Everything is trained from scratch on this machine; ``demo_out/index.html`` show
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -44,6 +45,13 @@ def _timed(timings: dict, name: str, fn):
     return result
 
 
+def _shaped(tokenizer_cfg, recipe_values: dict, where: str):
+    """A tokenizer config with the recipe's values for the same fields (checked by name)."""
+    from unigen.tokenizer_training.config_io import build_config
+
+    return build_config(type(tokenizer_cfg), {**dataclasses.asdict(tokenizer_cfg), **recipe_values}, where)
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     from unigen.pipeline import UniGenPipeline
     from unigen.shapes.data import write_dataset
@@ -61,16 +69,20 @@ def run_demo(cfg: DemoConfig) -> Path:
     manifest = _timed(timings, "data", lambda: write_dataset(out / "data", cfg.n_train, seed=cfg.seed + 1))
     common = [f"data={manifest}", "overwrite=true"]
     vq_dir, siglip_dir = cfg.vq_from or out / "vq", cfg.siglip_from or out / "siglip"
+    # the recipe fixes the model: the tokenizers are trained in its shape (tokenizers/*.yaml give the rest)
+    model = load_recipe(cfg.recipe, list(cfg.overrides)).model
     if cfg.vq_from is None:
         vq_cfg = load_config(VQTrainConfig, REPO / "tokenizers" / "vq-shapes.yaml",
                              common + [f"out_dir={vq_dir}", f"steps={cfg.vq_steps}",
                                       f"eval_every={cfg.vq_steps}", f"save_every={cfg.vq_steps}"])
+        vq_cfg.vq = _shaped(vq_cfg.vq, model.get("vq", {}), f"{cfg.recipe}: model.vq")
         _timed(timings, "VQ tokenizer", lambda: train_vq(vq_cfg))
     if cfg.siglip_from is None:
         sig_cfg = load_config(SigLIPTrainConfig, REPO / "tokenizers" / "siglip-shapes.yaml",
                               [f"data={manifest}", "overwrite=true", f"out_dir={siglip_dir}",
                                f"steps={cfg.siglip_steps}",
                                f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
+        sig_cfg.vision = _shaped(sig_cfg.vision, model.get("vision", {}), f"{cfg.recipe}: model.vision")
         _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
     from unigen.tokenizer_training.vq_codes import add_vq_codes
 
