@@ -233,7 +233,7 @@ def test_decoder_shortcuts_give_transformers_numbers_bit_for_bit(models):
     transformers' LlamaRMSNorm / rotary embedding / apply_rotary_pos_emb, in fp32 and bf16."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-    from unigen.kv_decoder import StaticKVDecoder, _rms_norm
+    from unigen.kv_decoder import StaticKVDecoder, _rms_norm, _signed_sin
 
     _, model = models
     runner = StaticKVDecoder(model, 2, 40)
@@ -241,12 +241,14 @@ def test_decoder_shortcuts_give_transformers_numbers_bit_for_bit(models):
     positions = torch.tensor([[0, 1, 2, 3, 39], [7, 7, 8, 9, 10]])
     x = torch.randn(2, 5, model.decoder.config.hidden_size, generator=g)
     cos, sin = runner.rotary(x, positions)
-    assert torch.equal(runner.rope_table[0][positions], cos) and torch.equal(runner.rope_table[1][positions], sin)
+    assert torch.equal(runner.rope_table[0][positions], cos)
+    assert torch.equal(runner.rope_table[1][positions], _signed_sin(sin))
     q = torch.randn(2, runner.n_heads, 5, runner.head_dim, generator=g)
     expected, _ = apply_rotary_pos_emb(q, q, cos, sin)
     half = runner.head_dim // 2
-    signed = torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]
-    assert torch.equal(q * cos[:, None] + q.roll(half, dims=-1) * signed, expected)
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+    assert torch.equal(_signed_sin(sin), signed)
+    assert torch.equal(q * cos[:, None] + q.roll(half, dims=-1) * signed[:, None], expected)
     for dtype in (torch.float32, torch.bfloat16):
         norm = LlamaRMSNorm(x.shape[-1], eps=1e-6).to(dtype)
         norm.weight.data.normal_(generator=g)

@@ -89,36 +89,34 @@ class StaticKVDecoder:
         shape = (batch, self.n_kv, max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.attn_dtype, device=p.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.attn_dtype, device=p.device) for _ in self.layers]
-        self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=p.device)
-        # the same mask as an additive bias (0 or -inf) per kv head: one batched matmul adds it for free
+        # the padding mask as an additive bias (0 or -inf) per kv head: one batched matmul adds it for free
         self.key_bias = torch.zeros(batch, self.n_kv, max_len, dtype=self.attn_dtype, device=p.device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=p.device)
         self.length = 0  # filled cache positions (a Python int: slicing by it needs no sync)
         self.max_len = max_len
-        # cos and sin of every position, looked up per step (the rotary module's own forward is ~15 ops);
-        # the same numbers, each entry is one product and one cos/sin. Dynamic RoPE types rescale with
-        # the sequence length, so those keep calling the module.
+        # cos and (sign-folded, see _signed_sin) sin of every position, looked up per step (the rotary
+        # module's own forward is ~15 ops); the same numbers, each entry is one product and one cos/sin.
+        # Dynamic RoPE types rescale with the sequence length, so those keep calling the module.
         rope_type = getattr(self.rotary, "rope_type", "default")
         self.rope_table = None
         if "dynamic" not in rope_type and rope_type != "longrope":
             every = torch.arange(max_len, device=p.device)[None]
             cos, sin = self.rotary(torch.empty(0, dtype=p.dtype, device=p.device), every)
-            self.rope_table = (cos[0], sin[0])
+            self.rope_table = (cos[0], _signed_sin(sin[0]))
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompt (left padded); return the final normed hidden state of every position."""
         b, n, _ = embeds.shape
         if attention_mask is None:
             attention_mask = torch.ones(b, n, dtype=torch.long, device=embeds.device)
-        self.key_valid[:, :n] = attention_mask.bool()
-        self.key_bias[:, :, :n] = torch.zeros_like(self.key_bias[:, :, :n]).masked_fill(
-            ~self.key_valid[:, None, :n], float("-inf"))
+        valid = attention_mask.bool()
+        self.key_bias[:, :, :n] = torch.zeros_like(self.key_bias[:, :, :n]).masked_fill(~valid[:, None], float("-inf"))
         positions = positions_from_mask(attention_mask)
         self.next_pos = attention_mask.long().sum(1)
         if bool(attention_mask.all()):  # no padding: SDPA's causal kernel skips the masked half (one sync, once)
             return self._forward(embeds, positions, None, start=0)
         causal = torch.ones(n, n, dtype=torch.bool, device=embeds.device).tril()
-        mask = causal[None] & self.key_valid[:, None, :n]
+        mask = causal[None] & valid[:, None]
         # a fully padded query row would softmax over nothing: let it see itself (its output is unused)
         mask |= torch.eye(n, dtype=torch.bool, device=embeds.device)[None]
         return self._forward(embeds, positions, mask[:, None], start=0)
@@ -143,18 +141,16 @@ class StaticKVDecoder:
         b, n, _ = x.shape
         end = start + n
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
-        half = d // 2
         if self.rope_table is None:
             cos, sin = self.rotary(x, positions)
+            sin = _signed_sin(sin)
         else:
             cos, sin = self.rope_table[0][positions], self.rope_table[1][positions]
-        # rotate_half(t) * sin == roll(t, d/2) * sin with the first half of sin negated (exactly: only
-        # signs move); unsqueezed once to broadcast over the q and k heads
-        cos, sin = cos[:, :, None], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over the q and k heads
         for i, layer in enumerate(self.layers):
             qkv = decode_linear(_rms_norm(layer.input_layernorm, x), self.qkv[i])
             qk, v = qkv.view(b, n, h + 2 * kv, d).split([h + kv, kv], dim=2)
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
             self.k[i][:, :, start:end] = qk[:, :, h:].transpose(1, 2)
             self.v[i][:, :, start:end] = v.transpose(1, 2)
             keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
@@ -173,6 +169,13 @@ class StaticKVDecoder:
             x = x + decode_linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
         self.length = end
         return _rms_norm(self.norm, x)
+
+
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``rotate_half(t) * sin == roll(t, d/2) * _signed_sin(sin)`` exactly: the first half of sin negated
+    (only signs move), so the rotary needs no negation or concatenation of q and k."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
