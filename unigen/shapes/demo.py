@@ -69,29 +69,30 @@ def run_demo(cfg: DemoConfig) -> Path:
     manifest = _timed(timings, "data", lambda: write_dataset(out / "data", cfg.n_train, seed=cfg.seed + 1))
     common = [f"data={manifest}", "overwrite=true"]
     vq_dir, siglip_dir = cfg.vq_from or out / "vq", cfg.siglip_from or out / "siglip"
-    # the recipe fixes the model: the tokenizers are trained in its shape (tokenizers/*.yaml give the rest)
-    model = load_recipe(cfg.recipe, list(cfg.overrides)).model
+    coded_manifest = manifest.with_name("train-codes.jsonl")  # written by add_vq_codes below
+    steps = [f"stage{i + 1}.steps={n}" for i, n in enumerate(cfg.stage_steps or ())]
+    recipe = load_recipe(cfg.recipe, [f"data={coded_manifest}", f"output_dir={out / 'model'}", f"vq_from={vq_dir}",
+                                      f"siglip_from={siglip_dir}", f"seed={cfg.seed}", "overwrite=true", *steps,
+                                      *cfg.overrides])
+    # loaded before any training, so a bad recipe fails at once; it fixes the model, and the tokenizers are
+    # trained in its shape (tokenizers/*.yaml give the rest)
     if cfg.vq_from is None:
         vq_cfg = load_config(VQTrainConfig, REPO / "tokenizers" / "vq-shapes.yaml",
                              common + [f"out_dir={vq_dir}", f"steps={cfg.vq_steps}",
                                       f"eval_every={cfg.vq_steps}", f"save_every={cfg.vq_steps}"])
-        vq_cfg.vq = _shaped(vq_cfg.vq, model.get("vq", {}), f"{cfg.recipe}: model.vq")
+        vq_cfg.vq = _shaped(vq_cfg.vq, recipe.model.get("vq", {}), f"{cfg.recipe}: model.vq")
         _timed(timings, "VQ tokenizer", lambda: train_vq(vq_cfg))
     if cfg.siglip_from is None:
         sig_cfg = load_config(SigLIPTrainConfig, REPO / "tokenizers" / "siglip-shapes.yaml",
                               [f"data={manifest}", "overwrite=true", f"out_dir={siglip_dir}",
                                f"steps={cfg.siglip_steps}",
                                f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
-        sig_cfg.vision = _shaped(sig_cfg.vision, model.get("vision", {}), f"{cfg.recipe}: model.vision")
+        sig_cfg.vision = _shaped(sig_cfg.vision, recipe.model.get("vision", {}), f"{cfg.recipe}: model.vision")
         _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
     from unigen.tokenizer_training.vq_codes import add_vq_codes
 
     # the VQ is frozen from here on: encode every training image once instead of once per stage
-    coded = _timed(timings, "VQ codes", lambda: add_vq_codes(manifest, vq_dir, manifest.with_name("train-codes.jsonl")))
-    steps = [f"stage{i + 1}.steps={n}" for i, n in enumerate(cfg.stage_steps or ())]
-    recipe = load_recipe(cfg.recipe, [f"data={coded}", f"output_dir={out / 'model'}", f"vq_from={vq_dir}",
-                                      f"siglip_from={siglip_dir}", f"seed={cfg.seed}", "overwrite=true", *steps,
-                                      *cfg.overrides])
+    _timed(timings, "VQ codes", lambda: add_vq_codes(manifest, vq_dir, coded_manifest))
     final = None
     for stage in (1, 2, 3):
         final = _timed(timings, f"stage {stage}", lambda stage=stage: run_stage(recipe, stage, resume=None))
