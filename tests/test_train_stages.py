@@ -61,7 +61,21 @@ def test_method_b_trains_cross_attention_in_every_stage_and_keeps_the_llm_frozen
     assert "cross_attention" in trained and "llm" in frozen  # Llama 3.2 Vision default: text behaviour kept
 
 
+def test_task_loss_weighting_averages_the_tasks_mean_losses(data, tmp_path):
+    from unigen.train.loop import task_weights
+
+    counts = torch.tensor([9.0, 0.0, 64.0], dtype=torch.float64)  # a caption, no text, one image's codes
+    assert task_weights(counts, "token").tolist() == [1 / 73] * 3
+    assert task_weights(counts, "task").tolist() == [1 / 18, 0.0, 1 / 128]
+    run_stage(recipe(data, tmp_path, "stage1.steps=3", "stage1.mixture=[1, 0, 1]", "loss_weighting=task"), 1,
+              progress=False)
+    for row in metrics(tmp_path):  # the logged objective is the one trained
+        means = [row[k] for k in ("loss_understanding", "loss_text", "loss_generation") if k in row]
+        assert row["loss"] == pytest.approx(sum(means) / len(means))
+
+
 @pytest.mark.parametrize("override, message", [
+    ("loss_weighting=tokens", "loss_weighting must be token or task, got 'tokens'"),
     ("stage1_steps=3", r"unknown key\(s\) in .*\['stage1_steps'\]"),
     ("stage1.stepz=3", r"unknown key\(s\) in .*stage1.*\['stepz'\]"),
     ("stage2.lr_mult={llm_head: 2}", r"stage2.lr_mult: unknown parameter group\(s\) \['llm_head'\]"),

@@ -73,6 +73,19 @@ def resolve_resume(resume: str | None, root: Path, overwrite: bool, rank: int) -
     return path
 
 
+def task_weights(counts: torch.Tensor, weighting: str) -> torch.Tensor:
+    """What each task's summed token loss is multiplied by in a step's objective (``counts``: the step's
+    supervised tokens per task, all processes).
+
+    ``token``: every supervised token weighs the same, so an image's 64 codes outweigh a 9-token caption 7:1.
+    ``task``: each task's mean token loss, averaged over the tasks present in the step.
+    """
+    if weighting == "token":
+        return torch.full_like(counts, 1.0 / float(counts.sum()))
+    present = counts > 0
+    return torch.where(present, 1.0 / (counts.clamp(min=1) * present.sum()), 0.0)
+
+
 def check_tasks(pools, cfg, groups: set[str], stage: int) -> None:
     check_mixture(pools, cfg.mixture, stage)
     for task, weight in zip(TASKS, cfg.mixture, strict=True):
@@ -173,9 +186,10 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         local = [[b["tokens"] if (b := mb.get(t)) else 0 for t in TASKS] for mb in batches]
         counts = parallel.all_reduce_sum(torch.tensor(local, dtype=torch.float64).sum(0), accelerator.device)
         total = float(counts.sum())
+        weights = task_weights(counts, recipe.loss_weighting)
         # DDP, FSDP and DeepSpeed average gradients over processes and accelerate divides by the accumulation
-        # steps: undo both so the update is the loss summed over the step's tokens / their count
-        scale = world * cfg.grad_accum / total
+        # steps: undo both so the update is the gradient of the step's objective, sum(weights * task losses)
+        scale = (weights * world * cfg.grad_accum).float().to(accelerator.device)
         sums = torch.zeros(len(TASKS), dtype=torch.float64)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -186,7 +200,7 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
                                                    accelerator.device)
                 if bad_loss.item():
                     raise FloatingPointError(_nan_message(stage, step, "loss", losses.sum().item(), last_good))
-                accelerator.backward(losses.sum() * scale)
+                accelerator.backward((losses * scale).sum())
             sums += losses.detach().double().cpu()
         sums = parallel.all_reduce_sum(sums, accelerator.device)
         if kind == "deepspeed":  # the engine clipped and stepped inside the last backward
@@ -200,7 +214,7 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         scheduler.step()
         seconds = time.perf_counter() - t0
         if metrics is not None:
-            row = {"loss": float(sums.sum() / total), "lr": lr}
+            row = {"loss": float((sums * weights).sum()), "lr": lr}
             row.update({f"loss_{t}": float(sums[k] / counts[k]) for k, t in enumerate(TASKS) if counts[k]})
             row.update(group_lrs)
             if grad_norm is not None:

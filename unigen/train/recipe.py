@@ -64,6 +64,7 @@ class TrainRecipe:
     question: str = "Describe the image."  # understanding prompt for caption lines
     system_prompt: str = ""  # "" keeps prompts short for small models; None would use Janus's
     caption_dropout: float = 0.1  # generation samples trained on the unconditional (CFG) prompt
+    loss_weighting: str = "token"  # token: every supervised token weighs the same | task: each task's mean loss
     max_seq_len: int = 0  # longer understanding/text rows are cut on the right (0: the LLM's max positions)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (under a launcher each process takes its own GPU)
@@ -87,6 +88,8 @@ class TrainRecipe:
             stage.validate(f"stage{n}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.loss_weighting not in ("token", "task"):
+            raise ValueError(f"loss_weighting must be token or task, got {self.loss_weighting!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
         if self.bf16 not in (True, False, "auto"):
