@@ -42,7 +42,9 @@ def make_optimizer(model, groups: set[str], cfg) -> torch.optim.AdamW:
             param_groups.append({"params": trainable, "lr": cfg.lr * mult, "name": name})
     if not param_groups:
         raise ValueError(f"stage trains nothing: groups {sorted(groups)} have no parameters in this model")
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    # fused: one kernel for all tensors instead of ~10 ops per tensor (Shapes recipe on 2 CPU cores: 10-12 ms
+    # per step instead of 34-55 ms, 7-10% of a stage-II step)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=True)
 
 
 def make_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
