@@ -24,6 +24,10 @@ class SigLIPConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
+    # "patch": SigLIP's patch embedding (one patch_size x patch_size conv; what every SigLIP checkpoint has).
+    # "conv": a small conv stem in its place (unigen.model.ConvStem), for encoders trained from scratch on
+    # little data; same token grid.
+    stem: Literal["patch", "conv"] = "patch"
 
     @property
     def num_tokens(self) -> int:

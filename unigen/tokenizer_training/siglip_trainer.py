@@ -38,7 +38,7 @@ from unigen.tokenizer_training.data import ImageDataset, batch_loader, read_reco
 log = logging.getLogger("unigen.tokenizer_training")
 
 SIGLIP_MODEL_TYPE = "unigen-siglip"
-_ARCH_FIELDS = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_norm_eps")
+_ARCH_FIELDS = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_norm_eps", "stem")
 
 
 @dataclass
