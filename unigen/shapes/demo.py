@@ -26,7 +26,7 @@ class DemoConfig:
     # sized for <= 15 minutes with set-up on a 2-core AVX2 CPU (README has the measured split)
     n_train: int = 5000
     vq_steps: int = 680
-    siglip_steps: int = 200  # a head start only: the recipe trains the encoder end to end from stage II
+    siglip_steps: int = 600  # the recipe keeps the encoder frozen in stage II, as Janus does
     stage_steps: tuple[int, int, int] | None = None  # None: the recipe's
     n_eval: int = 200
     seed: int = 0
