@@ -65,11 +65,12 @@ class ConvStem(nn.Module):
     log2(patch_size) times (channels doubling up to ``width``), then a 1x1 conv: the same (n, width, grid, grid)
     output (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"). The shared 3x3 filters see an
     edge the same way at every offset, where a patch embedding must learn it once per offset. Measured on Shapes
-    (SigLIP trainer, 1000 steps): zero-shot retrieval 0.91 vs 0.48 with the patch embedding.
+    (SigLIP trainer, zero-shot caption retrieval): 0.875 after 600 steps; patch embedding 0.48 after 1000.
 
     GroupNorm(1) after each conv: without a norm PyTorch's default init shrinks the signal ~20x over four convs
-    and the position embedding drowns the image. Not BatchNorm (no running statistics across frozen stages
-    and processes), not a per-pixel LayerNorm (it normalises a flat colour's channels against each other)."""
+    and the position embedding drowns the image. Not BatchNorm (no running statistics to keep right across
+    frozen stages and processes). Variants without a norm or with a per-pixel LayerNorm gave, after 200 SigLIP
+    steps, a Shapes captioner that never read colour (tokenizers/README.md)."""
 
     def __init__(self, cfg: SigLIPConfig):
         super().__init__()
