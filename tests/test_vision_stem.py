@@ -7,17 +7,15 @@ import pytest
 import torch
 
 from unigen import UniGenConfig, UniGenModel
-from unigen.config import LLMConfig, SigLIPConfig, VQConfig
+from unigen.config import SigLIPConfig
 from unigen.model import ConvStem, SigLIPEncoder
 
 
-def tiny_config(**vision) -> UniGenConfig:
-    v = dict(image_size=16, patch_size=8, width=32, depth=1, num_heads=2, stem="conv") | vision
-    llm = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
-                    max_position_embeddings=64)
-    vq = VQConfig(image_size=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=32, embed_dim=4,
-                  codebook_size=32)
-    return UniGenConfig(vision=SigLIPConfig(**v), vq=vq, llm=llm, gen_head_dim=32)
+def tiny_config(stem: str = "conv") -> UniGenConfig:
+    from test_cross_attention import tiny_config as tiny_cross_attention_config
+
+    return tiny_cross_attention_config(
+        vision=SigLIPConfig(image_size=16, patch_size=8, width=32, depth=1, num_heads=2, stem=stem))
 
 
 def test_conv_stem_replaces_the_patch_embedding_with_the_same_token_grid():

@@ -60,7 +60,7 @@ class GenHead(nn.Module):
         return linear(hidden, self.vision_head.weight, self.vision_head.bias)
 
 
-class ConvStem(nn.Module):
+class ConvStem(nn.Sequential):
     """``stem: "conv"``: in place of SigLIP's patch embedding, 3x3 stride-2 convs halve the image
     log2(patch_size) times (channels doubling up to ``width``), then a 1x1 conv: the same (n, width, grid, grid)
     output (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"). The shared 3x3 filters see an
@@ -73,7 +73,6 @@ class ConvStem(nn.Module):
     steps, a Shapes captioner that never read colour (tokenizers/README.md)."""
 
     def __init__(self, cfg: SigLIPConfig):
-        super().__init__()
         p = cfg.patch_size
         if p < 2 or p & (p - 1):
             raise ValueError(f"vision.stem='conv' needs patch_size to be a power of 2; got {p}")
@@ -83,10 +82,7 @@ class ConvStem(nn.Module):
         for c_in, c_out in zip(channels, channels[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(1, c_out, eps=cfg.layer_norm_eps),
                        nn.GELU()]
-        self.convs = nn.Sequential(*layers, nn.Conv2d(channels[-1], cfg.width, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x)
+        super().__init__(*layers, nn.Conv2d(channels[-1], cfg.width, 1))
 
 
 class SigLIPEncoder(nn.Module):
