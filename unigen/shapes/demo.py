@@ -26,7 +26,9 @@ class DemoConfig:
     # sized for <= 15 minutes with set-up on a 2-core AVX2 CPU (README has the measured split)
     n_train: int = 5000
     vq_steps: int = 680
-    siglip_steps: int = 600  # the recipe keeps the encoder frozen in stage II, as Janus does
+    # the recipe keeps the encoder frozen in stage II, as Janus does, so its shape reading caps the captions:
+    # MLP probe of shape from its tokens 0.78 after 600 steps, 0.94 after 1500 (README)
+    siglip_steps: int = 1500
     stage_steps: tuple[int, int, int] | None = None  # None: the recipe's
     n_eval: int = 200
     seed: int = 0
