@@ -20,3 +20,6 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     config = json.loads((tmp_path / "model" / "stage3" / "final" / "config.json").read_text())
     assert config["vq"]["channel_mult"] == [1, 1, 2, 2] and config["vision"]["depth"] == 2
     assert json.loads((tmp_path / "vq" / "config.json").read_text())["channel_mult"] == [1, 1, 2, 2]
+    # the recipe's sampling defaults travel in the checkpoint and are recorded with the scores
+    assert config["guidance_scale"] == 2.0 and config["temperature"] == 0.6
+    assert scores["guidance_scale"] == 2.0 and scores["temperature"] == 0.6

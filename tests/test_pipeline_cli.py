@@ -58,6 +58,20 @@ def test_checkpoint_carries_its_default_guidance_scale(pipe, tmp_path):
     assert not torch.equal(default, again(["a cat", "a dog"], guidance_scale=5.0, generator=g()).tokens)
 
 
+def test_checkpoint_carries_its_default_temperature(pipe, tmp_path):
+    assert pipe.model.config.temperature == 1.0  # Janus samples at 1
+    pipe.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "temperature": 0.0}))
+    again = UniGenPipeline.from_pretrained(tmp_path)
+    assert again.model.config.temperature == 0.0
+    default = again(["a cat", "a dog"], generator=torch.Generator().manual_seed(5)).tokens
+    greedy = again(["a cat", "a dog"], temperature=0.0, generator=torch.Generator().manual_seed(6)).tokens
+    assert torch.equal(default, greedy)  # greedy: the seed does not matter
+    sampled = again(["a cat", "a dog"], temperature=1.0, generator=torch.Generator().manual_seed(5)).tokens
+    assert not torch.equal(default, sampled)
+
+
 def test_unknown_or_missing_device():
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         resolve_device("tpu")
@@ -101,7 +115,8 @@ def test_cli_eval_shapes_writes_json(tiny_hf_janus, tmp_path, capsys):
     result = json.loads((tmp_path / "s.json").read_text())
     assert result["captioning"]["n"] == 3 and result["generation"]["n"] == 3
     assert set(result["generation"]["per_attribute"]) == {"color", "shape", "size", "position"}
-    assert result["guidance_scale"] == 5.0  # the checkpoint's default, recorded with the scores
+    assert result["guidance_scale"] == 5.0  # the checkpoint's defaults, recorded with the scores
+    assert result["temperature"] == 1.0
     assert "| captioning |" in capsys.readouterr().out
 
 

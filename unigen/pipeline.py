@@ -71,7 +71,7 @@ class UniGenPipeline:
         prompt: str | Sequence[str],
         num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -82,6 +82,8 @@ class UniGenPipeline:
     ) -> PipelineOutput:
         if guidance_scale is None:
             guidance_scale = self.model.config.guidance_scale
+        if temperature is None:
+            temperature = self.model.config.temperature
         batch = self.processor.generation_inputs(prompt)
         negative = None
         if negative_prompt is not None:

@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward batch (default 16)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="CFG scale for generation (default: the checkpoint's config.guidance_scale, 5 for Janus)")
-    p.add_argument("--temperature", type=float, default=1.0, help="image-token temperature, 0 = greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="image-token temperature, 0 = greedy (default: the checkpoint's config.temperature, "
+                        "1 for Janus)")
     p.add_argument("--question", default=None, help="captioning question (default: the model's caption prompt)")
     p.add_argument("--skip", choices=["captions", "generation"], action="append", default=[],
                    help="skip a task (repeatable)")
@@ -36,18 +38,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     pipe = load_pipeline(args)
     guidance = pipe.model.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    temperature = pipe.model.config.temperature if args.temperature is None else args.temperature
     results = {}
     if "captions" not in args.skip:
         results["captioning"], _ = evaluate_captions(pipe, args.n, args.seed, args.batch_size, args.question)
     if "generation" not in args.skip:
         results["generation"], _ = evaluate_generation(pipe, args.n, args.seed, args.batch_size,
-                                                       guidance, args.temperature)
+                                                       guidance, temperature)
     print(format_table(results))
     if "generation" in results:
-        print(f"generation: guidance scale {guidance:g}, temperature {args.temperature:g}")
+        print(f"generation: guidance scale {guidance:g}, temperature {temperature:g}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": str(args.model), "n": args.n, "seed": args.seed,
-                                         "guidance_scale": guidance, "temperature": args.temperature, **results},
+                                         "guidance_scale": guidance, "temperature": temperature, **results},
                                         indent=2) + "\n")
     return 0

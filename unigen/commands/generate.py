@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-schedule", default="constant",
                    help="constant, linear, or cutoff:K (guidance only for the first K tokens)")
     p.add_argument("--negative-prompt", default=None, help="prompt for the unconditional branch (default: none)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, 0 = greedy (default: the checkpoint's config.temperature, 1 for Janus)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely codes (default: all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPU)")
@@ -50,7 +51,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise SystemExit(f"error: --guidance-scale must be >= 0 (1 = no guidance), got {args.guidance_scale}")
     try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p)
+        check_sampling_args(1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p)
         as_schedule(args.cfg_schedule).scales(1.0, 1)  # validates the schedule; the scale is not checked here
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None

@@ -111,6 +111,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     generations += [(parse_caption(p), img) for p, img in gen_items[:16]]
     captions = [(item["spec"], item["image"], item["caption"]) for item in cap_items[:24]]
     (out / "scores.json").write_text(json.dumps({"scores": scores, "guidance_scale": pipe.model.config.guidance_scale,
+                                                 "temperature": pipe.model.config.temperature,
                                                  "timings_s": timings}, indent=2) + "\n")
     page = write_report(out, scores, generations, captions, timings)
     print(format_table(scores))

@@ -36,8 +36,9 @@ def evaluate_captions(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, q
 
 
 def evaluate_generation(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, guidance_scale: float | None = None,
-                        temperature: float = 1.0) -> tuple[dict, list]:
-    """Generate one image per prompt for ``n`` prompts; return (scores, [(prompt, PIL image)])."""
+                        temperature: float | None = None) -> tuple[dict, list]:
+    """Generate one image per prompt for ``n`` prompts; return (scores, [(prompt, PIL image)]). ``None``:
+    the checkpoint's guidance scale and temperature."""
     specs = sample_specs(n, seed + 2 * EVAL_SEED_OFFSET)
     prompts = [caption(s) for s in specs]
     images = []
