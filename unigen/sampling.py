@@ -53,8 +53,9 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(probs.shape[-1] - 1)[:, 0]
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
+def check_sampling_args(temperature: float | None, top_k: int | None, top_p: float | None) -> None:
+    """``temperature=None``: the checkpoint's default, checked when it is used."""
+    if temperature is not None and temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 or None = off), got {top_k}")

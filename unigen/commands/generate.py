@@ -51,7 +51,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.guidance_scale is not None and args.guidance_scale < 0:
         raise SystemExit(f"error: --guidance-scale must be >= 0 (1 = no guidance), got {args.guidance_scale}")
     try:
-        check_sampling_args(1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p)
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
         as_schedule(args.cfg_schedule).scales(1.0, 1)  # validates the schedule; the scale is not checked here
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
