@@ -304,3 +304,38 @@ def test_amp_auto_uses_bf16_only_where_it_is_native(tmp_path, monkeypatch):
     assert precision.resolve_amp("auto", torch.device("cuda")) is True
     with pytest.raises(ValueError, match="amp must be true, false or auto, got 'bf16'"):
         VQTrainer(vq_config(tmp_path, data, amp="bf16", overwrite=True))
+
+
+def test_side_by_side_trains_what_each_trainer_would_alone(tmp_path):
+    import multiprocessing
+
+    from unigen.tokenizer_training.side_by_side import train_side_by_side
+    from unigen.tokenizer_training.siglip_trainer import train_siglip
+    from unigen.tokenizer_training.vq_trainer import train_vq
+
+    data = write_images(tmp_path, 8)
+    torch.set_num_threads(1)
+    train_vq(vq_config(tmp_path / "alone", data, steps=3))
+    train_siglip(siglip_config(tmp_path / "alone", data, steps=3))  # on 1 thread, as in its process below
+    seconds = train_side_by_side(vq_config(tmp_path, data, steps=3), siglip_config(tmp_path, data, steps=3), threads=2)
+    assert seconds > 0 and torch.get_num_threads() == 1 and not multiprocessing.active_children()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(load_siglip(tmp_path / "siglip")(x), load_siglip(tmp_path / "alone" / "siglip")(x))
+        # the VQ ran on 1 thread, then 2: sums differ in the last bits between thread counts
+        assert torch.allclose(load_vq(tmp_path / "vq")(x)[0], load_vq(tmp_path / "alone" / "vq")(x)[0], atol=1e-5)
+
+
+def test_side_by_side_reports_a_failed_encoder_and_stops_it_when_the_vq_fails(tmp_path):
+    import multiprocessing
+
+    from unigen.tokenizer_training.side_by_side import train_side_by_side
+
+    data = write_images(tmp_path, 8)
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(RuntimeError, match=r"(?s)training the SigLIP encoder.*failed.*nowhere\.jsonl"):
+        train_side_by_side(vq_config(tmp_path, data, steps=2), siglip_config(tmp_path, missing), threads=2)
+    with pytest.raises(FileNotFoundError, match="nowhere"):  # the VQ's own error, unchanged
+        train_side_by_side(vq_config(tmp_path, missing), siglip_config(tmp_path, data, steps=100_000), threads=2)
+    assert not multiprocessing.active_children()  # the encoder's process did not outlive the failed VQ
+    assert not (tmp_path / "siglip" / "model.safetensors").exists()

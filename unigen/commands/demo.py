@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps of the three stages (default: the recipe's)")
     p.add_argument("--n-eval", type=int, default=d.n_eval, help=f"evaluation items per task (default {d.n_eval})")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="CPU threads (default 2); with 2 or more the VQ tokenizer and the SigLIP encoder train side "
+                   "by side in two processes (1: one after the other, bitwise repeatable)")
     p.add_argument("--recipe", default=d.recipe, help="training recipe (default train/shapes.yaml)")
     p.add_argument("--vq-from", default=None, help="reuse this trained VQ tokenizer instead of training one")
     p.add_argument("--siglip-from", default=None, help="reuse this trained SigLIP encoder instead of training one")

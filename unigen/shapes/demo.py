@@ -60,7 +60,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     from unigen.shapes.evaluate import evaluate_captions, evaluate_generation
     from unigen.shapes.metrics import format_table
     from unigen.shapes.report import write_report
+    from unigen.tokenizer_training.common import resolve_device
     from unigen.tokenizer_training.config_io import load_config
+    from unigen.tokenizer_training.side_by_side import train_side_by_side
     from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, train_siglip
     from unigen.tokenizer_training.vq_trainer import VQTrainConfig, train_vq
     from unigen.train import load_recipe, run_stage
@@ -78,19 +80,30 @@ def run_demo(cfg: DemoConfig) -> Path:
                                       *cfg.overrides])
     # loaded before any training, so a bad recipe fails at once; it fixes the model, and the tokenizers are
     # trained in its shape (tokenizers/*.yaml give the rest)
+    vq_cfg = sig_cfg = None
     if cfg.vq_from is None:
         vq_cfg = load_config(VQTrainConfig, REPO / "tokenizers" / "vq-shapes.yaml",
                              common + [f"out_dir={vq_dir}", f"steps={cfg.vq_steps}",
                                       f"eval_every={cfg.vq_steps}", f"save_every={cfg.vq_steps}"])
         vq_cfg.vq = _shaped(vq_cfg.vq, recipe.model.get("vq", {}), f"{cfg.recipe}: model.vq")
-        _timed(timings, "VQ tokenizer", lambda: train_vq(vq_cfg))
     if cfg.siglip_from is None:
         sig_cfg = load_config(SigLIPTrainConfig, REPO / "tokenizers" / "siglip-shapes.yaml",
                               [f"data={manifest}", "overwrite=true", f"out_dir={siglip_dir}",
                                f"steps={cfg.siglip_steps}",
                                f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
         sig_cfg.vision = _shaped(sig_cfg.vision, recipe.model.get("vision", {}), f"{cfg.recipe}: model.vision")
-        _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
+    side_by_side = (vq_cfg is not None and sig_cfg is not None and cfg.threads >= 2
+                    and resolve_device(vq_cfg.device).type == resolve_device(sig_cfg.device).type == "cpu")
+    if side_by_side:
+        # neither trainer fills two cores: the encoder trains in a second process (see side_by_side.py)
+        seconds = _timed(timings, "VQ tokenizer + SigLIP encoder, side by side",
+                         lambda: train_side_by_side(vq_cfg, sig_cfg, cfg.threads))
+        print(f"[demo] (the SigLIP encoder was done after {seconds:.0f} s)", flush=True)
+    else:
+        if vq_cfg:
+            _timed(timings, "VQ tokenizer", lambda: train_vq(vq_cfg))
+        if sig_cfg:
+            _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
     from unigen.tokenizer_training.vq_codes import add_vq_codes
 
     # the VQ is frozen from here on: encode every training image once instead of once per stage

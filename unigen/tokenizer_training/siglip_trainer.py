@@ -379,11 +379,12 @@ class SigLIPTrainer:
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
-    def train(self, steps: int | None = None) -> list[dict[str, float]]:
+    def train(self, steps: int | None = None, bar_position: int = 0) -> list[dict[str, float]]:
         cfg = self.cfg
         until = cfg.steps if steps is None else steps
         history: list[dict[str, float]] = []
-        bar = tqdm(total=until, initial=self.step, desc="train-siglip", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=until, initial=self.step, desc="train-siglip", dynamic_ncols=True, mininterval=1.0,
+                   position=bar_position)
         t0, s0 = time.perf_counter(), self.step
         while self.step < until:
             images, captions = next(self.batches)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -416,14 +417,17 @@ class VQTrainer:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, *state["data_position"])
 
     # -- loop
-    def train(self, steps: int | None = None) -> list[dict[str, float]]:
-        """Train until ``steps`` (default ``cfg.steps``); returns the per-step losses of this call."""
+    def train(self, steps: int | None = None, before_step: Callable[[], None] | None = None) -> list[dict[str, float]]:
+        """Train until ``steps`` (default ``cfg.steps``); returns the per-step losses of this call.
+        ``before_step`` runs before every step (the side-by-side trainer changes the thread count there)."""
         cfg = self.cfg
         until = cfg.steps if steps is None else steps
         history: list[dict[str, float]] = []
         bar = tqdm(total=until, initial=self.step, desc="train-vq", dynamic_ncols=True, mininterval=1.0)
         t0, s0 = time.perf_counter(), self.step
         while self.step < until:
+            if before_step is not None:
+                before_step()
             images, _ = next(self.batches)
             out = self.train_step(images)
             self.step += 1
@@ -457,10 +461,10 @@ class VQTrainer:
         return history
 
 
-def train_vq(cfg: VQTrainConfig) -> Path:
+def train_vq(cfg: VQTrainConfig, before_step: Callable[[], None] | None = None) -> Path:
     """Train a VQ tokenizer as configured; returns the output folder (``load_vq`` reads it)."""
     trainer = VQTrainer(cfg)
-    trainer.train()
+    trainer.train(before_step=before_step)
     trainer.metrics.close()
     return trainer.out_dir
 
