@@ -23,7 +23,7 @@ DEMO_PROMPTS = ["a large red circle at the top left", "a small blue square at th
 @dataclass
 class DemoConfig:
     out_dir: str = "demo_out"
-    # sized for ~13 minutes with set-up on a 2-core AVX2 CPU; its slow hours take up to ~17 (README has the split)
+    # on a 2-core AVX2 CPU ~12 minutes with set-up on a fast hour (estimated), 18 on a slow one (measured; README)
     n_train: int = 5000
     vq_steps: int = 680
     # the recipe keeps the encoder frozen in stage II, as Janus does, so its shape reading caps the captions:
