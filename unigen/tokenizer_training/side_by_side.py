@@ -3,8 +3,9 @@
 The two trainers use extra threads unequally: on the 2-core AVX2 machine a SigLIP step (small matmuls) runs
 1.38x faster on 2 threads than on 1, a VQ step (convolutions) 1.65-2.0x. So the encoder trains in a spawned
 process on half the threads while the VQ trains here on the other half, and the VQ takes every thread once
-the encoder is done. Measured step times (VQ 680 steps, SigLIP 1500): one after the other 554 s, side by side
-~421 s.
+the encoder is done. For the demo's 680 VQ and 1500 SigLIP steps, step times measured in one hour give 554 s
+one after the other and ~421 s side by side; two demo runs took 449 s and 479 s. If the VQ finishes first,
+the encoder goes on alone on its half of the threads.
 
 The moment the VQ changes its thread count depends on timing, and float sums differ in the last bits between
 thread counts, so two side-by-side runs give VQ weights that differ in the last bits. Train the tokenizers one
@@ -42,7 +43,7 @@ def train_side_by_side(vq_cfg: VQTrainConfig, siglip_cfg: SigLIPTrainConfig, thr
     ctx = mp.get_context("spawn")  # not fork: a forked child would inherit this process's thread pools mid-use
     receive, send = ctx.Pipe(duplex=False)
     side = threads // 2
-    proc = ctx.Process(target=_siglip_worker, args=(siglip_cfg, side, send), name="train-siglip", daemon=True)
+    proc = ctx.Process(target=_siglip_worker, args=(siglip_cfg, side, send), name="train-siglip")
     start = time.perf_counter()
     proc.start()
     send.close()  # this process keeps only the receiving end: EOF there means the worker is gone
