@@ -20,16 +20,14 @@ import traceback
 
 import torch
 
-from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, SigLIPTrainer
+from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, train_siglip
 from unigen.tokenizer_training.vq_trainer import VQTrainConfig, train_vq
 
 
 def _siglip_worker(cfg: SigLIPTrainConfig, threads: int, report) -> None:
     torch.set_num_threads(threads)
     try:
-        trainer = SigLIPTrainer(cfg)
-        trainer.train(bar_position=1)  # the VQ's progress bar keeps line 0
-        trainer.metrics.close()
+        train_siglip(cfg, bar_position=1)  # the VQ's progress bar keeps line 0
     except BaseException:
         report.send(traceback.format_exc())
         raise SystemExit(1) from None  # the parent prints the traceback, once

@@ -415,9 +415,9 @@ def _millions(module: nn.Module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
 
 
-def train_siglip(cfg: SigLIPTrainConfig) -> Path:
+def train_siglip(cfg: SigLIPTrainConfig, bar_position: int = 0) -> Path:
     """Train as configured; returns the output folder (``load_siglip`` / ``load_siglip_into`` read it)."""
     trainer = SigLIPTrainer(cfg)
-    trainer.train()
+    trainer.train(bar_position=bar_position)
     trainer.metrics.close()
     return trainer.out_dir
