@@ -4,8 +4,8 @@ The two trainers use extra threads unequally: on the 2-core AVX2 machine a SigLI
 1.38x faster on 2 threads than on 1, a VQ step (convolutions) 1.65-2.0x. So the encoder trains in a spawned
 process on half the threads while the VQ trains here on the other half, and the VQ takes every thread once
 the encoder is done. For the demo's 680 VQ and 1500 SigLIP steps, step times measured in one hour give 554 s
-one after the other and ~421 s side by side; two demo runs took 449 s and 479 s. If the VQ finishes first,
-the encoder goes on alone on its half of the threads.
+one after the other and ~421 s side by side; three demo runs took 449 s, 479 s and 515 s. If
+the VQ finishes first, the encoder goes on alone on its half of the threads.
 
 The moment the VQ changes its thread count depends on timing, and float sums differ in the last bits between
 thread counts, so two side-by-side runs give VQ weights that differ in the last bits. Train the tokenizers one
