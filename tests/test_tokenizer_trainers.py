@@ -1,5 +1,6 @@
 """Smoke and behaviour tests of the two visual tokenizer trainers (tiny images, tiny models, CPU)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from PIL import Image
 from unigen.config import LLMConfig, VQConfig
 from unigen.tokenizer_training import losses
 from unigen.tokenizer_training.config_io import load_config
+from unigen.tokenizer_training.data import to_pixels
 from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, SigLIPTrainer, load_siglip, load_siglip_into
 from unigen.tokenizer_training.vq_trainer import VQTrainConfig, VQTrainer, load_vq, load_vq_into
 
@@ -99,6 +101,50 @@ def test_dead_codes_are_reseeded_from_encoder_outputs(tmp_path):
     cos = F.normalize(after[dead], dim=-1) @ trainer.z_buffer.t()
     assert cos.max(1).values.min() > 0.99
     assert trainer.opt.state[weight]["exp_avg"][dead].abs().sum() == 0
+
+
+def test_autoencoder_warmup_then_kmeans_codebook(tmp_path):
+    cfg = vq_config(tmp_path, write_images(tmp_path, 8), steps=6, ae_warmup_steps=3, kmeans_batches=2,
+                    vq=dict(image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1, z_channels=32,
+                            embed_dim=4, codebook_size=64))
+    trainer = VQTrainer(cfg)
+    weight = trainer.model.quantize.embedding.weight
+    start = weight.detach().clone()
+    warm = trainer.train(3)
+    # no quantizer in the warm-up: the codebook neither learns nor counts usage
+    assert all("codebook" not in h for h in warm) and torch.equal(weight.detach(), start)
+    assert trainer.usage.counts.sum() == 0
+
+    def mean_cos_to_nearest(codebook):
+        x = to_pixels(torch.stack([trainer.train_set[i][0] for i in range(8)]))
+        with torch.no_grad():
+            h = trainer.model.quant_conv(trainer.model.encoder(x))
+        z = F.normalize(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1)
+        return float((z @ F.normalize(codebook, dim=-1).t()).max(1).values.mean())
+
+    random_fit = mean_cos_to_nearest(start)
+    info = trainer.kmeans_init_codebook()
+    assert info["points"] == 8 * 64 and 1 <= info["codes_with_points"] <= 64
+    # k-means centres sit on the data: the distance (1 - cos) to the nearest code drops several-fold
+    assert 1 - mean_cos_to_nearest(weight.detach()) < 0.3 * (1 - random_fit), random_fit
+    # the codes keep the initial mean norm: the lookup normalises, but their gradient scale goes with 1/|e|
+    assert torch.allclose(weight.detach().norm(dim=1), start.norm(dim=1).mean().expand(64), rtol=1e-4)
+
+    # the training loop runs it once, at the end of the warm-up, then quantizes
+    again = VQTrainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "again")))
+    assert "codebook" in again.train()[-1]
+    kmeans = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()
+              if '"kmeans_init"' in line]
+    assert [r["step"] for r in kmeans] == [3]
+
+
+def test_resume_across_the_warmup_matches_uninterrupted(tmp_path):
+    data = write_images(tmp_path, 12)
+    kw = dict(steps=6, save_every=2, keep_last=5, ae_warmup_steps=2, kmeans_batches=2, weight_decay=0.1)
+    full = [h["loss"] for h in VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), **kw)).train()]
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000002"  # saved before the k-means init ran
+    resumed = VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "b"), resume=str(ckpt), **kw))
+    assert [h["loss"] for h in resumed.train()] == full[2:]
 
 
 def test_weight_decay_applies(tmp_path):
@@ -192,8 +238,11 @@ def test_config_errors_are_clear(tmp_path):
         load_config(VQTrainConfig, None, ["vq.codebok_size=10"])
     with pytest.raises(ValueError, match="perceptual_net_path"):
         VQTrainer(vq_config(tmp_path, data, perceptual_weight=1.0))
+    with pytest.raises(ValueError, match=r"ae_warmup_steps must be in \[0, steps\) = \[0, 3\), got 3"):
+        load_config(VQTrainConfig, None, ["steps=3", "ae_warmup_steps=3"])
     for recipe, cls in (("vq-shapes.yaml", VQTrainConfig), ("siglip-shapes.yaml", SigLIPTrainConfig)):
-        cfg = load_config(cls, ROOT / "tokenizers" / recipe, ["steps=3"])
+        steps = ["steps=3", "ae_warmup_steps=1"] if cls is VQTrainConfig else ["steps=3"]
+        cfg = load_config(cls, ROOT / "tokenizers" / recipe, steps)
         assert cfg.steps == 3 and cfg.data
 
 

@@ -1,8 +1,9 @@
 """Train a LlamaGen VQ-16 image tokenizer (``unigen.vq.VQModel``, any size) on your own images.
 
 Losses: reconstruction (L1/L2) + codebook + commitment, optional LPIPS-like perceptual (local VGG16
-weights only) and optional PatchGAN hinge loss from ``disc_start``. Tracks per-code usage over a
-window of steps and re-seeds dead codes from recent encoder outputs. Fixes LlamaGen's trainer bugs:
+weights only) and optional PatchGAN hinge loss from ``disc_start``. Optionally starts as a plain
+autoencoder and sets the codebook by k-means on its encoder outputs (``ae_warmup_steps``). Tracks per-code
+usage over a window of steps and re-seeds dead codes from recent encoder outputs. Fixes LlamaGen's trainer bugs:
 weight decay is applied (AdamW groups), resume restores the exact mid-epoch position (step, data
 order, RNG, optimisers, discriminator, usage counts), and the discriminator is neither built while
 ``disc_weight`` is 0 nor run before ``disc_start``.
@@ -88,6 +89,15 @@ class VQTrainConfig:
     dead_threshold: int = 0  # a code used at most this often in a window is dead
     reinit_stop_fraction: float = 0.8  # no re-seeding after this share of the steps, so the codebook settles
     z_buffer_size: int = 4096
+    # Autoencoder warm-up: for the first ``ae_warmup_steps`` the decoder sees the l2-normalised encoder output
+    # (where the quantizer would put a code) and there are no VQ losses; then the codebook is set by spherical
+    # k-means on encoder outputs of ``kmeans_batches`` batches. Quantizing from step 0 against a random codebook
+    # let a few codes win early: on the Shapes world, 680 steps from a random codebook gave 0.54 / 0.76 (seeds
+    # 0 / 1) of reconstructions fully readable with 12 / 18 codes used; 100 warm-up steps + k-means 0.78 / 0.82
+    # with 122 / 201 codes (tokenizers/README.md).
+    ae_warmup_steps: int = 0
+    kmeans_batches: int = 16
+    kmeans_iters: int = 20
     # bookkeeping
     seed: int = 0
     device: str = "auto"
@@ -103,6 +113,11 @@ class VQTrainConfig:
     def __post_init__(self):
         if self.recon_loss not in ("l1", "l2"):
             raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
+        if self.ae_warmup_steps < 0 or self.ae_warmup_steps >= max(1, self.steps):
+            raise ValueError(f"ae_warmup_steps must be in [0, steps) = [0, {self.steps}), got {self.ae_warmup_steps}")
+        if self.ae_warmup_steps and (self.kmeans_batches < 1 or self.kmeans_iters < 1):
+            raise ValueError("kmeans_batches and kmeans_iters must be >= 1 with ae_warmup_steps > 0, got "
+                             f"{self.kmeans_batches} and {self.kmeans_iters}")
         if self.vq.base_channels % self.vq.norm_groups:
             raise ValueError(f"vq.base_channels ({self.vq.base_channels}) must be a multiple of vq.norm_groups "
                              f"({self.vq.norm_groups}): every GroupNorm splits its channels into that many groups")
@@ -270,14 +285,19 @@ class VQTrainer:
         use_disc = self.disc is not None and self.step >= cfg.disc_start
         amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
 
+        warming_up = self.step < cfg.ae_warmup_steps
         with amp:
             h = model.quant_conv(model.encoder(x))
             with torch.autocast(self.device.type, enabled=False):
-                q = model.quantize(h.float())
-            recon = model.decode_latent(q.quantized).float()
+                q = None if warming_up else model.quantize(h.float())
+            # during the warm-up the decoder learns from the unquantized point on the unit sphere
+            recon = model.decode_latent(F.normalize(h.float(), dim=1) if warming_up else q.quantized).float()
         rec = F.l1_loss(recon, x) if cfg.recon_loss == "l1" else F.mse_loss(recon, x)
-        out = {"recon": rec.item(), "codebook": q.codebook_loss.item(), "commit": q.commit_loss.item()}
-        loss = cfg.recon_weight * rec + cfg.codebook_weight * (q.codebook_loss + q.commit_loss)
+        loss = cfg.recon_weight * rec
+        out = {"recon": rec.item()}
+        if q is not None:
+            loss = loss + cfg.codebook_weight * (q.codebook_loss + q.commit_loss)
+            out.update(codebook=q.codebook_loss.item(), commit=q.commit_loss.item())
         if self.perceptual is not None:
             with amp:
                 p = self.perceptual(recon, x).float()
@@ -306,7 +326,8 @@ class VQTrainer:
             self.disc_opt.step()
             out["d_loss"] = d.item()
 
-        self.usage.update(q.codes)
+        if q is not None:
+            self.usage.update(q.codes)
         self._remember(h.detach().float())
         out.update(loss=loss.item(), lr=lr)
         return out
@@ -338,6 +359,42 @@ class VQTrainer:
             if key in state:
                 state[key][dead_dev] = 0
         return len(dead)
+
+    @torch.no_grad()
+    def kmeans_init_codebook(self) -> dict[str, float]:
+        """Set the codebook to spherical k-means centres of normalised encoder outputs (end of the warm-up).
+
+        The images come from their own seeded order, so the training data order (and resume) is untouched.
+        """
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        n = min(len(self.train_set), cfg.kmeans_batches * cfg.batch_size)
+        index = torch.randperm(len(self.train_set), generator=gen)[:n].tolist()
+        self.model.eval()
+        feats = []
+        for start in range(0, n, cfg.batch_size):
+            x = to_pixels(torch.stack([self.train_set[i][0] for i in index[start:start + cfg.batch_size]]))
+            h = self.model.quant_conv(self.model.encoder(x.to(self.device))).float()
+            feats.append(F.normalize(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1))
+        self.model.train()
+        z = torch.cat(feats)
+        k = cfg.vq.codebook_size
+        centres = z[torch.randint(len(z), (k,), generator=gen).to(z.device)].clone()
+        for _ in range(cfg.kmeans_iters):
+            assign = (z @ centres.t()).argmax(1)
+            sums = torch.zeros_like(centres).index_add_(0, assign, z)
+            sizes = torch.bincount(assign, minlength=k)
+            # an empty cluster keeps its centre; the others move to the (normalised) mean of their points
+            centres = torch.where(sizes[:, None] > 0, F.normalize(sums, dim=-1), centres)
+        weight = self.model.quantize.embedding.weight
+        # the lookup normalises, but the gradient a code gets scales with 1/|e|: keep the initial norm
+        weight.copy_(centres.to(weight) * weight.norm(dim=1).mean())
+        state = self.opt.state.get(weight, {})
+        for key in ("exp_avg", "exp_avg_sq"):  # moments from before the init would drag the codes away
+            if key in state:
+                state[key].zero_()
+        used = int((torch.bincount((z @ centres.t()).argmax(1), minlength=k) > 0).sum())
+        return {"codes_with_points": used, "points": len(z)}
 
     # -- evaluation
     @torch.no_grad()
@@ -428,6 +485,11 @@ class VQTrainer:
         while self.step < until:
             if before_step is not None:
                 before_step()
+            if cfg.ae_warmup_steps and self.step == cfg.ae_warmup_steps:
+                info = self.kmeans_init_codebook()
+                self.metrics.write(self.step, "kmeans_init", info)
+                bar.write(f"step {self.step}: end of the autoencoder warm-up, codebook set by k-means "
+                          f"({info['codes_with_points']} of {cfg.vq.codebook_size} codes hold points)")
             images, _ = next(self.batches)
             out = self.train_step(images)
             self.step += 1
