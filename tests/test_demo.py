@@ -7,8 +7,8 @@ from unigen.shapes.demo import DemoConfig, run_demo
 
 def test_demo_pipeline_runs_end_to_end(tmp_path):
     # a recipe override of the model's shape reaches the tokenizers: they are trained in the recipe's shape
-    page = run_demo(DemoConfig(out_dir=str(tmp_path), n_train=300, vq_steps=3, siglip_steps=3, stage_steps=(2, 2, 2),
-                               n_eval=4, threads=2,
+    page = run_demo(DemoConfig(out_dir=str(tmp_path), n_train=300, vq_steps=3, vq_warmup_steps=1, siglip_steps=3,
+                               stage_steps=(2, 2, 2), n_eval=4, threads=2,
                                overrides=("model.vq.channel_mult=[1,1,2,2]", "model.vision.depth=2")))
     html = page.read_text()
     assert "Generated from prompts" in html and "Captions of held-out images" in html

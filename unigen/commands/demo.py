@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=d.out_dir, help=f"output folder (default {d.out_dir})")
     p.add_argument("--n-train", type=int, default=d.n_train, help=f"training images (default {d.n_train})")
     p.add_argument("--vq-steps", type=int, default=d.vq_steps, help=f"VQ tokenizer steps (default {d.vq_steps})")
+    p.add_argument("--vq-warmup-steps", type=int, default=d.vq_warmup_steps,
+                   help=f"of those, autoencoder warm-up steps before the k-means codebook init (default "
+                   f"{d.vq_warmup_steps})")
     p.add_argument("--siglip-steps", type=int, default=d.siglip_steps,
                    help=f"SigLIP encoder steps (default {d.siglip_steps})")
     p.add_argument("--stage-steps", type=int, nargs=3, default=None, metavar=("I", "II", "III"),
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     stage_steps = tuple(args.stage_steps) if args.stage_steps else None
     run_demo(DemoConfig(out_dir=args.out_dir, n_train=args.n_train, vq_steps=args.vq_steps,
-                        siglip_steps=args.siglip_steps, stage_steps=stage_steps, n_eval=args.n_eval,
+                        vq_warmup_steps=args.vq_warmup_steps, siglip_steps=args.siglip_steps,
+                        stage_steps=stage_steps, n_eval=args.n_eval,
                         seed=args.seed, threads=args.threads, recipe=args.recipe, vq_from=args.vq_from,
                         siglip_from=args.siglip_from, overrides=tuple(args.overrides)))
     return 0

@@ -25,7 +25,8 @@ class DemoConfig:
     out_dir: str = "demo_out"
     # on a 2-core AVX2 CPU ~12 minutes with set-up on a fast hour (estimated), 18 on a slow one (measured; README)
     n_train: int = 5000
-    vq_steps: int = 680
+    vq_steps: int = 1000
+    vq_warmup_steps: int = 100  # autoencoder warm-up, then the k-means codebook (VQTrainConfig.ae_warmup_steps)
     # the recipe keeps the encoder frozen in stage II, as Janus does, so its shape reading caps the captions:
     # MLP probe of shape from its tokens 0.78 after 600 steps, 0.94 after 1500 (README)
     siglip_steps: int = 1500
@@ -84,7 +85,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     if cfg.vq_from is None:
         vq_cfg = load_config(VQTrainConfig, REPO / "tokenizers" / "vq-shapes.yaml",
                              common + [f"out_dir={vq_dir}", f"steps={cfg.vq_steps}",
-                                      f"eval_every={cfg.vq_steps}", f"save_every={cfg.vq_steps}"])
+                                      f"ae_warmup_steps={cfg.vq_warmup_steps}", f"eval_every={cfg.vq_steps}",
+                                      f"save_every={cfg.vq_steps}"])
         vq_cfg.vq = _shaped(vq_cfg.vq, recipe.model.get("vq", {}), f"{cfg.recipe}: model.vq")
     if cfg.siglip_from is None:
         sig_cfg = load_config(SigLIPTrainConfig, REPO / "tokenizers" / "siglip-shapes.yaml",
