@@ -3,9 +3,9 @@
 The two trainers use extra threads unequally: on the 2-core AVX2 machine a SigLIP step (small matmuls) runs
 1.38x faster on 2 threads than on 1, a VQ step (convolutions) 1.65-2.0x. So the encoder trains in a spawned
 process on half the threads while the VQ trains here on the other half, and the VQ takes every thread once
-the encoder is done. For the demo's 680 VQ and 1500 SigLIP steps, step times measured in one hour give 554 s
-one after the other and ~421 s side by side; three demo runs took 449 s, 479 s and 515 s. If
-the VQ finishes first, the encoder goes on alone on its half of the threads.
+the encoder is done; if the VQ finishes first, the encoder takes every thread in the same way. For the demo's
+680 VQ and 1500 SigLIP steps (an earlier recipe), step times measured in one hour gave 554 s one after the other
+and ~421 s side by side; three demo runs took 449 s, 479 s and 515 s.
 
 The moment the VQ changes its thread count depends on timing, and float sums differ in the last bits between
 thread counts, so two side-by-side runs give VQ weights that differ in the last bits. Train the tokenizers one
@@ -24,10 +24,15 @@ from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, train_si
 from unigen.tokenizer_training.vq_trainer import VQTrainConfig, train_vq
 
 
-def _siglip_worker(cfg: SigLIPTrainConfig, threads: int, report) -> None:
+def _siglip_worker(cfg: SigLIPTrainConfig, threads: int, all_threads: int, vq_done, report) -> None:
     torch.set_num_threads(threads)
+
+    def take_all_threads() -> None:
+        if vq_done.is_set() and torch.get_num_threads() != all_threads:
+            torch.set_num_threads(all_threads)
+
     try:
-        train_siglip(cfg, bar_position=1)  # the VQ's progress bar keeps line 0
+        train_siglip(cfg, bar_position=1, before_step=take_all_threads)  # the VQ's progress bar keeps line 0
     except BaseException:
         report.send(traceback.format_exc())
         raise SystemExit(1) from None  # the parent prints the traceback, once
@@ -40,8 +45,9 @@ def train_side_by_side(vq_cfg: VQTrainConfig, siglip_cfg: SigLIPTrainConfig, thr
         raise ValueError(f"training side by side needs threads >= 2, got {threads}; train one after the other")
     ctx = mp.get_context("spawn")  # not fork: a forked child would inherit this process's thread pools mid-use
     receive, send = ctx.Pipe(duplex=False)
+    vq_done = ctx.Event()
     side = threads // 2
-    proc = ctx.Process(target=_siglip_worker, args=(siglip_cfg, side, send), name="train-siglip")
+    proc = ctx.Process(target=_siglip_worker, args=(siglip_cfg, side, threads, vq_done, send), name="train-siglip")
     start = time.perf_counter()
     proc.start()
     send.close()  # this process keeps only the receiving end: EOF there means the worker is gone
@@ -56,6 +62,7 @@ def train_side_by_side(vq_cfg: VQTrainConfig, siglip_cfg: SigLIPTrainConfig, thr
     try:
         torch.set_num_threads(threads - side)
         train_vq(vq_cfg, before_step=take_all_threads)
+        vq_done.set()  # the encoder, if still training, takes every thread from its next step
         try:
             error = receive.recv()  # None once it has saved the encoder; waits for it if it is still training
         except EOFError:

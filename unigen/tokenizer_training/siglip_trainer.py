@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -379,7 +380,10 @@ class SigLIPTrainer:
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
-    def train(self, steps: int | None = None, bar_position: int = 0) -> list[dict[str, float]]:
+    def train(self, steps: int | None = None, bar_position: int = 0,
+              before_step: Callable[[], None] | None = None) -> list[dict[str, float]]:
+        """Train up to ``steps`` (default: all). ``before_step`` runs before every step (the side-by-side
+        trainer changes the thread count there)."""
         cfg = self.cfg
         until = cfg.steps if steps is None else steps
         history: list[dict[str, float]] = []
@@ -387,6 +391,8 @@ class SigLIPTrainer:
                    position=bar_position)
         t0, s0 = time.perf_counter(), self.step
         while self.step < until:
+            if before_step is not None:
+                before_step()
             images, captions = next(self.batches)
             out = self.train_step(images, captions)
             self.step += 1
@@ -415,9 +421,10 @@ def _millions(module: nn.Module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
 
 
-def train_siglip(cfg: SigLIPTrainConfig, bar_position: int = 0) -> Path:
+def train_siglip(cfg: SigLIPTrainConfig, bar_position: int = 0,
+                 before_step: Callable[[], None] | None = None) -> Path:
     """Train as configured; returns the output folder (``load_siglip`` / ``load_siglip_into`` read it)."""
     trainer = SigLIPTrainer(cfg)
-    trainer.train(bar_position=bar_position)
+    trainer.train(bar_position=bar_position, before_step=before_step)
     trainer.metrics.close()
     return trainer.out_dir

@@ -114,7 +114,8 @@ class VQTrainConfig:
         if self.recon_loss not in ("l1", "l2"):
             raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
         if self.ae_warmup_steps < 0 or self.ae_warmup_steps >= max(1, self.steps):
-            raise ValueError(f"ae_warmup_steps must be in [0, steps) = [0, {self.steps}), got {self.ae_warmup_steps}")
+            raise ValueError(f"ae_warmup_steps must be in [0, steps) = [0, {self.steps}), got {self.ae_warmup_steps}: "
+                             "lower ae_warmup_steps (0 turns the warm-up off) or raise steps")
         if self.ae_warmup_steps and (self.kmeans_batches < 1 or self.kmeans_iters < 1):
             raise ValueError("kmeans_batches and kmeans_iters must be >= 1 with ae_warmup_steps > 0, got "
                              f"{self.kmeans_batches} and {self.kmeans_iters}")
