@@ -26,3 +26,12 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     # the recipe's sampling defaults travel in the checkpoint and are recorded with the scores
     assert config["guidance_scale"] == 2.0 and config["temperature"] == 0.4
     assert scores["guidance_scale"] == 2.0 and scores["temperature"] == 0.4
+
+
+def test_demo_rejects_a_warm_up_as_long_as_the_vq_run_before_any_work(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"--vq-warmup-steps must be in \[0, --vq-steps\) = \[0, 50\), got 100"):
+        DemoConfig(out_dir=str(tmp_path), vq_steps=50)
+    assert not any(tmp_path.iterdir())
+    DemoConfig(out_dir=str(tmp_path), vq_steps=50, vq_from=str(tmp_path / "vq"))  # a reused VQ has no warm-up
