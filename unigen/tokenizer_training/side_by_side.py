@@ -7,9 +7,11 @@ the encoder is done; if the VQ finishes first, the encoder takes every thread in
 680 VQ and 1500 SigLIP steps (an earlier recipe), step times measured in one hour gave 554 s one after the other
 and ~421 s side by side; three demo runs took 449 s, 479 s and 515 s.
 
-The moment the VQ changes its thread count depends on timing, and float sums differ in the last bits between
-thread counts, so two side-by-side runs give VQ weights that differ in the last bits. Train the tokenizers one
-after the other (the demo does with ``threads=1``) for bitwise-repeatable runs.
+The moment the trainer that finishes second changes its thread count depends on timing, and float sums differ
+in the last bits between thread counts, so two side-by-side runs give its weights that differ in the last bits
+(the one that finishes first keeps its half of the threads throughout and repeats exactly; in the demo that is
+now the VQ). Train the tokenizers one after the other (the demo does with ``threads=1``) for bitwise-repeatable
+runs.
 """
 
 from __future__ import annotations
