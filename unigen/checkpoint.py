@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from unigen.config import LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig
+from unigen.config import SPECIAL_TOKEN_TEXT, LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig
 
 
 class CheckpointError(ValueError):
@@ -287,10 +287,6 @@ def official_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torc
 
 # ---- tokens ------------------------------------------------------------------------------------
 
-SPECIAL_TOKENS = {
-    "bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>", "cfg_pad": "<｜▁pad▁｜>",
-    "image_start": "<begin_of_image>", "image_end": "<end_of_image>", "image": "<image_placeholder>",
-}
 
 
 def token_ids_from_tokenizer(directory: Path, fallback: TokenIds) -> tuple[TokenIds, str | None]:
@@ -301,7 +297,7 @@ def token_ids_from_tokenizer(directory: Path, fallback: TokenIds) -> tuple[Token
 
     tok = AutoTokenizer.from_pretrained(str(directory))
     vocab = tok.get_vocab()
-    ids = {name: vocab[text] for name, text in SPECIAL_TOKENS.items() if text in vocab}
+    ids = {name: vocab[text] for name, text in SPECIAL_TOKEN_TEXT.items() if text in vocab}
     pad = tok.pad_token_id if tok.pad_token_id is not None else fallback.pad
     fmt = "janus-pro" if "<|User|>" in vocab else "janus"
     return TokenIds(**{**vars(fallback), **ids, "pad": pad}), fmt

@@ -51,7 +51,7 @@ class VQConfig:
     # Encoder without attention and with per-pixel channel norms: a code then depends only on its own
     # neighbourhood. LlamaGen's encoder (False) lets GroupNorm statistics and attention carry the whole
     # image into every code, so an empty background gets different codes in every image, which a
-    # generator must then learn to predict (measured on Shapes: the same caption shares 0.42 of its codes).
+    # generator must then learn to predict.
     local_encoder: bool = False
     commit_beta: float = 0.25  # used only when training the tokenizer
     image_size: int = 384  # generation resolution
@@ -71,7 +71,7 @@ class VQConfig:
 
 @dataclass
 class LLMConfig:
-    """Llama-style decoder (built with transformers' ``LlamaForCausalLM``, untied head)."""
+    """Llama-style decoder (``unigen.decoder``): RMSNorm, RoPE, grouped-query attention, SwiGLU."""
 
     vocab_size: int = 102400
     hidden_size: int = 2048
@@ -83,6 +83,15 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     attn_implementation: str = "sdpa"
+
+
+# TokenIds field -> the token's text in Janus's tokenizer (and in the tokenizers unigen trains). The one
+# table of special-token strings: loaders look these up in a checkpoint's vocabulary, prompts are built
+# from them. The tokenizer's own pad token is read from the tokenizer: it has no fixed text.
+SPECIAL_TOKEN_TEXT = {
+    "bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>", "cfg_pad": "<｜▁pad▁｜>",
+    "image_start": "<begin_of_image>", "image_end": "<end_of_image>", "image": "<image_placeholder>",
+}
 
 
 @dataclass
@@ -114,12 +123,10 @@ class UniGenConfig:
     cross_attention_every: int = 4
     cross_attention_layers: list[int] | None = None  # explicit positions override ``cross_attention_every``
     # CFG scale used when a caller gives none. Janus samples at 5; a small model trained on a narrow
-    # world is over-steered by that (Shapes-small fidelity: 0.955 at 2, 0.835 at 5), so checkpoints
-    # carry their own.
+    # world is over-steered by that, so checkpoints carry their own (docs/EXPERIMENTS.md).
     guidance_scale: float = 5.0
-    # Image-token sampling temperature used when a caller gives none; Janus samples at 1. The Shapes demo's
-    # model is more faithful lower (fidelity over 4 x 200 prompts 0.735 at 0.4, 0.716 at 0.6), so its recipe
-    # (train/shapes.yaml) sets 0.4.
+    # Image-token sampling temperature used when a caller gives none; Janus samples at 1. Small models
+    # are more faithful lower, so checkpoints carry their own (docs/EXPERIMENTS.md).
     temperature: float = 1.0
 
     @property

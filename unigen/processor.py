@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from unigen.config import TokenIds, UniGenConfig
-from unigen.text_tokenizer import SPECIAL_TOKEN_TEXT, special_token_ids
+from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
+from unigen.text_tokenizer import special_token_ids
 
 JANUS_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
     "the user provides, and assist the user with a variety of tasks using natural language."
 )
-IMAGE_TAG, IMAGE_START_TAG, IMAGE_END_TAG = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
-BOS_TEXT, EOS_TEXT, CFG_PAD_TEXT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+IMAGE_TAG, IMAGE_START_TAG, IMAGE_END_TAG = (SPECIAL_TOKEN_TEXT[k] for k in ("image", "image_start", "image_end"))
+BOS_TEXT, EOS_TEXT, CFG_PAD_TEXT = (SPECIAL_TOKEN_TEXT[k] for k in ("bos", "eos", "cfg_pad"))
 PAD_GRAY = 127  # int(0.5 * 255): the official background colour
 MIN_SIDE = 14
 

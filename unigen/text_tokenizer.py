@@ -10,15 +10,14 @@ import itertools
 from collections.abc import Iterable
 from pathlib import Path
 
-from unigen.config import TokenIds
+from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds
 
-BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<pad>"
-# TokenIds field -> token text (the tokenizer's own pad token is read separately: it has no fixed text)
-SPECIAL_TOKEN_TEXT = {"bos": BOS, "eos": EOS, "cfg_pad": "<｜▁pad▁｜>", "image_start": "<begin_of_image>",
-                      "image_end": "<end_of_image>", "image": "<image_placeholder>"}
+BOS, EOS = SPECIAL_TOKEN_TEXT["bos"], SPECIAL_TOKEN_TEXT["eos"]
+PAD = "<pad>"  # the pad token of the tokenizers trained here (Janus's is read from its tokenizer)
 ROLE_TOKENS = ["<|User|>", "<|Assistant|>"]
 # ids 0..8 in this order, so tiny tokenizers share unigen.testing.TINY_TOKENS' special ids
-SPECIALS = [PAD, BOS, EOS, "<｜▁pad▁｜>", "<begin_of_image>", "<end_of_image>", "<image_placeholder>", *ROLE_TOKENS]
+SPECIALS = [PAD, *(SPECIAL_TOKEN_TEXT[k] for k in ("bos", "eos", "cfg_pad", "image_start", "image_end", "image")),
+            *ROLE_TOKENS]
 PROMPT_PUNCTUATION = ": . , ? ! ' \" ( ) -"
 KINDS = ("bpe", "wordlevel")
 

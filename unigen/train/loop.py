@@ -137,9 +137,7 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     if rank == 0:
         parallel.barrier()
     model.to(accelerator.device).train()
-    if recipe.grad_checkpointing:
-        lm = model.language_model  # transformers 5 renamed the switch
-        (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
+    model.language_model.model.gradient_checkpointing = recipe.grad_checkpointing
     groups = stage_groups(model.config, cfg.groups, cfg.train_llm)
     set_trainable(model, groups)
     check_tasks(pools, cfg, groups, stage)
