@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from unigen.recipes import resolve
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (any layout unigen loads) or hub id")
+    p.add_argument("--model", required=True, type=resolve,
+                   help="checkpoint directory (any layout unigen loads) or hub id")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="where to run: auto picks cuda, then mps, then cpu (default auto)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")

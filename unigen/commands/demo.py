@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unigen.recipes import resolve
+
 HELP = "Train and evaluate a unified model on the Shapes world from scratch; writes DIR/index.html."
 
 
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads (default 2); with 2 or more the VQ tokenizer and the SigLIP encoder train side "
                    "by side in two processes (1: one after the other, bitwise repeatable)")
-    p.add_argument("--recipe", default=d.recipe, help="training recipe (default train/shapes.yaml)")
+    p.add_argument("--recipe", default=d.recipe, type=resolve, help="training recipe (default train/shapes.yaml)")
     p.add_argument("--vq-from", default=None, help="reuse this trained VQ tokenizer instead of training one")
     p.add_argument("--siglip-from", default=None, help="reuse this trained SigLIP encoder instead of training one")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage2.lr=5e-4; the tokenizers "

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from unigen.recipes import resolve
+
 HELP = "Train a unified model through the three Janus stages (I adaptors+heads, II +LLM, III +SigLIP)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="recipe YAML (see train/*.yaml)")
+    p.add_argument("--config", required=True, type=resolve, help="recipe YAML (see train/*.yaml)")
     p.add_argument("--stage", type=int, choices=[1, 2, 3], action="append",
                    help="stage to run (repeatable; default: 1, 2 and 3 in order)")
     p.add_argument("--max-steps", type=int, default=None, help="stop each stage after N steps")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from unigen.recipes import recipe_path
+
 DEMO_PROMPTS = ["a large red circle at the top left", "a small blue square at the center",
                 "a large yellow triangle at the bottom", "a small green diamond at the right",
                 "a large purple square at the bottom right", "a small white circle at the top",
@@ -35,7 +36,7 @@ class DemoConfig:
     n_eval: int = 200
     seed: int = 0
     threads: int = 2
-    recipe: str = str(REPO / "train" / "shapes.yaml")
+    recipe: str = str(recipe_path("train/shapes.yaml"))
     vq_from: str | None = None  # a trained VQ tokenizer to reuse instead of training one
     siglip_from: str | None = None  # a trained SigLIP encoder to reuse instead of training one
     overrides: tuple[str, ...] = ()  # recipe key=value overrides
@@ -90,13 +91,13 @@ def run_demo(cfg: DemoConfig) -> Path:
     # trained in its shape (tokenizers/*.yaml give the rest)
     vq_cfg = sig_cfg = None
     if cfg.vq_from is None:
-        vq_cfg = load_config(VQTrainConfig, REPO / "tokenizers" / "vq-shapes.yaml",
+        vq_cfg = load_config(VQTrainConfig, recipe_path("tokenizers/vq-shapes.yaml"),
                              common + [f"out_dir={vq_dir}", f"steps={cfg.vq_steps}",
                                       f"ae_warmup_steps={cfg.vq_warmup_steps}", f"eval_every={cfg.vq_steps}",
                                       f"save_every={cfg.vq_steps}"])
         vq_cfg.vq = _shaped(vq_cfg.vq, recipe.model.get("vq", {}), f"{cfg.recipe}: model.vq")
     if cfg.siglip_from is None:
-        sig_cfg = load_config(SigLIPTrainConfig, REPO / "tokenizers" / "siglip-shapes.yaml",
+        sig_cfg = load_config(SigLIPTrainConfig, recipe_path("tokenizers/siglip-shapes.yaml"),
                               [f"data={manifest}", "overwrite=true", f"out_dir={siglip_dir}",
                                f"steps={cfg.siglip_steps}",
                                f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
