@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unigen import UniGenModel
-from unigen.checkpoint import CheckpointError
+from unigen.checkpoint import CheckpointError, official_state_dict
 from unigen.testing import write_official_layout
 
 
@@ -38,12 +38,29 @@ def test_sharded_save_load(model, tmp_path):
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 2
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(model.state_dict())
+    assert set(index["weight_map"]) == set(official_state_dict(model.state_dict(), model.config.llm))
     assert_same_weights(model, UniGenModel.from_pretrained(tmp_path))
     # re-saving unsharded leaves no stale shards behind
     model.save_pretrained(tmp_path)
     assert not list(tmp_path.glob("model-*.safetensors"))
     assert_same_weights(model, UniGenModel.from_pretrained(tmp_path))
+
+
+def test_files_hold_deepseeks_key_names(model, tmp_path):
+    """In memory q|k|v and gate|up are fused; on disk they are DeepSeek's separate projections."""
+    model.save_pretrained(tmp_path)
+    keys = set(load_file(str(tmp_path / "model.safetensors")))
+    llm = model.config.llm
+    for i in range(llm.num_layers):
+        block = f"language_model.model.layers.{i}"
+        names = [f"{block}.self_attn.{p}_proj.weight" for p in "qkvo"] + [
+            f"{block}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+        assert set(names) <= keys
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in keys)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    fused = model.language_model.model.layers[0].self_attn.qkv_proj.weight
+    q = state["language_model.model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(fused[: q.shape[0]], q)
 
 
 def test_load_in_bfloat16(model, tmp_path):

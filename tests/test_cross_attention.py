@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from unigen import UniGenModel
-from unigen.checkpoint import CheckpointError
+from unigen.checkpoint import CheckpointError, official_state_dict
 from unigen.config import LLMConfig, SigLIPConfig, UniGenConfig, VQConfig
-from unigen.cross_attention import CACHE_ATTR, add_cross_attention, cross_attention_positions
+from unigen.cross_attention import add_cross_attention, cross_attention_positions
+from unigen.decoder import linear
 from unigen.param_groups import parameter_groups, set_trainable, stage_groups
 from unigen.testing import TINY_TOKENS
 
@@ -66,7 +67,7 @@ def pixels(n: int, seed: int = 0) -> torch.Tensor:
 def backbone_logits(model, ids, attention_mask=None) -> torch.Tensor:
     """The text-only backbone: placeholder tokens embedded as text, no image anywhere."""
     hidden = model.run_decoder(model.embed_text(ids), attention_mask).last_hidden_state
-    return model.language_model.lm_head(hidden)
+    return linear(hidden, model.language_model.lm_head.weight)
 
 
 def left_pad(rows):
@@ -187,7 +188,7 @@ def test_cached_decoding_equals_uncached(text_row):
     with torch.no_grad():
         out = b(ids, pixel_values=px, attention_mask=mask, use_cache=True)
         cache = out.past_key_values
-        assert getattr(cache, CACHE_ATTR) is out.cross_attention_state
+        assert cache.cross_attention_state is out.cross_attention_state
         cached = [out.logits[:, -1]]
         for t in range(steps.shape[1]):
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
@@ -301,7 +302,8 @@ def test_method_b_checkpoint_round_trip(tmp_path, encoder):
     with torch.no_grad():
         assert torch.equal(b(ids, pixel_values=pixels(1)).logits, loaded(ids, pixel_values=pixels(1)).logits)
     # the file is the base checkpoint's keys plus cross_attn_layers.*
-    base_keys = set(UniGenModel(tiny_config(encoder=encoder)).state_dict())
+    base = UniGenModel(tiny_config(encoder=encoder))
+    base_keys = set(official_state_dict(base.state_dict(), base.config.llm))
     file_keys = set(load_file(str(tmp_path / "model.safetensors")))
     assert base_keys <= file_keys and all(k.startswith("cross_attn_layers.") for k in file_keys - base_keys)
     with pytest.raises(ValueError, match="drop its cross-attention weights"):
@@ -339,7 +341,7 @@ def test_run_decoder_decode_step_takes_the_images_from_the_cache():
         via_forward = b(torch.tensor([[22]]), position_ids=pos, past_key_values=cache, use_cache=True).logits
         hidden = b.run_decoder(b.embed_text(torch.tensor([[22]])), position_ids=pos, past_key_values=twin,
                                use_cache=True).last_hidden_state
-        assert torch.equal(b.language_model.lm_head(hidden), via_forward)
+        assert torch.equal(linear(hidden, b.language_model.lm_head.weight), via_forward)
         full = b(torch.tensor([[BOS, 20, IMG, 21, 22]]), pixel_values=pixels(1)).logits[:, -1:]
         torch.testing.assert_close(via_forward, full, atol=1e-5, rtol=0)
         assert (full - backbone_logits(base, torch.tensor([[BOS, 20, IMG, 21, 22]]))[:, -1:]).abs().amax() > 1e-3

@@ -29,6 +29,23 @@ def test_greedy_image_tokens_equal_transformers(models):
     assert torch.equal(ours, ref)
 
 
+def test_greedy_image_tokens_follow_the_teacher_forced_logits(models):
+    """Each greedy code is the argmax of the guided logits that a full (uncached) forward gives for the
+    codes before it: the cache, the rotary positions of decode steps and left padding all enter."""
+    _, model = models
+    ids, mask = prompts()
+    codes = generate_image_tokens(model, ids, mask, guidance_scale=3.0, temperature=0)
+    uncond_ids = torch.where((ids == T.bos) | (ids == T.image_start) | (ids == T.pad), ids, T.cfg_pad)
+    with torch.no_grad():
+        c = model.image_logits(ids, codes, mask)
+        u = model.image_logits(uncond_ids, codes, mask)
+    guided = u + 3.0 * (c - u)
+    top2 = guided.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-4  # ties within rounding may go either way
+    assert clear.float().mean() > 0.9
+    assert torch.equal(guided.argmax(-1)[clear], codes[clear])
+
+
 def test_greedy_captions_equal_transformers(models):
     hf, model = models
     img = [T.image_start] + [T.image] * 16 + [T.image_end]
@@ -148,9 +165,7 @@ def test_bad_arguments_are_named(models):
 
 
 def test_cached_forward_with_left_padding_equals_full_recompute(models):
-    """model(...) with a transformers cache: positions come from the mask in prefill and in decode steps."""
-    from transformers import DynamicCache
-
+    """model(...) with a cache: positions come from the mask in prefill and in decode steps."""
     _, model = models
     ids = torch.tensor([[T.pad, T.pad, T.bos, 20, 21], [T.bos, 30, 31, 32, 33]])
     nxt = torch.tensor([[40, 41], [42, 43]])
@@ -158,7 +173,7 @@ def test_cached_forward_with_left_padding_equals_full_recompute(models):
     full_mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     with torch.no_grad():
         ref = model(torch.cat([ids, nxt], 1), attention_mask=full_mask).logits
-        out = model(ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
+        out = model(ids, attention_mask=mask, use_cache=True)
         for j in range(2):
             out = model(nxt[:, j : j + 1], attention_mask=full_mask[:, : ids.shape[1] + j + 1],
                         past_key_values=out.past_key_values, use_cache=True)
@@ -185,7 +200,8 @@ def test_cutoff_schedule_needs_a_token_index(models):
 
 
 def test_decode_linear_equals_linear_at_every_row_count():
-    from unigen.kv_decoder import SKINNY_ROWS, decode_linear
+    from unigen.decoder import SKINNY_ROWS
+    from unigen.decoder import linear as decode_linear
 
     g = torch.Generator().manual_seed(0)
     for n_out in (300, 9000):
@@ -200,56 +216,50 @@ def test_decode_linear_equals_linear_at_every_row_count():
                 torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_decode_keeps_row_major_weights_and_fp32_attention_where_bf16_is_emulated(tiny_hf_janus, monkeypatch):
-    """bf16 decode weights must stay row-major (column-major bf16 took 98 vs 2.4 ms for a 16384 x 512 head
-    on CPU). Where bf16 is emulated, the KV cache and the attention run in fp32. Either way a cached decode
-    equals a full forward to bf16 rounding."""
-    from unigen.kv_decoder import StaticKVDecoder
-    from unigen.model import positions_from_mask
-
+def test_bf16_decode_keeps_fp32_attention_where_bf16_is_emulated(tiny_hf_janus, monkeypatch):
+    """Where bf16 is emulated, the KV cache and the attention run in fp32 (bf16 batched matmuls are 2-4x
+    slower there). Either way a cached decode equals a full forward to bf16 rounding."""
     _, directory = tiny_hf_janus
-    model = UniGenModel.from_pretrained(directory)
+    model = UniGenModel.from_pretrained(directory, dtype=torch.bfloat16)
     ids, mask = prompts()
-    StaticKVDecoder(model, 2, ids.shape[1])  # fuses the decode weights in fp32
-    model.to(torch.bfloat16)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    runner = StaticKVDecoder(model, 2, ids.shape[1])
-    assert runner.qkv[0].is_contiguous() and runner.gate_up[0].is_contiguous()
-    assert runner.qkv[0].dtype == torch.bfloat16 and runner.k[0].dtype == torch.float32
+    cache = model.decoder.new_cache(2, ids.shape[1])
+    assert cache.k.dtype == torch.float32
     with torch.no_grad():
         embeds = model.embed_text(ids)
-        full = model.decoder(inputs_embeds=embeds, attention_mask=mask,
-                             position_ids=positions_from_mask(mask)).last_hidden_state
-        runner.prefill(embeds[:, :-1], mask[:, :-1])
-        last = runner.step(embeds[:, -1:])
+        full = model.decoder(embeds, mask)
+        model.decoder(embeds[:, :-1], mask[:, :-1], cache=cache)
+        last = model.decoder(embeds[:, -1:], cache=cache)
     assert last.dtype == torch.bfloat16
     assert (last[:, 0].float() - full[:, -1].float()).abs().max() < 5e-2
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert StaticKVDecoder(model, 2, ids.shape[1]).k[0].dtype == torch.bfloat16
+    assert model.decoder.new_cache(2, ids.shape[1]).k.dtype == torch.bfloat16
 
 
-def test_decoder_shortcuts_give_transformers_numbers_bit_for_bit(models):
-    """The decode step's fused norm, rotary table and sign-folded rotate-half are exact rewrites of
-    transformers' LlamaRMSNorm / rotary embedding / apply_rotary_pos_emb, in fp32 and bf16."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+def test_decoder_pieces_give_transformers_numbers_bit_for_bit(models):
+    """unigen's RMSNorm and sign-folded rotary are exact rewrites of transformers' LlamaRMSNorm, rotary
+    embedding and apply_rotary_pos_emb, in fp32 and bf16."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from unigen.kv_decoder import StaticKVDecoder, _rms_norm, _signed_sin
+    from unigen.decoder import RMSNorm, rotary_tables, rotate
 
     _, model = models
-    runner = StaticKVDecoder(model, 2, 40)
+    cfg = model.config.llm
+    head_dim = cfg.hidden_size // cfg.num_heads
+    reference = LlamaRotaryEmbedding(LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
+                                                 rope_theta=cfg.rope_theta, max_position_embeddings=64))
     g = torch.Generator().manual_seed(0)
     positions = torch.tensor([[0, 1, 2, 3, 39], [7, 7, 8, 9, 10]])
-    x = torch.randn(2, 5, model.decoder.config.hidden_size, generator=g)
-    cos, sin = runner.rotary(x, positions)
-    assert torch.equal(runner.rope_table[0][positions], cos)
-    assert torch.equal(runner.rope_table[1][positions], _signed_sin(sin))
-    q = torch.randn(2, runner.n_heads, 5, runner.head_dim, generator=g)
-    expected, _ = apply_rotary_pos_emb(q, q, cos, sin)
-    half = runner.head_dim // 2
-    signed = torch.cat([-sin[..., :half], sin[..., half:]], -1)
-    assert torch.equal(_signed_sin(sin), signed)
-    assert torch.equal(q * cos[:, None] + q.roll(half, dims=-1) * signed[:, None], expected)
+    x = torch.randn(2, 5, cfg.hidden_size, generator=g)
     for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = reference(x.to(dtype), positions)
+        q = torch.randn(2, cfg.num_heads, 5, head_dim, generator=g).to(dtype)
+        expected, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        ours = rotate(q.transpose(1, 2), *rotary_tables(positions, head_dim, cfg.rope_theta, dtype)).transpose(1, 2)
+        assert torch.equal(ours, expected)
         norm = LlamaRMSNorm(x.shape[-1], eps=1e-6).to(dtype)
         norm.weight.data.normal_(generator=g)
-        assert torch.equal(_rms_norm(norm, (3 * x).to(dtype)), norm((3 * x).to(dtype)))
+        mine = RMSNorm(x.shape[-1], eps=1e-6).to(dtype)
+        mine.weight.data.copy_(norm.weight.data)
+        assert torch.equal(mine((3 * x).to(dtype)), norm((3 * x).to(dtype)))

@@ -19,11 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unigen.config import SPECIAL_TOKEN_TEXT, LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message says what was found."""
-
+from unigen.errors import CheckpointError, CheckpointNotFoundError  # CheckpointError: defined in unigen.errors
 
 # ---- locating files ----------------------------------------------------------------------
 
@@ -39,13 +35,13 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that contains config.json")
     text = str(path_or_hub_id)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist (and is not a hub id owner/name)")
+        raise CheckpointNotFoundError(f"checkpoint directory {path} does not exist (and is not a hub id owner/name)")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(text, allow_patterns=WEIGHT_PATTERNS))
     except Exception as err:  # offline, unknown repo, no cache: all end here with the reason
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{text!r} is not a local directory and could not be fetched from the hub ({type(err).__name__}: "
             f"{err}). Download it first or pass a local directory."
         ) from err
@@ -53,6 +49,11 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
 
 def detect_layout(directory: Path) -> str:
     config_path = directory / "config.json"
+    if config_path.is_symlink() and not config_path.exists():
+        raise CheckpointError(f"{config_path} is a symbolic link that leads nowhere (or to itself): "
+                              f"{os.readlink(config_path)!r}; replace it with the config file")
+    if config_path.exists() and not config_path.is_file():
+        raise CheckpointError(f"{config_path} is not a file; the checkpoint's config.json must be a JSON file")
     if not config_path.is_file():
         found = sorted(p.name for p in directory.iterdir())[:20]
         raise CheckpointError(
@@ -60,9 +61,12 @@ def detect_layout(directory: Path) -> str:
             f"Janus, DeepSeek official). Found: {found or 'an empty directory'}"
         )
     try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path} holds a JSON {type(raw).__name__}, not an object of config keys; "
+                              "it is not a model config")
     model_type = raw.get("model_type")
     if model_type == "unigen":
         return "unigen"
@@ -83,7 +87,18 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
                                ("pytorch_model.bin.index.json", _load_bin)):
         index = directory / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(f"{index} is not a valid shard index (a JSON object with a weight_map of "
+                                      f"key -> file name): {type(err).__name__}: {err}") from err
+            inside = directory.resolve()
+            outside = [s for s in shards if not isinstance(s, str) or Path(s).is_absolute()
+                       or not (directory / s).resolve().is_relative_to(inside)]
+            if outside:
+                raise CheckpointError(f"{index} names shard file(s) outside the checkpoint folder: {outside[:5]}; "
+                                      "unigen reads weights only from inside it")
             missing = [s for s in shards if not (directory / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names shard file(s) that are missing: {missing}")
@@ -102,7 +117,13 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} could not be read as safetensors ({err}); the file is truncated or "
+                              "damaged: download or save it again") from err
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -285,6 +306,49 @@ def official_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+# ---- fused projections ---------------------------------------------------------------------------
+
+# unigen's decoder keeps q|k|v and gate|up as one weight each; files keep DeepSeek's separate projections
+_FUSED = {"self_attn.qkv_proj.weight": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+          "mlp.gate_up_proj.weight": ("mlp", ("gate_proj", "up_proj"))}
+
+
+def _fused_sizes(llm: LLMConfig, fused: str) -> list[int]:
+    if fused.startswith("self_attn"):
+        head_dim = llm.hidden_size // llm.num_heads
+        return [llm.num_heads * head_dim, llm.num_kv_heads * head_dim, llm.num_kv_heads * head_dim]
+    return [llm.intermediate_size, llm.intermediate_size]
+
+
+def official_state_dict(state: dict[str, torch.Tensor], llm: LLMConfig) -> dict[str, torch.Tensor]:
+    """In-memory keys -> checkpoint keys: every fused weight split into DeepSeek's projections."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        fused = next((f for f in _FUSED if key.endswith("." + f)), None)
+        if fused is None:
+            out[key] = value
+            continue
+        owner, parts = _FUSED[fused]
+        prefix = key[: -len(fused)]
+        for part, piece in zip(parts, value.split(_fused_sizes(llm, fused)), strict=True):
+            out[f"{prefix}{owner}.{part}.weight"] = piece.contiguous()
+    return out
+
+
+def fused_state_dict(state: dict[str, torch.Tensor], llm: LLMConfig) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> in-memory keys (the inverse of :func:`official_state_dict`). A fused weight whose
+    parts are not all present is left out, so that the strict load names what is missing."""
+    out = dict(state)
+    for fused, (owner, parts) in _FUSED.items():
+        first = f".{owner}.{parts[0]}.weight"
+        for key in [k for k in state if k.endswith(first)]:
+            prefix = key[: -len(first)]
+            names = [f"{prefix}.{owner}.{part}.weight" for part in parts]
+            if all(n in state for n in names):
+                out[f"{prefix}.{fused}"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
 # ---- tokens ------------------------------------------------------------------------------------
 
 
@@ -344,11 +408,23 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
     state = read_state_dict(directory)
     if layout == "transformers":
         state = official_from_transformers(state)
+        if _ties_embeddings(json.loads((directory / "config.json").read_text())):
+            # as transformers does: the head is the embedding (saved files then hold no lm_head.weight)
+            state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"].clone()
+    state = fused_state_dict(state, config.llm)
     with torch.device("meta"):
         model = UniGenModel(config)
     load_state(model, state, dtype, directory)
     model.to(device)
     return model.eval()
+
+
+def _ties_embeddings(raw: dict) -> bool:
+    """A transformers Janus config ties the text head to the embedding unless it says otherwise
+    (``JanusConfig``'s default is ``tie_word_embeddings=True``; DeepSeek's checkpoints set it false)."""
+    from transformers import JanusConfig
+
+    return bool(raw.get("tie_word_embeddings", JanusConfig().tie_word_embeddings))
 
 
 def load_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path) -> None:
@@ -368,18 +444,20 @@ def load_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype, where:
         problems.append(f"shape mismatches ({len(shapes)}): {sorted(shapes)[:20]}")
     if problems:
         raise CheckpointError(f"weights in {where} do not fit the model its config describes; " + "; ".join(problems))
-    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    cast = {k: _aligned(v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     _rebuild_non_persistent_buffers(model)
 
 
-def _rebuild_non_persistent_buffers(model) -> None:
-    """The model was built on the meta device; buffers not stored in checkpoints need real values."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in 64-byte aligned memory. Tensors read from a safetensors file sit at arbitrary offsets, and
+    CPU matmul kernels round differently on unaligned weights: a loaded model would not compute bit for bit
+    what the saved one did. Only misaligned tensors are copied, one at a time."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
-    decoder = model.language_model.model
-    with torch.device("cpu"):
-        decoder.rotary_emb = LlamaRotaryEmbedding(config=decoder.config)
+
+def _rebuild_non_persistent_buffers(model) -> None:
+    """The model was built on the meta device; every tensor must have come from the checkpoint."""
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"internal error: tensors left uninitialised after loading: {leftover[:10]}")
@@ -397,6 +475,7 @@ def save_model(model, directory: str | Path, max_shard_bytes: int = 4 << 30) -> 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = official_state_dict(state, model.config.llm)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():

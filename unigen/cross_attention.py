@@ -25,9 +25,10 @@ feed-forward branch; its attention branch then averages over every image: a leak
 
 Caching. Image keys/values of every block are computed once, when the images are given (the prefill),
 and kept in a :class:`CrossAttentionState`. ``model(...)`` returns it as ``output.cross_attention_state``
-and, when ``use_cache=True``, also attaches it to the returned ``past_key_values`` (attribute
-``unigen_cross_attention``), so a decode loop that only passes ``past_key_values`` back (the Method A
-sampler API) keeps seeing the images. Images can only be given in the call that starts a cache.
+and, when ``use_cache=True``, also keeps it on the returned cache (``KVCache.cross_attention_state``), so a
+decode loop that only passes the cache back (the Method A sampler API) keeps seeing the images. Images can
+only be given in the call that starts a cache. The blocks run inside the decoder's own loop
+(``unigen.decoder.Decoder``), prefill and fixed-shape decode steps alike.
 """
 
 from __future__ import annotations
@@ -37,13 +38,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from unigen.config import UniGenConfig
+from unigen.config import LLMConfig, UniGenConfig
+from unigen.decoder import MLP, RMSNorm
 
-CACHE_ATTR = "unigen_cross_attention"  # attribute of a transformers Cache that carries the image K/V
 _NEVER = torch.iinfo(torch.long).max  # column of a padded image slot: visible to no position
 
 
@@ -84,8 +82,8 @@ class CrossAttention(nn.Module):
         self.k_proj = nn.Linear(width, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(width, num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_dim, width, bias=False)
-        self.q_norm = LlamaRMSNorm(self.head_dim, eps=eps)
-        self.k_norm = LlamaRMSNorm(self.head_dim, eps=eps)
+        self.q_norm = RMSNorm(self.head_dim, eps=eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=eps)
 
     def project_kv(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, n_keys, width) image features -> keys, values (batch, kv_heads, n_keys, head_dim)."""
@@ -108,22 +106,18 @@ class CrossAttention(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """``h += tanh(g_attn) * xattn(norm(h)); h += tanh(g_mlp) * mlp(norm(h))``, both zeroed where no image is seen."""
 
-    def __init__(self, llama_config):
+    def __init__(self, llm: LLMConfig, init_std: float = 0.02):
         super().__init__()
-        width, eps = llama_config.hidden_size, llama_config.rms_norm_eps
-        self.input_layernorm = LlamaRMSNorm(width, eps=eps)
-        self.cross_attn = CrossAttention(width, llama_config.num_attention_heads,
-                                         llama_config.num_key_value_heads or llama_config.num_attention_heads, eps)
+        width, eps = llm.hidden_size, llm.rms_norm_eps
+        self.input_layernorm = RMSNorm(width, eps=eps)
+        self.cross_attn = CrossAttention(width, llm.num_heads, llm.num_kv_heads, eps)
         self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
-        self.post_attention_layernorm = LlamaRMSNorm(width, eps=eps)
-        self.mlp = LlamaMLP(llama_config)
+        self.post_attention_layernorm = RMSNorm(width, eps=eps)
+        self.mlp = MLP(width, llm.intermediate_size)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
-        std = getattr(llama_config, "initializer_range", 0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                nn.init.normal_(module.weight, std=init_std)
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor | None, sees_image: torch.Tensor | None) -> torch.Tensor:
@@ -138,13 +132,13 @@ class CrossAttentionBlock(nn.Module):
         return hidden + self.cross_attn_mlp_gate.tanh() * ff
 
 
-def build_cross_attention_layers(config: UniGenConfig, llama_config) -> nn.ModuleDict | None:
+def build_cross_attention_layers(config: UniGenConfig) -> nn.ModuleDict | None:
     """The Method B blocks for ``config`` (None for ``fusion: "concat"``)."""
     if config.fusion == "concat":
         return None
     if config.fusion != "cross_attention":
         raise ValueError(f"unknown fusion {config.fusion!r}; expected 'concat' or 'cross_attention'")
-    return nn.ModuleDict({str(i): CrossAttentionBlock(llama_config) for i in cross_attention_positions(config)})
+    return nn.ModuleDict({str(i): CrossAttentionBlock(config.llm) for i in cross_attention_positions(config)})
 
 
 # ---- per-call image state ------------------------------------------------------------------------
@@ -193,6 +187,10 @@ class CrossAttentionState:
             return None, None
         sees = visible.any(-1, keepdim=True)
         return (visible | ~sees)[:, None], sees
+
+    def decode_visibility(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`visibility` of a decode step: every image is placed by then (images come with the prefill)."""
+        return self.visibility(self.last_column, 1)
 
     def _map(self, fn) -> CrossAttentionState:
         return CrossAttentionState({k: fn(v) for k, v in self.keys.items()},
@@ -249,7 +247,7 @@ def prepare_cross_attention_state(model, input_ids: torch.Tensor, pixel_values: 
 
 def resolve_cross_attention_state(model, input_ids, pixel_values, past_key_values, explicit):
     """The state for this call: new from ``pixel_values``, else ``explicit``, else the one on the cache."""
-    cached = getattr(past_key_values, CACHE_ATTR, None) if past_key_values is not None else None
+    cached = past_key_values.cross_attention_state if past_key_values is not None else None
     has_images = pixel_values is not None and not (pixel_values.ndim == 5 and pixel_values.shape[1] == 0)
     if has_images:
         if explicit is not None or cached is not None:
@@ -257,53 +255,13 @@ def resolve_cross_attention_state(model, input_ids, pixel_values, past_key_value
                              "this cache / cross_attention_state already holds images")
         if input_ids is None:
             raise ValueError("fusion='cross_attention' needs input_ids with pixel_values (to place each image)")
-        offset = past_key_values.get_seq_length() if past_key_values is not None else 0
+        offset = past_key_values.length if past_key_values is not None else 0
         state = prepare_cross_attention_state(model, input_ids, pixel_values, column_offset=offset)
     else:
         state = explicit if explicit is not None else cached
         if state is None and input_ids is not None:
             prepare_cross_attention_state(model, input_ids, None)  # raises if placeholders have no images
     return state
-
-
-def run_decoder_with_cross_attention(model, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache,
-                                     state: CrossAttentionState):
-    """``LlamaModel.forward`` written out with the cross-attention blocks in front of their backbone blocks.
-
-    Every backbone op is the one ``LlamaModel.forward`` runs, in the same order, so with zero gates (or no
-    visible image) the result is bit-for-bit the decoder-only model's (tested).
-    """
-    decoder = model.decoder
-    if state.batch_size != inputs_embeds.shape[0]:
-        raise ValueError(f"cross-attention state is for batch {state.batch_size}, inputs have batch "
-                         f"{inputs_embeds.shape[0]} (reshape it with state.batch_select_indices / "
-                         "batch_repeat_interleave when the sampler reshapes the cache)")
-    if use_cache and past_key_values is None:
-        past_key_values = DynamicCache(config=decoder.config)
-    start = past_key_values.get_seq_length() if past_key_values is not None else 0
-    n = inputs_embeds.shape[1]
-    if position_ids is None:
-        position_ids = (torch.arange(n, device=inputs_embeds.device) + start).unsqueeze(0)
-    causal_mask = create_causal_mask(config=decoder.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                     past_key_values=past_key_values, position_ids=position_ids)
-    hidden = inputs_embeds
-    position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
-    mask, sees = state.visibility(start, n)
-    if sees is not None:
-        sees = sees.to(hidden.dtype)
-    blocks = model.cross_attn_layers
-    num_layers = decoder.config.num_hidden_layers
-    for i, layer in enumerate(decoder.layers[:num_layers]):
-        if str(i) in blocks:
-            hidden = blocks[str(i)](hidden, state.keys[str(i)], state.values[str(i)], mask, sees)
-        hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                       position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache)
-    if str(num_layers) in blocks:
-        hidden = blocks[str(num_layers)](hidden, state.keys[str(num_layers)], state.values[str(num_layers)], mask,
-                                         sees)
-    if past_key_values is not None:
-        setattr(past_key_values, CACHE_ATTR, state)  # later calls that pass only the cache still see the images
-    return decoder.norm(hidden), past_key_values
 
 
 # ---- converting a base (Method A) model ------------------------------------------------------------
@@ -324,7 +282,7 @@ def add_cross_attention(model, cross_attention_every: int | None = None,
     if cross_attention_layers is not None:
         changes["cross_attention_layers"] = list(cross_attention_layers)
     config = dataclasses.replace(model.config, **changes)
-    blocks = build_cross_attention_layers(config, model.language_model.config)
+    blocks = build_cross_attention_layers(config)
     model.cross_attn_layers = blocks.to(device=model.device, dtype=model.dtype)
     model.config = config
     return model

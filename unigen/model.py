@@ -17,16 +17,10 @@ from typing import NamedTuple
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from unigen.config import LLMConfig, SigLIPConfig, UniGenConfig
-from unigen.cross_attention import CACHE_ATTR as CROSS_ATTENTION_CACHE_ATTR
-from unigen.cross_attention import (
-    build_cross_attention_layers,
-    convert_fusion,
-    resolve_cross_attention_state,
-    run_decoder_with_cross_attention,
-)
+from unigen.config import SigLIPConfig, UniGenConfig
+from unigen.cross_attention import build_cross_attention_layers, convert_fusion, resolve_cross_attention_state
+from unigen.decoder import CausalLM, CrossAttentionInput, Decoder, KVCache, linear
 from unigen.patch_encoder import PatchEncoder
 from unigen.processor import check_pixel_values
 from unigen.vq import VQModel
@@ -54,8 +48,7 @@ class GenHead(nn.Module):
         self.output_mlp_projector = nn.Linear(in_dim, hidden_dim)
         self.vision_head = nn.Linear(hidden_dim, codebook_size)
 
-    def forward(self, x: torch.Tensor, linear=nn.functional.linear) -> torch.Tensor:
-        """``linear``: the matmul to use (decode steps pass ``unigen.kv_decoder.decode_linear``)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = nn.functional.gelu(linear(x, self.output_mlp_projector.weight, self.output_mlp_projector.bias))
         return linear(hidden, self.vision_head.weight, self.vision_head.bias)
 
@@ -122,40 +115,17 @@ def build_understanding_encoder(config: UniGenConfig) -> nn.Module:
     raise ValueError(f"unknown encoder {config.encoder!r}; expected 'siglip' or 'patch'")
 
 
-def llama_config(cfg: LLMConfig) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        hidden_act="silu",
-        tie_word_embeddings=False,  # Janus keeps lm_head separate from the embeddings
-        attn_implementation=cfg.attn_implementation,
-    )
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for left-padded rows: 0 at each row's first real token."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp_min(0)
-
-
 class DecoderOutput(NamedTuple):
     last_hidden_state: torch.Tensor
-    past_key_values: object | None
+    past_key_values: KVCache | None
 
 
 @dataclass
 class UniGenOutput:
     logits: torch.Tensor  # (batch, seq, text vocab)
     hidden_states: torch.Tensor  # final normed decoder state (batch, seq, width)
-    past_key_values: object | None = None
-    cross_attention_state: object | None = None  # Method B: image keys/values (also attached to the cache)
+    past_key_values: KVCache | None = None
+    cross_attention_state: object | None = None  # Method B: image keys/values (also kept on the cache)
 
 
 class UniGenModel(nn.Module):
@@ -169,14 +139,14 @@ class UniGenModel(nn.Module):
         self.gen_embed = nn.Embedding(config.vq.codebook_size, config.vq.embed_dim)
         self.gen_aligner = MLPAligner(config.vq.embed_dim, width, config.gen_aligner_depth)
         self.gen_head = GenHead(width, config.gen_head_dim, config.vq.codebook_size)
-        self.language_model = LlamaForCausalLM(llama_config(config.llm))
+        self.language_model = CausalLM(config.llm)
         # Method B blocks beside (not inside) the backbone's layer list; None for Method A
-        self.cross_attn_layers = build_cross_attention_layers(config, self.language_model.config)
+        self.cross_attn_layers = build_cross_attention_layers(config)
 
     # ---- pieces ------------------------------------------------------------------------
     @property
-    def decoder(self) -> nn.Module:
-        """The transformers ``LlamaModel`` (embeddings, blocks, final norm)."""
+    def decoder(self) -> Decoder:
+        """Embeddings, blocks, final norm (``unigen.decoder.Decoder``)."""
         return self.language_model.model
 
     @property
@@ -235,7 +205,10 @@ class UniGenModel(nn.Module):
         use_cache: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         cross_attention_state=None,
+        logits_to_keep: int = 0,
     ) -> UniGenOutput:
+        """``logits_to_keep``: text logits for the last N positions only (0: all), as in transformers; a
+        prefill needs one, and the full (seq, vocab) logits can cost more than the decoder."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         state = None
@@ -246,29 +219,33 @@ class UniGenModel(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values)
         hidden = self.run_decoder(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, state)
-        logits = self.language_model.lm_head(hidden.last_hidden_state)
+        logits = linear(hidden.last_hidden_state[:, -logits_to_keep:], self.language_model.lm_head.weight)
         return UniGenOutput(logits, hidden.last_hidden_state, hidden.past_key_values, state)
 
     def run_decoder(
-        self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-        cross_attention_state=None,
+        self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
+        use_cache=False, cross_attention_state=None,
     ) -> DecoderOutput:
-        if position_ids is None and attention_mask is not None:
-            # the mask covers cached + new positions; left padding shifts every row's positions
-            position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
-        if cross_attention_state is None and past_key_values is not None:  # Method B decode: images ride on the cache
-            cross_attention_state = getattr(past_key_values, CROSS_ATTENTION_CACHE_ATTR, None)
+        """The decoder on embeddings. ``use_cache=True`` without a cache starts one (sized for this call and
+        grown as later calls need); samplers that know their length size it up front
+        (``model.decoder.new_cache``)."""
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.decoder.new_cache(inputs_embeds.shape[0], inputs_embeds.shape[1])
+        if cache is not None:
+            cache = cache.grown(cache.length + inputs_embeds.shape[1])
+            if cross_attention_state is None:  # Method B decode: the images ride on the cache
+                cross_attention_state = cache.cross_attention_state
+            cache.cross_attention_state = cross_attention_state
+        cross = None
         if cross_attention_state is not None:
-            return DecoderOutput(*run_decoder_with_cross_attention(
-                self, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, cross_attention_state))
-        out = self.decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
-        return DecoderOutput(out.last_hidden_state, out.past_key_values)
+            if cross_attention_state.batch_size != inputs_embeds.shape[0]:
+                raise ValueError(f"cross-attention state is for batch {cross_attention_state.batch_size}, inputs "
+                                 f"have batch {inputs_embeds.shape[0]} (reshape it with state.batch_select_indices "
+                                 "/ batch_repeat_interleave when the sampler reshapes the batch)")
+            cross = CrossAttentionInput(self.cross_attn_layers, cross_attention_state)
+        hidden = self.decoder(inputs_embeds, attention_mask, position_ids, cache, cross)
+        return DecoderOutput(hidden, cache)
 
     def image_logits(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from unigen.kv_decoder import StaticKVDecoder, decode_linear
+from unigen.decoder import linear
 
 # ---- logits -> tokens ----------------------------------------------------------------------------
 
@@ -175,18 +175,20 @@ def generate_image_tokens(
         uncond = [neg[0 if len(neg) == 1 else i // num_images] for i in range(n_gen)]
     ids, mask = _left_pad(cond + uncond, cfg.tokens.pad)  # halves: conditional rows, then unconditional
 
-    runner = StaticKVDecoder(model, 2 * n_gen, ids.shape[1] + n_tokens)
-    hidden = runner.prefill(model.embed_text(ids), mask)[:, -1]
-    step = torch.compile(runner.step, dynamic=True) if compile else runner.step
+    decoder = model.decoder
+    cache = decoder.new_cache(2 * n_gen, ids.shape[1] + n_tokens)
+    hidden = decoder(model.embed_text(ids), mask, cache=cache)[:, -1]
+    step = torch.compile(decoder.decode_step) if compile else decoder.decode_step
     codes = torch.empty(n_gen, n_tokens, dtype=torch.long, device=ids.device)
     for i in tqdm(range(n_tokens), desc="image tokens", disable=not progress, leave=False):
-        logits = model.gen_head(hidden, linear=decode_linear).float()
+        logits = model.gen_head(hidden).float()
         c, u = logits[:n_gen], logits[n_gen:]
         guided = u + scales[i] * (c - u)
         codes[:, i] = pick_tokens(guided, temperature, top_k, top_p, generator)
         if i + 1 < n_tokens:
             embeds = model.embed_image_tokens(codes[:, i].repeat(2))[:, None]
-            hidden = step(embeds)[:, -1]
+            hidden = step(embeds, cache)[:, -1]
+            cache.length += 1
     return codes
 
 
@@ -243,34 +245,16 @@ def generate_text(
 
 
 def _text_stepper(model, input_ids, attention_mask, pixel_values, max_len):
-    """A closure: ``step(None)`` runs the prompt, ``step(tokens)`` one new token; both return logits."""
+    """A closure: ``step(None)`` runs the prompt, ``step(tokens)`` one new token; both return logits.
+    Method A and Method B share the decoder and its static cache (Method B's images ride on the cache)."""
+    cache = model.decoder.new_cache(input_ids.shape[0], max_len)
     lm_head = model.language_model.lm_head
-    if getattr(model, "cross_attn_layers", None) is None:
-        runner = StaticKVDecoder(model, input_ids.shape[0], max_len)
-        logits = lambda hidden: decode_linear(hidden[:, -1], lm_head.weight, lm_head.bias)
-
-        def step(tokens):
-            if tokens is None:
-                return logits(runner.prefill(model.prepare_inputs_embeds(input_ids, pixel_values), attention_mask))
-            return logits(runner.step(model.embed_text(tokens)[:, None]))
-
-        return step
-
-    # Method B: image keys/values live in the cross-attention state that rides on transformers' cache
-    from transformers import DynamicCache
-
-    state = {"cache": DynamicCache(), "mask": attention_mask, "pos": attention_mask.long().sum(1) - 1}
 
     def step(tokens):
         if tokens is None:
-            out = model(input_ids, pixel_values=pixel_values, attention_mask=state["mask"],
-                        past_key_values=state["cache"], use_cache=True)
-        else:
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], 1)
-            state["pos"] = state["pos"] + 1
-            out = model(tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"][:, None],
-                        past_key_values=state["cache"], use_cache=True)
-        state["cache"] = out.past_key_values
-        return out.logits[:, -1]
+            return model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, past_key_values=cache,
+                         logits_to_keep=1).logits[:, -1]
+        hidden = model.run_decoder(model.embed_text(tokens)[:, None], past_key_values=cache).last_hidden_state
+        return linear(hidden[:, -1], lm_head.weight)
 
     return step

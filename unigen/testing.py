@@ -104,6 +104,8 @@ def write_official_layout(model, directory: str | Path, extra_unused: bool = Tru
     """
     from safetensors.torch import save_file
 
+    from unigen.checkpoint import official_state_dict
+
     cfg = model.config
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def write_official_layout(model, directory: str | Path, extra_unused: bool = Tru
             "image_token_size": cfg.vq.codebook_size}},
     }
     (directory / "config.json").write_text(json.dumps(raw, indent=2))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = official_state_dict({k: v.detach().contiguous() for k, v in model.state_dict().items()}, llm)
     if extra_unused:  # real checkpoints carry these; loaders must ignore them
         state["vision_model.vision_tower.attn_pool.latent"] = torch.zeros(1, 1, cfg.vision.width)
         state["gen_vision_model.quantize.codebook_used"] = torch.zeros(16)
