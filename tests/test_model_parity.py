@@ -63,6 +63,28 @@ def test_official_layout_matches_reference(tiny_hf_janus, tmp_path):
     assert_matches_hf(model, hf)
 
 
+def test_transformers_janus_with_tied_embeddings_loads(tmp_path):
+    """``JanusConfig``'s own default ties the text head to the embedding, and such a file holds no
+    lm_head.weight: the head is the embedding, as in transformers."""
+    from safetensors.torch import load_file
+    from transformers import JanusForConditionalGeneration
+
+    from unigen.testing import randomize_, tiny_janus_config
+
+    config = tiny_janus_config()
+    config.tie_word_embeddings = True
+    config.text_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = JanusForConditionalGeneration(config).eval()
+    randomize_(hf, 4)
+    hf.tie_weights()
+    hf.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
+    model = UniGenModel.from_pretrained(tmp_path)
+    assert torch.equal(model.language_model.lm_head.weight, model.decoder.embed_tokens.weight)
+    assert_matches_hf(model, hf)
+
+
 def test_generation_logits_are_causal(tiny_hf_janus):
     """Entry i must not depend on image_tokens[:, i:] (teacher forcing without leaks)."""
     _, directory = tiny_hf_janus
