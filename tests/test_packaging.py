@@ -1,0 +1,80 @@
+"""A wheel install (not editable) carries everything the CLI reads: the recipes and the shipped checkpoint ship as
+package data under unigen/_data/, and the commands run from a folder that is not the source tree."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _source_files() -> list[str]:
+    """What a clean clone holds (tracked and new, not ignored files), so the build sees no stray build/ folder."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    return [f for f in out.splitlines() if (REPO / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The project built as a wheel and installed with `pip install --target` (no dependencies, no network)."""
+    root = tmp_path_factory.mktemp("wheel")
+    src, target = root / "src", root / "site"
+    for name in _source_files():  # a copy: building in place would leave build/ and *.egg-info in the checkout
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(src)], check=True, capture_output=True, text=True)
+    return target
+
+
+def _run(target: Path, cwd: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_wheel_holds_every_module_and_the_recipes_as_data_only(wheel):
+    ours = {p.relative_to(REPO).as_posix() for p in (REPO / "unigen").rglob("*.py")}
+    installed = {p.relative_to(wheel).as_posix() for p in (wheel / "unigen").rglob("*.py")}
+    assert ours <= installed, f"missing from the wheel (add the package to pyproject.toml): {sorted(ours - installed)}"
+    data = wheel / "unigen" / "_data"
+    shipped = [f"train/{p.name}" for p in (REPO / "train").glob("*.yaml")]
+    shipped += [f"tokenizers/{p.name}" for p in (REPO / "tokenizers").glob("*.yaml")]
+    shipped += [f"checkpoints/shapes-small/{p.name}" for p in (REPO / "checkpoints" / "shapes-small").iterdir()]
+    assert "train/shapes.yaml" in shipped and "tokenizers/vq-shapes.yaml" in shipped
+    for name in shipped:
+        assert (data / name).read_bytes() == (REPO / name).read_bytes(), name
+    # data, not code: nothing importable named tokenizers (it would shadow Hugging Face's), at the top or below
+    assert not list(data.rglob("__init__.py")) and not list(REPO.glob("tokenizers/__init__.py"))
+    assert sorted(p.name for p in wheel.iterdir() if not p.name.endswith(".dist-info")) == ["bin", "unigen"]
+
+
+def test_the_installed_package_finds_its_recipes_and_runs_the_shipped_checkpoint_from_any_folder(wheel, tmp_path):
+    # one process (imports take seconds): where things were found, then `unigen eval shapes` on the shipped model
+    code = ("import sys, tokenizers, unigen.recipes as r; "
+            "print(r.__file__, r.recipe_path('train/shapes.yaml'), tokenizers.__file__, sep='\\n'); "
+            "from unigen.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = _run(wheel, tmp_path, "-c", code, "eval", "shapes", "--model", "checkpoints/shapes-small", "--n", "4",
+                "--batch-size", "4", "--device", "cpu", "--json", "scores.json", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, recipe, hf_tokenizers = done.stdout.splitlines()[:3]
+    assert Path(module).is_relative_to(wheel) and Path(recipe).is_relative_to(wheel / "unigen" / "_data")
+    assert not Path(hf_tokenizers).is_relative_to(REPO)  # Hugging Face's package, not the recipe folder
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["captioning"]["n"] == 4 and scores["generation"]["n"] == 4
+
+
+@pytest.mark.slow
+def test_the_wheel_installed_demo_runs_from_any_folder(wheel, tmp_path):
+    # the issue's command: every stage a step or two, from a folder with no recipes in it
+    done = _run(wheel, tmp_path, "-m", "unigen.cli", "demo", "--n-train", "64", "--vq-steps", "3",
+                "--vq-warmup-steps", "1", "--siglip-steps", "2", "--stage-steps", "1", "1", "1", "--n-eval", "4",
+                timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "demo_out" / "index.html").is_file()
+    assert (tmp_path / "demo_out" / "model" / "stage3" / "final" / "model.safetensors").is_file()
