@@ -400,10 +400,8 @@ def load_config(directory: Path) -> tuple[UniGenConfig, str]:
     return config, layout
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    from unigen.model import UniGenModel
-
-    directory = resolve_checkpoint_dir(path)
+def read_checkpoint(directory: Path) -> tuple[UniGenConfig, dict[str, torch.Tensor]]:
+    """The config and the weights (under the in-memory names) of a checkpoint directory in any layout."""
     config, layout = load_config(directory)
     state = read_state_dict(directory)
     if layout == "transformers":
@@ -411,12 +409,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
         if _ties_embeddings(json.loads((directory / "config.json").read_text())):
             # as transformers does: the head is the embedding (saved files then hold no lm_head.weight)
             state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"].clone()
-    state = fused_state_dict(state, config.llm)
-    with torch.device("meta"):
-        model = UniGenModel(config)
-    load_state(model, state, dtype, directory)
-    model.to(device)
-    return model.eval()
+    return config, fused_state_dict(state, config.llm)
 
 
 def _ties_embeddings(raw: dict) -> bool:

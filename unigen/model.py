@@ -18,9 +18,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from unigen.checkpoint import load_state, read_checkpoint, resolve_checkpoint_dir, save_model
 from unigen.config import SigLIPConfig, UniGenConfig
 from unigen.cross_attention import build_cross_attention_layers, convert_fusion, resolve_cross_attention_state
 from unigen.decoder import CausalLM, CrossAttentionInput, Decoder, KVCache, linear
+from unigen.param_groups import parameter_groups
 from unigen.patch_encoder import PatchEncoder
 from unigen.processor import check_pixel_values
 from unigen.vq import VQModel
@@ -288,22 +290,21 @@ class UniGenModel(nn.Module):
         blocks (at ``cross_attention_every`` / ``cross_attention_layers``): the deliberate way to start a
         Method B model from a base model. ``fusion=None`` loads the checkpoint as saved.
         """
-        from unigen.checkpoint import load_model
-
-        model = load_model(path, dtype=dtype, device=device)
+        directory = resolve_checkpoint_dir(path)
+        config, state = read_checkpoint(directory)
+        with torch.device("meta"):  # no memory or init work for weights the checkpoint replaces
+            model = cls(config)
+        load_state(model, state, dtype, directory)
+        model.to(device).eval()
         if fusion is not None:
             convert_fusion(model, fusion, cross_attention_every, cross_attention_layers)
         return model
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
-        from unigen.checkpoint import save_model
-
         save_model(self, directory, max_shard_bytes=max_shard_bytes)
 
     def trainable_groups(self) -> dict[str, list[str]]:
         """Parameter names by group (``unigen.param_groups.GROUPS``), e.g. ``"cross_attention"``, ``"llm"``."""
-        from unigen.param_groups import parameter_groups
-
         return {group: [name for name, _ in params] for group, params in parameter_groups(self).items()}
 
     def num_parameters(self) -> int:
