@@ -1,7 +1,7 @@
 """``encoder: "patch"``: a Fuyu-style understanding encoder, a linear projection of raw pixel patches.
 
 No pretrained vision tower: each ``patch_size x patch_size`` patch (channels first, then rows, then
-columns, as ``torch.nn.functional.unfold`` orders them) is flattened and mapped by one ``Linear`` to
+columns, the order of ``torch.nn.functional.unfold``) is flattened and mapped by one ``Linear`` to
 ``config.vision.width``, plus a learned position embedding per patch. The model's ``aligner`` then
 maps that width to the LLM width, exactly as it does for SigLIP features, so both fusions
 (``concat`` and ``cross_attention``) use it unchanged. Fuyu itself has no image position embedding
@@ -15,6 +15,7 @@ Keys: ``vision_model.proj.{weight,bias}``, ``vision_model.pos_embed``. The only 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from unigen.config import SigLIPConfig
@@ -37,7 +38,7 @@ class PatchEncoder(nn.Module):
     def patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, S, S) -> (n, n_patches, 3 * p * p), patches in row-major order."""
         p = self.config.patch_size
-        return nn.functional.unfold(pixel_values, kernel_size=p, stride=p).transpose(1, 2)
+        return rearrange(pixel_values, "n c (h p1) (w p2) -> n (h w) (c p1 p2)", p1=p, p2=p)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         check_pixel_values(pixel_values, self.config.image_size)

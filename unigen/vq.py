@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from unigen.config import VQConfig
@@ -69,11 +70,10 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(-1, -2) for m in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (b, 1, hw, c)
-        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+        q, k, v = (rearrange(m(y), "b c h w -> b 1 (h w) c") for m in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # one head over every pixel
+        return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2]))
 
 
 class Downsample(nn.Module):
@@ -205,22 +205,22 @@ class Quantizer(nn.Module):
         return F.normalize(self.embedding.weight, dim=-1)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        b, d, h, w = z.shape
-        z = F.normalize(z.permute(0, 2, 3, 1), dim=-1)  # (B, h, w, D)
+        h = z.shape[2]
+        z = F.normalize(rearrange(z, "b d h w -> b (h w) d"), dim=-1)
         codebook = self.codebook()
-        flat = z.reshape(-1, d)
+        flat = z.flatten(0, 1)
         # |z|=|e|=1, so the nearest code is the one with the largest dot product
         dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
-        codes = dist.argmin(dim=1)
-        zq = codebook[codes].view_as(z)
+        codes = dist.argmin(dim=1).view(z.shape[:2])  # (B, h*w), raster order
+        zq = codebook[codes]
         codebook_loss = F.mse_loss(zq, z.detach())
         commit_loss = self.beta * F.mse_loss(zq.detach(), z)
         zq = z + (zq - z).detach()
-        return QuantizerOutput(zq.permute(0, 3, 1, 2), codes.view(b, h * w), codebook_loss, commit_loss)
+        return QuantizerOutput(rearrange(zq, "b (h w) d -> b d h w", h=h), codes, codebook_loss, commit_loss)
 
     def lookup(self, codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        zq = self.codebook()[codes]  # (B, h*w, D)
-        return zq.view(codes.shape[0], *grid, -1).permute(0, 3, 1, 2)
+        """Codes (B, h*w) in raster order -> the code grid (B, D, h, w)."""
+        return rearrange(self.codebook()[codes], "b (h w) d -> b d h w", h=grid[0], w=grid[1])
 
 
 class VQModel(nn.Module):
