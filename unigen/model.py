@@ -59,13 +59,13 @@ class ConvStem(nn.Sequential):
     """``stem: "conv"``: in place of SigLIP's patch embedding, 3x3 stride-2 convs halve the image
     log2(patch_size) times (channels doubling up to ``width``), then a 1x1 conv: the same (n, width, grid, grid)
     output (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"). The shared 3x3 filters see an
-    edge the same way at every offset, where a patch embedding must learn it once per offset. Measured on Shapes
-    (SigLIP trainer, zero-shot caption retrieval): 0.875 after 600 steps; patch embedding 0.48 after 1000.
+    edge the same way at every offset, where a patch embedding must learn it once per offset (on Shapes it
+    learns several times faster; docs/EXPERIMENTS.md).
 
     GroupNorm(1) after each conv: without a norm PyTorch's default init shrinks the signal ~20x over four convs
     and the position embedding drowns the image. Not BatchNorm (no running statistics to keep right across
-    frozen stages and processes). Variants without a norm or with a per-pixel LayerNorm gave, after 200 SigLIP
-    steps, a Shapes captioner that never read colour (tokenizers/README.md)."""
+    frozen stages and processes). Variants without a norm or with a per-pixel LayerNorm gave a Shapes captioner
+    that never read colour (docs/EXPERIMENTS.md)."""
 
     def __init__(self, cfg: SigLIPConfig):
         p = cfg.patch_size

@@ -7,7 +7,7 @@ import torch
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 math is native here: CUDA, or a CPU with avx512_bf16 / AMX. Elsewhere (an AVX2-only CPU)
-    autocast emulates bf16 and a Shapes VQ step is ~10x slower than in fp32 (measured, 1 thread: 7.5 s vs 0.76 s)."""
+    autocast emulates bf16 and a VQ training step is about 10x slower than in fp32 (docs/PERFORMANCE.md)."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
