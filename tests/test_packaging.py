@@ -64,7 +64,9 @@ def test_the_installed_package_finds_its_recipes_and_runs_the_shipped_checkpoint
     assert done.returncode == 0, done.stderr[-3000:]
     module, recipe, hf_tokenizers = done.stdout.splitlines()[:3]
     assert Path(module).is_relative_to(wheel) and Path(recipe).is_relative_to(wheel / "unigen" / "_data")
-    assert not Path(hf_tokenizers).is_relative_to(REPO)  # Hugging Face's package, not the recipe folder
+    # Hugging Face's package (a recipe folder imported as a namespace package would have no __file__)
+    assert hf_tokenizers.endswith("__init__.py") and not Path(hf_tokenizers).is_relative_to(REPO / "tokenizers")
+    assert not Path(hf_tokenizers).is_relative_to(wheel)
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["captioning"]["n"] == 4 and scores["generation"]["n"] == 4
 
