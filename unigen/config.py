@@ -146,6 +146,10 @@ class UniGenConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UniGenConfig:
+        if not isinstance(d, dict):
+            from unigen.errors import ConfigError
+
+            raise ConfigError(f"a unigen config must be a JSON object of keys, got {type(d).__name__}")
         d = dict(d)
         d.pop("model_type", None)
         subs = {"vision": SigLIPConfig, "vq": VQConfig, "llm": LLMConfig, "tokens": TokenIds}
@@ -155,7 +159,16 @@ class UniGenConfig:
                 kwargs[name] = _build(subs[name], value, f"config.{name}")
             else:
                 kwargs[name] = value
-        return _build(cls, kwargs, "config")
+        import math
+
+        config = _build(cls, kwargs, "config")
+        for name in ("guidance_scale", "temperature"):  # the defaults every sampler falls back on
+            value = getattr(config, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                from unigen.errors import ConfigError
+
+                raise ConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
+        return config
 
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / "config.json"
@@ -167,12 +180,8 @@ class UniGenConfig:
 
 
 def _build(klass: type, values: dict[str, Any], where: str):
-    """Build a dataclass, naming unknown keys instead of a bare TypeError."""
-    known = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) in {where}: {unknown}; known keys: {sorted(known)}")
-    values = dict(values)
-    if klass is VQConfig and "channel_mult" in values:
-        values["channel_mult"] = tuple(values["channel_mult"])
-    return klass(**values)
+    """Build a dataclass through unigen's one builder (unigen.config_io): unknown keys named, values of the
+    declared types, no NaN or infinity."""
+    from unigen.config_io import build_config
+
+    return build_config(klass, values, where)
