@@ -198,7 +198,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     fresh = [h["loss"] for h in VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "c"), **kw)).train(7)]
     assert fresh == full  # the run itself is deterministic, so equality above means something
     assert VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), resume="auto", **kw)).step == 7
-    with pytest.raises(FileExistsError, match="resume=auto"):  # a fresh run must not mix with old checkpoints
+    with pytest.raises(FileExistsError, match="resume=latest"):  # a fresh run must not mix with old checkpoints
         VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), **kw))
 
 
@@ -413,6 +413,7 @@ def test_side_by_side_reports_a_failed_encoder_and_stops_it_when_the_vq_fails(tm
     with pytest.raises(RuntimeError, match=r"(?s)training the SigLIP encoder.*failed.*nowhere\.jsonl"):
         train_side_by_side(vq_config(tmp_path, data, steps=2), siglip_config(tmp_path, missing), threads=2)
     with pytest.raises(FileNotFoundError, match="nowhere"):  # the VQ's own error, unchanged
-        train_side_by_side(vq_config(tmp_path, missing), siglip_config(tmp_path, data, steps=100_000), threads=2)
+        train_side_by_side(vq_config(tmp_path, missing, overwrite=True), siglip_config(tmp_path, data, steps=100_000),
+                           threads=2)
     assert not multiprocessing.active_children()  # the encoder's process did not outlive the failed VQ
     assert not (tmp_path / "siglip" / "model.safetensors").exists()

@@ -3,6 +3,7 @@ what one process trains at the same global batch."""
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,17 +19,38 @@ def data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("shapes"), 24, seed=3)
 
 
+# `unigen ARGS` that, when every process has written checkpoint step 15 but before it is renamed into place,
+# touches the file argv[1] and waits to be killed: a kill in the middle of a checkpoint write, at a known point
+STOP_IN_CHECKPOINT_15 = """
+import pathlib, sys, time
+from unigen.train import checkpoints
+publish = checkpoints._publish
+def stop(tmp, final, rank):
+    if final.name == "step_0000015":
+        pathlib.Path(sys.argv[1]).touch()
+        time.sleep(600)
+    publish(tmp, final, rank)
+checkpoints._publish = stop
+from unigen.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_and_resume_gives_the_same_losses(data, tmp_path):
     common = ["--stage", "1", f"data={data}", "stage1.steps=30", "stage1.batch_size=8"]
     run(cli("--output-dir", tmp_path / "a", *common))
-    killed = subprocess.Popen(cli("--output-dir", tmp_path / "b", "--save-every", 5, *common), env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "b" / "stage1" / "checkpoints" / "step_0000010"
-    deadline = time.time() + 120
-    while not ckpt.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
+    ready = tmp_path / "in-checkpoint-15"
+    killed = subprocess.Popen(cli("--output-dir", tmp_path / "b", "--save-every", 5, *common,
+                                  launcher=(sys.executable, "-c", STOP_IN_CHECKPOINT_15, str(ready))),
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300  # not a race: the run cannot go past checkpoint 15 on its own
+    while not ready.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), "the run never reached checkpoint 15"
     killed.send_signal(signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert killed.wait() == -signal.SIGKILL
+    ckpts = tmp_path / "b" / "stage1" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step_0000015", "step_0000005", "step_0000010"]
     run(cli("--output-dir", tmp_path / "b", "--save-every", 5, "--resume", "latest", *common))
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))  # the killed run's extra rows dropped
@@ -41,7 +63,8 @@ def test_a_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_p
     common = ["--stage", "1", f"data={data}", "stage1.steps=2", "--save-every", 1, "--output-dir", tmp_path]
     run(cli(*common))
     done = subprocess.run(cli(*common), env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "--resume latest to continue it, overwrite=true to start over" in done.stderr
+    assert done.returncode == 1 and "pass --resume latest to continue that run" in done.stderr
+    assert "overwrite=true to train stage 1 again" in done.stderr and "Traceback" not in done.stderr
     run(cli(*common, "overwrite=true"))
 
 
@@ -54,8 +77,14 @@ def _same_run(a, b, tol=1e-5):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol
 
 
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-            "-m", "unigen.cli")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --standalone: torchrun's own rendezvous on a free local port
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "unigen.cli")
 GROUPS = "stage1.groups=[aligner,gen_aligner,gen_embed,gen_head,llm]"
 
 
@@ -83,8 +112,8 @@ def test_accelerate_launch_with_the_shipped_fsdp_config(data, one_process, tmp_p
     from train_common import REPO
 
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "train" / "accelerate-fsdp.yaml"), "--num_processes", "2", "--main_process_port", "29519",
-                "-m", "unigen.cli")
+                str(REPO / "train" / "accelerate-fsdp.yaml"), "--num_processes", "2",
+                "--main_process_port", str(free_port()), "-m", "unigen.cli")
     done = run(cli("--stage", 1, f"data={data}", "stage1.steps=4", GROUPS, "--output-dir", tmp_path,
                    "stage1.batch_size=4", "device=cpu", launcher=launcher))
     assert "fsdp, 2 process(es)" in done.stderr

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from unigen.checkpoint import load_config
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
+from unigen.errors import ArgumentError, CheckpointError, DataError
 from unigen.text_tokenizer import special_token_ids
 
 JANUS_SYSTEM_PROMPT = (
@@ -30,8 +32,8 @@ PAD_GRAY = 127  # int(0.5 * 255): the official background colour
 MIN_SIDE = 14
 
 
-class ImageDecodeError(ValueError):
-    """A file exists but is not a readable image."""
+class ImageDecodeError(DataError):
+    """A file exists but is not a readable image (corrupt, not an image, or too large to decode safely)."""
 
 
 # ---- images --------------------------------------------------------------------------------------
@@ -39,9 +41,10 @@ class ImageDecodeError(ValueError):
 
 def load_image(image: str | Path | Image.Image) -> Image.Image:
     """A path or PIL image -> RGB PIL image. Like Janus, every mode (RGBA, LA, L, P, CMYK, ...) goes
-    through a plain ``convert("RGB")``: transparent pixels keep their stored colour."""
+    through a plain ``convert("RGB")``: transparent pixels keep their stored colour. 16-bit images are scaled
+    to 8 bits (Pillow's ``convert`` would clip every value above 255 to white)."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _to_rgb(image)
     path = Path(image)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; pass the path of an image file inside it")
@@ -51,9 +54,23 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return _to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"{path} is too large to decode safely ({err}); resize it first") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{path} could not be decoded as an image ({err}); is the file corrupt?") from err
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey (PNG, TIFF): 0..65535 -> 0..255
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "I" and values.max(initial=0) <= 255:  # an "I" image that already holds 8-bit values
+            return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+        scaled = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")
+    return img.convert("RGB")
 
 
 def check_pixel_values(pixel_values: torch.Tensor, image_size: int) -> None:
@@ -80,6 +97,9 @@ def understanding_size(width: int, height: int, image_size: int) -> tuple[int, i
 def understanding_pixels(images, image_size: int, normalize: bool = True) -> torch.Tensor:
     """DeepSeek's understanding preprocessing -> (n, 3, S, S) float32; [-1, 1] when ``normalize``,
     else [0, 1] (the first Janus-1.3B revision had ``do_normalize: false``)."""
+    images = list(images)
+    if not images:
+        raise ArgumentError("no images given")
     out = []
     for image in images:
         img = load_image(image)
@@ -92,20 +112,31 @@ def understanding_pixels(images, image_size: int, normalize: bool = True) -> tor
     return torch.stack(out)
 
 
+def generation_image(image, image_size: int) -> torch.Tensor:
+    """The one preprocessing of VQ images (the VQ trainer, code extraction, the pipeline and the evaluators all
+    call it): short side resized to ``image_size`` with exact bicubic, then the centre crop -> uint8 (3, S, S)."""
+    img = load_image(image)
+    w, h = img.size
+    scale = image_size / min(w, h)
+    size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+    if size != (w, h):
+        img = img.resize(size, Image.BICUBIC)
+    left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def uint8_to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [-1, 1] (the normalisation of both Janus image encoders)."""
+    return images.float().div(127.5).sub(1.0)
+
+
 def generation_pixels(images, image_size: int) -> torch.Tensor:
-    """Short-side resize to ``image_size`` then centre crop -> (n, 3, S, S) in [-1, 1] (VQ input)."""
-    out = []
-    for image in images:
-        img = load_image(image)
-        w, h = img.size
-        scale = image_size / min(w, h)
-        size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
-        if size != (w, h):
-            img = img.resize(size, Image.BICUBIC)
-        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
-        out.append(_to_tensor(img) * 2 - 1)
-    return torch.stack(out)
+    """:func:`generation_image` of each image -> (n, 3, S, S) float in [-1, 1] (VQ input)."""
+    images = list(images)
+    if not images:
+        raise ArgumentError("no images given")
+    return uint8_to_pixels(torch.stack([generation_image(image, image_size) for image in images]))
 
 
 def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -115,6 +146,18 @@ def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 # ---- prompts -------------------------------------------------------------------------------------
+
+
+def check_text(text, what: str) -> None:
+    """Text must be a str that encodes as UTF-8 (a command-line argument in another encoding arrives with
+    lone surrogates, on which the tokenizer fails far from the cause)."""
+    if not isinstance(text, str):
+        raise ArgumentError(f"the {what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ArgumentError(f"the {what} is not valid UTF-8 text (byte {err.object[err.start:err.end]!r} at "
+                            f"{err.start}); pass it in UTF-8") from None
 
 
 @dataclass(frozen=True)
@@ -190,8 +233,6 @@ class UniGenProcessor:
             )
         tokenizer = _load_tokenizer(directory)
         if config is None and (directory / "config.json").is_file():
-            from unigen.checkpoint import load_config
-
             config, _ = load_config(directory)
         elif config is None:
             config = UniGenConfig(tokens=special_token_ids(tokenizer))
@@ -265,9 +306,13 @@ class UniGenProcessor:
     def understanding_inputs(self, images, questions) -> dict[str, torch.Tensor]:
         """One image and one question per row -> input_ids, attention_mask, pixel_values (n_images, 3, S, S)."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ArgumentError("no images given: pass at least one image")
         questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
         if len(questions) != len(images):
             raise ValueError(f"{len(images)} images but {len(questions)} questions; give one question per image")
+        for question in questions:
+            check_text(question, "question")
         if any(IMAGE_TAG in q for q in questions):
             raise ValueError(f"questions must not contain {IMAGE_TAG}; the prompt format adds one per image")
         rows = [self._expand_images(self.encode(self.understanding_prompt(q))) for q in questions]
@@ -279,7 +324,9 @@ class UniGenProcessor:
         """Text-to-image prompts -> left-padded input_ids ending in <begin_of_image>, attention_mask."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
-            raise ValueError("no prompts given")
+            raise ArgumentError("no prompts given")
+        for prompt in prompts:
+            check_text(prompt, "prompt")
         return self.pad([self.encode(self.format.generation(p)) for p in prompts])
 
     def generation_pixels(self, images) -> torch.Tensor:
@@ -301,10 +348,31 @@ def _load_tokenizer(directory: Path):
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # it warns that config.json's model_type "unigen" is not its own
+    check_tokenizer_files(directory)
     try:
         return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"the text tokenizer in {directory} could not be loaded ({type(err).__name__}: "
+                              f"{err}); is one of {list(TOKENIZER_FILES)} damaged?") from err
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """A damaged tokenizer.json is named (the ``tokenizers`` library raises a bare Exception naming no file)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+            if name == "tokenizer.json":
+                from tokenizers import Tokenizer
+
+                Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception for any bad file
+            raise CheckpointError(f"{path} is damaged and cannot be read as a tokenizer ({str(err)[:200]}); "
+                                  "download or save the tokenizer again") from err
 
 
 def _read_do_normalize(directory: Path) -> bool:
@@ -313,5 +381,5 @@ def _read_do_normalize(directory: Path) -> bool:
         return True
     try:
         return bool(json.loads(path.read_text()).get("do_normalize", True))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{path} is not a valid JSON object: {err}") from err

@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
+
+from unigen.errors import DataError, DataNotFoundError
+from unigen.processor import generation_image, uint8_to_pixels
+from unigen.runs import write_text
 
 log = logging.getLogger("unigen.tokenizer_training")
 
@@ -37,24 +39,28 @@ def read_records(source: str | Path, need_text: bool = False, text_key: str | No
     source = Path(source).expanduser()
     if source.is_dir():
         if need_text:
-            raise ValueError(f"{source} is a folder of images, but captions are needed: pass a JSONL manifest "
+            raise DataError(f"{source} is a folder of images, but captions are needed: pass a JSONL manifest "
                              '({"image": ..., "caption": ...} per line)')
         records = [Record(p) for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
         if not records:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {source}")
+            raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {source}")
         return records
     if not source.is_file():
-        raise FileNotFoundError(f"data source {source} does not exist (expected a folder of images or a .jsonl)")
+        raise DataNotFoundError(f"data source {source} does not exist (expected a folder of images or a .jsonl)")
     records = []
-    for n, line in enumerate(source.read_text().splitlines(), 1):
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{source} is not UTF-8 text ({err}); a manifest is JSON lines") from err
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{source}:{n} is not valid JSON: {err}") from err
+            raise DataError(f"{source}:{n} is not valid JSON: {err}") from err
         if not isinstance(row, dict) or "image" not in row:
-            raise ValueError(f'{source}:{n} has no "image" key: {line[:120]}')
+            raise DataError(f'{source}:{n} has no "image" key: {line[:120]}')
         text = None
         keys = (text_key,) if text_key else TEXT_KEYS
         for key in keys:
@@ -65,32 +71,21 @@ def read_records(source: str | Path, need_text: bool = False, text_key: str | No
             answers = [t.get("value") for t in row["conversations"] if isinstance(t, dict) and t.get("from") == "gpt"]
             text = str(answers[-1]) if answers else None  # LLaVA-style record: the caption is the answer
         if need_text and text is None:
-            raise ValueError(f"{source}:{n} has none of the caption keys {list(keys)}: {line[:120]}")
+            raise DataError(f"{source}:{n} has none of the caption keys {list(keys)}: {line[:120]}")
         path = Path(row["image"]).expanduser()
         records.append(Record(path if path.is_absolute() else source.parent / path, text))
     if not records:
-        raise ValueError(f"manifest {source} has no records")
+        raise DataError(f"manifest {source} has no records")
     return records
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """RGB uint8 (3, size, size): shorter side resized to ``size`` (bicubic), then center-cropped."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        if (w, h) != (size, size):
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    """RGB uint8 (3, size, size): ``unigen.processor.generation_image``, the preprocessing every VQ path
+    shares (training here, code extraction, the pipeline), so a code means the same image everywhere."""
+    return generation_image(path, size)
 
 
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [-1, 1] (the normalisation of both Janus image encoders)."""
-    return images.float().div(127.5).sub(1.0)
+to_pixels = uint8_to_pixels  # uint8 (B, 3, H, W) -> float in [-1, 1]
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -126,7 +121,7 @@ class ImageDataset(torch.utils.data.Dataset):
             log.warning("skipped %d of %d %s that are missing or unreadable: %s%s", len(self.bad), len(records),
                         desc, shown, " ..." if len(self.bad) > 5 else "")
         if not self.records:
-            raise ValueError(f"none of the {len(records)} {desc} could be read; first problems: {self.bad[:5]}")
+            raise DataError(f"none of the {len(records)} {desc} could be read; first problems: {self.bad[:5]}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -137,7 +132,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def write_bad_list(self, path: Path) -> None:
         if self.bad:
-            path.write_text("".join(f"{p}\t{why}\n" for p, why in self.bad))
+            write_text(path, "".join(f"{p}\t{why}\n" for p, why in self.bad))
 
 
 def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
@@ -149,7 +144,7 @@ def split_holdout(records: list[Record], n_val: int, seed: int) -> tuple[list[Re
     if n_val <= 0:
         return records, []
     if n_val >= len(records):
-        raise ValueError(f"val_size={n_val} leaves no training data ({len(records)} records)")
+        raise DataError(f"val_size={n_val} leaves no training data ({len(records)} records)")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     val = set(order[:n_val])
@@ -161,7 +156,7 @@ class EpochBatches:
 
     def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0):
         if n < batch_size:
-            raise ValueError(f"batch_size={batch_size} is larger than the {n} training images")
+            raise DataError(f"batch_size={batch_size} is larger than the {n} training images")
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
         self.per_epoch = n // batch_size
 

@@ -12,9 +12,9 @@ Pairs whose captions are the same string count as matching (small worlds repeat 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,22 +23,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm.auto import tqdm
 
+from unigen import runs
 from unigen.config import SigLIPConfig
+from unigen.config_io import build_config, config_to_dict
+from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from unigen.lr_schedule import lr_at, set_lr
 from unigen.model import SigLIPEncoder
 from unigen.precision import resolve_amp
-from unigen.tokenizer_training import common
-from unigen.tokenizer_training.config_io import build_config, config_to_dict
+from unigen.tokenizer_training.common import param_groups
 from unigen.tokenizer_training.data import ImageDataset, batch_loader, read_records, split_holdout, to_pixels
+from unigen.tokenizer_training.run_checks import check_run_numbers, read_json_object, read_weights
 
 log = logging.getLogger("unigen.tokenizer_training")
 
 SIGLIP_MODEL_TYPE = "unigen-siglip"
+STATE_FILE = "training_state.pt"  # optimizer, step, RNG: tensors and plain values (weights_only)
 _ARCH_FIELDS = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_norm_eps", "stem")
 
 
@@ -100,8 +105,11 @@ class SigLIPTrainConfig:
     save_every: int = 1000
     keep_last: int = 2
     tensorboard: bool = False
-    resume: str | None = None  # "auto" (latest under out_dir/checkpoints) or a checkpoint folder
+    resume: str | None = None  # "latest" (newest under out_dir/checkpoints; "auto" also works) or a checkpoint folder
     overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
+
+    def __post_init__(self):
+        check_run_numbers(self)
 
     def towers(self) -> SigLIPTowersConfig:
         return SigLIPTowersConfig(self.vision, self.text, self.embed_dim)
@@ -115,7 +123,7 @@ class TextTower(nn.Module):
     def __init__(self, cfg: TextTowerConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError("text.vocab_size must be set (it comes from the caption tokenizer)")
+            raise ConfigError("text.vocab_size must be set (it comes from the caption tokenizer)")
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.randn(cfg.max_len, cfg.width) * 0.01)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -195,19 +203,19 @@ def tokenize(tok, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.T
 def save_siglip(model: SigLIPDualEncoder, tokenizer, directory: str | Path) -> Path:
     directory = Path(directory)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    common.atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
-    common.atomic_write(directory / "tokenizer.json", lambda p: tokenizer.save(str(p)))
-    common.write_json(directory / "config.json", {"model_type": SIGLIP_MODEL_TYPE, **config_to_dict(model.config)})
+    runs.atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
+    runs.atomic_write(directory / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    runs.write_json(directory / "config.json", {"model_type": SIGLIP_MODEL_TYPE, **config_to_dict(model.config)})
     return directory
 
 
 def load_siglip_config(directory: str | Path) -> SigLIPTowersConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a folder written by unigen train-siglip")
-    raw = json.loads(path.read_text())
+        raise CheckpointNotFoundError(f"{path} not found: pass a folder written by unigen train-siglip")
+    raw = read_json_object(path)
     if raw.pop("model_type", None) != SIGLIP_MODEL_TYPE:
-        raise ValueError(f"{path} is not a trained SigLIP config (model_type must be {SIGLIP_MODEL_TYPE!r})")
+        raise CheckpointError(f"{path} is not a trained SigLIP config (model_type must be {SIGLIP_MODEL_TYPE!r})")
     return build_config(SigLIPTowersConfig, raw, str(path))
 
 
@@ -217,13 +225,13 @@ def load_siglip_dual(directory: str | Path, device="cpu"):
 
     directory = Path(directory)
     model = SigLIPDualEncoder(load_siglip_config(directory))
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    model.load_state_dict(read_weights(directory / "model.safetensors"))
     return model.to(device).eval(), Tokenizer.from_file(str(directory / "tokenizer.json"))
 
 
 def _vision_state(directory: Path) -> dict[str, torch.Tensor]:
     prefix = "vision_model."
-    state = load_file(str(Path(directory) / "model.safetensors"))
+    state = read_weights(Path(directory) / "model.safetensors")
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -270,13 +278,15 @@ def zero_shot_scores(model: SigLIPDualEncoder, tok, images: torch.Tensor, captio
 
 class SigLIPTrainer:
     def __init__(self, cfg: SigLIPTrainConfig):
-        common.setup_logging()
+        runs.setup_logging()
         if not cfg.data:
-            raise ValueError('data is empty: set data=PATH to a JSONL manifest of {"image": ..., "caption": ...}')
+            raise ConfigError('data is empty: set data=PATH to a JSONL manifest of {"image": ..., "caption": ...}')
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.device = common.resolve_device(cfg.device)
+        # before anything is read or written: a fresh run must not mix with (or replace) an earlier one
+        resume = runs.resolve_resume(cfg.resume, self.ckpt_root, overwrite=cfg.overwrite, marker=STATE_FILE,
+                                     remove=False)
+        self.device = runs.resolve_device(cfg.device, auto=("cuda",))
         self.amp = resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed)
 
@@ -289,11 +299,14 @@ class SigLIPTrainer:
         size = cfg.vision.image_size
         self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images")
         self.val_set = ImageDataset(val_records, size, True, "val images") if val_records else None
+        if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
+            log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
+            shutil.rmtree(self.ckpt_root)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         bad = self.train_set.bad + (self.val_set.bad if self.val_set else [])
         if bad:
-            (self.out_dir / "bad_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in bad))
+            runs.write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{why}\n" for p, why in bad))
 
-        resume = common.resolve_resume(cfg.resume, self.ckpt_root, cfg.overwrite)
         if resume is not None:
             from tokenizers import Tokenizer
 
@@ -304,19 +317,19 @@ class SigLIPTrainer:
         if towers.text.vocab_size <= 0:
             towers.text.vocab_size = self.tokenizer.get_vocab_size()
         elif towers.text.vocab_size < self.tokenizer.get_vocab_size():
-            raise ValueError(f"text.vocab_size={towers.text.vocab_size} is smaller than the caption vocabulary "
+            raise ConfigError(f"text.vocab_size={towers.text.vocab_size} is smaller than the caption vocabulary "
                              f"({self.tokenizer.get_vocab_size()} words); leave it 0 to size it from the captions")
         self.model = SigLIPDualEncoder(towers, cfg.logit_scale_init, cfg.logit_bias_init).to(self.device).train()
         skip = {"logit_scale", "logit_bias", "text_model.pos_embed", "vision_model.vision_tower.pos_embed",
                 "image_head.latent"}
-        groups = common.param_groups(self.model, cfg.weight_decay, no_decay=lambda n, p: n in skip)
+        groups = param_groups(self.model, cfg.weight_decay, no_decay=lambda n, p: n in skip)
         # fused: one kernel for all tensors instead of ~10 ops per tensor (see unigen/train/loop.py)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
         log.info("SigLIP data: %d training pairs, %d val pairs; image tower %.2fM, text tower %.2fM parameters, "
                  "caption vocabulary %d", len(self.train_set), len(self.val_set) if self.val_set else 0,
                  _millions(self.model.vision_model), _millions(self.model.text_model), towers.text.vocab_size)
         self.step = 0
-        self.metrics = common.MetricsLog(self.out_dir, cfg.tensorboard)
+        self.metrics = runs.MetricsLog(self.out_dir, cfg.tensorboard)
         if resume is not None:
             self.load_checkpoint(resume)
         else:
@@ -329,8 +342,8 @@ class SigLIPTrainer:
 
     def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
         cfg = self.cfg
-        lr = common.lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
-        common.set_lr(self.opt, lr)
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
+        set_lr(self.opt, lr)
         x = to_pixels(images).to(self.device, non_blocking=True)
         ids, mask = tokenize(self.tokenizer, captions, cfg.text.max_len)
         positive = None
@@ -359,23 +372,23 @@ class SigLIPTrainer:
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "train_size": len(self.train_set), "optimizer": self.opt.state_dict(),
-                 "rng": common.rng_state()}
+                 "rng": runs.rng_state()}
 
         def write(tmp: Path) -> None:
             save_siglip(self.model, self.tokenizer, tmp)
-            torch.save(state, tmp / "training_state.pt")
-            common.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
+            torch.save(state, tmp / STATE_FILE)
+            runs.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
 
-        return common.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
+        return runs.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        state = runs.load_state_file(path / STATE_FILE)
         if state["train_size"] != len(self.train_set):
-            raise ValueError(f"cannot resume from {path}: it was trained on {state['train_size']} pairs, the data "
+            raise CheckpointError(f"cannot resume from {path}: it was trained on {state['train_size']} pairs, the data "
                              f"now has {len(self.train_set)}")
-        self.model.load_state_dict(load_file(str(path / "model.safetensors")))
+        self.model.load_state_dict(read_weights(path / "model.safetensors"))
         self.opt.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
+        runs.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -412,7 +425,7 @@ class SigLIPTrainer:
         bar.close()
         if self.step >= cfg.steps:
             save_siglip(self.model, self.tokenizer, self.out_dir)
-            common.write_json(self.out_dir / "train_config.json", config_to_dict(cfg))
+            runs.write_json(self.out_dir / "train_config.json", config_to_dict(cfg))
             log.info("saved SigLIP encoder to %s (load_siglip / load_siglip_into read it)", self.out_dir)
         return history
 

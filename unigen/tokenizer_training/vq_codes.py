@@ -2,7 +2,7 @@
 
 The frozen VQ gives every image the same codes in every stage; encoding them once and writing them into
 the manifest (``"codes"``, read by ``unigen.train.data``) saves a VQ encoder forward per generation sample.
-The preprocessing is the trainer's: ``unigen.processor.generation_pixels``.
+The preprocessing is the trainer's: ``unigen.processor.generation_image`` (through ``generation_pixels``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unigen.processor import generation_pixels
+from unigen.runs import write_text
 
 
 @torch.no_grad()
@@ -34,7 +35,5 @@ def add_vq_codes(manifest: str | Path, vq_dir: str | Path, out: str | Path, batc
         pixels = generation_pixels([manifest.parent / records[i]["image"] for i in chunk], vq.config.image_size)
         for i, codes in zip(chunk, vq.encode(pixels).tolist(), strict=True):
             records[i]["codes"] = codes
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(out)
+    write_text(out, "".join(json.dumps(r) + "\n" for r in records))
     return out

@@ -11,9 +11,9 @@ order, RNG, optimisers, discriminator, usage counts), and the discriminator is n
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,13 +21,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from unigen.config import VQConfig, _build
+from unigen import runs
+from unigen.config import VQConfig
+from unigen.config_io import build_config, config_to_dict
+from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from unigen.lr_schedule import lr_at, set_lr
 from unigen.precision import resolve_amp
-from unigen.tokenizer_training import common
-from unigen.tokenizer_training.config_io import config_to_dict
+from unigen.tokenizer_training.common import param_groups
 from unigen.tokenizer_training.data import (
     ImageDataset,
     batch_loader,
@@ -43,6 +46,7 @@ from unigen.tokenizer_training.losses import (
     hinge_g_loss,
     load_vgg16_features,
 )
+from unigen.tokenizer_training.run_checks import check_run_numbers, read_json_object, read_weights
 from unigen.vq import VQModel
 
 log = logging.getLogger("unigen.tokenizer_training")
@@ -92,9 +96,8 @@ class VQTrainConfig:
     # Autoencoder warm-up: for the first ``ae_warmup_steps`` the decoder sees the l2-normalised encoder output
     # (where the quantizer would put a code) and there are no VQ losses; then the codebook is set by spherical
     # k-means on encoder outputs of ``kmeans_batches`` batches. Quantizing from step 0 against a random codebook
-    # let a few codes win early: on the Shapes world, 680 steps from a random codebook gave 0.54 / 0.76 (seeds
-    # 0 / 1) of reconstructions fully readable with 12 / 18 codes used; 100 warm-up steps + k-means 0.78 / 0.82
-    # with 122 / 201 codes (tokenizers/README.md).
+    # lets a few codes win early and the rest die; codes placed where the encoder outputs already are all start
+    # in use (tokenizers/README.md).
     ae_warmup_steps: int = 0
     kmeans_batches: int = 16
     kmeans_iters: int = 20
@@ -107,26 +110,28 @@ class VQTrainConfig:
     keep_last: int = 2
     sample_images: int = 8
     tensorboard: bool = False
-    resume: str | None = None  # "auto" (latest under out_dir/checkpoints) or a checkpoint folder
+    resume: str | None = None  # "latest" (newest under out_dir/checkpoints; "auto" also works) or a checkpoint folder
     overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
 
     def __post_init__(self):
+        check_run_numbers(self)
         if self.recon_loss not in ("l1", "l2"):
-            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
+            raise ConfigError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
         if self.ae_warmup_steps < 0 or self.ae_warmup_steps >= max(1, self.steps):
-            raise ValueError(f"ae_warmup_steps must be in [0, steps) = [0, {self.steps}), got {self.ae_warmup_steps}: "
+            raise ConfigError(f"ae_warmup_steps must be in [0, steps) = [0, {self.steps}), got {self.ae_warmup_steps}: "
                              "lower ae_warmup_steps (0 turns the warm-up off) or raise steps")
         if self.ae_warmup_steps and (self.kmeans_batches < 1 or self.kmeans_iters < 1):
-            raise ValueError("kmeans_batches and kmeans_iters must be >= 1 with ae_warmup_steps > 0, got "
+            raise ConfigError("kmeans_batches and kmeans_iters must be >= 1 with ae_warmup_steps > 0, got "
                              f"{self.kmeans_batches} and {self.kmeans_iters}")
         if self.vq.base_channels % self.vq.norm_groups:
-            raise ValueError(f"vq.base_channels ({self.vq.base_channels}) must be a multiple of vq.norm_groups "
+            raise ConfigError(f"vq.base_channels ({self.vq.base_channels}) must be a multiple of vq.norm_groups "
                              f"({self.vq.norm_groups}): every GroupNorm splits its channels into that many groups")
 
 
 # ---- VQ checkpoints ------------------------------------------------------------------------
 
 VQ_MODEL_TYPE = "unigen-vq"
+STATE_FILE = "training_state.pt"  # optimizer, data position, RNG: tensors and plain values (weights_only)
 # norm_groups changes no weight shape, so a mismatch would load silently: it must be checked too
 _ARCH_FIELDS = ("codebook_size", "embed_dim", "base_channels", "channel_mult", "num_res_blocks", "z_channels",
                 "image_size", "norm_groups", "local_encoder")
@@ -137,25 +142,25 @@ def save_vq(vq: VQModel, directory: str | Path) -> Path:
     directory = Path(directory)
     config = {"model_type": VQ_MODEL_TYPE, **config_to_dict(vq.config)}
     state = {k: v.detach().float().contiguous().cpu() for k, v in vq.state_dict().items()}
-    common.atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
-    common.write_json(directory / "config.json", config)
+    runs.atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
+    runs.write_json(directory / "config.json", config)
     return directory
 
 
 def load_vq_config(directory: str | Path) -> VQConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a folder written by save_vq / unigen train-vq")
-    raw = json.loads(path.read_text())
+        raise CheckpointNotFoundError(f"{path} not found: pass a folder written by save_vq / unigen train-vq")
+    raw = read_json_object(path)
     if raw.pop("model_type", None) != VQ_MODEL_TYPE:
-        raise ValueError(f"{path} is not a VQ tokenizer config (model_type must be {VQ_MODEL_TYPE!r})")
-    return _build(VQConfig, raw, str(path))
+        raise CheckpointError(f"{path} is not a VQ tokenizer config (model_type must be {VQ_MODEL_TYPE!r})")
+    return build_config(VQConfig, raw, str(path))
 
 
 def load_vq(directory: str | Path, device: str | torch.device = "cpu") -> VQModel:
     """A trained VQ tokenizer from ``directory`` (a ``train-vq`` output or any of its checkpoints)."""
     vq = VQModel(load_vq_config(directory))
-    vq.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+    vq.load_state_dict(read_weights(Path(directory) / "model.safetensors"))
     return vq.to(device).eval()
 
 
@@ -163,15 +168,14 @@ def load_vq_into(model, directory: str | Path) -> None:
     """Put a trained VQ tokenizer into ``UniGenModel.gen_vision_model``; the architectures must match."""
     cfg = load_vq_config(directory)
     _check_same(model.config.vq, cfg, _ARCH_FIELDS, "VQ tokenizer", directory)
-    state = load_file(str(Path(directory) / "model.safetensors"))
-    model.gen_vision_model.load_state_dict(state)
+    model.gen_vision_model.load_state_dict(read_weights(Path(directory) / "model.safetensors"))
 
 
 def _check_same(want, got, names, what: str, directory) -> None:
     diff = {n: (getattr(want, n), getattr(got, n)) for n in names if getattr(want, n) != getattr(got, n)}
     if diff:
         detail = ", ".join(f"{n}: model {a!r} vs checkpoint {b!r}" for n, (a, b) in diff.items())
-        raise ValueError(f"{what} in {directory} does not fit the model ({detail}); build the model with "
+        raise CheckpointError(f"{what} in {directory} does not fit the model ({detail}); build the model with "
                          f"this config (load_*_config) instead")
 
 
@@ -209,13 +213,15 @@ def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class VQTrainer:
     def __init__(self, cfg: VQTrainConfig):
-        common.setup_logging()
+        runs.setup_logging()
         if not cfg.data:
-            raise ValueError("data is empty: set data=PATH (a folder of images or a JSONL manifest)")
+            raise ConfigError("data is empty: set data=PATH (a folder of images or a JSONL manifest)")
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.device = common.resolve_device(cfg.device)
+        # before anything is read or written: a fresh run must not mix with (or replace) an earlier one
+        resume = runs.resolve_resume(cfg.resume, self.ckpt_root, overwrite=cfg.overwrite, marker=STATE_FILE,
+                                     remove=False)
+        self.device = runs.resolve_device(cfg.device, auto=("cuda",))
         self.amp = resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed)
 
@@ -227,16 +233,20 @@ class VQTrainer:
         size = cfg.vq.image_size
         self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images")
         self.val_set = ImageDataset(val_records, size, cfg.cache_images, "val images") if val_records else None
+        if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
+            log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
+            shutil.rmtree(self.ckpt_root)
         bad = self.train_set.bad + (self.val_set.bad if self.val_set else [])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         if bad:
-            (self.out_dir / "bad_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in bad))
+            runs.write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{why}\n" for p, why in bad))
             log.warning("%d bad image files listed in %s", len(bad), self.out_dir / "bad_images.txt")
         log.info("VQ data: %d training images, %d val images at %dpx", len(self.train_set),
                  len(self.val_set) if self.val_set else 0, size)
 
         self.model = VQModel(cfg.vq).to(self.device).train()
         codebook = self.model.quantize.embedding.weight
-        groups = common.param_groups(self.model, cfg.weight_decay, no_decay=lambda n, p: p is codebook)
+        groups = param_groups(self.model, cfg.weight_decay, no_decay=lambda n, p: p is codebook)
         # fused: one kernel for all tensors instead of ~10 ops per tensor (see unigen/train/loop.py)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
         log.info("VQ model: %.2fM parameters, %d codes of dim %d, %dx%d tokens per image",
@@ -254,15 +264,14 @@ class VQTrainer:
         self.disc = self.disc_opt = None
         if cfg.disc_weight > 0:
             self.disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(self.device).train()
-            self.disc_opt = torch.optim.AdamW(common.param_groups(self.disc, cfg.weight_decay),
+            self.disc_opt = torch.optim.AdamW(param_groups(self.disc, cfg.weight_decay),
                                               lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas), fused=True)
             log.info("PatchGAN discriminator: on from step %d (weight %g)", cfg.disc_start, cfg.disc_weight)
 
         self.usage = CodebookUsage(cfg.vq.codebook_size)
         self.z_buffer = torch.zeros(0, cfg.vq.embed_dim)
         self.step = 0
-        self.metrics = common.MetricsLog(self.out_dir, cfg.tensorboard)
-        resume = common.resolve_resume(cfg.resume, self.ckpt_root, cfg.overwrite)
+        self.metrics = runs.MetricsLog(self.out_dir, cfg.tensorboard)
         if resume is not None:
             self.load_checkpoint(resume)
         else:
@@ -281,8 +290,8 @@ class VQTrainer:
             flip = torch.rand(x.shape[0]) < 0.5
             x[flip] = x[flip].flip(-1)
         x = x.to(self.device, non_blocking=True)
-        lr = common.lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
-        common.set_lr(self.opt, lr)
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
+        set_lr(self.opt, lr)
         use_disc = self.disc is not None and self.step >= cfg.disc_start
         amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
 
@@ -318,7 +327,7 @@ class VQTrainer:
         self.opt.step()
 
         if use_disc:
-            common.set_lr(self.disc_opt, (cfg.disc_lr or cfg.lr) * lr / cfg.lr)
+            set_lr(self.disc_opt, (cfg.disc_lr or cfg.lr) * lr / cfg.lr)
             with amp:
                 d = hinge_d_loss(self.disc(x).float(), self.disc(recon.detach()).float())
             self.disc_opt.zero_grad(set_to_none=True)
@@ -439,7 +448,7 @@ class VQTrainer:
             "optimizer": self.opt.state_dict(),
             "usage_counts": self.usage.counts.clone(),
             "z_buffer": self.z_buffer.clone(),
-            "rng": common.rng_state(),
+            "rng": runs.rng_state(),
         }
         if self.disc is not None:
             state["disc"] = self.disc.state_dict()
@@ -447,29 +456,29 @@ class VQTrainer:
 
         def write(tmp: Path) -> None:
             save_vq(self.model, tmp)
-            torch.save(state, tmp / "training_state.pt")
-            common.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
+            torch.save(state, tmp / STATE_FILE)
+            runs.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
 
-        return common.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
+        return runs.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
 
     def batches_position(self) -> tuple[int, int]:
         return divmod(self.step, len(self.train_set) // self.cfg.batch_size)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        state = runs.load_state_file(path / STATE_FILE)
         if state["train_size"] != len(self.train_set):
-            raise ValueError(f"cannot resume from {path}: it was trained on {state['train_size']} images, the data "
-                             f"now has {len(self.train_set)} (the data order would differ)")
-        self.model.load_state_dict(load_file(str(path / "model.safetensors")))
+            raise CheckpointError(f"cannot resume from {path}: it was trained on {state['train_size']} images, the "
+                                  f"data now has {len(self.train_set)} (the data order would differ)")
+        self.model.load_state_dict(read_weights(path / "model.safetensors"))
         self.opt.load_state_dict(state["optimizer"])
         if self.disc is not None:
             if "disc" not in state:
-                raise ValueError(f"{path} has no discriminator state but disc_weight > 0 now")
+                raise CheckpointError(f"{path} has no discriminator state but disc_weight > 0 now")
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_optimizer"])
         self.usage.counts = state["usage_counts"].clone()
         self.z_buffer = state["z_buffer"].clone()
-        common.set_rng_state(state["rng"])
+        runs.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, *state["data_position"])
@@ -519,7 +528,7 @@ class VQTrainer:
         bar.close()
         if self.step >= cfg.steps:
             save_vq(self.model, self.out_dir)
-            common.write_json(self.out_dir / "train_config.json", config_to_dict(cfg))
+            runs.write_json(self.out_dir / "train_config.json", config_to_dict(cfg))
             log.info("saved VQ tokenizer to %s (load with unigen.tokenizer_training.load_vq)", self.out_dir)
         return history
 

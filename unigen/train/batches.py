@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from unigen.errors import DataError
 from unigen.processor import understanding_pixels
 from unigen.sampling import unconditional_rows
 from unigen.train.data import Sample
@@ -20,7 +21,7 @@ from unigen.train.mixture import Pick
 IGNORE = -100
 
 
-class SupervisionError(ValueError):
+class SupervisionError(DataError):
     """A sample whose template leaves nothing to learn (or that cannot fit); the message names it."""
 
 

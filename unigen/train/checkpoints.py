@@ -8,48 +8,47 @@
 
 Every process writes into ``.tmp-step_XXXXXXX`` and rank 0 renames it when all are done, so a folder under
 its real name is always complete; the oldest beyond ``keep_last`` are deleted. ``stageN/final`` is written
-the same way.
+the same way, with ``trained.json`` saying how many of the stage's steps it holds: a stage cut short by
+``--max-steps`` is not finished, and ``--resume latest`` continues it.
+
+Every file loads with ``torch.load(weights_only=True)``: resuming a checkpoint never runs code from it.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from unigen.errors import CheckpointError
+from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name
 from unigen.train.parallel import barrier
 
-STEP_DIR = re.compile(r"step_\d{7}")
+__all__ = ["checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress", "rng_state", "save_checkpoint",
+           "save_final", "set_rng_state"]
+TRAINED = "trained.json"  # in stageN/final: {"stage", "step", "steps"}
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+def trained_steps(final: Path) -> tuple[int, int] | None:
+    """(steps trained, steps of the stage) recorded with a stage's final weights; None if not recorded."""
+    path = final / TRAINED
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        return int(info["step"]), int(info["steps"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is damaged ({err}); delete {final} to train the stage again") from err
 
 
 def is_complete(final: Path) -> bool:
-    return (final / "config.json").is_file()
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """The stage's final weights exist and hold all its steps (not a run cut short by ``--max-steps``)."""
+    if not (final / "config.json").is_file():
+        return False
+    trained = trained_steps(final)
+    return trained is None or trained[0] >= trained[1]
 
 
 class _Weights:
@@ -95,19 +94,22 @@ def _publish(tmp: Path, final: Path, rank: int) -> None:
     barrier()
 
 
-def save_final(out: Path, wrapped, model, processor, kind: str, rank: int) -> Path:
+def save_final(out: Path, wrapped, model, processor, kind: str, rank: int, *, stage: int, step: int,
+               steps: int) -> Path:
     final, tmp = out / "final", out / ".tmp-final"
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
     save_weights(tmp, wrapped, model, processor, kind, rank)
+    if rank == 0:
+        (tmp / TRAINED).write_text(json.dumps({"stage": stage, "step": step, "steps": steps}) + "\n")
     _publish(tmp, final, rank)
     return final
 
 
 def save_checkpoint(root: Path, *, stage: int, step: int, wrapped, model, processor, optimizer, scheduler,
                     accelerator, kind: str, rank: int, keep_last: int) -> Path:
-    final = root / f"step_{step:07d}"
+    final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,8 +128,7 @@ def save_checkpoint(root: Path, *, stage: int, step: int, wrapped, model, proces
         (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
     _publish(tmp, final, rank)
     if rank == 0:
-        for old in checkpoint_dirs(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep_last)
     return final
 
 
@@ -143,9 +144,14 @@ def _optimizer_state(wrapped, optimizer, kind: str):
 def read_progress(path: Path) -> dict:
     progress = path / "progress.json"
     if not progress.is_file():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no progress.json); pass 'latest' or a "
-                                "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder")
-    return json.loads(progress.read_text())
+        raise CheckpointError(f"{path} is not a training checkpoint (no progress.json); pass 'latest' or a "
+                              "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder")
+    try:
+        info = json.loads(progress.read_text())
+        return {"stage": int(info["stage"]), "step": int(info["step"])}
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{progress} is damaged ({type(err).__name__}: {err}); resume from another "
+                              "checkpoint") from err
 
 
 def load_checkpoint(path: Path, *, wrapped, optimizer, scheduler, accelerator, kind: str, rank: int) -> int:
@@ -154,15 +160,15 @@ def load_checkpoint(path: Path, *, wrapped, optimizer, scheduler, accelerator, k
     if kind == "deepspeed":
         accelerator.load_state(str(path / "accelerate"))
     else:
-        optim = torch.load(path / "optimizer.pt", weights_only=False)
+        optim = load_state_file(path / "optimizer.pt")
         if kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(wrapped, optimizer, optim, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(optim)
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(load_state_file(path / "scheduler.pt"))
     rng = path / f"rng_{rank}.pt"
     if rng.is_file():  # a run resumed on more processes than it was saved with keeps fresh RNG on the new ones
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_state_file(rng))
     return int(read_progress(path)["step"])

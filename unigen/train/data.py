@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from unigen.errors import DataError, DataNotFoundError
+
 
 @dataclass
 class Sample:
@@ -37,7 +39,7 @@ class Sample:
         return ["understanding", "generation"]
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest line of the wrong shape; the message names the file and line."""
 
 
@@ -98,10 +100,14 @@ def read_samples(path: str | Path) -> list[Sample]:
     if path.is_dir():
         path = path / "metadata.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"training data {path} does not exist (a JSONL manifest or an imagefolder "
+        raise DataNotFoundError(f"training data {path} does not exist (a JSONL manifest or an imagefolder "
                                 "with metadata.jsonl)")
     samples = []
-    for i, raw in enumerate(path.read_text().splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path} is not UTF-8 text ({err}); a manifest is JSON lines") from err
+    for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         where = f"{path}:{i}"

@@ -4,6 +4,7 @@ processes, atomic resumable checkpoints, metrics.jsonl + TensorBoard."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import shutil
@@ -13,9 +14,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from unigen import runs
+from unigen.config_io import config_to_dict
+from unigen.errors import ArgumentError, ConfigError, OutputExistsError
+from unigen.lr_schedule import lr_at
 from unigen.param_groups import parameter_groups, set_trainable, stage_groups
-from unigen.tokenizer_training.common import lr_at, setup_logging
-from unigen.tokenizer_training.config_io import config_to_dict
+from unigen.runs import setup_logging
 from unigen.train import checkpoints as ckpt
 from unigen.train import parallel
 from unigen.train.batches import BatchBuilder
@@ -23,7 +27,7 @@ from unigen.train.data import check_images, read_samples
 from unigen.train.metrics import TrainMetrics
 from unigen.train.mixture import check_mixture, share, step_micro_batches, task_pools
 from unigen.train.recipe import TASKS, TrainRecipe
-from unigen.train.start import load_pretrained, load_start, stage_dir
+from unigen.train.start import load_pretrained, load_start, stage_dir, start_source
 from unigen.train.step import TrainStep
 
 log = logging.getLogger("unigen.train")
@@ -42,8 +46,7 @@ def make_optimizer(model, groups: set[str], cfg) -> torch.optim.AdamW:
             param_groups.append({"params": trainable, "lr": cfg.lr * mult, "name": name})
     if not param_groups:
         raise ValueError(f"stage trains nothing: groups {sorted(groups)} have no parameters in this model")
-    # fused: one kernel for all tensors instead of ~10 ops per tensor (Shapes recipe on 2 CPU cores: 10-12 ms
-    # per step instead of 34-55 ms, 7-10% of a stage-II step)
+    # fused: one kernel for all tensors instead of ~10 ops per tensor (a large share of a small model's step on CPU)
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=True)
 
 
@@ -55,24 +58,30 @@ def make_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
 
 def resolve_resume(resume: str | None, root: Path, overwrite: bool, rank: int) -> Path | None:
     """``None``: a fresh stage; ``"latest"``: the newest checkpoint if any; else that checkpoint folder."""
-    if rank == 0 and root.is_dir():
-        for stale in root.glob(".tmp-*"):  # what a killed run was writing
-            shutil.rmtree(stale, ignore_errors=True)
-    if resume is None:
-        found = ckpt.checkpoint_dirs(root)
-        if found and not overwrite:
-            raise FileExistsError(f"{root} holds checkpoints of an earlier run (latest {found[-1].name}): pass "
-                                  "--resume latest to continue it, overwrite=true to start over, or another "
-                                  "--output-dir")
-        if found and rank == 0:
-            shutil.rmtree(root)
-        return None
-    if resume == "latest":
-        found = ckpt.checkpoint_dirs(root)
-        return found[-1] if found else None
-    path = Path(resume).expanduser()
-    ckpt.read_progress(path)
+    if rank == 0:
+        runs.remove_partial_writes(root)  # what a killed run was writing
+    path = runs.resolve_resume(resume, root, overwrite=overwrite, marker="progress.json", remove=rank == 0,
+                               resume_flag="--resume latest")
+    if path is not None:
+        ckpt.read_progress(path)
     return path
+
+
+def set_aside_later_stages(recipe: TrainRecipe, stage: int) -> None:
+    """Stage ``stage`` trains again, so what later stages trained from its earlier weights no longer follows
+    from it: deleted under overwrite=true, else moved beside (``stageN.stale-K``), never silently kept."""
+    for later in range(stage + 1, 4):
+        folder = stage_dir(recipe, later)
+        if not folder.exists():
+            continue
+        if recipe.overwrite:
+            log.warning("overwrite=true: stage %d trains again, so %s (trained from its earlier weights) is deleted",
+                        stage, folder)
+            shutil.rmtree(folder)
+            continue
+        aside = next(p for i in itertools.count(1) if not (p := folder.with_name(f"{folder.name}.stale-{i}")).exists())
+        folder.rename(aside)
+        log.warning("stage %d trains again, so %s no longer follows from it: moved to %s", stage, folder, aside)
 
 
 def task_weights(counts: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -99,10 +108,10 @@ def check_tasks(pools, cfg, groups: set[str], stage: int) -> None:
 
 def write_inputs(recipe: TrainRecipe, stage: int, bad: list[dict]) -> None:
     resolved = json.dumps(config_to_dict(recipe), indent=2) + "\n"
-    (Path(recipe.output_dir) / "recipe.json").write_text(resolved)
-    (stage_dir(recipe, stage) / "recipe.json").write_text(resolved)
+    runs.write_text(Path(recipe.output_dir) / "recipe.json", resolved)
+    runs.write_text(stage_dir(recipe, stage) / "recipe.json", resolved)
     path = Path(recipe.output_dir) / "bad_samples.jsonl"
-    path.write_text("".join(json.dumps(b) + "\n" for b in bad))
+    runs.write_text(path, "".join(json.dumps(b) + "\n" for b in bad))
     if bad:
         log.warning("skipped %d sample(s) with missing or unreadable images (listed in %s)", len(bad), path)
 
@@ -111,21 +120,35 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
               max_steps: int | None = None, progress: bool = True) -> Path:
     """Train one stage; returns ``OUTPUT_DIR/stageN/final`` (a checkpoint the pipeline loads).
 
-    ``resume``: ``"latest"`` (the newest checkpoint of this stage, if any) or a checkpoint folder.
+    ``resume``: ``"latest"`` (a finished stage is kept as it is; else the newest checkpoint of this stage, if
+    any) or a checkpoint folder. ``None`` refuses to replace an earlier run's weights unless ``recipe.overwrite``.
+    Everything is checked before anything is written.
     """
     setup_logging()
     cfg = recipe.stage(stage)
+    resume = runs.normalize_resume(resume)
+    out = stage_dir(recipe, stage)
+    final_dir = out / "final"
+    if resume == runs.LATEST and ckpt.is_complete(final_dir):
+        log.info("stage %d already finished (%s); --resume latest keeps it", stage, final_dir)
+        return final_dir
+    if resume is None and final_dir.exists() and not recipe.overwrite:
+        raise OutputExistsError(f"{final_dir} holds the weights of an earlier run of stage {stage}: pass --resume "
+                                f"latest to continue that run (finished stages are kept), overwrite=true to train "
+                                f"stage {stage} again (later stages are deleted), or another --output-dir")
+    if not recipe.data:
+        raise ConfigError("data is empty: set data=PATH (a JSONL manifest or an imagefolder with metadata.jsonl)")
+    if max_steps is not None and max_steps < 1:
+        raise ArgumentError(f"--max-steps must be at least 1, got {max_steps}")
     accelerator = parallel.make_accelerator(recipe, cfg.grad_accum)
     rank, world = accelerator.process_index, accelerator.num_processes
     kind = parallel.strategy(accelerator, recipe)
-    out = stage_dir(recipe, stage)
     samples, bad = check_images(read_samples(recipe.data))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_inputs(recipe, stage, bad)
     pools = task_pools(samples)
     ckpt_root = out / "checkpoints"
     resume_from = resolve_resume(resume, ckpt_root, recipe.overwrite, rank)
+    if resume_from is None:
+        start_source(recipe, stage, init_from)  # a missing start is named before anything is written
     parallel.barrier()
 
     if rank > 0:  # rank 0 may train the tokenizer of a fresh model; the others then build the same model
@@ -161,6 +184,11 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
                                      accelerator=accelerator, kind=kind, rank=rank)
         if rank == 0:
             log.info("resumed stage %d at step %d from %s", stage, start, resume_from)
+    if rank == 0:  # only now that the start (and a checkpoint to resume) has loaded
+        set_aside_later_stages(recipe, stage)
+        out.mkdir(parents=True, exist_ok=True)
+        write_inputs(recipe, stage, bad)
+    parallel.barrier()
     metrics = TrainMetrics(Path(recipe.output_dir), stage, recipe.tensorboard) if rank == 0 else None
     if metrics is not None:
         metrics.rewind(start)
@@ -228,7 +256,13 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
                 ckpt_root, stage=stage, step=step + 1, wrapped=wrapped, model=model, processor=processor,
                 optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, kind=kind, rank=rank,
                 keep_last=recipe.keep_last)
-    final = ckpt.save_final(out, wrapped, model, processor, kind, rank)
+    done = max(start, steps)
+    if done < cfg.steps and not (ckpt_root / runs.step_dir_name(done)).is_dir():
+        # cut short by max_steps: the stage is not finished, and --resume latest continues it from here
+        ckpt.save_checkpoint(ckpt_root, stage=stage, step=done, wrapped=wrapped, model=model, processor=processor,
+                             optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, kind=kind,
+                             rank=rank, keep_last=recipe.keep_last)
+    final = ckpt.save_final(out, wrapped, model, processor, kind, rank, stage=stage, step=done, steps=cfg.steps)
     if metrics is not None:
         metrics.close()
         log.info("stage %d done: %s", stage, final)

@@ -31,10 +31,10 @@ def make_accelerator(recipe, grad_accum: int):
 
     # accelerate keeps one global state; a new stage (maybe another precision or accumulation) starts it anew
     AcceleratorState._reset_state(reset_partial_state=False)
-    if recipe.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available")
+    from unigen.runs import resolve_device
+
     # on a machine without CUDA, accelerate only reads torchrun's environment as multi-process with cpu=True
-    cpu = recipe.device == "cpu" or (recipe.device == "auto" and not torch.cuda.is_available())
+    cpu = resolve_device(recipe.device, auto=("cuda",)).type == "cpu"  # device=cuda without CUDA: named
     # "auto": bf16 only where it is native; an AVX2-only CPU emulates it at several times the fp32 cost
     bf16 = resolve_amp(recipe.bf16, torch.device("cpu" if cpu else "cuda"), key="bf16")
     return Accelerator(

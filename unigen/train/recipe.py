@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from unigen.config_io import load_config
+from unigen.errors import ConfigError
 from unigen.param_groups import GROUPS
 
 TASKS = ("understanding", "text", "generation")  # the order of a mixture
@@ -32,23 +35,28 @@ class StageConfig:
     weight_decay: float = 0.0
 
     def validate(self, where: str) -> None:
-        for name in ("steps", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "grad_accum"):
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
+            raise ConfigError(f"{where}.min_lr_ratio must be in [0, 1] and {where}.weight_decay >= 0, got "
+                              f"{self.min_lr_ratio} and {self.weight_decay}")
+        for name in ("steps", "batch_size", "grad_accum"):  # a stage of no steps would save an untrained model
             if getattr(self, name) < 1:
-                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"{where}.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
         if len(self.mixture) != 3 or min(self.mixture) < 0 or sum(self.mixture) <= 0:
-            raise ValueError(f"{where}.mixture must be 3 non-negative weights ({' : '.join(TASKS)}) with a "
+            raise ConfigError(f"{where}.mixture must be 3 non-negative weights ({' : '.join(TASKS)}) with a "
                              f"positive sum, got {list(self.mixture)}")
+        for group, mult in self.lr_mult.items():
+            if isinstance(mult, bool) or not isinstance(mult, int | float) or not math.isfinite(mult) or mult <= 0:
+                raise ConfigError(f"{where}.lr_mult.{group} must be a finite number > 0, got {mult!r}")
         for key, names in (("groups", self.groups), ("lr_mult", list(self.lr_mult))):
             unknown = sorted(set(names) - GROUPS.keys())
             if unknown:
-                raise ValueError(f"{where}.{key}: unknown parameter group(s) {unknown}; known: {sorted(GROUPS)}")
+                raise ConfigError(f"{where}.{key}: unknown parameter group(s) {unknown}; known: {sorted(GROUPS)}")
         if "vq" in self.groups:
-            raise ValueError(f"{where}.groups: the VQ tokenizer stays frozen here (its codes are the generation "
+            raise ConfigError(f"{where}.groups: the VQ tokenizer stays frozen here (its codes are the generation "
                              "targets); train it with `unigen train-vq`")
 
 
@@ -87,25 +95,24 @@ class TrainRecipe:
             stage.mixture = MIXTURES[n] if stage.mixture is None else tuple(stage.mixture)
             stage.validate(f"stage{n}")
         if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+            raise ConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if self.loss_weighting not in ("token", "task"):
-            raise ValueError(f"loss_weighting must be token or task, got {self.loss_weighting!r}")
+            raise ConfigError(f"loss_weighting must be token or task, got {self.loss_weighting!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
-            raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+            raise ConfigError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
         if self.bf16 not in (True, False, "auto"):
-            raise ValueError(f"bf16 must be true, false or auto, got {self.bf16!r}")
+            raise ConfigError(f"bf16 must be true, false or auto, got {self.bf16!r}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.save_every < 0 or self.keep_last < 1 or self.max_seq_len < 0:
-            raise ValueError("save_every and max_seq_len must be >= 0 and keep_last >= 1")
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.save_every < 0 or self.keep_last < 1 or self.max_seq_len < 0 or self.grad_clip < 0:
+            raise ConfigError(f"save_every, max_seq_len and grad_clip must be >= 0 and keep_last >= 1, got "
+                              f"{self.save_every}, {self.max_seq_len}, {self.grad_clip} and {self.keep_last}")
 
     def stage(self, n: int) -> StageConfig:
         if n not in (1, 2, 3):
-            raise ValueError(f"stage must be 1, 2 or 3, got {n}")
+            raise ConfigError(f"stage must be 1, 2 or 3, got {n}")
         return getattr(self, f"stage{n}")
 
 
 def load_recipe(path=None, overrides=(), **values) -> TrainRecipe:
-    from unigen.tokenizer_training.config_io import load_config
-
     return load_config(TrainRecipe, path, overrides, **values)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from unigen.errors import CheckpointNotFoundError, ConfigError
 from unigen.model import UniGenModel
 from unigen.processor import UniGenProcessor
 from unigen.train.data import Sample
@@ -32,7 +33,7 @@ def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel
     tokenizer = train_text_tokenizer(texts, tok_dir, vocab_size=recipe.tokenizer_vocab, kind="wordlevel")
     config.tokens = special_token_ids(tokenizer)
     if len(tokenizer) > config.llm.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is "
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is "
                          f"{config.llm.vocab_size}; raise model.llm.vocab_size")
     torch.manual_seed(recipe.seed)
     model = UniGenModel(config)
@@ -52,16 +53,22 @@ def load_pretrained(source) -> tuple[UniGenModel, UniGenProcessor]:
     return model, UniGenProcessor.from_pretrained(source, config=model.config)
 
 
-def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
+def start_source(recipe: TrainRecipe, stage: int, init_from: str | None) -> str | None:
+    """The checkpoint a fresh stage starts from (``None``: a new model), checked before any work."""
     source = init_from or recipe.init_from
     if source is None and stage > 1:
         previous = stage_dir(recipe, stage - 1) / "final"
         if not (previous / "config.json").is_file():
-            raise FileNotFoundError(f"stage {stage} starts from stage {stage - 1}'s final weights, but {previous} "
-                                    "does not exist: train that stage first or pass --init-from DIR")
+            raise CheckpointNotFoundError(f"stage {stage} starts from stage {stage - 1}'s final weights, but "
+                                          f"{previous} does not exist: train that stage first or pass --init-from DIR")
         source = str(previous)
+    if source is None and not recipe.model:
+        raise ConfigError("no model to train: set init_from (a checkpoint) or a model: section in the recipe")
+    return source
+
+
+def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
+    source = start_source(recipe, stage, init_from)
     if source is None:
-        if not recipe.model:
-            raise ValueError("no model to train: set init_from (a checkpoint) or a model: section in the recipe")
         return build_fresh(recipe, samples)
     return load_pretrained(source)
