@@ -5,9 +5,9 @@
 
 import argparse
 
-import torch
-
 from unigen import UniGenPipeline
+from unigen.runs import resolve_device
+from unigen.sampling_options import SamplingOptions, finite_float, positive_int
 
 
 def main() -> None:
@@ -15,11 +15,13 @@ def main() -> None:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", required=True)
     p.add_argument("--question", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=finite_float, default=None, help="0 or unset = greedy")
     args = p.parse_args()
+    options = SamplingOptions(temperature=args.temperature)
 
-    pipe = UniGenPipeline.from_pretrained(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
-    for path, text in zip(args.images, pipe.caption(args.images, question=args.question,
+    pipe = UniGenPipeline.from_pretrained(args.model).to(resolve_device("auto"))
+    for path, text in zip(args.images, pipe.caption(args.images, question=args.question, options=options,
                                                      max_new_tokens=args.max_new_tokens), strict=True):
         print(f"{path}\t{text}")
 

@@ -1,5 +1,6 @@
 """UniGenPipeline and the generate / caption / eval commands on a tiny checkpoint."""
 
+import argparse
 import json
 
 import numpy as np
@@ -120,49 +121,70 @@ def test_cli_eval_shapes_writes_json(tiny_hf_janus, tmp_path, capsys):
     assert "| captioning |" in capsys.readouterr().out
 
 
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``unigen ARGV`` run in this process."""
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--num-images", "0"], "--num-images must be at least 1, got 0"),
-    (["--guidance-scale", "-1"], "--guidance-scale must be >= 0"),
+    (["--num-images", "0"], "--num-images: must be at least 1, got 0"),
+    (["--guidance-scale", "-1"], "guidance_scale must be >= 0"),
+    (["--guidance-scale", "nan"], "--guidance-scale: expected a finite number, got 'nan'"),
+    (["--temperature", "inf"], "--temperature: expected a finite number, got 'inf'"),
     (["--top-p", "0"], r"top_p must be in (0, 1], got 0.0"),
     (["--top-p", "1.5"], r"top_p must be in (0, 1], got 1.5"),
     (["--temperature", "-0.5"], "temperature must be >= 0"),
     (["--cfg-schedule", "cosine"], "unknown cfg_schedule 'cosine'"),
     (["--cfg-schedule", "cutoff:x"], "expected cutoff:K"),
+    (["--seed", str(2**64)], "a seed must be in [0, 2**63 - 1]"),
 ])
-def test_cli_generate_rejects_bad_flags_before_loading(tmp_path, flags, message):
+def test_cli_generate_rejects_bad_flags_before_loading(tmp_path, capsys, flags, message):
     # the model path does not exist: the flag must be named before any load is tried
-    with pytest.raises(SystemExit) as err:
-        main(["generate", "a cat", "--model", str(tmp_path / "nowhere"), "--device", "cpu", *flags])
-    assert str(err.value.code).startswith("error: ") and message in str(err.value.code)
+    code, out, err = run_cli(["generate", "a cat", "--model", str(tmp_path / "nowhere"), "--device", "cpu",
+                              "--output-dir", str(tmp_path / "out"), *flags], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
 
 
-def test_cli_generate_names_a_prompt_too_long_for_the_context(tiny_hf_janus, tmp_path):
+def test_cli_generate_names_a_prompt_too_long_for_the_context(tiny_hf_janus, tmp_path, capsys):
     long_prompt = " ".join(["red"] * 600)
-    with pytest.raises(SystemExit) as err:
-        main(["generate", long_prompt, "--model", str(tiny_hf_janus[1]), "--device", "cpu",
-              "--output-dir", str(tmp_path)])
-    assert "16 image tokens exceeds the context of 512; shorten the prompt to at most 496 tokens" in str(err.value.code)
-    assert not any(tmp_path.iterdir())
+    code, _, err = run_cli(["generate", long_prompt, "--model", str(tiny_hf_janus[1]), "--device", "cpu",
+                            "--output-dir", str(tmp_path)], capsys)
+    assert code == 1
+    assert "16 image tokens exceeds the context of 512; shorten the prompt to at most 496 tokens" in err
+    assert "Traceback" not in err and not any(tmp_path.iterdir())
 
 
-def test_cli_caption_rejects_bad_flags_before_loading(tmp_path):
+def test_cli_caption_rejects_bad_flags_before_loading(tmp_path, capsys):
     for flags, message in ((["--temperature", "-1"], "temperature must be >= 0"),
-                           (["--batch-size", "0"], "--batch-size must be at least 1")):
-        with pytest.raises(SystemExit) as err:
-            main(["caption", str(tmp_path / "x.png"), "--model", str(tmp_path / "nowhere"), *flags])
-        assert message in str(err.value.code)
+                           (["--temperature", "nan"], "expected a finite number, got 'nan'"),
+                           (["--batch-size", "0"], "--batch-size: must be at least 1")):
+        code, _, err = run_cli(["caption", str(tmp_path / "x.png"), "--model", str(tmp_path / "nowhere"), *flags],
+                               capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_cli_help_documents_every_flag(capsys):
+    """Every flag of every command has a help line, the --help page prints it, and a flag with a default
+    says what the default is."""
     from unigen.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    for name in ("generate", "caption"):
+    for name, command in sub.choices.items():
         with pytest.raises(SystemExit):
             main([name, "--help"])
-        text = capsys.readouterr().out
-        for action in sub.choices[name]._actions:
-            for flag in action.option_strings:
-                assert flag in text, (name, flag)
-            assert action.help, (name, action.dest)
+        page = " ".join(capsys.readouterr().out.split())
+        for action in command._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+            assert " ".join(action.help.split())[:40] in page, (name, action.dest)
+            has_default = action.default not in (None, False, [], ()) and action.option_strings
+            assert not has_default or "default" in action.help, (name, action.dest, action.default)

@@ -9,29 +9,24 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from unigen.errors import ArgumentError, CheckpointError
 from unigen.model import UniGenModel
-from unigen.processor import UniGenProcessor, pixels_to_pil
+from unigen.processor import UniGenProcessor, check_tokenizer_files, pixels_to_pil
+from unigen.runs import DEVICES, resolve_device
 from unigen.sampling import CFGSchedule, generate_image_tokens, generate_text
+from unigen.sampling_options import SamplingOptions
 
+__all__ = ["DEFAULT_QUESTION", "DEVICES", "PipelineOutput", "UniGenPipeline", "check_finite_weights",
+           "resolve_device"]
 DEFAULT_QUESTION = "Describe the image."
-DEVICES = ("auto", "cuda", "mps", "cpu")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; a named device that is absent is an error."""
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for but MPS is not available here; use --device cpu")
-    return torch.device(name)
+def check_finite_weights(model: torch.nn.Module, where) -> None:
+    """A checkpoint with NaN or infinite weights samples black or random images without a word: name it."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"the weights in {where} hold NaN or infinite values (first: {name}); the "
+                                  "checkpoint is damaged or its training diverged: use an earlier checkpoint")
 
 
 @dataclass
@@ -50,7 +45,9 @@ class UniGenPipeline:
         from unigen.checkpoint import resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(path)
+        check_tokenizer_files(directory)  # named here: the loaders would fail on it with a bare Exception
         model = UniGenModel.from_pretrained(directory, dtype=dtype)
+        check_finite_weights(model, directory)
         return cls(model, UniGenProcessor.from_pretrained(directory, config=model.config))
 
     def to(self, device) -> UniGenPipeline:
@@ -79,19 +76,26 @@ class UniGenPipeline:
         negative_prompt: str | None = None,
         progress: bool = False,
         compile: bool = False,
+        options: SamplingOptions | None = None,
     ) -> PipelineOutput:
-        if guidance_scale is None:
-            guidance_scale = self.model.config.guidance_scale
-        if temperature is None:
-            temperature = self.model.config.temperature
+        """Images for ``prompt`` (one or a list), ``num_images_per_prompt`` each. Sampling options left
+        ``None`` take the checkpoint's (``config.guidance_scale``, ``config.temperature``); ``options`` gives
+        them all at once instead of the keywords."""
+        if options is None:
+            options = SamplingOptions(guidance_scale, temperature, top_k, top_p, cfg_schedule)
+        options = options.with_defaults(self.model.config)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ArgumentError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
         batch = self.processor.generation_inputs(prompt)
         negative = None
         if negative_prompt is not None:
             negative = self.processor.generation_inputs(negative_prompt)["input_ids"].to(self.device)
         codes = generate_image_tokens(
             self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-            num_images=num_images_per_prompt, guidance_scale=guidance_scale, temperature=temperature,
-            top_k=top_k, top_p=top_p, generator=generator, cfg_schedule=cfg_schedule,
+            num_images=num_images_per_prompt, guidance_scale=options.guidance_scale,
+            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator,
+            cfg_schedule=options.cfg_schedule,
             negative_prompt_ids=negative, progress=progress, compile=compile,
         )
         pixels = self.model.decode_image_tokens(codes)
@@ -103,21 +107,29 @@ class UniGenPipeline:
         image,
         question: str | None = None,
         max_new_tokens: int = 64,
-        temperature: float = 0.0,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         streamer=None,
+        options: SamplingOptions | None = None,
     ) -> str | list[str]:
         """One image (path or PIL) -> str; a list -> list of str. Greedy unless temperature > 0."""
+        if options is None:
+            options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
+        options = options.for_text()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ArgumentError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
+        if not images:
+            raise ArgumentError("no images given: pass one image or a non-empty list")
         batch = self.processor.understanding_inputs(images, question or DEFAULT_QUESTION)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         ids = generate_text(
             self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"].to(self.model.dtype),
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generator, streamer=streamer,
+            max_new_tokens=max_new_tokens, temperature=options.temperature, top_k=options.top_k,
+            top_p=options.top_p, generator=generator, streamer=streamer,
         )
         texts = [self.processor.decode(row) for row in ids]
         return texts[0] if single else texts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unigen.recipes import resolve
+from unigen.sampling_options import positive_int, seed_int
 
 HELP = "Train and evaluate a unified model on the Shapes world from scratch; writes DIR/index.html."
 
@@ -14,18 +15,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = DemoConfig()
     p.add_argument("--out-dir", default=d.out_dir, help=f"output folder (default {d.out_dir})")
-    p.add_argument("--n-train", type=int, default=d.n_train, help=f"training images (default {d.n_train})")
-    p.add_argument("--vq-steps", type=int, default=d.vq_steps, help=f"VQ tokenizer steps (default {d.vq_steps})")
+    p.add_argument("--n-train", type=positive_int, default=d.n_train, help=f"training images (default {d.n_train})")
+    p.add_argument("--vq-steps", type=positive_int, default=d.vq_steps,
+                   help=f"VQ tokenizer steps (default {d.vq_steps})")
     p.add_argument("--vq-warmup-steps", type=int, default=d.vq_warmup_steps,
                    help=f"of those, autoencoder warm-up steps before the k-means codebook init (default "
                    f"{d.vq_warmup_steps})")
-    p.add_argument("--siglip-steps", type=int, default=d.siglip_steps,
+    p.add_argument("--siglip-steps", type=positive_int, default=d.siglip_steps,
                    help=f"SigLIP encoder steps (default {d.siglip_steps})")
-    p.add_argument("--stage-steps", type=int, nargs=3, default=None, metavar=("I", "II", "III"),
+    p.add_argument("--stage-steps", type=positive_int, nargs=3, default=None, metavar=("I", "II", "III"),
                    help="steps of the three stages (default: the recipe's)")
-    p.add_argument("--n-eval", type=int, default=d.n_eval, help=f"evaluation items per task (default {d.n_eval})")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads,
+    p.add_argument("--n-eval", type=positive_int, default=d.n_eval,
+                   help=f"evaluation items per task (default {d.n_eval})")
+    p.add_argument("--seed", type=seed_int, default=d.seed,
+                   help=f"seed of the data, the training and the evaluation (default {d.seed})")
+    p.add_argument("--threads", type=positive_int, default=d.threads,
                    help="CPU threads (default 2); with 2 or more the VQ tokenizer and the SigLIP encoder train side "
                    "by side in two processes (1: one after the other, bitwise repeatable)")
     p.add_argument("--recipe", default=d.recipe, type=resolve, help="training recipe (default train/shapes.yaml)")

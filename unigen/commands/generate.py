@@ -4,78 +4,108 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import sys
 from pathlib import Path
 
-from unigen.commands._common import add_model_arguments, load_pipeline
+from unigen.commands._common import add_model_arguments, check_writable_dir, load_pipeline
+from unigen.sampling_options import (
+    SEED_MAX,
+    add_image_sampling_arguments,
+    options_from_args,
+    positive_int,
+    seed_int,
+)
 
 HELP = "Generate images from a text prompt (writes one PNG per image and a grid)."
+IMAGE_NAME = re.compile(r"image_\d{3,}\.png")
+GRID_NAME = "grid.png"
+GRID_MAX = 64  # images shown in grid.png: the grid is a preview, and memory must not grow with --num-images
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="what to draw, e.g. 'a large red circle at the top left'")
     add_model_arguments(p)
-    p.add_argument("--num-images", type=int, default=4, help="images to draw (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed + i (default 0)")
+    p.add_argument("--num-images", type=positive_int, default=4, help="images to draw (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="images drawn per forward batch; memory grows with it, not with --num-images (default 8)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed; image i uses seed + i (default 0)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where PNGs go (default outputs/)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the checkpoint's config.guidance_scale, 5 for Janus)")
-    p.add_argument("--cfg-schedule", default="constant",
-                   help="constant, linear, or cutoff:K (guidance only for the first K tokens)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the images of an earlier run in --output-dir (default: refuse)")
+    add_image_sampling_arguments(p)
     p.add_argument("--negative-prompt", default=None, help="prompt for the unconditional branch (default: none)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature, 0 = greedy (default: the checkpoint's config.temperature, 1 for Janus)")
-    p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely codes (default: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPU)")
-    p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    p.add_argument("--no-grid", action="store_true", help=f"do not write {GRID_NAME} (of the first {GRID_MAX} images)")
 
 
 def grid(images):
+    """Images in a near-square grid (``diffusers.utils.make_image_grid``), empty cells black."""
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w, rows * h))
-    for i, img in enumerate(images):
-        sheet.paste(img, ((i % cols) * w, (i // cols) * h))
-    return sheet
+    filler = [Image.new("RGB", images[0].size)] * (rows * cols - len(images))
+    return make_image_grid(list(images) + filler, rows=rows, cols=cols)
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Flag errors before the (slow) model load, as ``error: ...`` lines instead of tracebacks."""
-    from unigen.sampling import as_schedule, check_sampling_args
+def earlier_outputs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if IMAGE_NAME.fullmatch(p.name) or p.name == GRID_NAME)
 
-    if args.num_images < 1:
-        raise SystemExit(f"error: --num-images must be at least 1, got {args.num_images}")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise SystemExit(f"error: --guidance-scale must be >= 0 (1 = no guidance), got {args.guidance_scale}")
-    try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p)
-        as_schedule(args.cfg_schedule).scales(1.0, 1)  # validates the schedule; the scale is not checked here
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+
+def check_arguments(args: argparse.Namespace):
+    """Every flag and the destination checked before the (slow) model load; returns the sampling options."""
+    from unigen.errors import ArgumentError, OutputExistsError
+    from unigen.processor import check_text
+
+    check_text(args.prompt, "prompt")
+    if args.negative_prompt is not None:
+        check_text(args.negative_prompt, "negative prompt")
+    if args.seed + args.num_images - 1 > SEED_MAX:
+        raise ArgumentError(f"--seed {args.seed} + --num-images {args.num_images} passes the largest seed "
+                            f"(2**63 - 1); lower --seed")
+    options = options_from_args(args)
+    check_writable_dir(args.output_dir, "--output-dir")
+    found = earlier_outputs(args.output_dir)
+    if found and not args.overwrite:
+        shown = ", ".join(p.name for p in found[:3]) + (" ..." if len(found) > 3 else "")
+        raise OutputExistsError(f"--output-dir {args.output_dir} already holds images of an earlier run ({shown}); "
+                                "pass --overwrite to replace them, or another --output-dir")
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    check_arguments(args)
+    from unigen.runs import atomic_write
+
+    options = check_arguments(args)
     pipe = load_pipeline(args)
-    generators = [torch.Generator(pipe.device).manual_seed(args.seed + i) for i in range(args.num_images)]
-    try:
-        out = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generators,
-                   cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt, progress=True,
-                   compile=args.compile)
-    except ValueError as err:  # e.g. a prompt too long for the image tokens left in the context
-        raise SystemExit(f"error: {err}") from None
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(out.images):
-        path = args.output_dir / f"image_{i:03d}.png"
-        img.save(path)
-        print(path)
+    out_dir = args.output_dir
+    preview, written = [], set()
+    for start in range(0, args.num_images, args.batch_size):
+        count = min(args.batch_size, args.num_images - start)
+        generators = [torch.Generator(pipe.device).manual_seed(args.seed + i) for i in range(start, start + count)]
+        out = pipe(args.prompt, num_images_per_prompt=count, options=options, generator=generators,
+                   negative_prompt=args.negative_prompt, progress=True, compile=args.compile)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(out.images, start):
+            path = out_dir / f"image_{i:03d}.png"
+            atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
+            written.add(path.name)
+            print(path, flush=True)
+        preview += out.images[: max(0, GRID_MAX - len(preview))]
+    grid_path = out_dir / GRID_NAME
     if not args.no_grid:
-        grid(out.images).save(args.output_dir / "grid.png")
-        print(args.output_dir / "grid.png")
+        atomic_write(grid_path, lambda tmp: grid(preview).save(tmp, format="PNG"))
+        written.add(GRID_NAME)
+        print(grid_path)
+    stale = [p for p in earlier_outputs(out_dir) if p.name not in written]
+    for path in stale:  # --overwrite: images of the earlier run that this one did not replace
+        path.unlink()
+    if stale:
+        print(f"removed {len(stale)} image(s) of the earlier run that this one did not replace", file=sys.stderr)
     return 0

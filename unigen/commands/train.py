@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unigen.recipes import resolve
+from unigen.sampling_options import positive_int
 
 HELP = "Train a unified model through the three Janus stages (I adaptors+heads, II +LLM, III +SigLIP)."
 
@@ -13,15 +14,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=resolve, help="recipe YAML (see train/*.yaml)")
     p.add_argument("--stage", type=int, choices=[1, 2, 3], action="append",
                    help="stage to run (repeatable; default: 1, 2 and 3 in order)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each stage after N steps")
-    p.add_argument("--save-every", type=int, default=None, help="resumable checkpoint every N steps")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop each stage after N steps; the stage is not finished, and --resume latest continues it")
+    p.add_argument("--save-every", type=int, default=None, help="resumable checkpoint every N steps (0: none)")
     p.add_argument("--output-dir", default=None, help="where stages, metrics.jsonl and checkpoints go")
     p.add_argument("--init-from", default=None,
                    help="checkpoint to start the first stage run from (default: the recipe's init_from, or the "
                         "previous stage's final weights in the output dir)")
     p.add_argument("--resume", default=None,
-                   help="'latest' (skip finished stages, continue the newest checkpoint) or a "
-                        "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder")
+                   help="'latest' (keep finished stages, continue the newest checkpoint; 'auto' is the same) or a "
+                        "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder. Without it a run refuses to replace an "
+                        "earlier run's weights in --output-dir (overwrite=true allows it)")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage1.steps=50 data=PATH")
 
 
@@ -29,23 +32,22 @@ def plan(stages: list[int] | None, resume: str | None) -> list[tuple[int, str | 
     """(stage, resume) for each stage to run."""
     from pathlib import Path
 
+    from unigen.errors import ArgumentError
+    from unigen.runs import LATEST, normalize_resume
     from unigen.train.checkpoints import read_progress
 
     stages = sorted(set(stages or [1, 2, 3]))
-    if resume is None or resume == "latest":
+    resume = normalize_resume(resume)
+    if resume is None or resume == LATEST:
         return [(s, resume) for s in stages]
     first = int(read_progress(Path(resume))["stage"])
     if first not in stages:
-        raise SystemExit(f"--resume {resume} is a stage-{first} checkpoint, but --stage asks for {stages}")
+        raise ArgumentError(f"--resume {resume} is a stage-{first} checkpoint, but --stage asks for {stages}")
     return [(s, resume if s == first else None) for s in stages if s >= first]
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     from unigen.train import load_recipe, run_stage
-    from unigen.train.checkpoints import is_complete
-    from unigen.train.start import stage_dir
 
     values = {}
     if args.output_dir:
@@ -54,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
         values["save_every"] = args.save_every
     recipe = load_recipe(args.config, args.overrides, **values)
     for i, (stage, resume) in enumerate(plan(args.stage, args.resume)):
-        final = stage_dir(recipe, stage) / "final"
-        if resume == "latest" and is_complete(final):
-            logging.getLogger("unigen.train").info("stage %d already finished (%s)", stage, final)
-            continue
+        # run_stage keeps a finished stage under --resume latest, and refuses to replace one without it
         final = run_stage(recipe, stage, init_from=args.init_from if i == 0 else None, resume=resume,
                           max_steps=args.max_steps)
         print(final)

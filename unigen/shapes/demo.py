@@ -24,13 +24,11 @@ DEMO_PROMPTS = ["a large red circle at the top left", "a small blue square at th
 @dataclass
 class DemoConfig:
     out_dir: str = "demo_out"
-    # on a 2-core AVX2 CPU 10-11 minutes with set-up on a fast hour (measured; README), ~1.5x that on a slow one
     n_train: int = 5000
     vq_steps: int = 1000
     vq_warmup_steps: int = 100  # autoencoder warm-up, then the k-means codebook (VQTrainConfig.ae_warmup_steps)
-    # the recipe keeps the encoder frozen in stage II, as Janus does, so its shape reading caps the captions:
-    # MLP probe of shape from its tokens 0.78 after 600 steps, 0.94 after 1500 (README); on training seed 1 the
-    # captions went 0.86 (1500 steps) -> 0.89 (2000) -> 0.96 (2500)
+    # the recipe keeps the encoder frozen in stage II, as Janus does, so how well it reads shapes caps the
+    # captions: it gets a long run of its own
     siglip_steps: int = 2500
     stage_steps: tuple[int, int, int] | None = None  # None: the recipe's
     n_eval: int = 200
@@ -43,8 +41,15 @@ class DemoConfig:
 
     def __post_init__(self):
         # checked here, before minutes of data and tokenizer work, and in the demo's own flag names
+        from unigen.errors import ArgumentError
+
+        for name in ("n_train", "vq_steps", "siglip_steps", "n_eval", "threads"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.stage_steps is not None and min(self.stage_steps) < 1:
+            raise ArgumentError(f"--stage-steps must all be at least 1, got {list(self.stage_steps)}")
         if self.vq_from is None and not 0 <= self.vq_warmup_steps < self.vq_steps:
-            raise ValueError(f"--vq-warmup-steps must be in [0, --vq-steps) = [0, {self.vq_steps}), got "
+            raise ArgumentError(f"--vq-warmup-steps must be in [0, --vq-steps) = [0, {self.vq_steps}), got "
                              f"{self.vq_warmup_steps}: lower it (0 turns the warm-up off) or raise --vq-steps")
 
 
@@ -58,19 +63,19 @@ def _timed(timings: dict, name: str, fn):
 
 def _shaped(tokenizer_cfg, recipe_values: dict, where: str):
     """A tokenizer config with the recipe's values for the same fields (checked by name)."""
-    from unigen.tokenizer_training.config_io import build_config
+    from unigen.config_io import build_config
 
     return build_config(type(tokenizer_cfg), {**dataclasses.asdict(tokenizer_cfg), **recipe_values}, where)
 
 
 def run_demo(cfg: DemoConfig) -> Path:
+    from unigen.config_io import load_config
     from unigen.pipeline import UniGenPipeline
+    from unigen.runs import resolve_device
     from unigen.shapes.data import write_dataset
     from unigen.shapes.evaluate import evaluate_captions, evaluate_generation
     from unigen.shapes.metrics import format_table
     from unigen.shapes.report import write_report
-    from unigen.tokenizer_training.common import resolve_device
-    from unigen.tokenizer_training.config_io import load_config
     from unigen.tokenizer_training.side_by_side import train_side_by_side
     from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, train_siglip
     from unigen.tokenizer_training.vq_trainer import VQTrainConfig, train_vq
@@ -103,7 +108,8 @@ def run_demo(cfg: DemoConfig) -> Path:
                                f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
         sig_cfg.vision = _shaped(sig_cfg.vision, recipe.model.get("vision", {}), f"{cfg.recipe}: model.vision")
     side_by_side = (vq_cfg is not None and sig_cfg is not None and cfg.threads >= 2
-                    and resolve_device(vq_cfg.device).type == resolve_device(sig_cfg.device).type == "cpu")
+                    and resolve_device(vq_cfg.device, ("cuda",)).type == "cpu"
+                    and resolve_device(sig_cfg.device, ("cuda",)).type == "cpu")
     if side_by_side:
         # neither trainer fills two cores: the encoder trains in a second process (see side_by_side.py)
         seconds = _timed(timings, "VQ tokenizer + SigLIP encoder, side by side",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from unigen.sampling_options import SamplingOptions
 from unigen.shapes.metrics import caption_accuracy, generation_fidelity
 from unigen.shapes.render import render
 from unigen.shapes.world import caption, sample_specs
@@ -23,7 +24,7 @@ def _batches(items: list, size: int):
 
 def evaluate_captions(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, question: str | None = None,
                       max_new_tokens: int = 24) -> tuple[dict, list[dict]]:
-    """Caption ``n`` fresh renders; return (scores, per-item records)."""
+    """Caption ``n`` fresh renders (greedy); return (scores, per-item records)."""
     specs = sample_specs(n, seed + EVAL_SEED_OFFSET)
     images = [render(s, seed=[seed + EVAL_SEED_OFFSET, i]).pil() for i, s in enumerate(specs)]
     texts: list[str] = []
@@ -36,13 +37,15 @@ def evaluate_captions(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, q
 
 
 def evaluate_generation(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, guidance_scale: float | None = None,
-                        temperature: float | None = None) -> tuple[dict, list]:
-    """Generate one image per prompt for ``n`` prompts; return (scores, [(prompt, PIL image)]). ``None``:
-    the checkpoint's guidance scale and temperature."""
+                        temperature: float | None = None,
+                        options: SamplingOptions | None = None) -> tuple[dict, list]:
+    """Generate one image per prompt for ``n`` prompts; return (scores, [(prompt, PIL image)]). Options left
+    ``None`` take the checkpoint's (``options`` gives them all at once instead of the keywords)."""
+    options = options or SamplingOptions(guidance_scale=guidance_scale, temperature=temperature)
     specs = sample_specs(n, seed + 2 * EVAL_SEED_OFFSET)
     prompts = [caption(s) for s in specs]
     images = []
     generator = torch.Generator().manual_seed(seed)
     for batch in tqdm(list(_batches(prompts, batch_size)), desc="generating", unit="batch"):
-        images += pipe(batch, guidance_scale=guidance_scale, temperature=temperature, generator=generator).images
+        images += pipe(batch, options=options, generator=generator).images
     return generation_fidelity(zip(specs, images, strict=True)), list(zip(prompts, images, strict=True))
