@@ -15,7 +15,7 @@ from unigen.runs import resolve_device
 from unigen.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+")
     p.add_argument("--model", required=True)
@@ -23,7 +23,11 @@ def main() -> None:
     add_image_sampling_arguments(p)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     options = options_from_args(args)
 
     pipe = UniGenPipeline.from_pretrained(args.model).to(resolve_device("auto"))

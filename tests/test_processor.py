@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unigen.config import TokenIds, UniGenConfig
+from unigen.config import TokenIds, UniGenConfig, VQConfig
 from unigen.processor import (
     JANUS_SYSTEM_PROMPT,
     ImageDecodeError,
@@ -156,6 +156,41 @@ def test_generation_pixels_crop_the_centre():
     tall.paste((255, 0, 0), (0, 12, 8, 28))  # red middle 16 rows -> 16 of the 32 rows after the 2x resize
     x = generation_pixels([tall], 16)
     assert x.shape == (1, 3, 16, 16) and torch.equal(x[0, 0], torch.ones(16, 16)) and torch.equal(x[0, 1], -x[0, 0])
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)  # a 16-bit greyscale PNG
+    assert Image.open(path).mode.startswith("I")
+    got = np.asarray(load_image(path))
+    assert got.shape == (1, 4, 3) and got[0, :, 0].tolist() == [0, 1, 128, 255]  # Pillow's convert: 0 255 255 255
+    assert (got == got[..., :1]).all()
+
+
+def test_one_vq_preprocessing_for_the_trainer_code_extraction_and_inference(tmp_path):
+    """The VQ trainer, code extraction (add_vq_codes), the pipeline and the VQ evaluator agree on an image of
+    odd, non-square size, and that is exact bicubic (not the trainer's former reducing_gap=3.0 shortcut)."""
+    from unigen.tokenizer_training import data as trainer_data
+    from unigen.tokenizer_training import shapes_recon, vq_codes
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "odd.png"
+    Image.fromarray(rng.integers(0, 256, (101, 157, 3), dtype=np.uint8)).save(path)  # 157 wide, 101 high
+    processor = UniGenProcessor(None, UniGenConfig(vq=VQConfig(image_size=16)))  # images need no tokenizer
+    pipeline = processor.generation_pixels([path])
+    trainer = trainer_data.to_pixels(trainer_data.ImageDataset([trainer_data.Record(path)], 16, desc="x")[0][0][None])
+    assert vq_codes.generation_pixels is generation_pixels and shapes_recon.load_image is trainer_data.load_image
+    extraction = vq_codes.generation_pixels([path], 16)
+    evaluator = shapes_recon.to_pixels(shapes_recon.load_image(path, 16)[None])
+    assert pipeline.shape == (1, 3, 16, 16)
+    for other in (trainer, extraction, evaluator):
+        assert torch.equal(other, pipeline)
+    with Image.open(path) as img:  # what the trainer did before (an approximate resize): a different image
+        old = img.convert("RGB").resize((round(157 * 16 / 101), 16), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left = (old.size[0] - 16) // 2
+    old = torch.from_numpy(np.asarray(old.crop((left, 0, left + 16, 16))).copy()).permute(2, 0, 1)
+    assert not torch.equal(trainer_data.to_pixels(old[None]), pipeline)
 
 
 def test_pixels_to_pil_truncates():

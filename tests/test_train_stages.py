@@ -165,3 +165,20 @@ def test_bf16_auto_turns_mixed_precision_on_only_where_bf16_is_native(monkeypatc
     assert make_accelerator(load_recipe(None, ["bf16=false", "device=cpu"]), 1).mixed_precision == "no"
     with pytest.raises(ValueError, match="bf16 must be true, false or auto, got 'fp16'"):
         load_recipe(None, ["bf16=fp16"])
+
+
+def test_a_stage_cut_short_is_continued_by_resume_latest(data, tmp_path):
+    from train_common import losses
+
+    from unigen.train.checkpoints import is_complete, trained_steps
+
+    run_stage(recipe(data, tmp_path / "a", "stage1.steps=4"), 1, progress=False)
+    r = recipe(data, tmp_path / "b", "stage1.steps=4")
+    cut = run_stage(r, 1, max_steps=2, progress=False)
+    assert trained_steps(cut) == (2, 4) and not is_complete(cut)
+    assert run_stage(r, 1, resume="latest", progress=False) == cut
+    assert trained_steps(cut) == (4, 4) and is_complete(cut)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # continued exactly where it stopped
+    before = (cut / "model.safetensors").read_bytes()
+    assert run_stage(r, 1, resume="auto", progress=False) == cut  # finished: kept as it is
+    assert (cut / "model.safetensors").read_bytes() == before
