@@ -1,11 +1,9 @@
 """Train the VQ tokenizer and the SigLIP encoder at the same time on a multi-core CPU.
 
-The two trainers use extra threads unequally: on the 2-core AVX2 machine a SigLIP step (small matmuls) runs
-1.38x faster on 2 threads than on 1, a VQ step (convolutions) 1.65-2.0x. So the encoder trains in a spawned
-process on half the threads while the VQ trains here on the other half, and the VQ takes every thread once
-the encoder is done; if the VQ finishes first, the encoder takes every thread in the same way. For the demo's
-680 VQ and 1500 SigLIP steps (an earlier recipe), step times measured in one hour gave 554 s one after the other
-and ~421 s side by side; three demo runs took 449 s, 479 s and 515 s.
+The two trainers use extra threads unequally: a SigLIP step (small matmuls) gains less from a second thread
+than a VQ step (convolutions), so neither fills two cores alone. The encoder trains in a spawned process on half
+the threads while the VQ trains here on the other half, and the VQ takes every thread once the encoder is done;
+if the VQ finishes first, the encoder takes every thread in the same way (timings: docs/).
 
 The moment the trainer that finishes second changes its thread count depends on timing, and float sums differ
 in the last bits between thread counts, so two side-by-side runs give its weights that differ in the last bits
