@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unigen import UniGenModel  # noqa: E402
 from unigen.config import LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig  # noqa: E402
-from unigen.cross_attention import CACHE_ATTR, add_cross_attention  # noqa: E402
+from unigen.cross_attention import add_cross_attention  # noqa: E402
 
 PRESETS = {
     "small": dict(hidden_size=256, intermediate_size=688, num_layers=8, num_heads=8, num_kv_heads=8),
@@ -101,12 +101,9 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    state = getattr(cache, CACHE_ATTR, None)
+    """Bytes of the decoder's KV cache plus Method B's image keys/values riding on it."""
+    total = cache.k.numel() * cache.k.element_size() * 2
+    state = cache.cross_attention_state
     if state is not None:
         for t in [*state.keys.values(), *state.values.values()]:
             total += t.numel() * t.element_size()

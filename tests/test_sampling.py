@@ -157,6 +157,13 @@ def test_bad_arguments_are_named(models):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
             generate_image_tokens(model, ids, mask, top_p=bad)
+    for bad in (float("nan"), float("inf")):  # nan < 0 is False: finiteness is checked first
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            generate_image_tokens(model, ids, mask, guidance_scale=bad)
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            generate_image_tokens(model, ids, mask, temperature=bad)
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            generate_text(model, ids, mask, temperature=bad)
     long_prompt = torch.full((1, 500), 20)
     with pytest.raises(ValueError, match="500 tokens \\+ 16 image tokens exceeds the context of 512; shorten"):
         generate_image_tokens(model, long_prompt)

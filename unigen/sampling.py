@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unigen.decoder import linear
+from unigen.sampling_options import check_sampling_args
 
 # ---- logits -> tokens ----------------------------------------------------------------------------
 
@@ -48,19 +49,9 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
         where = probs.device if generator is None else generator.device
         u = torch.rand(probs.shape[0], 1, generator=generator, device=where).to(probs.device)
     # inverse-CDF draw: one uniform per row. torch.multinomial draws one exponential per vocabulary
-    # entry, ~5 ms per step for 16 images x 16384 codes on CPU.
+    # entry, a large part of a CPU step for 16 images x 16384 codes (docs/PERFORMANCE.md).
     cdf = probs.cumsum(-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(probs.shape[-1] - 1)[:, 0]
-
-
-def check_sampling_args(temperature: float | None, top_k: int | None, top_p: float | None) -> None:
-    """``temperature=None``: the checkpoint's default, checked when it is used."""
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 or None = off), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 # ---- CFG schedules -------------------------------------------------------------------------------
@@ -151,9 +142,7 @@ def generate_image_tokens(
         raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, guidance_scale)
     scales = as_schedule(cfg_schedule).scales(guidance_scale, n_tokens)
     limit = model.decoder.config.max_position_embeddings
     if input_ids.shape[1] + n_tokens > limit:
