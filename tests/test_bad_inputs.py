@@ -493,3 +493,21 @@ def test_resume_latest_with_nothing_to_resume_says_so(data, tmp_path, capsys, ca
                           "stage1.batch_size=2", "--resume", "latest"], capsys)
     assert code == 0
     assert "--resume latest: nothing to resume under" in caplog.text and "starting from step 0" in caplog.text
+
+
+def test_api_errors_name_the_problem(model_dir):
+    """Defect 9 in the Python API: an empty batch, a prompt that is not text, a bad image count."""
+    from unigen.errors import ArgumentError
+    from unigen.pipeline import UniGenPipeline
+
+    pipe = UniGenPipeline.from_pretrained(model_dir)
+    with pytest.raises(ArgumentError, match="no images given"):
+        pipe.caption([])
+    with pytest.raises(ArgumentError, match="no prompts given"):
+        pipe([])
+    with pytest.raises(ArgumentError, match="the prompt is not valid UTF-8"):
+        pipe("a \udcff")
+    with pytest.raises(ArgumentError, match="num_images_per_prompt must be a whole number >= 1, got 0"):
+        pipe("a cat", num_images_per_prompt=0)
+    with pytest.raises(ArgumentError, match="max_new_tokens must be a whole number >= 1"):
+        pipe.caption(Image.new("RGB", (8, 8)), max_new_tokens=0)
