@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def _coerce(hint, value, where: str):
     if type(None) in args:  # Optional[X]
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where) if len(inner) == 1 else _union(inner, value, where)
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return _union(list(args), value, where)
     origin = typing.get_origin(hint)
     if origin is tuple and isinstance(value, list | tuple):

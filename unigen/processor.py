@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from unigen.checkpoint import load_config
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, DataError
+from unigen.runs import write_json
 from unigen.text_tokenizer import special_token_ids
 
 JANUS_SYSTEM_PROMPT = (
@@ -249,7 +250,7 @@ class UniGenProcessor:
         s = self.config.vision.image_size
         pre = {"image_size": s, "min_size": MIN_SIDE, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                "background_color": [PAD_GRAY] * 3, "rescale_factor": 1 / 255, "do_normalize": self.do_normalize}
-        (directory / PREPROCESSOR_FILE).write_text(json.dumps(pre, indent=2) + "\n")
+        write_json(directory / PREPROCESSOR_FILE, pre)
 
     @property
     def tokens(self) -> TokenIds:

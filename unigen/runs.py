@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from unigen.errors import CheckpointError, ConfigError, OutputExistsError
+from unigen.errors import ArgumentError, CheckpointError, ConfigError, OutputExistsError
 
 log = logging.getLogger("unigen")
 
@@ -258,8 +258,6 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 def resolve_device(name: str, auto: tuple[str, ...] = ("cuda", "mps")) -> torch.device:
     """``auto`` picks the first available of ``auto`` (default cuda, then mps), else cpu; a named device
     that is absent is an error naming the fix."""
-    from unigen.errors import ArgumentError
-
     name = str(name)
     if name not in DEVICES and not re.fullmatch(r"cuda:\d+", name):
         raise ArgumentError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
