@@ -182,3 +182,18 @@ def test_a_stage_cut_short_is_continued_by_resume_latest(data, tmp_path):
     before = (cut / "model.safetensors").read_bytes()
     assert run_stage(r, 1, resume="auto", progress=False) == cut  # finished: kept as it is
     assert (cut / "model.safetensors").read_bytes() == before
+
+
+def test_later_stages_that_no_longer_follow_are_set_aside_not_kept(data, tmp_path):
+    r = recipe(data, tmp_path, "stage1.steps=1", "stage2.steps=2", "stage3.steps=1")
+    run_stage(r, 1, progress=False)
+    run_stage(r, 2, max_steps=1, progress=False)  # cut short
+    run_stage(r, 3, progress=False)  # trained from stage 2's partial weights
+    old_stage3 = (tmp_path / "stage3" / "final" / "model.safetensors").read_bytes()
+    run_stage(r, 2, resume="latest", progress=False)  # stage 2 continues: stage 3 no longer follows from it
+    aside = tmp_path / "stage3.stale-1" / "final" / "model.safetensors"
+    assert aside.read_bytes() == old_stage3 and not (tmp_path / "stage3").exists()
+    run_stage(r, 3, resume="latest", progress=False)
+    assert (tmp_path / "stage3" / "final" / "model.safetensors").read_bytes() != old_stage3
+    rows = [(row["stage"], row["step"]) for row in metrics(tmp_path)]
+    assert rows == [(1, 1), (2, 1), (2, 2), (3, 1)]  # the log reads as the one run that the weights are
