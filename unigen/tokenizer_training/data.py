@@ -40,7 +40,7 @@ def read_records(source: str | Path, need_text: bool = False, text_key: str | No
     if source.is_dir():
         if need_text:
             raise DataError(f"{source} is a folder of images, but captions are needed: pass a JSONL manifest "
-                             '({"image": ..., "caption": ...} per line)')
+                            '({"image": ..., "caption": ...} per line)')
         records = [Record(p) for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
         if not records:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {source}")

@@ -318,7 +318,7 @@ class SigLIPTrainer:
             towers.text.vocab_size = self.tokenizer.get_vocab_size()
         elif towers.text.vocab_size < self.tokenizer.get_vocab_size():
             raise ConfigError(f"text.vocab_size={towers.text.vocab_size} is smaller than the caption vocabulary "
-                             f"({self.tokenizer.get_vocab_size()} words); leave it 0 to size it from the captions")
+                              f"({self.tokenizer.get_vocab_size()} words); leave it 0 to size it from the captions")
         self.model = SigLIPDualEncoder(towers, cfg.logit_scale_init, cfg.logit_bias_init).to(self.device).train()
         skip = {"logit_scale", "logit_bias", "text_model.pos_embed", "vision_model.vision_tower.pos_embed",
                 "image_head.latent"}
@@ -385,7 +385,7 @@ class SigLIPTrainer:
         state = runs.load_state_file(path / STATE_FILE)
         if state["train_size"] != len(self.train_set):
             raise CheckpointError(f"cannot resume from {path}: it was trained on {state['train_size']} pairs, the data "
-                             f"now has {len(self.train_set)}")
+                                  f"now has {len(self.train_set)}")
         self.model.load_state_dict(read_weights(path / "model.safetensors"))
         self.opt.load_state_dict(state["optimizer"])
         runs.set_rng_state(state["rng"])

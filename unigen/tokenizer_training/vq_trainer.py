@@ -122,10 +122,10 @@ class VQTrainConfig:
                              "lower ae_warmup_steps (0 turns the warm-up off) or raise steps")
         if self.ae_warmup_steps and (self.kmeans_batches < 1 or self.kmeans_iters < 1):
             raise ConfigError("kmeans_batches and kmeans_iters must be >= 1 with ae_warmup_steps > 0, got "
-                             f"{self.kmeans_batches} and {self.kmeans_iters}")
+                              f"{self.kmeans_batches} and {self.kmeans_iters}")
         if self.vq.base_channels % self.vq.norm_groups:
             raise ConfigError(f"vq.base_channels ({self.vq.base_channels}) must be a multiple of vq.norm_groups "
-                             f"({self.vq.norm_groups}): every GroupNorm splits its channels into that many groups")
+                              f"({self.vq.norm_groups}): every GroupNorm splits its channels into that many groups")
 
 
 # ---- VQ checkpoints ------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def _check_same(want, got, names, what: str, directory) -> None:
     if diff:
         detail = ", ".join(f"{n}: model {a!r} vs checkpoint {b!r}" for n, (a, b) in diff.items())
         raise CheckpointError(f"{what} in {directory} does not fit the model ({detail}); build the model with "
-                         f"this config (load_*_config) instead")
+                              f"this config (load_*_config) instead")
 
 
 # ---- codebook health -----------------------------------------------------------------------

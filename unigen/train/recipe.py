@@ -47,7 +47,7 @@ class StageConfig:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
         if len(self.mixture) != 3 or min(self.mixture) < 0 or sum(self.mixture) <= 0:
             raise ConfigError(f"{where}.mixture must be 3 non-negative weights ({' : '.join(TASKS)}) with a "
-                             f"positive sum, got {list(self.mixture)}")
+                              f"positive sum, got {list(self.mixture)}")
         for group, mult in self.lr_mult.items():
             if isinstance(mult, bool) or not isinstance(mult, int | float) or not math.isfinite(mult) or mult <= 0:
                 raise ConfigError(f"{where}.lr_mult.{group} must be a finite number > 0, got {mult!r}")
@@ -57,7 +57,7 @@ class StageConfig:
                 raise ConfigError(f"{where}.{key}: unknown parameter group(s) {unknown}; known: {sorted(GROUPS)}")
         if "vq" in self.groups:
             raise ConfigError(f"{where}.groups: the VQ tokenizer stays frozen here (its codes are the generation "
-                             "targets); train it with `unigen train-vq`")
+                              "targets); train it with `unigen train-vq`")
 
 
 @dataclass

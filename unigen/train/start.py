@@ -34,7 +34,7 @@ def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel
     config.tokens = special_token_ids(tokenizer)
     if len(tokenizer) > config.llm.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is "
-                         f"{config.llm.vocab_size}; raise model.llm.vocab_size")
+                          f"{config.llm.vocab_size}; raise model.llm.vocab_size")
     torch.manual_seed(recipe.seed)
     model = UniGenModel(config)
     if recipe.vq_from:
