@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from unigen.config import SPECIAL_TOKEN_TEXT, LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig
 from unigen.errors import CheckpointError, CheckpointNotFoundError  # CheckpointError: defined in unigen.errors
+from unigen.runs import atomic_write, write_json
 
 # ---- locating files ----------------------------------------------------------------------
 
@@ -353,12 +354,30 @@ def fused_state_dict(state: dict[str, torch.Tensor], llm: LLMConfig) -> dict[str
 
 
 
+def check_tokenizer_files(directory: Path) -> None:
+    """A damaged tokenizer.json is named (the ``tokenizers`` library raises a bare Exception naming no file)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+            if name == "tokenizer.json":
+                from tokenizers import Tokenizer
+
+                Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception for any bad file
+            raise CheckpointError(f"{path} is damaged and cannot be read as a tokenizer ({str(err)[:200]}); "
+                                  "download or save the tokenizer again") from err
+
+
 def token_ids_from_tokenizer(directory: Path, fallback: TokenIds) -> tuple[TokenIds, str | None]:
     """Special token ids (and the prompt format) read from the tokenizer saved beside the weights."""
     if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         return fallback, None
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(directory)
     tok = AutoTokenizer.from_pretrained(str(directory))
     vocab = tok.get_vocab()
     ids = {name: vocab[text] for name, text in SPECIAL_TOKEN_TEXT.items() if text in vocab}
@@ -440,6 +459,15 @@ def load_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype, where:
     cast = {k: _aligned(v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     _rebuild_non_persistent_buffers(model)
+    check_finite_weights(model, where)
+
+
+def check_finite_weights(model: torch.nn.Module, where) -> None:
+    """A checkpoint with NaN or infinite weights samples black or random images without a word: name it."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"the weights in {where} hold NaN or infinite values (first: {name}); the "
+                                  "checkpoint is damaged or its training diverged: use an earlier checkpoint")
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -481,22 +509,16 @@ def save_model(model, directory: str | Path, max_shard_bytes: int = 4 << 30) -> 
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for name, shard in zip(names, shards):
-        _atomic(directory / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
     index_path = directory / "model.safetensors.index.json"
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        _atomic(index_path, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    _atomic(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(model.config.to_dict(), indent=2)))
+        write_json(index_path, index)
+    write_json(directory / "config.json", model.config.to_dict())
     # drop what an earlier save with another sharding left behind
     stale = set(directory.glob("model*.safetensors")) - {directory / n for n in names}
     if len(shards) == 1:
         stale.add(index_path)
     for path in stale:
         path.unlink(missing_ok=True)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

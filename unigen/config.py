@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from unigen.config_io import build_config
+from unigen.runs import write_json
+
 
 @dataclass
 class SigLIPConfig:
@@ -171,8 +174,7 @@ class UniGenConfig:
         return config
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(Path(directory) / "config.json", self.to_dict())
 
     @classmethod
     def load(cls, directory: str | Path) -> UniGenConfig:
@@ -182,6 +184,4 @@ class UniGenConfig:
 def _build(klass: type, values: dict[str, Any], where: str):
     """Build a dataclass through unigen's one builder (unigen.config_io): unknown keys named, values of the
     declared types, no NaN or infinity."""
-    from unigen.config_io import build_config
-
     return build_config(klass, values, where)

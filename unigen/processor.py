@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from unigen.checkpoint import load_config
+from unigen.checkpoint import check_tokenizer_files, load_config
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, DataError
 from unigen.runs import write_json
@@ -357,23 +357,6 @@ def _load_tokenizer(directory: Path):
                               f"{err}); is one of {list(TOKENIZER_FILES)} damaged?") from err
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def check_tokenizer_files(directory: Path) -> None:
-    """A damaged tokenizer.json is named (the ``tokenizers`` library raises a bare Exception naming no file)."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        path = Path(directory) / name
-        if not path.is_file():
-            continue
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-            if name == "tokenizer.json":
-                from tokenizers import Tokenizer
-
-                Tokenizer.from_file(str(path))
-        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception for any bad file
-            raise CheckpointError(f"{path} is damaged and cannot be read as a tokenizer ({str(err)[:200]}); "
-                                  "download or save the tokenizer again") from err
 
 
 def _read_do_normalize(directory: Path) -> bool:

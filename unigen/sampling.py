@@ -9,13 +9,13 @@ embedded (gen_embed -> gen_aligner) into both rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from unigen.decoder import linear
-from unigen.sampling_options import check_sampling_args
+from unigen.errors import ArgumentError
+from unigen.sampling_options import CFGSchedule, as_schedule, check_sampling_args
 
 # ---- logits -> tokens ----------------------------------------------------------------------------
 
@@ -52,40 +52,6 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
     # entry, a large part of a CPU step for 16 images x 16384 codes (docs/PERFORMANCE.md).
     cdf = probs.cumsum(-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(probs.shape[-1] - 1)[:, 0]
-
-
-# ---- CFG schedules -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CFGSchedule:
-    """Guidance scale per image token: ``constant``, ``linear`` (from 1 up to the scale over the
-    image), or ``cutoff`` (the scale for the first ``cutoff`` tokens, then 1 = no guidance)."""
-
-    kind: str = "constant"
-    cutoff: int | None = None
-
-    def scales(self, scale: float, n: int) -> list[float]:
-        if self.kind == "constant":
-            return [scale] * n
-        if self.kind == "linear":
-            return [1 + (scale - 1) * (i + 1) / n for i in range(n)]
-        if self.kind == "cutoff":
-            if self.cutoff is None or self.cutoff < 0:
-                raise ValueError("cfg_schedule 'cutoff' needs cutoff >= 0 (the token index where guidance stops)")
-            return [scale if i < self.cutoff else 1.0 for i in range(n)]
-        raise ValueError(f"unknown cfg_schedule {self.kind!r}; expected constant, linear or cutoff")
-
-
-def as_schedule(schedule: CFGSchedule | str | None) -> CFGSchedule:
-    if schedule is None:
-        return CFGSchedule()
-    if isinstance(schedule, str):
-        kind, _, k = schedule.partition(":")  # "cutoff:100" is accepted as a shorthand
-        if k and not k.isdigit():
-            raise ValueError(f"cfg_schedule {schedule!r}: expected cutoff:K with K a token index >= 0")
-        return CFGSchedule(kind, int(k) if k else None)
-    return schedule
 
 
 # ---- image tokens -------------------------------------------------------------------------------
@@ -139,20 +105,20 @@ def generate_image_tokens(
     cfg = model.config
     n_tokens = cfg.vq.num_tokens
     if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+        raise ArgumentError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
     if num_images < 1:
-        raise ValueError(f"num_images must be at least 1, got {num_images}")
+        raise ArgumentError(f"num_images must be at least 1, got {num_images}")
     check_sampling_args(temperature, top_k, top_p, guidance_scale)
     scales = as_schedule(cfg_schedule).scales(guidance_scale, n_tokens)
     limit = model.decoder.config.max_position_embeddings
     if input_ids.shape[1] + n_tokens > limit:
-        raise ValueError(
+        raise ArgumentError(
             f"prompt of {input_ids.shape[1]} tokens + {n_tokens} image tokens exceeds the context of {limit}; "
             f"shorten the prompt to at most {limit - n_tokens} tokens"
         )
     n_gen = input_ids.shape[0] * num_images
     if isinstance(generator, (list, tuple)) and len(generator) != n_gen:
-        raise ValueError(f"{len(generator)} generators for {n_gen} images; pass one per image or a single one")
+        raise ArgumentError(f"{len(generator)} generators for {n_gen} images; pass one per image or a single one")
 
     cond = [r for r in _rows(input_ids, attention_mask) for _ in range(num_images)]
     if negative_prompt_ids is None:
@@ -160,7 +126,7 @@ def generate_image_tokens(
     else:
         neg = _rows(negative_prompt_ids, negative_attention_mask)
         if len(neg) not in (1, input_ids.shape[0]):
-            raise ValueError(f"{len(neg)} negative prompts for {input_ids.shape[0]} prompts; give 1 or one each")
+            raise ArgumentError(f"{len(neg)} negative prompts for {input_ids.shape[0]} prompts; give 1 or one each")
         uncond = [neg[0 if len(neg) == 1 else i // num_images] for i in range(n_gen)]
     ids, mask = _left_pad(cond + uncond, cfg.tokens.pad)  # halves: conditional rows, then unconditional
 
@@ -206,11 +172,11 @@ def generate_text(
     """
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise ArgumentError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     b, n = input_ids.shape
     limit = model.decoder.config.max_position_embeddings
     if n + max_new_tokens > limit:
-        raise ValueError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the context of {limit}")
+        raise ArgumentError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the context of {limit}")
     eos = model.config.tokens.eos if eos_token_id is None else eos_token_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -42,6 +42,40 @@ def check_sampling_args(temperature: float | None, top_k: int | None, top_p: flo
         raise ArgumentError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
 
 
+# ---- CFG schedules -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CFGSchedule:
+    """Guidance scale per image token: ``constant``, ``linear`` (from 1 up to the scale over the
+    image), or ``cutoff`` (the scale for the first ``cutoff`` tokens, then 1 = no guidance)."""
+
+    kind: str = "constant"
+    cutoff: int | None = None
+
+    def scales(self, scale: float, n: int) -> list[float]:
+        if self.kind == "constant":
+            return [scale] * n
+        if self.kind == "linear":
+            return [1 + (scale - 1) * (i + 1) / n for i in range(n)]
+        if self.kind == "cutoff":
+            if self.cutoff is None or self.cutoff < 0:
+                raise ArgumentError("cfg_schedule 'cutoff' needs cutoff >= 0 (the token index where guidance stops)")
+            return [scale if i < self.cutoff else 1.0 for i in range(n)]
+        raise ArgumentError(f"unknown cfg_schedule {self.kind!r}; expected constant, linear or cutoff")
+
+
+def as_schedule(schedule: CFGSchedule | str | None) -> CFGSchedule:
+    if schedule is None:
+        return CFGSchedule()
+    if isinstance(schedule, str):
+        kind, _, k = schedule.partition(":")  # "cutoff:100" is accepted as a shorthand
+        if k and not k.isdigit():
+            raise ArgumentError(f"cfg_schedule {schedule!r}: expected cutoff:K with K a token index >= 0")
+        return CFGSchedule(kind, int(k) if k else None)
+    return schedule
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """Options of one sampling call. Images: guidance, temperature, top-k/p, CFG schedule; text: temperature,
@@ -51,17 +85,12 @@ class SamplingOptions:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
-    cfg_schedule: object = None  # a unigen.sampling.CFGSchedule, "constant", "linear", "cutoff:K" or None
+    cfg_schedule: CFGSchedule | str | None = None  # or "constant", "linear", "cutoff:K"
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.guidance_scale)
         if self.cfg_schedule is not None:
-            from unigen.sampling import as_schedule
-
-            try:
-                as_schedule(self.cfg_schedule).scales(1.0, 1)  # checks the schedule's form
-            except ValueError as err:
-                raise ArgumentError(str(err)) from None
+            as_schedule(self.cfg_schedule).scales(1.0, 1)  # checks the schedule's form
 
     def with_defaults(self, config) -> SamplingOptions:
         """Image sampling: every option left ``None`` takes the checkpoint's value (``config`` is a

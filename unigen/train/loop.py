@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import unigen.train.checkpoints as ckpt
+import unigen.train.parallel as parallel
 from unigen import runs
 from unigen.config_io import config_to_dict
 from unigen.errors import ArgumentError, ConfigError, OutputExistsError
 from unigen.lr_schedule import lr_at
 from unigen.param_groups import parameter_groups, set_trainable, stage_groups
 from unigen.runs import setup_logging
-from unigen.train import checkpoints as ckpt
-from unigen.train import parallel
 from unigen.train.batches import BatchBuilder
 from unigen.train.data import check_images, read_samples
 from unigen.train.metrics import TrainMetrics
