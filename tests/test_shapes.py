@@ -1,4 +1,4 @@
-"""The Shapes world (shared/specs/shapes-world.md): renderer, dataset, checker, caption parser, metrics."""
+"""The Shapes world (docs/shapes-world.md): renderer, dataset, checker, caption parser, metrics."""
 
 from __future__ import annotations
 

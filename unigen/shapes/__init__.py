@@ -1,6 +1,6 @@
 """The Shapes world: an offline image-and-caption world whose captions a program can check.
 
-See shared/specs/shapes-world.md. world (tables, ShapeSpec, captions), render, data (PNG + JSONL),
+See docs/shapes-world.md. world (tables, ShapeSpec, captions), render, data (PNG + JSONL),
 checker (image -> ShapeSpec), captions (text -> ShapeSpec), metrics.
 """
 

@@ -68,6 +68,16 @@ def _shaped(tokenizer_cfg, recipe_values: dict, where: str):
     return build_config(type(tokenizer_cfg), {**dataclasses.asdict(tokenizer_cfg), **recipe_values}, where)
 
 
+def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
+    """A tiny ``--n-train`` (a smoke run) holds fewer training images than the recipe's batch: the batch
+    shrinks to fit, and the run says so (the trainers hold out min(val_size, n / 10) images)."""
+    n_train = n_images - min(tokenizer_cfg.val_size, n_images // 10)
+    if tokenizer_cfg.batch_size > n_train:
+        print(f"[demo] {name} batch size {tokenizer_cfg.batch_size} -> {n_train}: --n-train {n_images} leaves "
+              f"{n_train} training images", flush=True)
+        tokenizer_cfg.batch_size = n_train
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     from unigen.config_io import load_config
     from unigen.pipeline import UniGenPipeline
@@ -107,6 +117,9 @@ def run_demo(cfg: DemoConfig) -> Path:
                                f"steps={cfg.siglip_steps}",
                                f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
         sig_cfg.vision = _shaped(sig_cfg.vision, recipe.model.get("vision", {}), f"{cfg.recipe}: model.vision")
+    for name, tokenizer_cfg in (("VQ", vq_cfg), ("SigLIP", sig_cfg)):
+        if tokenizer_cfg is not None:
+            _fit_batch_to_data(tokenizer_cfg, cfg.n_train, name)
     side_by_side = (vq_cfg is not None and sig_cfg is not None and cfg.threads >= 2
                     and resolve_device(vq_cfg.device, ("cuda",)).type == "cpu"
                     and resolve_device(sig_cfg.device, ("cuda",)).type == "cpu")

@@ -1,6 +1,6 @@
 """The Shapes world (v1): attribute tables, the spec of one image, and its canonical caption.
 
-The law is shared/specs/shapes-world.md. Pixel coordinates are continuous: pixel i spans [i, i + 1), so the
+The law is docs/shapes-world.md. Pixel coordinates are continuous: pixel i spans [i, i + 1), so the
 canvas centre is 32.0 and the cell centres 11, 32, 53 are symmetric about it.
 """
 
