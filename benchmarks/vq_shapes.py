@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from unigen.config_io import load_config
 from unigen.shapes import write_dataset
-from unigen.tokenizer_training.config_io import load_config
 from unigen.tokenizer_training.shapes_recon import vq_checker_accuracy
 from unigen.tokenizer_training.vq_trainer import VQTrainConfig, VQTrainer
 

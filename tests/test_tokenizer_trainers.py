@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unigen.config import LLMConfig, VQConfig
+from unigen.config_io import load_config
 from unigen.tokenizer_training import losses
-from unigen.tokenizer_training.config_io import load_config
 from unigen.tokenizer_training.data import to_pixels
 from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, SigLIPTrainer, load_siglip, load_siglip_into
 from unigen.tokenizer_training.vq_trainer import VQTrainConfig, VQTrainer, load_vq, load_vq_into
