@@ -9,9 +9,9 @@ joins them at the file boundary).
 One forward serves every use:
   * no cache: a whole (left-padded) sequence, causal; training, with optional gradient checkpointing;
   * ``cache`` and several positions: a prefill that writes the cache;
-  * ``cache`` and one position: a decode step whose tensor shapes never change (it attends over the
-    whole pre-allocated cache, with unfilled columns masked), so ``torch.compile`` and CUDA graphs can
-    capture it.
+  * ``cache`` and one position: a decode step written with shapes that never change (captured by
+    ``torch.compile`` or a CUDA graph, it attends over the whole pre-allocated cache with the unfilled
+    columns masked; run eagerly, it reads only the filled columns).
 Method B's gated cross-attention blocks (``unigen.cross_attention``) run inside the same loop, in front of
 the backbone blocks they are placed at.
 """
@@ -169,6 +169,12 @@ class Attention(nn.Module):
             keys, values = cache.k[layer], cache.v[layer]
             keys.index_copy_(2, cache.column, k.transpose(1, 2).to(keys.dtype))
             values.index_copy_(2, cache.column, v.transpose(1, 2).to(values.dtype))
+            if not torch.compiler.is_compiling():
+                # Eager: read only the filled columns. A decode step is bound by reading the cache, and the
+                # whole of it is twice the filled part on average over an image. A captured step keeps the
+                # fixed shape (the unfilled columns are masked by the key bias).
+                end = cache.length + 1
+                keys, values, mask = keys[:, :, :end], values[:, :, :end], mask[..., :end]
             out = _single_query_attention(q.to(keys.dtype), keys, values, mask)
         else:
             start, end = cache.length, cache.length + n
