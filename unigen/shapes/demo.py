@@ -70,8 +70,10 @@ def _shaped(tokenizer_cfg, recipe_values: dict, where: str):
 
 def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
     """A tiny ``--n-train`` (a smoke run) holds fewer training images than the recipe's batch: the batch
-    shrinks to fit, and the run says so (the trainers hold out min(val_size, n / 10) images)."""
-    n_train = n_images - min(tokenizer_cfg.val_size, n_images // 10)
+    shrinks to fit, and the run says so."""
+    from unigen.tokenizer_training.data import holdout_size
+
+    n_train = n_images - holdout_size(tokenizer_cfg.val_size, n_images)
     if tokenizer_cfg.batch_size > n_train:
         print(f"[demo] {name} batch size {tokenizer_cfg.batch_size} -> {n_train}: --n-train {n_images} leaves "
               f"{n_train} training images", flush=True)

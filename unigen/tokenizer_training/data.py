@@ -139,6 +139,11 @@ def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[s
     return torch.stack([img for img, _ in items]), [text for _, text in items]
 
 
+def holdout_size(val_size: int, n_records: int) -> int:
+    """Images held out for evaluation when no val_data is given: ``val_size``, at most a tenth of the data."""
+    return min(val_size, n_records // 10)
+
+
 def split_holdout(records: list[Record], n_val: int, seed: int) -> tuple[list[Record], list[Record]]:
     """A fixed random ``n_val`` records for evaluation; the rest for training."""
     if n_val <= 0:

@@ -37,7 +37,14 @@ from unigen.lr_schedule import lr_at, set_lr
 from unigen.model import SigLIPEncoder
 from unigen.precision import resolve_amp
 from unigen.tokenizer_training.common import param_groups
-from unigen.tokenizer_training.data import ImageDataset, batch_loader, read_records, split_holdout, to_pixels
+from unigen.tokenizer_training.data import (
+    ImageDataset,
+    batch_loader,
+    holdout_size,
+    read_records,
+    split_holdout,
+    to_pixels,
+)
 from unigen.tokenizer_training.run_checks import check_run_numbers, read_json_object, read_weights
 
 log = logging.getLogger("unigen.tokenizer_training")
@@ -295,7 +302,7 @@ class SigLIPTrainer:
             train_records = records
             val_records = read_records(cfg.val_data, need_text=True, text_key=cfg.text_key)
         else:
-            train_records, val_records = split_holdout(records, min(cfg.val_size, len(records) // 10), cfg.seed)
+            train_records, val_records = split_holdout(records, holdout_size(cfg.val_size, len(records)), cfg.seed)
         size = cfg.vision.image_size
         self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images")
         self.val_set = ImageDataset(val_records, size, True, "val images") if val_records else None

@@ -34,6 +34,7 @@ from unigen.tokenizer_training.common import param_groups
 from unigen.tokenizer_training.data import (
     ImageDataset,
     batch_loader,
+    holdout_size,
     read_records,
     split_holdout,
     to_pixels,
@@ -229,7 +230,7 @@ class VQTrainer:
         if cfg.val_data:
             train_records, val_records = records, read_records(cfg.val_data)
         else:
-            train_records, val_records = split_holdout(records, min(cfg.val_size, len(records) // 10), cfg.seed)
+            train_records, val_records = split_holdout(records, holdout_size(cfg.val_size, len(records)), cfg.seed)
         size = cfg.vq.image_size
         self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images")
         self.val_set = ImageDataset(val_records, size, cfg.cache_images, "val images") if val_records else None
