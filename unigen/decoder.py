@@ -289,8 +289,9 @@ class Decoder(nn.Module):
 
     def decode_step(self, x: torch.Tensor, cache: KVCache, position_ids: torch.Tensor | None = None,
                     cross: CrossAttentionInput | None = None) -> torch.Tensor:
-        """One new position per row, (batch, 1, width), written at the cache's next column. Only tensor ops
-        whose shapes do not depend on the step (the caller advances ``cache.length``): ``torch.compile`` it."""
+        """One new position per row, (batch, 1, width), written at the cache's next column; the caller advances
+        ``cache.length``. Under ``torch.compile`` every shape is the same at every step (the whole cache is
+        attended, unfilled columns masked); run eagerly, attention reads only the filled columns."""
         if position_ids is None:
             position_ids = cache.next_pos[:, None].clone()
         cache.next_pos.copy_(position_ids[:, -1] + 1)
