@@ -143,7 +143,7 @@ def generate_image_tokens(
         if i + 1 < n_tokens:
             embeds = model.embed_image_tokens(codes[:, i].repeat(2))[:, None]
             hidden = step(embeds, cache)[:, -1]
-            cache.length += 1
+            cache.length += 1  # host-side count, kept outside the (possibly compiled) step
     return codes
 
 
