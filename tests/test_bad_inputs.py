@@ -233,6 +233,8 @@ CASES = [
     ("load-config-links-to-itself", lambda e: gen(e, model=_self_link(e)), 1, r"symbolic link that leads nowhere", 1),
     ("load-config-unknown-key", lambda e: gen(e, model=_edit_config(e, colour="red")), 1,
      r"unknown key\(s\) in config: \['colour'\]", 1),
+    ("load-config-unknown-fusion", lambda e: gen(e, model=_edit_config(e, fusion="xattn")), 1,
+     r"config\.fusion must be one of \['concat', 'cross_attention'\], got 'xattn'", 1),
     ("load-config-nan-guidance", lambda e: gen(e, model=_edit_config(e, guidance_scale=float("nan"))), 1,
      r"config\.guidance_scale must be a finite number", 1),
     ("load-config-inf-temperature", lambda e: gen(e, model=_edit_config(e, temperature=float("inf"))), 1,

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unigen.config import SPECIAL_TOKEN_TEXT, LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig
-from unigen.errors import CheckpointError, CheckpointNotFoundError  # CheckpointError: defined in unigen.errors
+from unigen.errors import CheckpointError, CheckpointNotFoundError
 from unigen.runs import atomic_write, write_json
 
 # ---- locating files ----------------------------------------------------------------------
@@ -353,7 +353,6 @@ def fused_state_dict(state: dict[str, torch.Tensor], llm: LLMConfig) -> dict[str
 # ---- tokens ------------------------------------------------------------------------------------
 
 
-
 def check_tokenizer_files(directory: Path) -> None:
     """A damaged tokenizer.json is named (the ``tokenizers`` library raises a bare Exception naming no file)."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -458,7 +457,7 @@ def load_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype, where:
         raise CheckpointError(f"weights in {where} do not fit the model its config describes; " + "; ".join(problems))
     cast = {k: _aligned(v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
-    _rebuild_non_persistent_buffers(model)
+    _check_nothing_left_on_meta(model)
     check_finite_weights(model, where)
 
 
@@ -477,7 +476,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
-def _rebuild_non_persistent_buffers(model) -> None:
+def _check_nothing_left_on_meta(model) -> None:
     """The model was built on the meta device; every tensor must have come from the checkpoint."""
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:

@@ -85,7 +85,8 @@ class LLMConfig:
     max_position_embeddings: int = 16384
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    attn_implementation: str = "sdpa"
+    # unigen's decoder attends through SDPA only; the key stays so that saved config.json files keep loading
+    attn_implementation: Literal["sdpa"] = "sdpa"
 
 
 # TokenIds field -> the token's text in Janus's tokenizer (and in the tokenizers unigen trains). The one

@@ -48,6 +48,10 @@ def _coerce(hint, value, where: str):
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return _union(list(args), value, where)
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
     if origin is tuple and isinstance(value, list | tuple):
         item = args[0] if args else typing.Any
         return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
