@@ -15,10 +15,9 @@ from unigen.shapes.render import render
 from unigen.shapes.world import ShapeSpec
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-small"
-# `unigen eval shapes --model checkpoints/shapes-small --n 200 --seed 0` measured captions 0.98 (0.96 / 0.98 at seeds
-# 1 / 2) and fidelity 0.955 (docs/EXPERIMENTS.md). One score over 200 items has a binomial standard error of
-# sqrt(p (1 - p) / 200): 0.010 for captions, 0.015 for fidelity. The bars sit three of those below the measured
-# scores, so a decoder that changes the last bits of the logits passes and a checkpoint that is really worse fails.
+# The bars sit three binomial standard errors (sqrt(p (1 - p) / n), n = 200) below the checkpoint's scores
+# recorded in docs/EXPERIMENTS.md: a decoder that changes the last bits of the logits passes, a checkpoint that
+# is really worse fails.
 CAPTION_BAR, FIDELITY_BAR = 0.95, 0.91
 
 
