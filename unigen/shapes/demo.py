@@ -6,7 +6,6 @@ Everything is trained from scratch on this machine; ``demo_out/index.html`` show
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +82,7 @@ def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
 def run_demo(cfg: DemoConfig) -> Path:
     from unigen.config_io import load_config
     from unigen.pipeline import UniGenPipeline
-    from unigen.runs import resolve_device
+    from unigen.runs import resolve_device, write_json
     from unigen.shapes.data import write_dataset
     from unigen.shapes.evaluate import evaluate_captions, evaluate_generation
     from unigen.shapes.metrics import format_table
@@ -154,9 +153,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     generations = [(parse_caption(p), img) for p, img in zip(DEMO_PROMPTS, demo_images, strict=True)]
     generations += [(parse_caption(p), img) for p, img in gen_items[:16]]
     captions = [(item["spec"], item["image"], item["caption"]) for item in cap_items[:24]]
-    (out / "scores.json").write_text(json.dumps({"scores": scores, "guidance_scale": pipe.model.config.guidance_scale,
-                                                 "temperature": pipe.model.config.temperature,
-                                                 "timings_s": timings}, indent=2) + "\n")
+    write_json(out / "scores.json", {"scores": scores, "guidance_scale": pipe.model.config.guidance_scale,
+                                     "temperature": pipe.model.config.temperature, "timings_s": timings})
     page = write_report(out, scores, generations, captions, timings)
     print(format_table(scores))
     print(f"[demo] total {sum(timings.values()):.0f} s; report: {page}")

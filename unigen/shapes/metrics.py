@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from unigen.runs import write_text
 from unigen.shapes.captions import parse_caption
 from unigen.shapes.checker import detect
 from unigen.shapes.world import ATTRIBUTES, ShapeSpec
@@ -74,6 +75,4 @@ def format_table(results: Mapping[str, dict] | dict, markdown: bool = True) -> s
 
 
 def dump_json(results: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_text(Path(path), json.dumps(results, indent=2, sort_keys=True) + "\n")

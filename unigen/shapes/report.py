@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from unigen.runs import write_text
 from unigen.shapes.captions import parse_caption
 from unigen.shapes.checker import check
 from unigen.shapes.metrics import format_table
@@ -58,5 +59,5 @@ def write_report(out_dir: str | Path, scores: dict, generations: list, captions:
                      f"truth: {html.escape(caption_of(spec))}<br>{_verdict(spec, parse_caption(text))}</div>")
     parts.append("</div></body></html>")
     page = out / "index.html"
-    page.write_text("\n".join(parts))
+    write_text(page, "\n".join(parts))
     return page

@@ -130,9 +130,15 @@ class ImageDataset(torch.utils.data.Dataset):
         img = self.cache[i] if self.cache is not None else load_image(self.records[i].image, self.image_size)
         return img, self.records[i].text or ""
 
-    def write_bad_list(self, path: Path) -> None:
-        if self.bad:
-            write_text(path, "".join(f"{p}\t{why}\n" for p, why in self.bad))
+
+
+def write_bad_images(out_dir: Path, *datasets: ImageDataset | None) -> None:
+    """List the unreadable image files of the datasets in ``out_dir/bad_images.txt`` (they were skipped)."""
+    bad = [item for d in datasets if d is not None for item in d.bad]
+    if bad:
+        path = Path(out_dir) / "bad_images.txt"
+        write_text(path, "".join(f"{p}\t{why}\n" for p, why in bad))
+        log.warning("%d bad image files listed in %s", len(bad), path)
 
 
 def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:

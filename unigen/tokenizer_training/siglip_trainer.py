@@ -44,6 +44,7 @@ from unigen.tokenizer_training.data import (
     read_records,
     split_holdout,
     to_pixels,
+    write_bad_images,
 )
 from unigen.tokenizer_training.run_checks import check_run_numbers, read_json_object, read_weights
 
@@ -310,9 +311,7 @@ class SigLIPTrainer:
             log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
             shutil.rmtree(self.ckpt_root)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        bad = self.train_set.bad + (self.val_set.bad if self.val_set else [])
-        if bad:
-            runs.write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{why}\n" for p, why in bad))
+        write_bad_images(self.out_dir, self.train_set, self.val_set)
 
         if resume is not None:
             from tokenizers import Tokenizer

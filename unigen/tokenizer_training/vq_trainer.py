@@ -39,6 +39,7 @@ from unigen.tokenizer_training.data import (
     split_holdout,
     to_pixels,
     to_uint8,
+    write_bad_images,
 )
 from unigen.tokenizer_training.losses import (
     PatchDiscriminator,
@@ -237,11 +238,8 @@ class VQTrainer:
         if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
             log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
             shutil.rmtree(self.ckpt_root)
-        bad = self.train_set.bad + (self.val_set.bad if self.val_set else [])
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if bad:
-            runs.write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{why}\n" for p, why in bad))
-            log.warning("%d bad image files listed in %s", len(bad), self.out_dir / "bad_images.txt")
+        write_bad_images(self.out_dir, self.train_set, self.val_set)
         log.info("VQ data: %d training images, %d val images at %dpx", len(self.train_set),
                  len(self.val_set) if self.val_set else 0, size)
 
