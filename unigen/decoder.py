@@ -278,7 +278,7 @@ class Decoder(nn.Module):
             if position_ids is None:
                 position_ids = (positions_from_mask(attention_mask) if attention_mask is not None else
                                 torch.arange(n, device=x.device).expand(x.shape[0], n))
-            mask = _prompt_mask(attention_mask, n, x.device)
+            mask = _prompt_mask(attention_mask, n)
         start = 0 if cache is None else cache.length
         cross_mask, sees = cross.state.visibility(start, n) if cross is not None else (None, None)
         out = self._blocks(x, position_ids, mask, cache, cross, cross_mask, sees)
@@ -331,22 +331,24 @@ class Decoder(nn.Module):
             ~valid, float("-inf"))[:, None]
         if start == 0 and bool(valid.all()):  # no padding: SDPA's causal kernel skips the masked half
             return position_ids, None
-        keys_valid = cache.key_bias[:, 0, :end] == 0
-        causal = torch.ones(n, end, dtype=torch.bool, device=valid.device).tril(start)
-        mask = causal[None] & keys_valid[:, None]
-        # a padded query row sees no real key: let it see itself (its output is never used) instead of NaN
-        mask[:, torch.arange(n), torch.arange(start, end)] = True
-        return position_ids, mask[:, None]
+        return position_ids, _causal_mask(cache.key_bias[:, 0, :end] == 0, n)
 
 
-def _prompt_mask(attention_mask: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+def _prompt_mask(attention_mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """Causal mask over a left-padded sequence (None: no padding, SDPA's causal kernel)."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
-    valid = attention_mask.bool()
-    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    mask = causal[None] & valid[:, None]
-    mask |= torch.eye(n, dtype=torch.bool, device=device)[None]  # padded query rows: see themselves, not NaN
+    return _causal_mask(attention_mask.bool(), n)
+
+
+def _causal_mask(keys_valid: torch.Tensor, n: int) -> torch.Tensor:
+    """(batch, 1, n, keys) boolean mask: the last ``n`` of the ``keys`` columns are the queries; each sees the
+    real (``keys_valid``) keys up to its own column. A padded query row sees no real key: it sees itself (its
+    output is never used) instead of a softmax over nothing (NaN)."""
+    end = keys_valid.shape[1]
+    start = end - n
+    mask = torch.ones(n, end, dtype=torch.bool, device=keys_valid.device).tril(start)[None] & keys_valid[:, None]
+    mask[:, torch.arange(n), torch.arange(start, end)] = True
     return mask[:, None]
 
 
