@@ -122,3 +122,33 @@ class UniGenPipeline:
         )
         texts = [self.processor.decode(row) for row in ids]
         return texts[0] if single else texts
+
+    @torch.no_grad()
+    def chat(
+        self,
+        messages,
+        max_new_tokens: int = 256,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        options: SamplingOptions | None = None,
+    ) -> str:
+        """The assistant's reply to a conversation: ``messages`` = ``[{"role": "user" | "assistant",
+        "content": str, "images": [PIL or path, ...]}, ...]`` ending with a user message (``unigen.chat``),
+        in the checkpoint's own prompt format. Greedy unless temperature > 0."""
+        if options is None:
+            options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
+        options = options.for_text()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ArgumentError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        batch = self.processor.chat_inputs(messages)
+        pixels = batch["pixel_values"]
+        ids = generate_text(
+            self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+            None if pixels is None else pixels.to(self.device, self.model.dtype),
+            max_new_tokens=max_new_tokens, temperature=options.temperature, top_k=options.top_k,
+            top_p=options.top_p, generator=generator, streamer=streamer,
+        )
+        return self.processor.decode(ids[0])

@@ -330,6 +330,21 @@ class UniGenProcessor:
             check_text(prompt, "prompt")
         return self.pad([self.encode(self.format.generation(p)) for p in prompts])
 
+    def chat_inputs(self, messages) -> dict[str, torch.Tensor | None]:
+        """One conversation (``unigen.chat``) -> input_ids and attention_mask (1, L) ending with the
+        assistant's reply slot, and pixel_values (n_images, 3, S, S) in the order of their tags (None
+        without images): the ids DeepSeek's ``VLChatProcessor`` makes for the same conversation."""
+        from unigen.chat import conversation_prompt
+
+        text, images = conversation_prompt(messages, self.format, self.system_prompt)
+        ids = self.encode(text)
+        if ids.count(self.tokens.image) != len(images):  # a tag inside a word, or an image tag in the system prompt
+            raise ArgumentError(f"the prompt holds {ids.count(self.tokens.image)} image placeholder(s) after "
+                                f"tokenization but the messages give {len(images)} image(s)")
+        batch = self.pad([self._expand_images(ids)])
+        batch["pixel_values"] = self.understanding_pixels(images) if images else None
+        return batch
+
     def generation_pixels(self, images) -> torch.Tensor:
         return generation_pixels(images, self.config.vq.image_size)
 
