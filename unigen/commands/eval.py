@@ -8,7 +8,9 @@ from pathlib import Path
 from unigen.commands._common import add_model_arguments, check_writable_file, load_pipeline
 from unigen.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 
-HELP = "Evaluate a model on an embedded world (shapes): caption accuracy and generation prompt fidelity."
+HELP = ("Evaluate a model on an embedded world (shapes): caption accuracy, generation prompt fidelity and edit "
+        "accuracy.")
+TASKS = ("captions", "generation", "edit")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,18 +22,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward batch (default 16)")
     add_image_sampling_arguments(p, schedule=False)
     p.add_argument("--question", default=None, help="captioning question (default: the model's caption prompt)")
-    p.add_argument("--skip", choices=["captions", "generation"], action="append", default=[],
-                   help="skip a task (repeatable)")
+    p.add_argument("--task", choices=TASKS, action="append", default=None,
+                   help="a task to evaluate (repeatable; default: captions and generation)")
+    p.add_argument("--skip", choices=TASKS, action="append", default=[], help="skip a task (repeatable)")
+    p.add_argument("--cfg-drop", choices=["instruction", "image", "both"], default=None,
+                   help="edit: what the unconditional row drops (default: unigen.editing.DEFAULT_CFG_DROP)")
     p.add_argument("--json", type=Path, default=None, help="write all scores to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
+    from unigen.editing import DEFAULT_CFG_DROP
+    from unigen.errors import ArgumentError
     from unigen.processor import check_text
     from unigen.runs import write_json
-    from unigen.shapes.evaluate import evaluate_captions, evaluate_generation
+    from unigen.shapes.evaluate import evaluate_captions, evaluate_edits, evaluate_generation
     from unigen.shapes.metrics import format_table
 
     options = options_from_args(args)  # every flag and the destination checked before any work
+    tasks = [t for t in (args.task or ["captions", "generation"]) if t not in args.skip]
+    if not tasks:
+        raise ArgumentError("--skip leaves no task to evaluate; choose tasks with --task")
     if args.question is not None:
         check_text(args.question, "question")
     if args.json is not None:
@@ -39,15 +49,23 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     options = options.with_defaults(pipe.model.config)
     results = {}
-    if "captions" not in args.skip:
+    if "captions" in tasks:
         results["captioning"], _ = evaluate_captions(pipe, args.n, args.seed, args.batch_size, args.question)
-    if "generation" not in args.skip:
+    if "generation" in tasks:
         results["generation"], _ = evaluate_generation(pipe, args.n, args.seed, args.batch_size, options=options)
+    if "edit" in tasks:
+        results["edit"], _ = evaluate_edits(pipe, args.n, args.seed, args.batch_size, options=options,
+                                            cfg_drop=args.cfg_drop)
     print(format_table(results))
-    if "generation" in results:
-        print(f"generation: guidance scale {options.guidance_scale:g}, temperature {options.temperature:g}")
+    if "edit" in results:
+        edit = results["edit"]
+        print(f"edit: changed attribute {edit['changed']:.3f}, kept attributes {edit['kept']:.3f}; by instruction: "
+              + ", ".join(f"{a} {r['overall']:.3f} (n={r['n']})" for a, r in edit["by_instruction"].items()))
+    if "generation" in results or "edit" in results:
+        print(f"images: guidance scale {options.guidance_scale:g}, temperature {options.temperature:g}")
     if args.json:
         write_json(args.json, {"model": str(args.model), "n": args.n, "seed": args.seed,
                                "guidance_scale": options.guidance_scale, "temperature": options.temperature,
+                               "cfg_drop": args.cfg_drop or DEFAULT_CFG_DROP,
                                **results})
     return 0

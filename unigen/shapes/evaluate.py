@@ -49,3 +49,21 @@ def evaluate_generation(pipe, n: int = 200, seed: int = 0, batch_size: int = 16,
     for batch in tqdm(list(_batches(prompts, batch_size)), desc="generating", unit="batch"):
         images += pipe(batch, options=options, generator=generator).images
     return generation_fidelity(zip(specs, images, strict=True)), list(zip(prompts, images, strict=True))
+
+
+def evaluate_edits(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, options: SamplingOptions | None = None,
+                   cfg_drop: str | None = None) -> tuple[dict, list]:
+    """Edit ``n`` fresh renders by the spec's protocol (``editing.sample_edits``), one output each; return
+    (scores, [(edit, source image, output image)])."""
+    from unigen.shapes.editing import sample_edits
+    from unigen.shapes.metrics import edit_accuracy
+
+    edits = sample_edits(n, seed + 3 * EVAL_SEED_OFFSET)
+    sources = [render(e.source, seed=[seed + 3 * EVAL_SEED_OFFSET, i]).pil() for i, e in enumerate(edits)]
+    outputs = []
+    generator = torch.Generator().manual_seed(seed)
+    for start in tqdm(range(0, n, batch_size), desc="editing", unit="batch"):
+        chunk = slice(start, start + batch_size)
+        outputs += pipe.edit(sources[chunk], [e.instruction for e in edits[chunk]], options=options,
+                             generator=generator, cfg_drop=cfg_drop).images
+    return edit_accuracy(zip(edits, outputs, strict=True)), list(zip(edits, sources, outputs, strict=True))

@@ -58,6 +58,30 @@ def generation_fidelity(pairs: Iterable[tuple[ShapeSpec, object]], *,
     return result
 
 
+def edit_accuracy(pairs: Iterable[tuple[object, object]]) -> dict:
+    """(``editing.Edit``, output image) pairs -> share of outputs the checker reads as the target (one object,
+    all four attributes), per attribute against the target, and split into the changed attribute
+    (``changed``: the new value is there) and the kept ones (``kept``: all three unchanged)."""
+    edits, found, single = [], [], []
+    for edit, image in pairs:
+        d = detect(image)
+        edits.append(edit)
+        found.append(d.spec)
+        single.append(d.n_objects == 1)
+    result = score_specs(((e.target, f) for e, f in zip(edits, found)), single)
+    matches = [e.target.matches(f) for e, f in zip(edits, found)]
+    n = len(edits)
+    share = lambda k: k / n if n else 0.0
+    result["changed"] = share(sum(m[e.attribute] for e, m in zip(edits, matches)))
+    result["kept"] = share(sum(all(v for a, v in m.items() if a != e.attribute) for e, m in zip(edits, matches)))
+    result["single_object"] = share(sum(single))
+    # the same scores over the edits of each instruction kind (which changes are hard)
+    kind = lambda a: [i for i, e in enumerate(edits) if e.attribute == a]
+    result["by_instruction"] = {a: score_specs([(edits[i].target, found[i]) for i in kind(a)],
+                                               [single[i] for i in kind(a)]) for a in ATTRIBUTES}
+    return result
+
+
 def format_table(results: Mapping[str, dict] | dict, markdown: bool = True) -> str:
     """One row per named result (or a single result): n, overall and each attribute, in percent."""
     if "overall" in results:

@@ -1,0 +1,80 @@
+"""Image editing: a source image read through the understanding path + an instruction -> a new image.
+
+The prompt is a generation prompt whose user turn holds the source's placeholders and the instruction,
+in the checkpoint's own format (system prompt empty, as Janus's generation prompts):
+
+    BOS <|User|>: <begin_of_image> <image_placeholder> x N <end_of_image> \\n make it blue \\n\\n
+        <|Assistant|>: <begin_of_image>
+
+and the target's VQ codes follow. The source enters through SigLIP only (its VQ codes are not in the
+context). Classifier-free guidance has three unconditional rows to choose from, all the length of the
+conditional one so the image tokens sit at the same positions; like Janus's, each keeps BOS and the final
+<begin_of_image> and turns the dropped part into the CFG pad token:
+
+- ``instruction``: the instruction (and the role words) dropped, the source image kept;
+- ``image``: the source's block dropped, the instruction kept;
+- ``both``: everything dropped (Janus's text-to-image unconditional row, at this length).
+
+The trainer trains all three (a dropped edit sample takes one at random); the sampler uses one
+(``DEFAULT_CFG_DROP``, chosen by measurement: docs/EXPERIMENTS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unigen.errors import ArgumentError
+from unigen.processor import IMAGE_START_TAG, IMAGE_TAG, check_text
+
+CFG_DROPS = ("instruction", "image", "both")
+DEFAULT_CFG_DROP = "instruction"
+
+
+def check_instruction(instruction, where: str = "the instruction") -> str:
+    check_text(instruction, "instruction" if where == "the instruction" else f"instruction of {where}")
+    if not instruction.strip():
+        raise ArgumentError(f"{where} is empty; say what to change, e.g. 'make it blue'")
+    if IMAGE_TAG in instruction:
+        raise ArgumentError(f"{where} must not contain {IMAGE_TAG}; the source image's placeholders are added")
+    return instruction
+
+
+def check_drop(drop: str) -> str:
+    if drop not in CFG_DROPS:
+        raise ArgumentError(f"cfg_drop must be one of {list(CFG_DROPS)}, got {drop!r}")
+    return drop
+
+
+def edit_prompt_ids(processor, instruction: str, drop: str | None = None) -> list[int]:
+    """The edit prompt's ids (source placeholders expanded), or with ``drop`` one of its unconditional rows."""
+    text = processor.format.render([f"{IMAGE_TAG}\n{instruction}", ""], system="") + IMAGE_START_TAG
+    ids = processor._expand_images(processor.encode(text))
+    if drop is None:
+        return ids
+    t = processor.tokens
+    last = len(ids) - 1
+    out = []
+    for i, tok in enumerate(ids):
+        keep = i == 0 or i == last  # BOS and the final <begin_of_image>
+        in_image = tok in (t.image, t.image_end) or (tok == t.image_start and i != last)
+        dropped = not keep and (drop == "both" or (drop == "image") == in_image)
+        out.append(t.cfg_pad if dropped else tok)
+    return out
+
+
+def keeps_image(drop: str | None) -> bool:
+    """Whether a row of this kind reads the source image (its placeholders are not dropped)."""
+    return drop in (None, "instruction")
+
+
+def edit_image_logits(model, input_ids: torch.Tensor, codes: torch.Tensor, attention_mask: torch.Tensor | None,
+                      pixel_values: torch.Tensor | None) -> torch.Tensor:
+    """``model.image_logits`` for prompts with image placeholders: the placeholders of the rows (reading
+    order) are filled with ``pixel_values``' aligned SigLIP features. -> (batch, n, codebook_size)."""
+    n = codes.shape[1]
+    embeds = torch.cat([model.prepare_inputs_embeds(input_ids, pixel_values), model.embed_image_tokens(codes[:, :-1])],
+                       1)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], n - 1)], 1)
+    hidden = model.run_decoder(embeds, attention_mask).last_hidden_state
+    return model.gen_head(hidden[:, input_ids.shape[1] - 1 :])
