@@ -1,7 +1,9 @@
 """Picks -> tensors for the three tasks, with loss masks.
 
 understanding: prompt (image placeholders, question) -> supervised answer + EOS (every gpt turn of a conversation)
-generation:    prompt ending with <begin_of_image> -> supervised VQ codes (dropped caption -> the CFG prompt)
+generation:    prompt ending with <begin_of_image> -> supervised VQ codes (dropped caption -> the CFG prompt);
+               an edit's prompt holds the source's placeholders and the instruction (unigen.editing), its
+               codes are the target's, and a dropped edit takes the unconditional row its pick names
 text:          every token after BOS, plus EOS
 ``targets[:, t]`` is the token that position ``t`` must predict, or -100 (not supervised).
 """
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from unigen.editing import edit_prompt_ids, keeps_image
 from unigen.errors import DataError
 from unigen.processor import understanding_pixels
 from unigen.sampling import unconditional_rows
@@ -82,9 +85,13 @@ class BatchBuilder:
 
     def generation_prompt(self, pick: Pick) -> torch.Tensor:
         tokens = self.model.config.tokens
-        prompt = torch.tensor(self.processor.encode(self.processor.format.generation(pick.sample.caption)))
-        if pick.dropped:  # the sampler's unconditional prompt: BOS and <begin_of_image> kept, the rest CFG pad
-            prompt = unconditional_rows([prompt], tokens)[0]
+        if pick.sample.instruction is not None:
+            prompt = torch.tensor(edit_prompt_ids(self.processor, pick.sample.instruction,
+                                                  pick.drop if pick.dropped else None))
+        else:
+            prompt = torch.tensor(self.processor.encode(self.processor.format.generation(pick.sample.caption)))
+        if pick.dropped and pick.sample.instruction is None:  # the sampler's unconditional prompt: BOS and
+            prompt = unconditional_rows([prompt], tokens)[0]  # <begin_of_image> kept, the rest CFG pad
         if len(prompt) + self.model.config.vq.num_tokens > self.max_len + 1:
             raise SupervisionError(f"{_where(pick.sample)}: the generation prompt ({len(prompt)} tokens) and "
                                    f"{self.model.config.vq.num_tokens} image tokens do not fit "
@@ -105,12 +112,13 @@ class BatchBuilder:
 
     def understanding(self, samples: list[Sample]) -> dict:
         batch = self._right_pad([self.understanding_row(s) for s in samples])
-        images = [s.image for s in samples]
-        if hasattr(self.processor, "understanding_pixels"):  # it knows the checkpoint's normalisation
-            batch["pixel_values"] = self.processor.understanding_pixels(images)
-        else:
-            batch["pixel_values"] = understanding_pixels(images, self.model.config.vision.image_size)
+        batch["pixel_values"] = self._understanding_pixels([s.image for s in samples])
         return batch
+
+    def _understanding_pixels(self, images: list) -> torch.Tensor:
+        if hasattr(self.processor, "understanding_pixels"):  # it knows the checkpoint's normalisation
+            return self.processor.understanding_pixels(images)
+        return understanding_pixels(images, self.model.config.vision.image_size)
 
     def text(self, samples: list[Sample]) -> dict:
         return self._right_pad([self.text_row(s) for s in samples])
@@ -120,6 +128,11 @@ class BatchBuilder:
         batch = self.processor.pad(prompts)  # left padding: prompts end at the same column
         batch["codes"] = self.codes_for([p.sample for p in picks])
         batch["dropped"] = torch.tensor([p.dropped for p in picks])
+        # edit sources fill their rows' placeholders, in row order (a row whose image is dropped has none)
+        sources = [p.sample.image for p in picks
+                   if p.sample.instruction is not None and keeps_image(p.drop if p.dropped else None)]
+        if sources:
+            batch["pixel_values"] = self._understanding_pixels(sources)
         return batch
 
     def build(self, picks: list[Pick], fill: dict[str, Pick] | None = None) -> dict[str, dict]:
@@ -145,13 +158,13 @@ class BatchBuilder:
     # ---- VQ codes ----------------------------------------------------------------------
     @torch.no_grad()
     def codes_for(self, samples: list[Sample]) -> torch.Tensor:
-        missing = [s for s in samples if s.codes is None and str(s.image) not in self.codes]
+        missing = [s for s in samples if s.codes is None and str(s.vq_image) not in self.codes]
         if missing:
-            paths = list(dict.fromkeys(str(s.image) for s in missing))
+            paths = list(dict.fromkeys(str(s.vq_image) for s in missing))
             pixels = self.processor.generation_pixels(paths).to(self.model.device, self.model.dtype)
             for path, codes in zip(paths, self.model.encode_image_tokens(pixels).cpu(), strict=True):
                 self.codes[path] = codes.to(torch.int32)  # a quarter of int64's memory for a large dataset
-        return torch.stack([self._given_codes(s) if s.codes is not None else self.codes[str(s.image)]
+        return torch.stack([self._given_codes(s) if s.codes is not None else self.codes[str(s.vq_image)]
                             for s in samples]).long()
 
     def _given_codes(self, s: Sample) -> torch.Tensor:

@@ -5,9 +5,13 @@ Line shapes (paths relative to the manifest):
   {"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
                                                         understanding (LLaVA style; every gpt turn is supervised)
   {"text": "..."}                                       text-only
+  {"image": SRC, "instruction": "make it blue", "target": TGT}
+                                                        edit: source (understanding path) + instruction -> target
 imagefolder: ``metadata.jsonl`` lines {"file_name": ..., "text": ...} next to the images.
 Optional ``"codes"`` on caption lines: pre-extracted VQ codes for generation, a list of ints or a ``.npy``
-/ ``.pt`` file (relative to the manifest).
+/ ``.pt`` file (relative to the manifest); on edit lines, the target's codes.
+Edit samples train in the mixture's generation share (their loss is on image codes, as text-to-image's):
+the two split it by their numbers of lines.
 """
 
 from __future__ import annotations
@@ -28,10 +32,19 @@ class Sample:
     caption: str | None = None  # caption lines: understanding answer and generation prompt
     turns: list[tuple[str, str]] = field(default_factory=list)  # conversations: (human, gpt) pairs
     text: str | None = None  # text-only
-    codes: list[int] | Path | None = None
+    codes: list[int] | Path | None = None  # VQ codes of the generation target (the image, or an edit's target)
+    instruction: str | None = None  # edit lines
+    target: Path | None = None  # edit lines: the edited image
+
+    @property
+    def vq_image(self) -> Path | None:
+        """The image whose VQ codes are the generation target."""
+        return self.target if self.instruction is not None else self.image
 
     @property
     def tasks(self) -> list[str]:
+        if self.instruction is not None:
+            return ["generation"]
         if self.text is not None:
             return ["text"]
         if self.turns:
@@ -87,6 +100,13 @@ def parse_line(record, where: str, root: Path, line: int) -> Sample:
     if not isinstance(image, str) or not image:
         raise ManifestError(f"{where}: needs 'image' (or 'file_name') with 'caption'/'text' or 'conversations', "
                             f"or a text-only 'text'; got keys {sorted(record)}")
+    if "instruction" in record or "target" in record:
+        for key in ("instruction", "target"):
+            if key not in record:
+                raise ManifestError(f"{where}: an edit line needs 'image', 'instruction' and 'target'; '{key}' is "
+                                    f"missing (got keys {sorted(record)})")
+        return Sample(line, image=root / image, instruction=_string(record, "instruction", where),
+                      target=root / _string(record, "target", where), codes=_codes(record, where, root))
     if "conversations" in record:
         return Sample(line, image=root / image, turns=_turns(record["conversations"], where))
     key = "caption" if "caption" in record else "text"
@@ -122,16 +142,18 @@ def read_samples(path: str | Path) -> list[Sample]:
 
 
 def check_images(samples: list[Sample]) -> tuple[list[Sample], list[dict]]:
-    """Drop samples whose image is missing or does not decode; return (good, bad records)."""
+    """Drop samples whose image (or edit target) is missing or does not decode; return (good, bad records)."""
     good, bad = [], []
     for s in samples:
-        if s.image is None:
+        for path in (s.image, s.target):
+            if path is None:
+                continue
+            try:
+                with Image.open(path) as img:
+                    img.load()  # a full decode: verify() lets truncated files through
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                bad.append({"line": s.line, "image": str(path), "error": f"{type(err).__name__}: {err}"})
+                break
+        else:
             good.append(s)
-            continue
-        try:
-            with Image.open(s.image) as img:
-                img.load()  # a full decode: verify() lets truncated files through
-            good.append(s)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            bad.append({"line": s.line, "image": str(s.image), "error": f"{type(err).__name__}: {err}"})
     return good, bad

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from unigen.editing import CFG_DROPS
 from unigen.train.data import Sample
 from unigen.train.recipe import TASKS
 
@@ -20,6 +21,7 @@ class Pick:
     task: str
     sample: Sample
     dropped: bool = False  # generation: trained on the unconditional (CFG) prompt
+    drop: str | None = None  # a dropped edit: what its unconditional prompt drops (unigen.editing.CFG_DROPS)
 
 
 def task_pools(samples: list[Sample]) -> dict[str, list[Sample]]:
@@ -40,7 +42,10 @@ def draw(pools: dict[str, list[Sample]], mixture, size: int, g: torch.Generator,
         pool = pools[TASKS[k]]
         sample = pool[int(torch.randint(len(pool), (1,), generator=g))]
         dropped = TASKS[k] == "generation" and bool(torch.rand((), generator=g) < caption_dropout)
-        picks.append(Pick(TASKS[k], sample, dropped))
+        drop = None
+        if dropped and sample.instruction is not None:  # drawn only for edits: other runs see the same batches
+            drop = CFG_DROPS[int(torch.randint(len(CFG_DROPS), (1,), generator=g))]
+        picks.append(Pick(TASKS[k], sample, dropped, drop))
     return picks
 
 
