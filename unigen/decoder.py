@@ -132,6 +132,17 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def truncate(self, length: int) -> None:
+        """Forget every column from ``length`` on (a speculative decoder's rejected drafts). The dropped columns
+        must all have been real tokens written after the prompt, so each row's next position moves back by
+        their count."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} columns to {length}")
+        self.key_bias[:, :, length:] = float("-inf")
+        self.next_pos -= self.length - length
+        self.column.fill_(length)
+        self.length = length
+
     def grown(self, needed: int) -> KVCache:
         """This cache with room for ``needed`` columns (doubling), for callers that did not size it up front."""
         if needed <= self.max_len:
@@ -165,11 +176,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask, is_causal=mask is None, enable_gqa=kv != h)
             out = out.transpose(1, 2)
-        elif n == 1:
+        elif mask is not None and mask.ndim == 3:  # a decode step's key bias (Decoder.extend may pass one query)
             keys, values = cache.k[layer], cache.v[layer]
             keys.index_copy_(2, cache.column, k.transpose(1, 2).to(keys.dtype))
             values.index_copy_(2, cache.column, v.transpose(1, 2).to(values.dtype))
-            if not torch.compiler.is_compiling():
+            if not (torch.compiler.is_compiling() or capturing()):
                 # Eager: read only the filled columns. A decode step is bound by reading the cache, and the
                 # whole of it is twice the filled part on average over an image. A captured step keeps the
                 # fixed shape (the unfilled columns are masked by the key bias).
@@ -184,6 +195,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask,
                                                  is_causal=mask is None, enable_gqa=kv != h).transpose(1, 2)
         return linear(out.to(x.dtype).reshape(b, n, h * d), self.o_proj.weight)
+
+
+def capturing() -> bool:
+    """Inside a CUDA-graph capture, where every replay must see the same shapes."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -300,6 +316,25 @@ class Decoder(nn.Module):
         cross_mask, sees = cross.state.decode_visibility() if cross is not None else (None, None)
         out = self._blocks(x, position_ids, mask, cache, cross, cross_mask, sees)
         cache.column += 1
+        return out
+
+    def extend(self, x: torch.Tensor, cache: KVCache, position_ids: torch.Tensor, visible: torch.Tensor,
+               cross: CrossAttentionInput | None = None) -> torch.Tensor:
+        """Append ``n`` positions whose visibility is not causal in column order (a parallel image decoder
+        writes tokens of several image rows per pass): ``visible`` (batch, n, cache.length + n) says which
+        written columns and which of the new ones each new position attends to. Rotary positions are
+        ``position_ids``; ``next_pos`` is left alone (the caller owns positions)."""
+        n = x.shape[1]
+        if cache.length + n > cache.max_len:
+            raise ValueError(f"KV cache of {cache.max_len} positions cannot take {n} more after {cache.length}")
+        if visible.shape != (x.shape[0], n, cache.length + n):
+            raise ValueError(f"visible must be {(x.shape[0], n, cache.length + n)}, got {tuple(visible.shape)}")
+        start = cache.length
+        cache.key_bias[:, :, start:start + n] = 0.0
+        cross_mask, sees = cross.state.visibility(start, n) if cross is not None else (None, None)
+        out = self._blocks(x, position_ids, visible[:, None], cache, cross, cross_mask, sees)
+        cache.length += n
+        cache.column += n
         return out
 
     def _blocks(self, x, position_ids, mask, cache, cross, cross_mask, sees) -> torch.Tensor:

@@ -9,50 +9,21 @@ embedded (gen_embed -> gen_aligner) into both rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from unigen.decoder import linear
+from unigen.decoding import GuidedRows, decoding_options
+from unigen.decoding.draw import filter_logits, pick_tokens
+from unigen.decoding.jacobi import decode_jacobi
+from unigen.decoding.sequential import decode_sequential
+from unigen.decoding.zipar import decode_zipar
 from unigen.errors import ArgumentError
 from unigen.sampling_options import CFGSchedule, as_schedule, check_sampling_args
 
-# ---- logits -> tokens ----------------------------------------------------------------------------
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Mask everything outside the top-k and outside the smallest set with probability >= top_p."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-    """(rows, vocab) -> (rows,). ``temperature == 0`` is greedy. A list of generators: one per row."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    # uniforms are drawn on each generator's own device (a CPU generator may drive a CUDA model, as in
-    # diffusers; that costs a host-to-device copy per step, a generator on the model's device does not)
-    if isinstance(generator, (list, tuple)):
-        u = torch.cat([torch.rand(1, 1, generator=g, device=g.device) for g in generator]).to(probs.device)
-    else:
-        where = probs.device if generator is None else generator.device
-        u = torch.rand(probs.shape[0], 1, generator=generator, device=where).to(probs.device)
-    # inverse-CDF draw: one uniform per row. torch.multinomial draws one exponential per vocabulary
-    # entry, a large part of a CPU step for 16 images x 16384 codes (docs/PERFORMANCE.md).
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(probs.shape[-1] - 1)[:, 0]
-
+__all__ = ["CFGSchedule", "ImageTokens", "filter_logits", "generate_image_tokens", "generate_text", "pick_tokens",
+           "sample_image_tokens", "unconditional_rows"]
 
 # ---- image tokens -------------------------------------------------------------------------------
 
@@ -79,8 +50,21 @@ def unconditional_rows(rows: list[torch.Tensor], tokens) -> list[torch.Tensor]:
     return [torch.where(keep(r), r, torch.full_like(r, tokens.cfg_pad)) for r in rows]
 
 
+@dataclass
+class ImageTokens:
+    codes: torch.Tensor  # (images, n_image_tokens)
+    decoder_passes: int  # batched decoder forward calls, the prefill included
+
+
+def generate_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          **options) -> torch.Tensor:
+    """Prompts (ending with <begin_of_image>, left padded) -> codes (batch * num_images, n_image_tokens); the
+    options are :func:`sample_image_tokens`'s."""
+    return sample_image_tokens(model, input_ids, attention_mask, **options).codes
+
+
 @torch.no_grad()
-def generate_image_tokens(
+def sample_image_tokens(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -94,13 +78,22 @@ def generate_image_tokens(
     cfg_schedule: CFGSchedule | str | None = None,
     negative_prompt_ids: torch.Tensor | None = None,
     negative_attention_mask: torch.Tensor | None = None,
-    compile: bool = False,
+    pixel_values: torch.Tensor | None = None,
+    negative_pixel_values: torch.Tensor | None = None,
+    decoding: str = "sequential",
+    decoding_options: dict | None = None,
+    compile: bool | None = None,
     progress: bool = False,
-) -> torch.Tensor:
-    """Prompts (ending with <begin_of_image>, left padded) -> codes (batch * num_images, n_image_tokens).
+) -> ImageTokens:
+    """Prompts (ending with <begin_of_image>, left padded) -> codes and the number of decoder passes.
 
     Images of one prompt are consecutive rows. ``negative_prompt_ids`` (one row, or one per prompt)
-    replace the default unconditional prompt (Emu3 style).
+    replace the default unconditional prompt (Emu3 style). ``pixel_values``: images for the image
+    placeholders of the prompts, in reading order (image-conditioned generation, e.g. editing);
+    ``negative_pixel_values`` the same for the negative prompts. ``decoding``: ``"sequential"`` (one pass
+    per token), ``"jacobi"`` or ``"zipar"``, with ``decoding_options`` (see :mod:`unigen.decoding.options`).
+    ``compile``: capture the sequential decode step (``None``: where it is faster, see
+    :func:`unigen.decoding.replay.decode_step_for`).
     """
     cfg = model.config
     n_tokens = cfg.vq.num_tokens
@@ -109,6 +102,7 @@ def generate_image_tokens(
     if num_images < 1:
         raise ArgumentError(f"num_images must be at least 1, got {num_images}")
     check_sampling_args(temperature, top_k, top_p, guidance_scale)
+    method = decoding_options_for(decoding, decoding_options, cfg.vq, compile)
     scales = as_schedule(cfg_schedule).scales(guidance_scale, n_tokens)
     limit = model.decoder.config.max_position_embeddings
     if input_ids.shape[1] + n_tokens > limit:
@@ -119,32 +113,70 @@ def generate_image_tokens(
     n_gen = input_ids.shape[0] * num_images
     if isinstance(generator, (list, tuple)) and len(generator) != n_gen:
         raise ArgumentError(f"{len(generator)} generators for {n_gen} images; pass one per image or a single one")
+    if (pixel_values is not None or negative_pixel_values is not None) and model.cross_attn_layers is not None:
+        raise ArgumentError("image-conditioned generation needs a fusion 'concat' (Method A) model; this "
+                            "checkpoint uses cross-attention")
 
-    cond = [r for r in _rows(input_ids, attention_mask) for _ in range(num_images)]
+    prompts = _rows(input_ids, attention_mask)
+    cond = [r for r in prompts for _ in range(num_images)]
+    cond_images = [im for im in _images_per_row(model, prompts, pixel_values, "pixel_values")
+                   for _ in range(num_images)]
     if negative_prompt_ids is None:
+        if negative_pixel_values is not None:
+            raise ArgumentError("negative_pixel_values need negative_prompt_ids with their image placeholders")
         uncond = unconditional_rows(cond, cfg.tokens)
+        uncond_images = [None] * n_gen
     else:
         neg = _rows(negative_prompt_ids, negative_attention_mask)
         if len(neg) not in (1, input_ids.shape[0]):
             raise ArgumentError(f"{len(neg)} negative prompts for {input_ids.shape[0]} prompts; give 1 or one each")
-        uncond = [neg[0 if len(neg) == 1 else i // num_images] for i in range(n_gen)]
+        neg_images = _images_per_row(model, neg, negative_pixel_values, "negative_pixel_values")
+        pick = [0 if len(neg) == 1 else i // num_images for i in range(n_gen)]
+        uncond, uncond_images = [neg[j] for j in pick], [neg_images[j] for j in pick]
     ids, mask = _left_pad(cond + uncond, cfg.tokens.pad)  # halves: conditional rows, then unconditional
+    images = [im for im in cond_images + uncond_images if im is not None]
+    pixels = torch.cat(images) if images else None
 
-    decoder = model.decoder
-    cache = decoder.new_cache(2 * n_gen, ids.shape[1] + n_tokens)
-    hidden = decoder(model.embed_text(ids), mask, cache=cache)[:, -1]
-    step = torch.compile(decoder.decode_step) if compile else decoder.decode_step
-    codes = torch.empty(n_gen, n_tokens, dtype=torch.long, device=ids.device)
-    for i in tqdm(range(n_tokens), desc="image tokens", disable=not progress, leave=False):
-        logits = model.gen_head(hidden).float()
-        c, u = logits[:n_gen], logits[n_gen:]
-        guided = u + scales[i] * (c - u)
-        codes[:, i] = pick_tokens(guided, temperature, top_k, top_p, generator)
-        if i + 1 < n_tokens:
-            embeds = model.embed_image_tokens(codes[:, i].repeat(2))[:, None]
-            hidden = step(embeds, cache)[:, -1]
-            cache.length += 1  # host-side count, kept outside the (possibly compiled) step
-    return codes
+    rows = GuidedRows(model, n_gen, scales, temperature, top_k, top_p, generator)
+    name, options = method
+    hidden = rows.prefill(ids, mask, pixels, room=n_tokens + (cfg.vq.grid if name == "zipar" else 0))
+    if name == "jacobi":
+        codes = decode_jacobi(rows, hidden, options.window, progress)
+    elif name == "zipar":
+        grid = cfg.vq.grid
+        codes = decode_zipar(rows, hidden, grid, grid, options.resolved_window(grid), progress)
+    else:
+        codes = decode_sequential(rows, hidden, compile, progress)
+    return ImageTokens(codes, rows.passes)
+
+
+def decoding_options_for(decoding: str, options: dict | None, vq, compile: bool | None) -> tuple[str, object]:
+    """The method name and its checked options; a request the method cannot serve is an error."""
+    parsed = decoding_options(decoding, options)
+    if decoding == "zipar" and parsed.window is not None and parsed.window > vq.grid:
+        raise ArgumentError(f"decoding option window={parsed.window} for 'zipar' exceeds the token grid's row width "
+                            f"({vq.grid}); choose 1..{vq.grid} ({vq.grid} is sequential decoding)")
+    if compile and decoding != "sequential":
+        raise ArgumentError(f"compile captures the one-token decode step of 'sequential' decoding; {decoding!r} "
+                            "runs passes of varying shape: drop compile or use decoding='sequential'")
+    return decoding, parsed
+
+
+def _images_per_row(model, rows: list[torch.Tensor], pixel_values: torch.Tensor | None,
+                    what: str) -> list[torch.Tensor | None]:
+    """Split ``pixel_values`` (images in reading order) into each row's images, by its placeholders."""
+    per_image = model.config.image_placeholders_per_image
+    counts = [int((r == model.config.image_token_id).sum()) // per_image for r in rows]
+    if pixel_values is None:
+        return [None] * len(rows)  # placeholders without images are reported by the model's forward
+    if pixel_values.ndim == 5:
+        pixel_values = pixel_values.flatten(0, 1)
+    if pixel_values.ndim != 4:
+        raise ArgumentError(f"{what} must be (images, 3, H, W); got shape {tuple(pixel_values.shape)}")
+    if sum(counts) != pixel_values.shape[0]:
+        raise ArgumentError(f"{what} holds {pixel_values.shape[0]} image(s) but the prompts have placeholders "
+                            f"for {sum(counts)} ({per_image} placeholder tokens per image)")
+    return [chunk if len(chunk) else None for chunk in pixel_values.split(counts)]
 
 
 # ---- text ---------------------------------------------------------------------------------------

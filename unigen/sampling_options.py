@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from unigen.decoding.options import DECODING_METHODS, decoding_options, parse_option
 from unigen.errors import ArgumentError
 
 CAPTION_TEMPERATURE = 0.0  # captions are greedy unless asked otherwise
@@ -86,9 +87,12 @@ class SamplingOptions:
     top_k: int | None = None
     top_p: float | None = None
     cfg_schedule: CFGSchedule | str | None = None  # or "constant", "linear", "cutoff:K"
+    decoding: str = "sequential"  # or "jacobi", "zipar" (unigen.decoding)
+    decoding_options: dict | None = None  # the method's options, e.g. {"window": 8}
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.guidance_scale)
+        decoding_options(self.decoding, self.decoding_options)
         if self.cfg_schedule is not None:
             as_schedule(self.cfg_schedule).scales(1.0, 1)  # checks the schedule's form
 
@@ -154,10 +158,18 @@ def add_image_sampling_arguments(p: argparse.ArgumentParser, schedule: bool = Tr
     if schedule:
         p.add_argument("--cfg-schedule", default="constant",
                        help="constant, linear, or cutoff:K (guidance only for the first K tokens; default constant)")
+    p.add_argument("--decoding", choices=DECODING_METHODS, default="sequential",
+                   help="image decoder: sequential (one pass per token), jacobi (speculative Jacobi: same "
+                        "distribution, fewer passes) or zipar (rows in parallel: fewest passes); default sequential")
+    p.add_argument("--decoding-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the decoding method, repeatable: jacobi window=16 (draft tokens per pass); "
+                        "zipar window=W (tokens of the row above before a row starts; default a quarter of a row)")
 
 
 def options_from_args(args: argparse.Namespace) -> SamplingOptions:
     """The options of the flags :func:`add_image_sampling_arguments` adds (missing ones are ``None``)."""
     return SamplingOptions(guidance_scale=getattr(args, "guidance_scale", None),
                            temperature=getattr(args, "temperature", None), top_k=getattr(args, "top_k", None),
-                           top_p=getattr(args, "top_p", None), cfg_schedule=getattr(args, "cfg_schedule", None))
+                           top_p=getattr(args, "top_p", None), cfg_schedule=getattr(args, "cfg_schedule", None),
+                           decoding=getattr(args, "decoding", "sequential"),
+                           decoding_options=dict(parse_option(t) for t in getattr(args, "decoding_option", [])))

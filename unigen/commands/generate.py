@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace the images of an earlier run in --output-dir (default: refuse)")
     add_image_sampling_arguments(p)
     p.add_argument("--negative-prompt", default=None, help="prompt for the unconditional branch (default: none)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the sequential decode step: a CUDA graph on CUDA, torch.compile on CPU (default: "
+                        "on for CUDA, off for CPU, where compiling costs more than an image saves)")
     p.add_argument("--no-grid", action="store_true", help=f"do not write {GRID_NAME} (of the first {GRID_MAX} images)")
 
 
@@ -85,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
     options = check_arguments(args)
     pipe = load_pipeline(args)
     out_dir = args.output_dir
-    preview, written = [], set()
+    preview, written, passes = [], set(), 0
     for start in range(0, args.num_images, args.batch_size):
         count = min(args.batch_size, args.num_images - start)
         generators = [torch.Generator(pipe.device).manual_seed(args.seed + i) for i in range(start, start + count)]
         out = pipe(args.prompt, num_images_per_prompt=count, options=options, generator=generators,
                    negative_prompt=args.negative_prompt, progress=True, compile=args.compile)
+        passes += out.decoder_passes
         out_dir.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(out.images, start):
             path = out_dir / f"image_{i:03d}.png"
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(grid_path, lambda tmp: grid(preview).save(tmp, format="PNG"))
         written.add(GRID_NAME)
         print(grid_path)
+    print(f"decoder passes: {passes} ({options.decoding} decoding)", file=sys.stderr)
     stale = [p for p in earlier_outputs(out_dir) if p.name not in written]
     for path in stale:  # --overwrite: images of the earlier run that this one did not replace
         path.unlink()
