@@ -14,7 +14,7 @@ from unigen.errors import ArgumentError
 from unigen.model import UniGenModel
 from unigen.processor import UniGenProcessor, pixels_to_pil
 from unigen.runs import DEVICES, resolve_device
-from unigen.sampling import CFGSchedule, generate_image_tokens, generate_text
+from unigen.sampling import CFGSchedule, generate_image_tokens, generate_text, sample_image_tokens
 from unigen.sampling_options import SamplingOptions
 
 __all__ = ["DEFAULT_QUESTION", "DEVICES", "PipelineOutput", "UniGenPipeline",
@@ -26,6 +26,7 @@ DEFAULT_QUESTION = "Describe the image."
 class PipelineOutput:
     images: list[Image.Image]
     tokens: torch.Tensor  # (n_images, n_image_tokens)
+    decoder_passes: int | None = None  # batched decoder forward calls of the call, the prefill included
 
 
 class UniGenPipeline:
@@ -64,14 +65,19 @@ class UniGenPipeline:
         cfg_schedule: CFGSchedule | str | None = None,
         negative_prompt: str | None = None,
         progress: bool = False,
-        compile: bool = False,
+        compile: bool | None = None,
         options: SamplingOptions | None = None,
+        decoding: str = "sequential",
+        decoding_options: dict | None = None,
     ) -> PipelineOutput:
         """Images for ``prompt`` (one or a list), ``num_images_per_prompt`` each. Sampling options left
         ``None`` take the checkpoint's (``config.guidance_scale``, ``config.temperature``); ``options`` gives
-        them all at once instead of the keywords."""
+        them all at once instead of the keywords. ``decoding``: ``"sequential"``, ``"jacobi"`` or ``"zipar"``
+        with ``decoding_options`` (``unigen.decoding.options``); ``out.decoder_passes`` counts the work.
+        ``compile``: capture the sequential decode step (``None``: a CUDA graph on CUDA, eager on CPU)."""
         if options is None:
-            options = SamplingOptions(guidance_scale, temperature, top_k, top_p, cfg_schedule)
+            options = SamplingOptions(guidance_scale, temperature, top_k, top_p, cfg_schedule, decoding,
+                                      decoding_options)
         options = options.with_defaults(self.model.config)
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
@@ -80,15 +86,15 @@ class UniGenPipeline:
         negative = None
         if negative_prompt is not None:
             negative = self.processor.generation_inputs(negative_prompt)["input_ids"].to(self.device)
-        codes = generate_image_tokens(
+        out = sample_image_tokens(
             self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
             num_images=num_images_per_prompt, guidance_scale=options.guidance_scale,
             temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator,
-            cfg_schedule=options.cfg_schedule,
+            cfg_schedule=options.cfg_schedule, decoding=options.decoding, decoding_options=options.decoding_options,
             negative_prompt_ids=negative, progress=progress, compile=compile,
         )
-        pixels = self.model.decode_image_tokens(codes)
-        return PipelineOutput(pixels_to_pil(pixels), codes)
+        pixels = self.model.decode_image_tokens(out.codes)
+        return PipelineOutput(pixels_to_pil(pixels), out.codes, out.decoder_passes)
 
     @torch.no_grad()
     def caption(
@@ -152,3 +158,53 @@ class UniGenPipeline:
             top_p=options.top_p, generator=generator, streamer=streamer,
         )
         return self.processor.decode(ids[0])
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images,
+        instructions: str | Sequence[str],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        cfg_drop: str | None = None,
+        progress: bool = False,
+        options: SamplingOptions | None = None,
+    ) -> PipelineOutput:
+        """Edited images: each source image (path or PIL; one or a list) read through the understanding path
+        with its instruction (one for all, or one each), ``num_images_per_prompt`` images each, consecutive.
+        ``cfg_drop``: what the unconditional row drops, ``"instruction"``, ``"image"`` or ``"both"``
+        (``unigen.editing``; default ``DEFAULT_CFG_DROP``). Sampling options as ``__call__``'s."""
+        from unigen.editing import DEFAULT_CFG_DROP, check_drop, check_instruction, edit_prompt_ids, keeps_image
+
+        if options is None:
+            options = SamplingOptions(guidance_scale, temperature, top_k, top_p)
+        options = options.with_defaults(self.model.config)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ArgumentError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
+        drop = check_drop(DEFAULT_CFG_DROP if cfg_drop is None else cfg_drop)
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ArgumentError("no images given: pass one source image or a non-empty list")
+        instructions = [instructions] * len(images) if isinstance(instructions, str) else list(instructions)
+        if len(instructions) != len(images):
+            raise ArgumentError(f"{len(images)} images but {len(instructions)} instructions; give one instruction "
+                                "for all or one per image")
+        for i, instruction in enumerate(instructions):
+            check_instruction(instruction, "the instruction" if len(instructions) == 1 else f"instruction {i + 1}")
+        pixels = self.processor.understanding_pixels(images).to(self.device, self.model.dtype)
+        cond = self.processor.pad([edit_prompt_ids(self.processor, text) for text in instructions])
+        uncond = self.processor.pad([edit_prompt_ids(self.processor, text, drop) for text in instructions])
+        codes = generate_image_tokens(
+            self.model, cond["input_ids"].to(self.device), cond["attention_mask"].to(self.device),
+            num_images=num_images_per_prompt, guidance_scale=options.guidance_scale,
+            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator,
+            negative_prompt_ids=uncond["input_ids"].to(self.device),
+            negative_attention_mask=uncond["attention_mask"].to(self.device),
+            pixel_values=pixels, negative_pixel_values=pixels if keeps_image(drop) else None, progress=progress,
+        )
+        return PipelineOutput(pixels_to_pil(self.model.decode_image_tokens(codes)), codes)
