@@ -1,0 +1,92 @@
+"""The page: Generate, Understand and About tabs over one :class:`AppModel`, and the named endpoints that
+``gradio_client`` scripts call (``/generate``, ``/caption``, ``/chat``)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from unigen.app.requests import MAX_IMAGES, AppModel
+
+MODEL_QUEUE = "model"  # one concurrency group for every event that runs the model: they share its cores
+DEFAULT_NUM_IMAGES = 4
+EXAMPLE_PROMPT = "a large red circle at the top left"
+
+
+def about_markdown(model: AppModel, concurrency: int) -> str:
+    c = model.config
+    params = sum(p.numel() for p in model.pipe.model.parameters())
+    rows = [
+        ("checkpoint", f"`{model.name}`"),
+        ("device, dtype", f"{model.pipe.device}, {model.pipe.model.dtype}".replace("torch.", "")),
+        ("parameters", f"{params / 1e6:.1f} M"),
+        ("fusion (how image features reach the decoder)", c.fusion),
+        ("understanding encoder", f"{c.encoder}, {c.vision.image_size} px, {c.vision.num_tokens} tokens per image"),
+        ("decoder", f"{c.llm.num_layers} layers, width {c.llm.hidden_size}, {c.llm.num_heads} heads, "
+                    f"vocabulary {c.llm.vocab_size}"),
+        ("image tokenizer", f"VQ, {c.vq.image_size} px, codebook {c.vq.codebook_size}"),
+        ("prompt format", c.prompt_format),
+        ("default guidance scale", f"{c.guidance_scale:g}"),
+        ("default temperature", f"{c.temperature:g}"),
+        ("requests running at once", f"{concurrency} (the rest wait in a queue, in order)"),
+    ]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.Blocks:
+    """The Blocks app, queued: ``concurrency`` model requests run at a time over all sessions, up to
+    ``max_queue`` wait (further ones are refused with a message)."""
+    c = model.config
+    # Every event that runs the model: one queue; and unigen.app.requests checks the raw inputs itself, so
+    # that a number out of range or an unreadable upload is named in its words, not Gradio's.
+    run_model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=concurrency, preprocess=False)
+    with gr.Blocks(title="unigen", analytics_enabled=False) as app:
+        gr.Markdown(f"## unigen: `{model.name}`")
+        with gr.Tab("Generate", id="generate"):
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPT, scale=4, elem_id="prompt")
+                go = gr.Button("Generate", variant="primary", scale=1, elem_id="generate-button")
+            with gr.Row():
+                num_images = gr.Slider(1, MAX_IMAGES, value=DEFAULT_NUM_IMAGES, step=1, label="Number of images")
+                seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
+            with gr.Accordion("Sampling", open=False):
+                with gr.Row():
+                    guidance = gr.Slider(0, max(20.0, c.guidance_scale), value=c.guidance_scale, step=0.1,
+                                         label="Guidance scale (1 = none)")
+                    temperature = gr.Slider(0, max(2.0, c.temperature), value=c.temperature, step=0.05,
+                                            label="Temperature (0 = greedy)")
+                    top_k = gr.Number(0, precision=0, label="Top-k (0 = off)")
+                    top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)")
+            gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto", elem_id="gallery",
+                                 buttons=["download", "fullscreen"])
+            files = gr.File(label="PNG files", file_count="multiple", elem_id="downloads")
+            gr.Examples([[EXAMPLE_PROMPT], ["a small blue triangle at the bottom right"]], inputs=[prompt])
+            gr.on([go.click, prompt.submit], model.generate,
+                  [prompt, num_images, guidance, temperature, top_k, top_p, seed], [gallery, files],
+                  api_name="generate", **run_model)
+
+        with gr.Tab("Understand", id="understand"):
+            conversation = gr.State([])
+            chatbot = gr.Chatbot(label="Chat about images", height=360, elem_id="chatbot",
+                                 feedback_options=None)
+            box = gr.MultimodalTextbox(placeholder="Attach images and ask (empty: describe the image)",
+                                       file_types=["image"], file_count="multiple", sources=["upload"],
+                                       elem_id="chat-input", show_label=False)
+            reset = gr.Button("New conversation", elem_id="reset")
+            box.submit(model.chat, [box, conversation], [box, chatbot, conversation], api_name="chat",
+                       **run_model)
+            reset.click(lambda: ({"text": "", "files": []}, [], []), None, [box, chatbot, conversation],
+                        api_name="reset", queue=False)
+            with gr.Accordion("One image, one question", open=False):
+                with gr.Row():
+                    image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
+                                     elem_id="caption-image")
+                    with gr.Column():
+                        question = gr.Textbox(label="Question (empty: describe the image)")
+                        ask = gr.Button("Ask", elem_id="caption-button")
+                        answer = gr.Textbox(label="Answer", elem_id="caption-answer", interactive=False)
+                gr.on([ask.click, question.submit], model.caption, [image, question], answer,
+                      api_name="caption", **run_model)
+
+        with gr.Tab("About the model", id="about"):
+            gr.Markdown(about_markdown(model, concurrency))
+    return app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
