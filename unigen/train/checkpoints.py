@@ -1,6 +1,7 @@
 """Resumable checkpoints: ``stageN/checkpoints/step_XXXXXXX`` holds
 
   model/               the weights + tokenizer in our layout (``UniGenPipeline.from_pretrained`` reads it)
+  adapter/             instead of model/ in a LoRA stage: the PEFT adapter + base.json (the frozen base's source)
   optimizer.pt         optimizer state (gathered in full under FSDP)     | DeepSpeed: accelerate's
   scheduler.pt         learning-rate schedule                           | save_state files instead
   rng_<rank>.pt        every RNG of every process
@@ -9,7 +10,8 @@
 Every process writes into ``.tmp-step_XXXXXXX`` and rank 0 renames it when all are done, so a folder under
 its real name is always complete; the oldest beyond ``keep_last`` are deleted. ``stageN/final`` is written
 the same way, with ``trained.json`` saying how many of the stage's steps it holds: a stage cut short by
-``--max-steps`` is not finished, and ``--resume latest`` continues it.
+``--max-steps`` is not finished, and ``--resume latest`` continues it. A LoRA stage also writes ``stageN/adapter``
+(the adapter alone) and its ``final`` is the merged model.
 
 Every file loads with ``torch.load(weights_only=True)``: resuming a checkpoint never runs code from it.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from unigen import lora
 from unigen.errors import CheckpointError
 from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name
 from unigen.train.parallel import barrier
@@ -94,12 +97,26 @@ def _publish(tmp: Path, final: Path, rank: int) -> None:
     barrier()
 
 
-def save_final(out: Path, wrapped, model, processor, kind: str, rank: int, *, stage: int, step: int,
-               steps: int) -> Path:
-    final, tmp = out / "final", out / ".tmp-final"
+def _fresh_tmp(tmp: Path, rank: int) -> None:
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
+
+
+def save_final(out: Path, wrapped, model, processor, kind: str, rank: int, *, stage: int, step: int,
+               steps: int, adapter=None) -> Path:
+    """``out/final``; with ``adapter`` (``(PeftModel, base source)``, a LoRA stage) first ``out/adapter``, then
+    the merged model as ``final``."""
+    if adapter is not None:
+        peft_model, base = adapter
+        tmp = out / ".tmp-adapter"
+        _fresh_tmp(tmp, rank)
+        if rank == 0:
+            lora.save_adapter(peft_model, tmp, base)
+        _publish(tmp, out / "adapter", rank)
+        model = lora.merge(peft_model)  # in place: the stage is over
+    final, tmp = out / "final", out / ".tmp-final"
+    _fresh_tmp(tmp, rank)
     save_weights(tmp, wrapped, model, processor, kind, rank)
     if rank == 0:
         (tmp / TRAINED).write_text(json.dumps({"stage": stage, "step": step, "steps": steps}) + "\n")
@@ -108,14 +125,19 @@ def save_final(out: Path, wrapped, model, processor, kind: str, rank: int, *, st
 
 
 def save_checkpoint(root: Path, *, stage: int, step: int, wrapped, model, processor, optimizer, scheduler,
-                    accelerator, kind: str, rank: int, keep_last: int) -> Path:
+                    accelerator, kind: str, rank: int, keep_last: int, adapter=None) -> Path:
+    """``adapter``: ``(PeftModel, base source)`` in a LoRA stage, saved instead of the whole model."""
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    save_weights(tmp / "model", wrapped, model, processor, kind, rank)
+    if adapter is not None:
+        if rank == 0:
+            lora.save_adapter(adapter[0], tmp / "adapter", adapter[1])
+    else:
+        save_weights(tmp / "model", wrapped, model, processor, kind, rank)
     if kind == "deepspeed":
         accelerator.save_state(str(tmp / "accelerate"))
     else:

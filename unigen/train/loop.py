@@ -1,5 +1,5 @@
-"""One training stage: staged unfreezing, token-normalised losses over accumulated micro-batches and
-processes, atomic resumable checkpoints, metrics.jsonl + TensorBoard."""
+"""One training stage: staged unfreezing (or LoRA adapters, unigen.lora), token-normalised losses over
+accumulated micro-batches and processes, atomic resumable checkpoints, metrics.jsonl + TensorBoard."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 import unigen.train.checkpoints as ckpt
 import unigen.train.parallel as parallel
+from unigen import lora as lora_
 from unigen import runs
 from unigen.config_io import config_to_dict
 from unigen.errors import ArgumentError, ConfigError, OutputExistsError
@@ -27,7 +28,7 @@ from unigen.train.data import check_images, read_samples
 from unigen.train.metrics import TrainMetrics
 from unigen.train.mixture import check_mixture, share, step_micro_batches, task_pools
 from unigen.train.recipe import TASKS, TrainRecipe
-from unigen.train.start import load_pretrained, load_start, stage_dir, start_source
+from unigen.train.start import load_pretrained, load_start, lora_base, stage_dir, start_source
 from unigen.train.step import TrainStep
 
 log = logging.getLogger("unigen.train")
@@ -147,13 +148,20 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     pools = task_pools(samples)
     ckpt_root = out / "checkpoints"
     resume_from = resolve_resume(resume, ckpt_root, recipe.overwrite, rank)
-    if resume_from is None:
+    base = None  # a LoRA stage: the checkpoint its adapters adapt
+    if cfg.lora is not None:
+        check_lora_run(cfg.lora, accelerator.device, kind, stage)
+        base = lora_.read_base(resume_from / "adapter") if resume_from is not None else None
+        base = base or lora_base(recipe, stage, init_from)
+    elif resume_from is None:
         start_source(recipe, stage, init_from)  # a missing start is named before anything is written
     parallel.barrier()
 
     if rank > 0:  # rank 0 may train the tokenizer of a fresh model; the others then build the same model
         parallel.barrier()
-    if resume_from is not None:
+    if base is not None:
+        model, processor = load_pretrained(base)
+    elif resume_from is not None:
         model, processor = load_pretrained(resume_from / "model")
     else:
         model, processor = load_start(recipe, stage, samples, init_from)
@@ -161,8 +169,17 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         parallel.barrier()
     model.to(accelerator.device).train()
     model.language_model.model.gradient_checkpointing = recipe.grad_checkpointing
-    groups = stage_groups(model.config, cfg.groups, cfg.train_llm)
-    set_trainable(model, groups)
+    peft_model = None
+    if cfg.lora is not None:
+        torch.manual_seed(recipe.seed)  # the adapters' initial A
+        peft_model = lora_.attach(model, cfg.lora, f"stage{stage}.lora")  # freezes everything else
+        if resume_from is not None:
+            lora_.load_adapter_weights(peft_model, resume_from / "adapter")
+        groups = {g for g, (trainable, _) in lora_.trainable_summary(model).items() if trainable}
+    else:
+        groups = stage_groups(model.config, cfg.groups, cfg.train_llm)
+        set_trainable(model, groups)
+    adapter = None if peft_model is None else (peft_model, base)
     check_tasks(pools, cfg, groups, stage)
     if rank == 0:
         parallel.log_trainable(model, groups, stage)
@@ -222,7 +239,7 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with _sync_context(accelerator, wrapped, kind, last):
-                with accelerator.autocast():
+                with accelerator.autocast(), lora_.maybe_recompute(peft_model is not None):
                     losses = wrapped(batch)
                 bad_loss = parallel.all_reduce_sum(torch.tensor([float(not torch.isfinite(losses).all())]),
                                                    accelerator.device)
@@ -255,18 +272,27 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
             last_good = ckpt.save_checkpoint(
                 ckpt_root, stage=stage, step=step + 1, wrapped=wrapped, model=model, processor=processor,
                 optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, kind=kind, rank=rank,
-                keep_last=recipe.keep_last)
+                keep_last=recipe.keep_last, adapter=adapter)
     done = max(start, steps)
     if done < cfg.steps and not (ckpt_root / runs.step_dir_name(done)).is_dir():
         # cut short by max_steps: the stage is not finished, and --resume latest continues it from here
         ckpt.save_checkpoint(ckpt_root, stage=stage, step=done, wrapped=wrapped, model=model, processor=processor,
                              optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, kind=kind,
-                             rank=rank, keep_last=recipe.keep_last)
-    final = ckpt.save_final(out, wrapped, model, processor, kind, rank, stage=stage, step=done, steps=cfg.steps)
+                             rank=rank, keep_last=recipe.keep_last, adapter=adapter)
+    final = ckpt.save_final(out, wrapped, model, processor, kind, rank, stage=stage, step=done, steps=cfg.steps,
+                            adapter=adapter)
     if metrics is not None:
         metrics.close()
         log.info("stage %d done: %s", stage, final)
     return final
+
+
+def check_lora_run(settings, device, kind: str, stage: int) -> None:
+    where = f"stage{stage}.lora"
+    lora_.check_quantize(settings, device, where)
+    if kind in ("fsdp", "deepspeed"):
+        raise ConfigError(f"{where}: a LoRA stage trains on one process or with DDP (torchrun without "
+                          f"parallel=fsdp), not with {kind}: the adapters' optimizer state is small, nothing to shard")
 
 
 def _sync_context(accelerator, wrapped, kind: str, last: bool):

@@ -126,10 +126,17 @@ def clip_gradients(model, max_norm: float) -> float:
 
 
 def log_trainable(model, groups: set[str], stage: int) -> None:
+    """One line per parameter group (TRAIN, frozen, or how many of its parameters train: LoRA adapters and
+    copies of modules_to_save), then the total."""
+    total = trainable = 0
     for name, params in parameter_groups(model).items():
         n = sum(p.numel() for _, p in params)
+        t = sum(p.numel() for _, p in params if p.requires_grad) if name in groups else 0
+        total, trainable = total + n, trainable + t
         if n:
-            log.info("stage %d  %-16s %12d params  %s", stage, name, n, "TRAIN" if name in groups else "frozen")
+            state = "TRAIN" if t == n else "frozen" if t == 0 else f"LoRA: {t} trainable"
+            log.info("stage %d  %-16s %12d params  %s", stage, name, n, state)
+    log.info("stage %d  trainable %d of %d params (%.3f%%)", stage, trainable, total, 100 * trainable / max(total, 1))
 
 
 def all_reduce_sum(x: torch.Tensor, device) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from unigen.config_io import load_config
+from unigen.config_io import build_config, load_config
 from unigen.errors import ConfigError
+from unigen.lora import LoraSettings
 from unigen.param_groups import GROUPS
 
 TASKS = ("understanding", "text", "generation")  # the order of a mixture
@@ -33,8 +34,14 @@ class StageConfig:
     lr_mult: dict = field(default_factory=dict)  # group -> learning-rate multiplier
     train_llm: bool | None = None  # None: default policy (Method B keeps the LLM frozen)
     weight_decay: float = 0.0
+    # LoRA adapters (unigen.lora.LoraSettings): only adapters and lora.modules_to_save train, whatever groups says
+    lora: LoraSettings | None = None
 
     def validate(self, where: str) -> None:
+        if isinstance(self.lora, dict):  # from YAML or a `stage2.lora.r=8` override
+            self.lora = build_config(LoraSettings, self.lora, f"{where}.lora")
+        if self.lora is not None:
+            self.lora.validate(f"{where}.lora")
         if self.warmup_steps < 0:
             raise ConfigError(f"{where}.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:

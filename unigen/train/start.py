@@ -72,3 +72,12 @@ def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
     if source is None:
         return build_fresh(recipe, samples)
     return load_pretrained(source)
+
+
+def lora_base(recipe: TrainRecipe, stage: int, init_from: str | None) -> str:
+    """The checkpoint a LoRA stage adapts, as recorded with its adapters (a local folder by its absolute path)."""
+    source = start_source(recipe, stage, init_from)
+    if source is None:
+        raise ConfigError(f"stage{stage}.lora: LoRA adapts a trained model, but stage {stage} would start from a new "
+                          "one; set init_from (or --init-from) to a checkpoint, or drop the lora section")
+    return str(Path(source).resolve()) if Path(source).exists() else source

@@ -1,0 +1,302 @@
+"""LoRA adapters through PEFT over a whole ``UniGenModel``: the recipe section, the layers, saving and merging.
+
+A stage with ``lora:`` trains low-rank adapters (``W + alpha/r * B @ A``) on the linear layers its ``targets``
+name, plus whole copies of its ``modules_to_save``; every other weight stays frozen. The adapter is a plain
+PEFT adapter over the whole model::
+
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(UniGenModel.from_pretrained(BASE), ADAPTER, config=adapter_config(ADAPTER))
+
+(or ``unigen.lora.load_adapter(UniGenModel.from_pretrained(BASE), ADAPTER)``, the same call).
+
+Why a layer of our own (``AdaptedLinear``, PEFT's LoRA ``Linear`` plus one property): unigen's decoder,
+generation head and text head read their weights directly (``unigen.decoder.linear(x, m.qkv_proj.weight)``,
+for the skinny CPU decode product and the fused q|k|v and gate|up projections) instead of calling the module.
+PEFT's layer answers ``.weight`` with the frozen base weight, so through those paths an adapter would silently
+do nothing. ``AdaptedLinear.weight`` is the adapted weight; calling the layer is PEFT's usual base + low-rank
+path. ``adapter_config`` registers the layer with PEFT (a custom module mapping is not saved in
+``adapter_config.json``, so a bare ``PeftModel.from_pretrained`` without it adapts only the layers that are
+called as modules).
+
+The adapted weight is a full-size tensor; ``recompute_adapted_weights`` keeps autograd from holding one per
+layer until the backward pass (it recomputes it there from the base and the two factors), so a LoRA step needs
+little more memory than the frozen weights and the activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unigen.errors import CheckpointError, ConfigError
+from unigen.param_groups import GROUPS, parameter_groups
+
+ADAPTER = "default"  # PEFT's adapter name; one adapter per model
+QUANTIZE = ("4bit", "8bit")
+
+
+@dataclass
+class LoraSettings:
+    """A stage's ``lora:`` section (``stage2.lora.r=8`` overrides a key as for every recipe key)."""
+
+    r: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input; only for layers that are called as modules (see check_dropout)
+    targets: list[str] = field(default_factory=lambda: ["llm"])  # parameter groups or module-name patterns
+    modules_to_save: list[str] = field(default_factory=list)  # groups or module names trained in full
+    quantize: str | None = None  # QLoRA: "4bit" or "8bit" frozen base (CUDA + bitsandbytes)
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"{where}.r must be a positive integer (the adapters' rank), got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ConfigError(f"{where}.targets is empty: name parameter groups ({', '.join(linear_groups())}) "
+                              "or module-name patterns to adapt")
+        if "vq" in self.targets or "vq" in self.modules_to_save:
+            raise ConfigError(f"{where}: the VQ tokenizer stays frozen (its codes are the generation targets)")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ConfigError(f"{where}.quantize must be one of {list(QUANTIZE)} or null, got {self.quantize!r}")
+
+
+def linear_groups() -> list[str]:
+    return [g for g in GROUPS if g not in ("vq", "gen_embed")]
+
+
+def _linear_names(model: nn.Module, prefix: str = "") -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefix)]
+
+
+def _group_linears(model: nn.Module, group: str) -> list[str]:
+    """The linear layers LoRA adapts for a group. ``llm``: the decoder blocks' projections (PEFT's
+    "all-linear" convention leaves the output layer out; name ``lm_head`` as a pattern to adapt it)."""
+    top = GROUPS[group]
+    if group == "llm":
+        return _linear_names(model, f"{top}.model.")
+    return _linear_names(model, f"{top}.")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def resolve_targets(model: nn.Module, settings: LoraSettings, where: str) -> tuple[list[str], list[str]]:
+    """(full names of the linear layers to adapt, full names of the modules to train whole). Errors name the key."""
+    linears = _linear_names(model)
+    targets: list[str] = []
+    for entry in settings.targets:
+        if entry in GROUPS:
+            found = _group_linears(model, entry)
+            if not found:
+                raise ConfigError(f"{where}.targets: the group {entry!r} has no linear layers in this model, so LoRA "
+                                  f"has nothing to adapt there; groups with linear layers here: "
+                                  f"{[g for g in linear_groups() if _group_linears(model, g)]}"
+                                  + ("; train an embedding whole with modules_to_save" if entry == "gen_embed" else ""))
+        else:
+            found = [n for n in linears if _matches(n, entry)]
+            if not found:
+                raise ConfigError(f"{where}.targets: unknown target {entry!r}: neither a parameter group "
+                                  f"({', '.join(linear_groups())}) nor the name (or last part of the name) of a linear "
+                                  f"layer of this model, such as {linears[0]!r} or 'qkv_proj'")
+        targets += [n for n in found if n not in targets]
+    modules = dict(model.named_modules())
+    saved: list[str] = []
+    for entry in settings.modules_to_save:
+        names = [GROUPS[entry]] if entry in GROUPS else [n for n in modules if n and _matches(n, entry)]
+        names = [n for n in names if n in modules and any(True for _ in modules[n].parameters())]
+        if not names:
+            raise ConfigError(f"{where}.modules_to_save: {entry!r} is neither a parameter group with weights in this "
+                              f"model ({sorted(GROUPS)}) nor the name of one of its modules")
+        saved += [n for n in names if n not in saved]
+    for s in saved:
+        inside = [t for t in targets if t == s or t.startswith(s + ".")]
+        if inside:
+            raise ConfigError(f"{where}: {s!r} is both trained whole (modules_to_save) and adapted (targets, e.g. "
+                              f"{inside[0]!r}); name it in one of the two")
+    return targets, saved
+
+
+def weight_read_layers(model: nn.Module) -> set[str]:
+    """Linear layers whose weight the forward reads directly (through ``unigen.decoder.linear``), not by a call."""
+    from unigen.decoder import MLP, Attention
+    from unigen.model import GenHead
+
+    names = {"language_model.lm_head"}
+    for name, m in model.named_modules():
+        if isinstance(m, Attention | MLP | GenHead):
+            names |= {f"{name}.{child}" for child, c in m.named_children() if isinstance(c, nn.Linear)}
+    return names
+
+
+def check_dropout(model: nn.Module, settings: LoraSettings, targets: list[str], where: str) -> None:
+    if settings.dropout == 0:
+        return
+    direct = sorted(set(targets) & weight_read_layers(model))
+    if direct:
+        raise ConfigError(f"{where}.dropout={settings.dropout}: dropout acts on a layer's input, but the forward reads "
+                          f"the weight of {direct[0]!r} (and {len(direct) - 1} more of the targets) directly, so it "
+                          f"cannot apply there; set {where}.dropout=0 or target only aligner / vision_encoder / "
+                          "cross-attention q,k,v,o layers")
+
+
+def check_quantize(settings: LoraSettings, device: torch.device, where: str) -> None:
+    """QLoRA needs CUDA and bitsandbytes; anything else is named before any work."""
+    if settings.quantize is None:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"{where}.quantize={settings.quantize}: a quantized frozen base (QLoRA, bitsandbytes) "
+                          f"runs on CUDA only and this run is on {device.type}; drop {where}.quantize to train LoRA "
+                          "on the float base")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"{where}.quantize={settings.quantize} needs bitsandbytes: pip install bitsandbytes "
+                          f"(or drop {where}.quantize)") from err
+    raise ConfigError(f"{where}.quantize={settings.quantize}: a quantized base is not supported by unigen's decoder "
+                      "yet (it reads its projection weights directly); drop the key to train LoRA on a bf16 base "
+                      "(bf16=true)")
+
+
+# ---- the layer -----------------------------------------------------------------------------------------------
+
+
+def _adapted_linear_class():
+    from peft.tuners.lora.layer import Linear
+
+    class AdaptedLinear(Linear):
+        """PEFT's LoRA ``Linear`` whose ``.weight`` is the adapted weight (see the module docstring)."""
+
+        @property
+        def weight(self) -> torch.Tensor:
+            base = self.base_layer.weight
+            adapters = [a for a in self.active_adapters if a in self.lora_A]
+            if self.disable_adapters or self.merged or not adapters:
+                return base
+            adapted = base
+            for a in adapters:
+                adapted = adapted + self.get_delta_weight(a).to(base.dtype)
+            if torch.is_grad_enabled():
+                adapted._unigen_recompute = self  # see recompute_adapted_weights
+            return adapted
+
+    return AdaptedLinear
+
+
+class _Recompute:
+    """A saved adapted weight (or a view of it, such as the transpose ``F.linear`` keeps): how to rebuild it."""
+
+    def __init__(self, layer, view: torch.Tensor):
+        self.layer, self.size, self.stride, self.offset = layer, view.size(), view.stride(), view.storage_offset()
+
+
+def _pack(t: torch.Tensor):
+    base = t if t._base is None else t._base
+    layer = getattr(base, "_unigen_recompute", None)
+    return t if layer is None else _Recompute(layer, t)
+
+
+def _unpack(saved):
+    if isinstance(saved, _Recompute):
+        with torch.no_grad():  # the same inputs and ops as in the forward: the same bits
+            return saved.layer.weight.as_strided(saved.size, saved.stride, saved.offset)
+    return saved
+
+
+def recompute_adapted_weights():
+    """Within a training forward: autograd keeps no adapted weight for the backward, it recomputes each there."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+
+# ---- attach, save, load, merge ----------------------------------------------------------------------------------
+
+
+def peft_config(settings: LoraSettings, targets: list[str], modules_to_save: list[str]):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, modules_to_save=modules_to_save or None, bias="none")
+    return register_layers(config)
+
+
+def register_layers(config):
+    config._register_custom_module({nn.Linear: _adapted_linear_class()})
+    return config
+
+
+def adapter_config(adapter_dir: str | Path):
+    """The saved adapter's ``LoraConfig`` with unigen's layer registered (pass it to ``PeftModel.from_pretrained``)."""
+    from peft import LoraConfig
+
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is not a PEFT adapter (no adapter_config.json); pass a stageN/adapter folder "
+                              "written by a LoRA stage")
+    return register_layers(LoraConfig.from_pretrained(str(path)))
+
+
+def attach(model: nn.Module, settings: LoraSettings, where: str):
+    """Adapters on ``model`` (in place; PEFT initialises B = 0, so the model computes what it did); returns the
+    ``PeftModel`` around it. Only adapters and ``modules_to_save`` train afterwards."""
+    from peft import get_peft_model
+
+    targets, saved = resolve_targets(model, settings, where)
+    check_dropout(model, settings, targets, where)
+    return get_peft_model(model, peft_config(settings, targets, saved))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False):
+    """``PeftModel.from_pretrained(model, adapter_dir)`` with unigen's layer registered."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=adapter_config(adapter_dir),
+                                     is_trainable=trainable)
+
+
+def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    """Put a saved adapter's weights into an attached adapter of the same settings (resuming)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=ADAPTER)
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
+        raise CheckpointError(f"{adapter_dir} does not match this stage's lora settings (missing {missing[:3]})")
+
+
+def save_adapter(peft_model, directory: Path, base: str | None) -> None:
+    """The adapter (PEFT's files) plus ``base.json``: the checkpoint it adapts, for resuming and merging."""
+    # save_embedding_layers: PEFT would otherwise store the whole (frozen) text head when lm_head is a target
+    peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+    (Path(directory) / "base.json").write_text(json.dumps({"base": base}) + "\n")
+
+
+def read_base(adapter_dir: Path) -> str | None:
+    path = Path(adapter_dir) / "base.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["base"]
+
+
+def merge(peft_model) -> nn.Module:
+    """The plain model with the adapters folded into its weights (``W + alpha/r * B @ A``, the bits that
+    ``AdaptedLinear.weight`` computes) and the trained copies of ``modules_to_save`` in place."""
+    return peft_model.merge_and_unload()
+
+
+def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """group -> (trainable parameters, all parameters)."""
+    return {g: (sum(p.numel() for _, p in ps if p.requires_grad), sum(p.numel() for _, p in ps))
+            for g, ps in parameter_groups(model).items()}
+
+
+def maybe_recompute(enabled: bool):
+    return recompute_adapted_weights() if enabled else contextlib.nullcontext()
