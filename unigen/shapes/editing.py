@@ -74,3 +74,33 @@ def write_edit_dataset(out_dir: str | Path, n: int, seed: int, split: str = "edi
         lines.append(json.dumps({"image": src, "instruction": edit.instruction, "target": tgt}) + "\n")
     write_text(manifest, "".join(lines))
     return manifest
+
+
+def instruction_words() -> list[str]:
+    """The words of the instruction grammar (the attribute values aside), in a fixed order."""
+    words = []
+    for form in INSTRUCTIONS.values():
+        words += [w for w in form.replace("{}", "").split() if w not in words]
+    return words
+
+
+def add_instruction_words(checkpoint: str | Path, vocab_size: int | None = None) -> list[str]:
+    """Add the instruction words a checkpoint's word-level tokenizer lacks (one trained on captions knows
+    "a", "the", "to" but not "make", "turn", "into", "move"): new ids after the last one, within the model's
+    ``vocab_size`` (their embedding rows exist, untrained). Rewrites ``tokenizer.json``; returns the added words."""
+    from unigen.errors import CheckpointError
+
+    path = Path(checkpoint) / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    model = tokenizer.get("model", {})
+    if model.get("type") != "WordLevel":
+        raise CheckpointError(f"{path} is a {model.get('type')} tokenizer; only word-level vocabularies are extended")
+    vocab = model["vocab"]
+    added = [w for w in instruction_words() if w not in vocab]
+    next_id = max(vocab.values()) + 1
+    if vocab_size is not None and next_id + len(added) > vocab_size:
+        raise CheckpointError(f"{path}: {len(added)} new words do not fit the model's vocab_size {vocab_size}")
+    for i, word in enumerate(added):
+        vocab[word] = next_id + i
+    write_text(path, json.dumps(tokenizer, ensure_ascii=False, indent=2) + "\n")
+    return added

@@ -1,0 +1,75 @@
+"""``unigen edit SRC.png... "make it blue" --model PATH``: edited images, one PNG per source image."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from unigen.commands._common import add_model_arguments, check_writable_dir, load_pipeline
+from unigen.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
+
+HELP = "Edit images by an instruction (writes one PNG per source image into --output-dir)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", type=Path, help="source image files (PNG, JPEG, ...)")
+    p.add_argument("instruction", help="what to change, e.g. 'make it blue'")
+    add_model_arguments(p)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where PNGs go (default outputs/)")
+    p.add_argument("--num-images", type=positive_int, default=1, help="edited versions of each image (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="source images per forward batch (default 8)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same names")
+    p.add_argument("--cfg-drop", choices=["instruction", "image", "both"], default=None,
+                   help="what the unconditional (guidance) row drops (default: unigen.editing.DEFAULT_CFG_DROP)")
+    add_image_sampling_arguments(p, schedule=False)
+
+
+def output_names(sources: list[Path], num_images: int) -> list[list[str]]:
+    """``NNN-stem.png`` (``NNN-stem-K.png`` for several versions): distinct even for equal file names."""
+    return [[f"{i:03d}-{src.stem}.png" if num_images == 1 else f"{i:03d}-{src.stem}-{k}.png"
+             for k in range(num_images)] for i, src in enumerate(sources)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from unigen.commands.caption import read_chunk
+    from unigen.editing import check_instruction
+    from unigen.errors import OutputExistsError
+    from unigen.runs import atomic_write
+
+    check_instruction(args.instruction)
+    options = options_from_args(args)
+    check_writable_dir(args.output_dir, "--output-dir")
+    names = output_names(args.images, args.num_images)
+    existing = [n for row in names for n in row if (args.output_dir / n).exists()]
+    if existing and not args.overwrite:
+        raise OutputExistsError(f"--output-dir {args.output_dir} already holds {existing[0]}"
+                                f"{' ...' if len(existing) > 1 else ''}; pass --overwrite or another --output-dir")
+    pipe, bad = None, []
+    generator = torch.Generator().manual_seed(args.seed)
+    indexed = list(enumerate(args.images))
+    for start in tqdm(range(0, len(indexed), args.batch_size), desc="editing", unit="batch"):
+        readable = []
+        for i, path in indexed[start : start + args.batch_size]:
+            image, unreadable = read_chunk([path])
+            bad += unreadable
+            readable += [(i, path, img) for _, img in image]
+        if not readable:
+            continue
+        pipe = pipe or load_pipeline(args)
+        out = pipe.edit([img for _, _, img in readable], args.instruction, num_images_per_prompt=args.num_images,
+                        generator=generator, cfg_drop=args.cfg_drop, options=options)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        for j, (i, path, _) in enumerate(readable):
+            for k in range(args.num_images):
+                target = args.output_dir / names[i][k]
+                atomic_write(target, lambda p, img=out.images[j * args.num_images + k]: img.save(p, format="PNG"))
+                print(f"{path}\t{target}", flush=True)
+    if bad:
+        print(f"error: {len(bad)} image(s) could not be read: {', '.join(map(str, bad))}", file=sys.stderr)
+        return 1
+    return 0
