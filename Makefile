@@ -13,7 +13,7 @@ UV_INSTALL = $(UV) pip install -q --python $(PY) --index-strategy unsafe-best-ma
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-slow lint demo
+.PHONY: setup test test-slow lint demo app
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,3 +37,7 @@ test-slow: setup
 demo: setup
 	$(VENV)/bin/unigen demo --out-dir demo_out
 	@echo "open demo_out/index.html"
+
+# The web app (Gradio) on http://127.0.0.1:7860 with the shipped Shapes model; ARGS="--model DIR --port 0" etc.
+app: setup
+	$(VENV)/bin/unigen app $(ARGS)

@@ -1,7 +1,12 @@
 """unigen app: the named endpoints through gradio_client, against an app this module starts on a free port with
 the shipped Shapes checkpoint (the Shapes checker reads the generated images, the captions name rendered ones)."""
 
+import os
+import queue
 import socket
+import subprocess
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,7 +16,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from unigen.app import AppModel, build_app, serve
+from unigen.app import AppModel, start
 from unigen.app.ui import DEFAULT_NUM_IMAGES, about_markdown
 from unigen.cli import main
 from unigen.pipeline import UniGenPipeline
@@ -25,12 +30,9 @@ TRIANGLE = ShapeSpec("blue", "triangle", "small", "bottom right")
 @pytest.fixture(scope="module")
 def served():
     pipe = UniGenPipeline.from_pretrained(recipe_path("checkpoints/shapes-small"))
-    model = AppModel(pipe, "checkpoints/shapes-small")
-    app = build_app(model)
-    url = serve(app, "127.0.0.1", 0)
-    yield url, pipe
-    app.close(verbose=False)
-    model.close()
+    running = start(pipe, "checkpoints/shapes-small", port=0)
+    yield running.url, pipe
+    running.close()
 
 
 @pytest.fixture
@@ -165,3 +167,22 @@ def test_cli_names_a_taken_port_and_a_bad_one(capsys):
         main(["app", "--port", "70000"])
     assert exit_info.value.code == 2
     assert "a port is in [0, 65535] (0 = any free port), got 70000" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_unigen_app_command_serves_the_shipped_checkpoint(tmp_path, triangle_png):
+    """`unigen app --port 0` as a user starts it (a new process: imports and model load take ~10-25 s)."""
+    proc = subprocess.Popen([sys.executable, "-m", "unigen.cli", "app", "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        line = lines.get(timeout=180)  # the first line it prints names the URL
+        assert line.startswith("unigen app: http://127.0.0.1:"), line
+        session = Client(line.split()[2], verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+        assert session.predict(image=handle_file(str(triangle_png)), question="", api_name="/caption") == \
+            caption(TRIANGLE)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -3,7 +3,7 @@ unigen[app]``). ``requests`` holds what each request does, ``ui`` the page and i
 ``serve`` the web server."""
 
 from unigen.app.requests import AppModel
-from unigen.app.serve import serve
+from unigen.app.serve import RunningApp, serve, start
 from unigen.app.ui import build_app
 
-__all__ = ["AppModel", "build_app", "serve"]
+__all__ = ["AppModel", "RunningApp", "build_app", "serve", "start"]

@@ -4,11 +4,27 @@ share link, with no analytics or other calls out (the page's fonts ship with Gra
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
 import gradio as gr
 
+from unigen.app.requests import AppModel
+from unigen.app.ui import build_app
+from unigen.pipeline import UniGenPipeline
+
 ANY_PORT = 0
 PORT_TRIES = 5  # a free port picked by the OS can be taken by another process before the server binds it
+
+
+@dataclass
+class RunningApp:
+    url: str
+    app: gr.Blocks
+    model: AppModel
+
+    def close(self) -> None:
+        self.app.close(verbose=False)
+        self.model.close()
 
 
 def free_port(host: str) -> int:
@@ -29,3 +45,15 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860) -> str:
         except OSError:
             if attempt == tries - 1:
                 raise
+
+
+def start(pipe: UniGenPipeline, name: str, host: str = "127.0.0.1", port: int = 7860, concurrency: int = 1,
+          max_queue: int = 64) -> RunningApp:
+    """The app over ``pipe`` (shown as ``name``), serving in background threads until ``close()``."""
+    model = AppModel(pipe, name)
+    app = build_app(model, concurrency=concurrency, max_queue=max_queue)
+    try:
+        return RunningApp(serve(app, host, port), app, model)
+    except BaseException:
+        model.close()
+        raise

@@ -66,7 +66,7 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
 
         with gr.Tab("Understand", id="understand"):
             conversation = gr.State([])
-            chatbot = gr.Chatbot(label="Chat about images", height=360, elem_id="chatbot",
+            chatbot = gr.Chatbot(label="Chat about images", height=360, elem_id="chatbot", buttons=["copy"],
                                  feedback_options=None)
             box = gr.MultimodalTextbox(placeholder="Attach images and ask (empty: describe the image)",
                                        file_types=["image"], file_count="multiple", sources=["upload"],

@@ -46,22 +46,19 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls out
     try:
-        from unigen.app import AppModel, build_app, serve
+        from unigen.app import start
     except ImportError as err:
         raise UniGenError(f"the app needs Gradio ({err}); install it with: pip install 'unigen[app]'") from err
-    model = AppModel(load_pipeline(args), name=str(args.model))
-    app = build_app(model, concurrency=args.concurrency, max_queue=args.max_queue)
+    pipe = load_pipeline(args)
     try:
-        url = serve(app, args.host, args.port)
+        running = start(pipe, str(args.model), args.host, args.port, args.concurrency, args.max_queue)
     except OSError as err:
-        model.close()
         reason = str(err).split(". ")[0]  # Gradio's advice after it names launch() arguments, not flags
         raise ArgumentError(f"cannot serve on {args.host}:{args.port} ({reason}); pass another --port, or --port 0 "
                             "for any free one") from err
-    print(f"unigen app: {url} (Ctrl+C stops it)", flush=True)
+    print(f"unigen app: {running.url} (Ctrl+C stops it)", flush=True)
     try:
-        app.block_thread()
+        running.app.block_thread()
     finally:
-        app.close(verbose=False)
-        model.close()
+        running.close()
     return 0
