@@ -45,7 +45,7 @@ def browser(tmp_path_factory):
     # as root in a container with no network: no sandbox, no GPU, no background calls out
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1100,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+                 "--window-size=1100,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers on the network
@@ -72,10 +72,6 @@ def test_generate_and_chat_in_the_browser(app_url, browser, tmp_path):
     browser.get(app_url)
     prompt = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
 
-    # a bad input is a message on the page, and the page keeps working
-    browser.find_element(By.ID, "generate-button").click()
-    wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Enter a prompt"))
-
     prompt.send_keys(PROMPT)
     browser.find_element(By.ID, "generate-button").click()
     loaded = ("return [...document.querySelectorAll('#gallery img')]"
@@ -83,6 +79,12 @@ def test_generate_and_chat_in_the_browser(app_url, browser, tmp_path):
     wait.until(lambda d: d.execute_script(loaded) >= 4)
     wait.until(ec.text_to_be_present_in_element((By.ID, "downloads"), "unigen_seed0"))
     save_screenshot(browser, tmp_path / "generate.png", "app.png")
+
+    # a bad input is a message on the page, and the page keeps working
+    prompt.send_keys(Keys.CONTROL, "a")
+    prompt.send_keys(Keys.DELETE)
+    browser.find_element(By.ID, "generate-button").click()
+    wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Enter a prompt"))
 
     image = tmp_path / "triangle.png"
     render(TRIANGLE, seed=[5, 5]).pil().save(image)

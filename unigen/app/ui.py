@@ -56,7 +56,7 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
                                             label="Temperature (0 = greedy)")
                     top_k = gr.Number(0, precision=0, label="Top-k (0 = off)")
                     top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)")
-            gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto", elem_id="gallery",
+            gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id="gallery",
                                  buttons=["download", "fullscreen"])
             files = gr.File(label="PNG files", file_count="multiple", elem_id="downloads")
             gr.Examples([[EXAMPLE_PROMPT], ["a small blue triangle at the bottom right"]], inputs=[prompt])
