@@ -252,3 +252,19 @@ def test_instruction_words_join_a_caption_trained_tokenizer(tmp_path):
     with pytest.raises(CheckpointError, match="do not fit the model's vocab_size 10"):
         shutil.copy(shipped / "tokenizer.json", tmp_path / "tokenizer.json")
         add_instruction_words(tmp_path, vocab_size=10)
+
+
+@pytest.mark.slow
+def test_demo_trains_and_scores_edits(tmp_path):
+    from unigen.commands.demo import _tasks
+    from unigen.shapes.demo import DemoConfig, run_demo
+
+    assert _tasks("caption, generation,edit") == ("caption", "generation", "edit")
+    page = run_demo(DemoConfig(out_dir=str(tmp_path), n_train=100, vq_steps=3, vq_warmup_steps=1, siglip_steps=3,
+                               stage_steps=(2, 2, 2), n_eval=3, threads=2, tasks=("caption", "generation", "edit")))
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert {k: v["n"] for k, v in scores["scores"].items()} == {"captioning": 3, "generation": 3, "edit": 3}
+    assert "edit data" in scores["timings_s"] and "edit eval" in scores["timings_s"]
+    assert "Edits of held-out images" in page.read_text() and len(list((tmp_path / "images").glob("edit_*"))) == 6
+    lines = (tmp_path / "data" / "train-codes-edit.jsonl").read_text().splitlines()
+    assert sum('"instruction"' in x for x in lines) == 100 and len(lines) == 200

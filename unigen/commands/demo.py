@@ -10,8 +10,18 @@ from unigen.sampling_options import positive_int, seed_int
 HELP = "Train and evaluate a unified model on the Shapes world from scratch; writes DIR/index.html."
 
 
+def _tasks(text: str) -> tuple[str, ...]:
+    from unigen.shapes.demo import DEMO_TASKS
+
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in DEMO_TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown or no task(s) {unknown}; choose from {','.join(DEMO_TASKS)}")
+    return tasks
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from unigen.shapes.demo import DemoConfig
+    from unigen.shapes.demo import DEMO_TASKS, DemoConfig
 
     d = DemoConfig()
     p.add_argument("--out-dir", default=d.out_dir, help=f"output folder (default {d.out_dir})")
@@ -35,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=d.recipe, type=resolve, help="training recipe (default train/shapes.yaml)")
     p.add_argument("--vq-from", default=None, help="reuse this trained VQ tokenizer instead of training one")
     p.add_argument("--siglip-from", default=None, help="reuse this trained SigLIP encoder instead of training one")
+    p.add_argument("--tasks", type=_tasks, default=d.tasks,
+                   help=f"comma-separated tasks to train and score, of {','.join(DEMO_TASKS)} (default "
+                   f"{','.join(d.tasks)}); edit adds --n-train Shapes edit triples to the training data")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage2.lr=5e-4; the tokenizers "
                    "are trained in the recipe's model.vq / model.vision shape, e.g. model.vq.codebook_size=256")
 
@@ -47,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
                         vq_warmup_steps=args.vq_warmup_steps, siglip_steps=args.siglip_steps,
                         stage_steps=stage_steps, n_eval=args.n_eval,
                         seed=args.seed, threads=args.threads, recipe=args.recipe, vq_from=args.vq_from,
-                        siglip_from=args.siglip_from, overrides=tuple(args.overrides)))
+                        siglip_from=args.siglip_from, overrides=tuple(args.overrides), tasks=args.tasks))
     return 0

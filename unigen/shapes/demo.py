@@ -14,6 +14,7 @@ import torch
 
 from unigen.recipes import recipe_path
 
+DEMO_TASKS = ("caption", "generation", "edit")
 DEMO_PROMPTS = ["a large red circle at the top left", "a small blue square at the center",
                 "a large yellow triangle at the bottom", "a small green diamond at the right",
                 "a large purple square at the bottom right", "a small white circle at the top",
@@ -37,11 +38,17 @@ class DemoConfig:
     vq_from: str | None = None  # a trained VQ tokenizer to reuse instead of training one
     siglip_from: str | None = None  # a trained SigLIP encoder to reuse instead of training one
     overrides: tuple[str, ...] = ()  # recipe key=value overrides
+    # what the model is trained on and scored for: captions and generation come from the caption lines; "edit"
+    # adds as many edit triples (unigen.shapes.editing), which train in the generation share of the mixture
+    tasks: tuple[str, ...] = ("caption", "generation")
 
     def __post_init__(self):
         # checked here, before minutes of data and tokenizer work, and in the demo's own flag names
         from unigen.errors import ArgumentError
 
+        unknown = sorted(set(self.tasks) - set(DEMO_TASKS))
+        if unknown or not self.tasks:
+            raise ArgumentError(f"--tasks: unknown or no task(s) {unknown}; choose from {list(DEMO_TASKS)}")
         for name in ("n_train", "vq_steps", "siglip_steps", "n_eval", "threads"):
             if getattr(self, name) < 1:
                 raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -82,9 +89,9 @@ def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
 def run_demo(cfg: DemoConfig) -> Path:
     from unigen.config_io import load_config
     from unigen.pipeline import UniGenPipeline
-    from unigen.runs import resolve_device, write_json
+    from unigen.runs import resolve_device, write_json, write_text
     from unigen.shapes.data import write_dataset
-    from unigen.shapes.evaluate import evaluate_captions, evaluate_generation
+    from unigen.shapes.evaluate import evaluate_captions, evaluate_edits, evaluate_generation
     from unigen.shapes.metrics import format_table
     from unigen.shapes.report import write_report
     from unigen.tokenizer_training.side_by_side import train_side_by_side
@@ -99,8 +106,14 @@ def run_demo(cfg: DemoConfig) -> Path:
     common = [f"data={manifest}", "overwrite=true"]
     vq_dir, siglip_dir = cfg.vq_from or out / "vq", cfg.siglip_from or out / "siglip"
     coded_manifest = manifest.with_name("train-codes.jsonl")  # written by add_vq_codes below
+    training_manifest = coded_manifest
+    if "edit" in cfg.tasks:  # the edit triples join the caption lines in one manifest (same folder)
+        from unigen.shapes.editing import write_edit_dataset
+
+        edits = _timed(timings, "edit data", lambda: write_edit_dataset(out / "data", cfg.n_train, seed=cfg.seed + 2))
+        training_manifest = manifest.with_name("train-codes-edit.jsonl")
     steps = [f"stage{i + 1}.steps={n}" for i, n in enumerate(cfg.stage_steps or ())]
-    recipe = load_recipe(cfg.recipe, [f"data={coded_manifest}", f"output_dir={out / 'model'}", f"vq_from={vq_dir}",
+    recipe = load_recipe(cfg.recipe, [f"data={training_manifest}", f"output_dir={out / 'model'}", f"vq_from={vq_dir}",
                                       f"siglip_from={siglip_dir}", f"seed={cfg.seed}", "overwrite=true", *steps,
                                       *cfg.overrides])
     # loaded before any training, so a bad recipe fails at once; it fixes the model, and the tokenizers are
@@ -138,15 +151,22 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     # the VQ is frozen from here on: encode every training image once instead of once per stage
     _timed(timings, "VQ codes", lambda: add_vq_codes(manifest, vq_dir, coded_manifest))
+    if "edit" in cfg.tasks:
+        write_text(training_manifest, coded_manifest.read_text() + edits.read_text())
     final = None
     for stage in (1, 2, 3):
         final = _timed(timings, f"stage {stage}", lambda stage=stage: run_stage(recipe, stage, resume=None))
     pipe = UniGenPipeline.from_pretrained(final)
-    scores = {}
-    scores["captioning"], cap_items = _timed(timings, "caption eval",
-                                             lambda: evaluate_captions(pipe, cfg.n_eval, cfg.seed, batch_size=50))
-    scores["generation"], gen_items = _timed(timings, "generation eval",
-                                             lambda: evaluate_generation(pipe, cfg.n_eval, cfg.seed, batch_size=50))
+    scores, cap_items, gen_items, edit_items = {}, [], [], []
+    if "caption" in cfg.tasks:
+        scores["captioning"], cap_items = _timed(timings, "caption eval",
+                                                 lambda: evaluate_captions(pipe, cfg.n_eval, cfg.seed, batch_size=50))
+    if "generation" in cfg.tasks:
+        scores["generation"], gen_items = _timed(timings, "generation eval",
+                                                 lambda: evaluate_generation(pipe, cfg.n_eval, cfg.seed, batch_size=50))
+    if "edit" in cfg.tasks:
+        scores["edit"], edit_items = _timed(timings, "edit eval",
+                                            lambda: evaluate_edits(pipe, cfg.n_eval, cfg.seed, batch_size=50))
     from unigen.shapes.captions import parse_caption
 
     demo_images = pipe(DEMO_PROMPTS, generator=torch.Generator().manual_seed(cfg.seed)).images
@@ -155,7 +175,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     captions = [(item["spec"], item["image"], item["caption"]) for item in cap_items[:24]]
     write_json(out / "scores.json", {"scores": scores, "guidance_scale": pipe.model.config.guidance_scale,
                                      "temperature": pipe.model.config.temperature, "timings_s": timings})
-    page = write_report(out, scores, generations, captions, timings)
+    page = write_report(out, scores, generations, captions, timings, edits=edit_items[:16])
     print(format_table(scores))
     print(f"[demo] total {sum(timings.values()):.0f} s; report: {page}")
     return page

@@ -34,8 +34,10 @@ def _markdown_table_to_html(md: str) -> str:
 
 
 def write_report(out_dir: str | Path, scores: dict, generations: list, captions: list,
-                 timings: dict[str, float] | None = None, title: str = "unigen Shapes demo") -> Path:
-    """``generations``: [(prompt spec, PIL image)]; ``captions``: [(true spec, PIL image, caption text)]."""
+                 timings: dict[str, float] | None = None, title: str = "unigen Shapes demo",
+                 edits: list | None = None) -> Path:
+    """``generations``: [(prompt spec, PIL image)]; ``captions``: [(true spec, PIL image, caption text)];
+    ``edits``: [(``editing.Edit``, source PIL image, output PIL image)]."""
     from unigen.shapes.world import caption as caption_of
 
     out = Path(out_dir)
@@ -57,6 +59,15 @@ def write_report(out_dir: str | Path, scores: dict, generations: list, captions:
         img.save(out / name)
         parts.append(f"<div class='item'><img src='{name}'><br><b>{html.escape(text)}</b><br>"
                      f"truth: {html.escape(caption_of(spec))}<br>{_verdict(spec, parse_caption(text))}</div>")
+    if edits:
+        parts.append("</div><h2>Edits of held-out images (source, then output)</h2><div class='grid'>")
+        for i, (edit, source, output) in enumerate(edits):
+            names = [f"images/edit_{i:03d}_source.png", f"images/edit_{i:03d}_output.png"]
+            source.save(out / names[0])
+            output.save(out / names[1])
+            parts.append(f"<div class='item' style='width:300px'><img src='{names[0]}'> <img src='{names[1]}'><br>"
+                         f"<b>{html.escape(edit.instruction)}</b><br>target: {html.escape(caption_of(edit.target))}"
+                         f"<br>{_verdict(edit.target, check(output))}</div>")
     parts.append("</div></body></html>")
     page = out / "index.html"
     write_text(page, "\n".join(parts))
