@@ -58,7 +58,8 @@ def solo_images(pipe, prompt: str, seeds: list[int]) -> list[np.ndarray]:
 
 
 def test_generate_takes_prompt_and_seed_and_the_checkpoints_defaults(served, client):
-    gallery, files = client.predict(prompt=PROMPT, seed=7, api_name="/generate")
+    gallery, files, done = client.predict(prompt=PROMPT, seed=7, api_name="/generate")
+    assert done.startswith(f"{DEFAULT_NUM_IMAGES} image(s) in ") and done.endswith(" decoder passes (sequential)")
     assert len(gallery) == len(files) == DEFAULT_NUM_IMAGES
     assert [p.rsplit("/", 1)[-1] for p in files] == [f"unigen_seed{7 + i}.png" for i in range(DEFAULT_NUM_IMAGES)]
     expected = solo_images(served[1], PROMPT, list(range(7, 7 + DEFAULT_NUM_IMAGES)))
@@ -71,12 +72,33 @@ def test_generate_takes_prompt_and_seed_and_the_checkpoints_defaults(served, cli
 
 
 def test_generate_options_reach_the_sampler(served, client):
-    gallery, _ = client.predict(prompt=PROMPT, num_images=2, guidance_scale=1.0, temperature=0.0, top_k=5, top_p=0.9,
-                                seed=3, api_name="/generate")
+    gallery, _, _ = client.predict(prompt=PROMPT, num_images=2, guidance_scale=1.0, temperature=0.0, top_k=5,
+                                   top_p=0.9, seed=3, api_name="/generate")
     pipe = served[1]
     want = pipe(PROMPT, num_images_per_prompt=2, guidance_scale=1.0, temperature=0.0, top_k=5, top_p=0.9,
                 generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images
     assert [pixels(item["image"]).tolist() for item in gallery] == [np.asarray(img).tolist() for img in want]
+
+
+@pytest.mark.parametrize("decoding, window", [("jacobi", 8), ("zipar", 0)])
+def test_generate_decodes_with_the_chosen_method(served, client, decoding, window):
+    gallery, _, done = client.predict(prompt=PROMPT, num_images=2, seed=11, decoding=decoding, decoding_window=window,
+                                      api_name="/generate")
+    options = {"window": window} if window else None
+    want = served[1](PROMPT, num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
+                     decoding=decoding, decoding_options=options)
+    assert [pixels(item["image"]).tolist() for item in gallery] == [np.asarray(img).tolist() for img in want.images]
+    assert done.endswith(f", {want.decoder_passes} decoder passes ({decoding})")
+    assert want.decoder_passes < served[1].model.config.vq.num_tokens  # fewer passes than one per token
+
+
+def test_edit_endpoint_edits_the_uploaded_image(served, client, triangle_png):
+    gallery, files = client.predict(image=handle_file(str(triangle_png)), instruction="make it red", num_images=2,
+                                    seed=4, api_name="/edit")
+    want = served[1].edit(str(triangle_png), "make it red", num_images_per_prompt=2,
+                          generator=[torch.Generator().manual_seed(s) for s in (4, 5)]).images
+    assert [pixels(item["image"]).tolist() for item in gallery] == [np.asarray(img).tolist() for img in want]
+    assert [p.rsplit("/", 1)[-1] for p in files] == ["unigen_edit_seed4.png", "unigen_edit_seed5.png"]
 
 
 def test_caption_names_the_rendered_image(client, triangle_png):
@@ -112,7 +134,11 @@ BAD_INPUTS = [  # (endpoint, arguments, what the message says)
     ("/generate", {"prompt": PROMPT, "guidance_scale": -1}, "guidance_scale must be >= 0"),
     ("/generate", {"prompt": PROMPT, "temperature": -0.5}, "temperature must be >= 0"),
     ("/generate", {"prompt": PROMPT, "top_k": -3}, "Top-k must be between 0 and 512, got -3"),
+    ("/generate", {"prompt": PROMPT, "decoding": "fast"}, "Decoding must be one of sequential, jacobi, zipar"),
+    ("/generate", {"prompt": PROMPT, "decoding": "jacobi", "decoding_window": -2}, "Window must be between 0 and"),
     ("/caption", {"image": None, "question": ""}, "Upload an image for the question"),
+    ("/edit", {"image": None, "instruction": "make it blue"}, "Upload an image for the edit"),
+    ("/edit", {"image": "GOOD", "instruction": " "}, "the instruction is empty; say what to change"),
     ("/caption", {"image": "BAD", "question": ""}, "The uploaded file broken.png could not be read as an image"),
     ("/chat", {"message": {"text": "", "files": ["BAD"]}}, "The uploaded file broken.png could not be read"),
 ]
@@ -122,7 +148,8 @@ def test_bad_inputs_are_messages_and_the_app_keeps_serving(client, tmp_path, tri
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not the rest of a PNG")
     for endpoint, kwargs, message in BAD_INPUTS:
-        kwargs = {k: handle_file(str(broken)) if v == "BAD" else v for k, v in kwargs.items()}
+        files = {"BAD": handle_file(str(broken)), "GOOD": handle_file(str(triangle_png))}
+        kwargs = {k: files.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
         if endpoint == "/chat":
             kwargs["message"]["files"] = [handle_file(str(broken)) if f == "BAD" else f
                                           for f in kwargs["message"]["files"]]
@@ -139,7 +166,7 @@ def test_ten_concurrent_generate_calls_get_their_own_images(served):
     def call(job):
         prompt, seed = job
         session = Client(url, verbose=False, analytics_enabled=False)  # one session per caller
-        gallery, _ = session.predict(prompt=prompt, num_images=1, seed=seed, api_name="/generate")
+        gallery, _, _ = session.predict(prompt=prompt, num_images=1, seed=seed, api_name="/generate")
         return pixels(gallery[0]["image"])
 
     with ThreadPoolExecutor(len(jobs)) as pool:

@@ -9,6 +9,7 @@ import contextlib
 import math
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ import gradio as gr
 import torch
 from PIL import Image
 
+from unigen.decoding import DECODING_METHODS
+from unigen.editing import DEFAULT_CFG_DROP, check_instruction
 from unigen.errors import UniGenError
 from unigen.pipeline import DEFAULT_QUESTION, UniGenPipeline
 from unigen.processor import ImageDecodeError, check_text, load_image
@@ -81,32 +84,62 @@ class AppModel:
     def close(self) -> None:
         shutil.rmtree(self._downloads, ignore_errors=True)
 
-    # ---- /generate -------------------------------------------------------------------------------------------
+    # ---- /generate and /edit --------------------------------------------------------------------------------
 
     def generate(self, prompt: str, num_images, guidance_scale, temperature, top_k, top_p, seed,
-                 progress=gr.Progress(track_tqdm=True)) -> tuple[list[Image.Image], list[str]]:  # noqa: B008
-        """Images for ``prompt`` (image i drawn with seed + i, as ``unigen generate``), and their PNG files."""
+                 decoding="sequential", decoding_window=0,
+                 progress=gr.Progress(track_tqdm=True)) -> tuple[list[Image.Image], list[str], str]:  # noqa: B008
+        """Images for ``prompt`` (image i drawn with seed + i, as ``unigen generate``), their PNG files, and a
+        line on the work done. ``decoding_window`` 0 takes the decoding method's own default."""
         with user_errors():
             check_text(prompt, "prompt")
         if not prompt.strip():
             raise gr.Error("Enter a prompt, e.g. 'a large red circle at the top left'.", print_exception=False)
+        seed, generators = self.seeds(num_images, seed)
+        window = whole_number("Window", decoding_window, 0, self.config.vq.num_tokens)
+        if decoding not in DECODING_METHODS:
+            raise gr.Error(f"Decoding must be one of {', '.join(DECODING_METHODS)}, got {decoding!r}",
+                           print_exception=False)
+        window_option = {"window": window} if window and decoding != "sequential" else None
+        started = time.perf_counter()
+        with user_errors():
+            options = self.sampling(guidance_scale, temperature, top_k, top_p, decoding=decoding,
+                                    decoding_options=window_option)
+            out = self.pipe(prompt, num_images_per_prompt=len(generators), options=options, generator=generators,
+                            progress=True)
+        seconds = time.perf_counter() - started
+        done = f"{len(out.images)} image(s) in {seconds:.1f} s, {out.decoder_passes} decoder passes ({decoding})"
+        return out.images, self.save_pngs(out.images, seed, "unigen"), done
+
+    def edit(self, image: dict | str | None, instruction: str, num_images, guidance_scale, temperature, seed,
+             cfg_drop=DEFAULT_CFG_DROP,
+             progress=gr.Progress(track_tqdm=True)) -> tuple[list[Image.Image], list[str]]:  # noqa: B008
+        """Edited versions of one uploaded image (version i drawn with seed + i), and their PNG files."""
+        path = read_upload(image, "edit")
+        seed, generators = self.seeds(num_images, seed)
+        with user_errors():
+            check_instruction(instruction or "")
+            options = self.sampling(guidance_scale, temperature, 0, 1.0)
+            images = self.pipe.edit(path, instruction, num_images_per_prompt=len(generators), options=options,
+                                    generator=generators, cfg_drop=cfg_drop, progress=True).images
+        return images, self.save_pngs(images, seed, "unigen_edit")
+
+    def seeds(self, num_images, seed) -> tuple[int, list[torch.Generator]]:
         count = whole_number("Number of images", num_images, 1, MAX_IMAGES)
         seed = whole_number("Seed", seed, 0, SEED_MAX - count + 1)
-        top_k = whole_number("Top-k", top_k, 0, self.config.vq.codebook_size)
-        with user_errors():
-            options = SamplingOptions(number("Guidance scale", guidance_scale), number("Temperature", temperature),
-                                      top_k or None, number("Top-p", top_p))
-            generators = [torch.Generator(self.pipe.device).manual_seed(seed + i) for i in range(count)]
-            images = self.pipe(prompt, num_images_per_prompt=count, options=options, generator=generators,
-                               progress=True).images
-        return images, self.save_pngs(images, seed)
+        return seed, [torch.Generator(self.pipe.device).manual_seed(seed + i) for i in range(count)]
 
-    def save_pngs(self, images: list[Image.Image], seed: int) -> list[str]:
+    def sampling(self, guidance_scale, temperature, top_k, top_p, **decoding) -> SamplingOptions:
+        top_k = whole_number("Top-k", top_k, 0, self.config.vq.codebook_size)
+        return SamplingOptions(number("Guidance scale", guidance_scale), number("Temperature", temperature),
+                               top_k or None, number("Top-p", top_p), **decoding)
+
+    def save_pngs(self, images: list[Image.Image], seed: int, stem: str) -> list[str]:
         folder = self._downloads / uuid.uuid4().hex
         folder.mkdir()
         paths = []
         for i, image in enumerate(images):
-            path = folder / f"unigen_seed{seed + i}.png"
+            path = folder / f"{stem}_seed{seed + i}.png"
             image.save(path, format="PNG")
             paths.append(str(path))
         for old in sorted(self._downloads.iterdir(), key=lambda p: p.stat().st_mtime)[:-KEEP_DOWNLOADS]:

@@ -1,11 +1,13 @@
-"""The page: Generate, Understand and About tabs over one :class:`AppModel`, and the named endpoints that
-``gradio_client`` scripts call (``/generate``, ``/caption``, ``/chat``)."""
+"""The page: Generate, Understand, Edit and About tabs over one :class:`AppModel`, and the named endpoints that
+``gradio_client`` scripts call (``/generate``, ``/caption``, ``/chat``, ``/edit``)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from unigen.app.requests import MAX_IMAGES, AppModel
+from unigen.decoding import DECODING_METHODS
+from unigen.editing import CFG_DROPS, DEFAULT_CFG_DROP
 
 MODEL_QUEUE = "model"  # one concurrency group for every event that runs the model: they share its cores
 DEFAULT_NUM_IMAGES = 4
@@ -56,13 +58,19 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
                                             label="Temperature (0 = greedy)")
                     top_k = gr.Number(0, precision=0, label="Top-k (0 = off)")
                     top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)")
+                with gr.Row():
+                    decoding = gr.Dropdown(list(DECODING_METHODS), value="sequential", label="Decoding",
+                                           info="jacobi: the same images in fewer passes; zipar: rows in parallel, "
+                                                "an approximation")
+                    window = gr.Number(0, precision=0, label="Window (0 = the method's default)")
             gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id="gallery",
                                  buttons=["download", "fullscreen"])
+            done = gr.Markdown(elem_id="generate-info")
             files = gr.File(label="PNG files", file_count="multiple", elem_id="downloads")
             gr.Examples([[EXAMPLE_PROMPT], ["a small blue triangle at the bottom right"]], inputs=[prompt])
             gr.on([go.click, prompt.submit], model.generate,
-                  [prompt, num_images, guidance, temperature, top_k, top_p, seed], [gallery, files],
-                  api_name="generate", **run_model)
+                  [prompt, num_images, guidance, temperature, top_k, top_p, seed, decoding, window],
+                  [gallery, files, done], api_name="generate", **run_model)
 
         with gr.Tab("Understand", id="understand"):
             conversation = gr.State([])
@@ -86,6 +94,29 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
                         answer = gr.Textbox(label="Answer", elem_id="caption-answer", interactive=False)
                 gr.on([ask.click, question.submit], model.caption, [image, question], answer,
                       api_name="caption", **run_model)
+
+        with gr.Tab("Edit", id="edit"):
+            with gr.Row():
+                source = gr.Image(type="filepath", label="Source image", sources=["upload", "clipboard"],
+                                  elem_id="edit-source", height=320)
+                with gr.Column():
+                    instruction = gr.Textbox(label="Instruction", placeholder="make it blue", elem_id="instruction")
+                    edit_go = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                    edit_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+                    edit_seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
+                    with gr.Accordion("Sampling", open=False):
+                        edit_guidance = gr.Slider(0, max(20.0, c.guidance_scale), value=c.guidance_scale, step=0.1,
+                                                  label="Guidance scale (1 = none)")
+                        edit_temperature = gr.Slider(0, max(2.0, c.temperature), value=c.temperature, step=0.05,
+                                                     label="Temperature (0 = greedy)")
+                        cfg_drop = gr.Dropdown(list(CFG_DROPS), value=DEFAULT_CFG_DROP,
+                                               label="Guidance compares with the prompt without its")
+            edited = gr.Gallery(label="Edited", format="png", columns=4, elem_id="edited",
+                                buttons=["download", "fullscreen"])
+            edited_files = gr.File(label="PNG files", file_count="multiple")
+            gr.on([edit_go.click, instruction.submit], model.edit,
+                  [source, instruction, edit_images, edit_guidance, edit_temperature, edit_seed, cfg_drop],
+                  [edited, edited_files], api_name="edit", **run_model)
 
         with gr.Tab("About the model", id="about"):
             gr.Markdown(about_markdown(model, concurrency))
