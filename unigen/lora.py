@@ -13,24 +13,22 @@ Why a layer of our own (``AdaptedLinear``, PEFT's LoRA ``Linear`` plus one prope
 generation head and text head read their weights directly (``unigen.decoder.linear(x, m.qkv_proj.weight)``,
 for the skinny CPU decode product and the fused q|k|v and gate|up projections) instead of calling the module.
 PEFT's layer answers ``.weight`` with the frozen base weight, so through those paths an adapter would silently
-do nothing. ``AdaptedLinear.weight`` is the adapted weight; calling the layer is PEFT's usual base + low-rank
-path. ``adapter_config`` registers the layer with PEFT (a custom module mapping is not saved in
-``adapter_config.json``, so a bare ``PeftModel.from_pretrained`` without it adapts only the layers that are
-called as modules).
-
-The adapted weight is a full-size tensor; ``recompute_adapted_weights`` keeps autograd from holding one per
-layer until the backward pass (it recomputes it there from the base and the two factors), so a LoRA step needs
-little more memory than the frozen weights and the activations.
+do nothing. ``AdaptedLinear.weight`` is an ``AdaptedWeight``: the frozen weight carrying its adapters, whose
+products compute PEFT's ``W x + scale * B (A dropout(x))``, so every path adapts, at LoRA's cost (no full-size
+adapted weight, no full-size gradient). ``adapter_config`` registers the layer with PEFT; a custom module
+mapping is not saved in ``adapter_config.json``, so a bare ``PeftModel.from_pretrained`` without it adapts only
+the layers that are called as modules.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unigen.errors import CheckpointError, ConfigError
@@ -46,7 +44,7 @@ class LoraSettings:
 
     r: int = 16
     alpha: float = 32.0  # the update is scaled by alpha / r
-    dropout: float = 0.0  # on the adapter's input; only for layers that are called as modules (see check_dropout)
+    dropout: float = 0.0  # on the adapters' input (PEFT's lora_dropout)
     targets: list[str] = field(default_factory=lambda: ["llm"])  # parameter groups or module-name patterns
     modules_to_save: list[str] = field(default_factory=list)  # groups or module names trained in full
     quantize: str | None = None  # QLoRA: "4bit" or "8bit" frozen base (CUDA + bitsandbytes)
@@ -85,7 +83,8 @@ def _group_linears(model: nn.Module, group: str) -> list[str]:
 
 
 def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
+    """A full module name, its last part(s) (``qkv_proj``, ``self_attn.o_proj``) or a glob (``*.layers.1[0-5].*``)."""
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
 def resolve_targets(model: nn.Module, settings: LoraSettings, where: str) -> tuple[list[str], list[str]]:
@@ -105,7 +104,8 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, where: str) -> tup
             if not found:
                 raise ConfigError(f"{where}.targets: unknown target {entry!r}: neither a parameter group "
                                   f"({', '.join(linear_groups())}) nor the name (or last part of the name) of a linear "
-                                  f"layer of this model, such as {linears[0]!r} or 'qkv_proj'")
+                                  f"layer of this model, such as {linears[0]!r} or 'qkv_proj', nor a glob matching "
+                                  "one (e.g. '*.layers.0.*')")
         targets += [n for n in found if n not in targets]
     modules = dict(model.named_modules())
     saved: list[str] = []
@@ -122,29 +122,6 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, where: str) -> tup
             raise ConfigError(f"{where}: {s!r} is both trained whole (modules_to_save) and adapted (targets, e.g. "
                               f"{inside[0]!r}); name it in one of the two")
     return targets, saved
-
-
-def weight_read_layers(model: nn.Module) -> set[str]:
-    """Linear layers whose weight the forward reads directly (through ``unigen.decoder.linear``), not by a call."""
-    from unigen.decoder import MLP, Attention
-    from unigen.model import GenHead
-
-    names = {"language_model.lm_head"}
-    for name, m in model.named_modules():
-        if isinstance(m, Attention | MLP | GenHead):
-            names |= {f"{name}.{child}" for child, c in m.named_children() if isinstance(c, nn.Linear)}
-    return names
-
-
-def check_dropout(model: nn.Module, settings: LoraSettings, targets: list[str], where: str) -> None:
-    if settings.dropout == 0:
-        return
-    direct = sorted(set(targets) & weight_read_layers(model))
-    if direct:
-        raise ConfigError(f"{where}.dropout={settings.dropout}: dropout acts on a layer's input, but the forward reads "
-                          f"the weight of {direct[0]!r} (and {len(direct) - 1} more of the targets) directly, so it "
-                          f"cannot apply there; set {where}.dropout=0 or target only aligner / vision_encoder / "
-                          "cross-attention q,k,v,o layers")
 
 
 def check_quantize(settings: LoraSettings, device: torch.device, where: str) -> None:
@@ -168,51 +145,75 @@ def check_quantize(settings: LoraSettings, device: torch.device, where: str) -> 
 # ---- the layer -----------------------------------------------------------------------------------------------
 
 
+class AdaptedWeight(torch.Tensor):
+    """What ``AdaptedLinear.weight`` returns: the frozen weight W (its values, shape and dtype) carrying its
+    adapters, so that a product with it computes ``W x + scale * B (A dropout(x))`` (PEFT's own arithmetic)
+    without a full-size ``W + scale * B @ A`` in the forward, or a full-size gradient for it in the backward.
+    ``F.linear``, ``torch.mm`` and ``torch.addmm`` (the products ``unigen.decoder.linear`` uses) take that path;
+    any other use of the tensor gets the merged weight."""
+
+    @staticmethod
+    def __new__(cls, layer, adapters: list[str]):
+        t = torch.Tensor._make_subclass(cls, layer.base_layer.weight.detach(), False)
+        t.layer, t.adapters = layer, adapters
+        return t
+
+    def _low_rank(self, x: torch.Tensor, transposed: bool) -> torch.Tensor | None:
+        """scale * B (A dropout(x)) summed over the adapters; ``transposed``: x is (in, rows), as in ``mm(W, x)``."""
+        layer, out = self.layer, None
+        for a in self.adapters:
+            A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
+            x_a = layer.lora_dropout[a](x.to(A.dtype))
+            part = (torch.mm(B, torch.mm(A, x_a)) if transposed else F.linear(F.linear(x_a, A), B)) * layer.scaling[a]
+            out = part if out is None else out + part
+        return out
+
+    def merged(self) -> torch.Tensor:
+        base = self.layer.base_layer.weight
+        return base + sum(self.layer.get_delta_weight(a).to(base.dtype) for a in self.adapters)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], cls) and not isinstance(args[0], cls):
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = F.linear(x, w.layer.base_layer.weight, bias)
+            return out + w._low_rank(x, transposed=False).to(out.dtype)
+        if func is torch.mm and isinstance(args[0], cls) and not kwargs and not isinstance(args[1], cls):
+            w, m = args
+            out = torch.mm(w.layer.base_layer.weight, m)
+            return out + w._low_rank(m, transposed=True).to(out.dtype)
+        if func is torch.addmm and len(args) == 3 and isinstance(args[1], cls) and not kwargs:
+            bias, w, m = args
+            out = torch.addmm(bias, w.layer.base_layer.weight, m)
+            return out + w._low_rank(m, transposed=True).to(out.dtype)
+        if getattr(func, "__name__", None) == "__get__":  # .shape, .dtype, .device, ...: the frozen weight's
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+
+        def plain(v):
+            return v.merged() if isinstance(v, cls) else v
+
+        args = tuple(plain(a) for a in args)
+        kwargs = {k: plain(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
 def _adapted_linear_class():
     from peft.tuners.lora.layer import Linear
 
     class AdaptedLinear(Linear):
-        """PEFT's LoRA ``Linear`` whose ``.weight`` is the adapted weight (see the module docstring)."""
+        """PEFT's LoRA ``Linear`` whose ``.weight`` carries the adapters (see the module docstring)."""
 
         @property
         def weight(self) -> torch.Tensor:
-            base = self.base_layer.weight
             adapters = [a for a in self.active_adapters if a in self.lora_A]
             if self.disable_adapters or self.merged or not adapters:
-                return base
-            adapted = base
-            for a in adapters:
-                adapted = adapted + self.get_delta_weight(a).to(base.dtype)
-            if torch.is_grad_enabled():
-                adapted._unigen_recompute = self  # see recompute_adapted_weights
-            return adapted
+                return self.base_layer.weight
+            return AdaptedWeight(self, adapters)
 
     return AdaptedLinear
-
-
-class _Recompute:
-    """A saved adapted weight (or a view of it, such as the transpose ``F.linear`` keeps): how to rebuild it."""
-
-    def __init__(self, layer, view: torch.Tensor):
-        self.layer, self.size, self.stride, self.offset = layer, view.size(), view.stride(), view.storage_offset()
-
-
-def _pack(t: torch.Tensor):
-    base = t if t._base is None else t._base
-    layer = getattr(base, "_unigen_recompute", None)
-    return t if layer is None else _Recompute(layer, t)
-
-
-def _unpack(saved):
-    if isinstance(saved, _Recompute):
-        with torch.no_grad():  # the same inputs and ops as in the forward: the same bits
-            return saved.layer.weight.as_strided(saved.size, saved.stride, saved.offset)
-    return saved
-
-
-def recompute_adapted_weights():
-    """Within a training forward: autograd keeps no adapted weight for the backward, it recomputes each there."""
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
 # ---- attach, save, load, merge ----------------------------------------------------------------------------------
@@ -248,7 +249,6 @@ def attach(model: nn.Module, settings: LoraSettings, where: str):
     from peft import get_peft_model
 
     targets, saved = resolve_targets(model, settings, where)
-    check_dropout(model, settings, targets, where)
     return get_peft_model(model, peft_config(settings, targets, saved))
 
 
@@ -298,5 +298,3 @@ def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:
             for g, ps in parameter_groups(model).items()}
 
 
-def maybe_recompute(enabled: bool):
-    return recompute_adapted_weights() if enabled else contextlib.nullcontext()

@@ -239,7 +239,7 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with _sync_context(accelerator, wrapped, kind, last):
-                with accelerator.autocast(), lora_.maybe_recompute(peft_model is not None):
+                with accelerator.autocast():
                     losses = wrapped(batch)
                 bad_loss = parallel.all_reduce_sum(torch.tensor([float(not torch.isfinite(losses).all())]),
                                                    accelerator.device)
