@@ -40,6 +40,12 @@ def caption_accuracy(pairs: Iterable[tuple[ShapeSpec, str]]) -> dict:
     return score_specs((truth, parse_caption(text)) for truth, text in pairs)
 
 
+def _read_images(images) -> tuple[list[ShapeSpec], list[bool]]:
+    """The checker's spec of each image, and whether it found exactly one object."""
+    detections = [detect(image) for image in images]
+    return [d.spec for d in detections], [d.n_objects == 1 for d in detections]
+
+
 def generation_fidelity(pairs: Iterable[tuple[ShapeSpec, object]], *,
                         require_single_object: bool = True) -> dict:
     """(prompt spec, generated image) pairs -> share of images whose one object matches the prompt, and each.
@@ -47,12 +53,9 @@ def generation_fidelity(pairs: Iterable[tuple[ShapeSpec, object]], *,
     Per-attribute shares judge the largest object; overall also needs exactly one object unless
     ``require_single_object`` is False. Images: anything ``checker.to_rgb_array`` takes.
     """
-    truths, found, single = [], [], []
-    for truth, image in pairs:
-        d = detect(image)
-        truths.append(truth)
-        found.append(d.spec)
-        single.append(d.n_objects == 1)
+    pairs = list(pairs)
+    truths, images = zip(*pairs) if pairs else ((), ())
+    found, single = _read_images(images)
     result = score_specs(zip(truths, found), single if require_single_object else None)
     result["single_object"] = sum(single) / len(single) if single else 0.0
     return result
@@ -62,12 +65,9 @@ def edit_accuracy(pairs: Iterable[tuple[object, object]]) -> dict:
     """(``editing.Edit``, output image) pairs -> share of outputs the checker reads as the target (one object,
     all four attributes), per attribute against the target, and split into the changed attribute
     (``changed``: the new value is there) and the kept ones (``kept``: all three unchanged)."""
-    edits, found, single = [], [], []
-    for edit, image in pairs:
-        d = detect(image)
-        edits.append(edit)
-        found.append(d.spec)
-        single.append(d.n_objects == 1)
+    pairs = list(pairs)
+    edits, images = zip(*pairs) if pairs else ((), ())
+    found, single = _read_images(images)
     result = score_specs(((e.target, f) for e, f in zip(edits, found)), single)
     matches = [e.target.matches(f) for e, f in zip(edits, found)]
     n = len(edits)
