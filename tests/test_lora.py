@@ -123,7 +123,7 @@ def _outputs(model, call):
 
 
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
-def test_merged_model_equals_base_plus_adapter_in_every_forward_path(base, tmp_path, fusion):
+def test_merged_model_equals_base_plus_adapter_in_every_forward_path(base, tmp_path, fusion, capsys):
     from unigen.cli import main
 
     start = tmp_path / "base"
@@ -147,7 +147,10 @@ def test_merged_model_equals_base_plus_adapter_in_every_forward_path(base, tmp_p
             if "lora_B" in n or "modules_to_save" in n:
                 p.add_(torch.randn_like(p) * 0.05)
     save_adapter(peft_model, tmp_path / "adapter", str(start))
-    assert main(["merge", str(start), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merge = ["merge", str(start), str(tmp_path / "adapter"), str(tmp_path / "merged")]
+    assert main(merge) == 0
+    if fusion == "concat":  # earlier work is not replaced silently
+        assert main(merge) == 1 and "is not empty: pass --overwrite to replace it" in capsys.readouterr().err
 
     plain = UniGenModel.from_pretrained(start)
     adapted = load_adapter(UniGenModel.from_pretrained(start), tmp_path / "adapter")

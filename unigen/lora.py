@@ -137,9 +137,9 @@ def check_quantize(settings: LoraSettings, device: torch.device, where: str) -> 
     except ImportError as err:
         raise ConfigError(f"{where}.quantize={settings.quantize} needs bitsandbytes: pip install bitsandbytes "
                           f"(or drop {where}.quantize)") from err
-    raise ConfigError(f"{where}.quantize={settings.quantize}: a quantized base is not supported by unigen's decoder "
-                      "yet (it reads its projection weights directly); drop the key to train LoRA on a bf16 base "
-                      "(bf16=true)")
+    raise ConfigError(f"{where}.quantize={settings.quantize}: a quantized base is not supported yet (unigen's decoder "
+                      "multiplies by its projection weights itself, which bitsandbytes' packed weights do not allow); "
+                      f"drop {where}.quantize and train LoRA with bf16=true")
 
 
 # ---- the layer -----------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ class AdaptedWeight(torch.Tensor):
         t.layer, t.adapters = layer, adapters
         return t
 
-    def _low_rank(self, x: torch.Tensor, transposed: bool) -> torch.Tensor | None:
+    def _low_rank(self, x: torch.Tensor, transposed: bool) -> torch.Tensor:
         """scale * B (A dropout(x)) summed over the adapters; ``transposed``: x is (in, rows), as in ``mm(W, x)``."""
         layer, out = self.layer, None
         for a in self.adapters:
@@ -280,15 +280,19 @@ def save_adapter(peft_model, directory: Path, base: str | None) -> None:
 
 
 def read_base(adapter_dir: Path) -> str | None:
+    """The checkpoint an adapter was trained on, as ``save_adapter`` recorded it (None: not recorded)."""
     path = Path(adapter_dir) / "base.json"
     if not path.is_file():
         return None
-    return json.loads(path.read_text())["base"]
+    try:
+        return json.loads(path.read_text())["base"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is damaged ({err}); resume from another checkpoint") from err
 
 
 def merge(peft_model) -> nn.Module:
-    """The plain model with the adapters folded into its weights (``W + alpha/r * B @ A``, the bits that
-    ``AdaptedLinear.weight`` computes) and the trained copies of ``modules_to_save`` in place."""
+    """The plain model with the adapters folded into its weights (``W + alpha/r * B @ A``) and the trained copies
+    of ``modules_to_save`` in their places."""
     return peft_model.merge_and_unload()
 
 
