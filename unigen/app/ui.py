@@ -34,6 +34,15 @@ def about_markdown(model: AppModel, concurrency: int) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
+def guidance_and_temperature(config) -> tuple[gr.Slider, gr.Slider]:
+    """Image sampling sliders that start at the checkpoint's own defaults (so an API call that leaves them
+    out samples as the checkpoint says)."""
+    return (gr.Slider(0, max(20.0, config.guidance_scale), value=config.guidance_scale, step=0.1,
+                      label="Guidance scale (1 = none)"),
+            gr.Slider(0, max(2.0, config.temperature), value=config.temperature, step=0.05,
+                      label="Temperature (0 = greedy)"))
+
+
 def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.Blocks:
     """The Blocks app, queued: ``concurrency`` model requests run at a time over all sessions, up to
     ``max_queue`` wait (further ones are refused with a message)."""
@@ -52,10 +61,7 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
                 seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
             with gr.Accordion("Sampling", open=False):
                 with gr.Row():
-                    guidance = gr.Slider(0, max(20.0, c.guidance_scale), value=c.guidance_scale, step=0.1,
-                                         label="Guidance scale (1 = none)")
-                    temperature = gr.Slider(0, max(2.0, c.temperature), value=c.temperature, step=0.05,
-                                            label="Temperature (0 = greedy)")
+                    guidance, temperature = guidance_and_temperature(c)
                     top_k = gr.Number(0, precision=0, label="Top-k (0 = off)")
                     top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)")
                 with gr.Row():
@@ -105,10 +111,7 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
                     edit_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
                     edit_seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
                     with gr.Accordion("Sampling", open=False):
-                        edit_guidance = gr.Slider(0, max(20.0, c.guidance_scale), value=c.guidance_scale, step=0.1,
-                                                  label="Guidance scale (1 = none)")
-                        edit_temperature = gr.Slider(0, max(2.0, c.temperature), value=c.temperature, step=0.05,
-                                                     label="Temperature (0 = greedy)")
+                        edit_guidance, edit_temperature = guidance_and_temperature(c)
                         cfg_drop = gr.Dropdown(list(CFG_DROPS), value=DEFAULT_CFG_DROP,
                                                label="Guidance compares with the prompt without its")
             edited = gr.Gallery(label="Edited", format="png", columns=4, elem_id="edited",
