@@ -31,7 +31,7 @@ def about_markdown(model: AppModel, concurrency: int) -> str:
         ("default temperature", f"{c.temperature:g}"),
         ("requests running at once", f"{concurrency} (the rest wait in a queue, in order)"),
     ]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return "| | this app |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
 def guidance_and_temperature(config) -> tuple[gr.Slider, gr.Slider]:
@@ -69,7 +69,7 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
                                            info="jacobi: the same images in fewer passes; zipar: rows in parallel, "
                                                 "an approximation")
                     window = gr.Number(0, precision=0, label="Window (0 = the method's default)")
-            gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id="gallery",
+            gallery = gr.Gallery(label="Images", format="png", columns=4, fit_columns=False, elem_id="gallery",
                                  buttons=["download", "fullscreen"])
             done = gr.Markdown(elem_id="generate-info")
             files = gr.File(label="PNG files", file_count="multiple", elem_id="downloads")
@@ -114,7 +114,7 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
                         edit_guidance, edit_temperature = guidance_and_temperature(c)
                         cfg_drop = gr.Dropdown(list(CFG_DROPS), value=DEFAULT_CFG_DROP,
                                                label="Guidance compares with the prompt without its")
-            edited = gr.Gallery(label="Edited", format="png", columns=4, elem_id="edited",
+            edited = gr.Gallery(label="Edited", format="png", columns=4, fit_columns=False, elem_id="edited",
                                 buttons=["download", "fullscreen"])
             edited_files = gr.File(label="PNG files", file_count="multiple")
             gr.on([edit_go.click, instruction.submit], model.edit,
