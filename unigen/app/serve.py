@@ -33,6 +33,14 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def check_address(host: str, port: int) -> None:
+    """Raise OSError when ``host:port`` cannot be served (taken, or not this machine's address): checked before
+    a model load that can take minutes. The server's own bind still decides; this only answers early."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed one's port is free
+        s.bind((host, port))
+
+
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860) -> str:
     """Serve ``app`` in background threads and return its URL; ``port`` 0 picks a free one."""
     tries = PORT_TRIES if port == ANY_PORT else 1

@@ -47,15 +47,23 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls out
     try:
         from unigen.app import start
+        from unigen.app.serve import check_address
     except ImportError as err:
         raise UniGenError(f"the app needs Gradio ({err}); install it with: pip install 'unigen[app]'") from err
+    def cannot_serve(err: OSError) -> ArgumentError:
+        reason = str(err).split(". ")[0]  # Gradio's advice after it names launch() arguments, not flags
+        return ArgumentError(f"cannot serve on {args.host}:{args.port} ({reason}); pass another --port (0: any free "
+                             "one), or a --host address of this machine")
+
+    try:
+        check_address(args.host, args.port)  # before the model load, which can take minutes
+    except OSError as err:
+        raise cannot_serve(err) from err
     pipe = load_pipeline(args)
     try:
         running = start(pipe, str(args.model), args.host, args.port, args.concurrency, args.max_queue)
     except OSError as err:
-        reason = str(err).split(". ")[0]  # Gradio's advice after it names launch() arguments, not flags
-        raise ArgumentError(f"cannot serve on {args.host}:{args.port} ({reason}); pass another --port, or --port 0 "
-                            "for any free one") from err
+        raise cannot_serve(err) from err
     print(f"unigen app: {running.url} (Ctrl+C stops it)", flush=True)
     try:
         running.app.block_thread()
