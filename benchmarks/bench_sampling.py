@@ -1,13 +1,20 @@
-"""Sampling speed: unigen vs transformers' Janus on the same random weights, measured in one run.
+"""Sampling speed, measured in one run. Three sections (``--sections``, default all):
 
-CPU (default): a small Janus (width 512, 8 layers, 576 image tokens, 16384 codes) at 1 and 16 images,
-plus captioning tokens/s, both models in float32 (``--dtype bfloat16``: both in bf16). ``--gpu``: Janus-Pro-1B
-shape in bf16, seconds per image and the fraction of the memory-bandwidth bound reached (weights read once
-per token step).
+- ``transformers``: unigen vs transformers' Janus on the same random weights. CPU: a small Janus (width 512,
+  8 layers, 576 image tokens, 16384 codes) at 1 and 16 images, plus captioning tokens/s, both in float32
+  (``--dtype bfloat16``: both in bf16).
+- ``decoding``: each image decoder (``--methods``) on the same model: decoder passes, ms per image and
+  images/s at 1 and 16 images, against sequential decoding.
+- ``shapes``: the shipped Shapes checkpoint with its default guidance and temperature: ShapesEval prompt
+  fidelity of each decoder on the same prompts and seeds (``--shapes-prompts``, default 200), its passes and
+  its wall time at 1 image, so speed and quality are read side by side.
+
+``--gpu``: the Janus-Pro-1B shape in bf16 on CUDA: seconds per image for each decoder and the fraction of
+the memory-bandwidth bound of one pass per token (weights read once per pass).
 
     python benchmarks/bench_sampling.py --threads 2
-    python benchmarks/bench_sampling.py --threads 2 --dtype bfloat16
-    python benchmarks/bench_sampling.py --gpu --compile
+    python benchmarks/bench_sampling.py --threads 2 --sections decoding shapes
+    python benchmarks/bench_sampling.py --gpu --sections transformers decoding
 """
 
 from __future__ import annotations
@@ -20,19 +27,24 @@ import time
 import torch
 
 from unigen import UniGenModel
-from unigen.sampling import generate_image_tokens, generate_text
+from unigen.sampling import generate_image_tokens, generate_text, sample_image_tokens
 from unigen.testing import TINY_TOKENS as T
 from unigen.testing import make_tiny_hf_janus
 
 
 def timed(fn, device) -> float:
+    return timed_call(fn, device)[0]
+
+
+def timed_call(fn, device):
+    """(seconds, fn's result)"""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
+    result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 def decode_bytes(model) -> int:
@@ -78,6 +90,10 @@ def main() -> None:
                    help="weights and activations of both models (default: float32 on CPU, bfloat16 with --gpu)")
     p.add_argument("--compile", action="store_true", help="also time unigen with a compiled decode step")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per implementation, best kept (default 2)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--methods", nargs="+", default=["sequential", "jacobi:16", "zipar"],
+                   help="decoders to compare, NAME or NAME:WINDOW (default: sequential jacobi:16 zipar)")
+    p.add_argument("--shapes-prompts", type=int, default=200, help="prompts of the fidelity comparison (default 200)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -95,8 +111,101 @@ def main() -> None:
     print(f"device {device}, dtype {dtype}, threads {torch.get_num_threads()}, width "
           f"{ours.config.llm.hidden_size}, layers {ours.config.llm.num_layers}, image tokens {n_tok}, "
           f"codebook {ours.config.vq.codebook_size}")
-    prompt = torch.tensor([[T.bos] + [20 + i for i in range(12)] + [T.image_start]], device=device)
 
+    methods = [parse_method(m) for m in args.methods]
+    if "transformers" in args.sections:
+        compare_with_transformers(args, hf, ours, device, n_tok)
+    if "decoding" in args.sections:
+        compare_decoders(args, ours, device, n_tok, methods)
+    if "shapes" in args.sections and not args.gpu:
+        compare_on_shapes(args, methods)
+    if hasattr(os, "getloadavg"):
+        print(f"load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
+              f"(above ~0 means other processes shared the cores)")
+
+
+SECTIONS = ("transformers", "decoding", "shapes")
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    name, _, window = text.partition(":")
+    return name, ({"window": int(window)} if window else {})
+
+
+def method_label(name: str, options: dict) -> str:
+    return name + (f":{options['window']}" if options else "")
+
+
+def prompt_ids(device) -> torch.Tensor:
+    return torch.tensor([[T.bos] + [20 + i for i in range(12)] + [T.image_start]], device=device)
+
+
+def compare_decoders(args, ours, device, n_tok: int, methods) -> None:
+    """Passes and wall time of each decoder on the same model and prompt (sampled at temperature 1)."""
+    print(f"\n{'images':>6} {'decoding':>12} {'passes':>7} {'ms/image':>9} {'images/s':>9} {'vs seq':>7}   "
+          f"(best of {args.repeats})")
+    for n in args.batches:
+        ids = prompt_ids(device).repeat(n, 1)
+        runs = {method_label(name, opts): (lambda name=name, opts=opts, ids=ids: sample_image_tokens(
+            ours, ids, guidance_scale=5.0, decoding=name, decoding_options=opts,
+            generator=torch.Generator(device).manual_seed(0))) for name, opts in methods}
+        best, passes = dict.fromkeys(runs, float("inf")), {}
+        with torch.no_grad():
+            if args.gpu:
+                for fn in runs.values():
+                    fn()  # warm-up (CUDA-graph capture, allocator)
+            for _ in range(args.repeats):
+                for label, fn in runs.items():
+                    seconds, result = timed_call(fn, device)
+                    best[label], passes[label] = min(best[label], seconds), result.decoder_passes
+        base = best.get("sequential")
+        for label, seconds in best.items():
+            ratio = f"{base / seconds:>6.2f}x" if base else "     -"
+            print(f"{n:>6} {label:>12} {passes[label]:>7} {1000 * seconds / n:>9.1f} {n / seconds:>9.3f} {ratio}")
+            if args.gpu and n == 1:
+                bound = n_tok * decode_bytes(ours) / peak_bandwidth()
+                print(f"{'':>6} {'':>12} {seconds:.3f} s/image; one pass per token is bound by {bound:.3f} s "
+                      f"-> {bound / seconds:.0%} of that bound")
+
+
+def compare_on_shapes(args, methods) -> None:
+    """The shipped checkpoint: fidelity, passes and 1-image wall time of each decoder, same prompts and seeds."""
+    from unigen.errors import ArgumentError
+    from unigen.pipeline import UniGenPipeline
+    from unigen.recipes import recipe_path
+    from unigen.sampling_options import SamplingOptions
+    from unigen.shapes.evaluate import evaluate_generation
+
+    pipe = UniGenPipeline.from_pretrained(recipe_path("checkpoints/shapes-small"))
+    cfg = pipe.model.config
+    print(f"\nshipped checkpoints/shapes-small: {cfg.vq.num_tokens} image tokens, guidance {cfg.guidance_scale}, "
+          f"temperature {cfg.temperature}, {args.shapes_prompts} prompts")
+    print(f"{'decoding':>12} {'fidelity':>9} {'passes@1':>9} {'vs seq':>7} {'ms/image@1':>11} {'vs seq':>7}")
+    base = None
+    for name, opts in methods:
+        label = method_label(name, opts)
+        try:
+            options = SamplingOptions(decoding=name, decoding_options=opts)
+            scores, _ = evaluate_generation(pipe, n=args.shapes_prompts, options=options)
+        except ArgumentError as err:  # e.g. a ZipAR window wider than this checkpoint's 8-token rows
+            print(f"{label:>12} skipped: {err}")
+            continue
+        best = float("inf")
+        for seed in range(max(3, args.repeats)):
+            seconds, out = timed_call(lambda options=options, seed=seed: pipe(
+                "a large red circle at the top left", options=options, generator=torch.Generator().manual_seed(seed)),
+                torch.device("cpu"))
+            best = min(best, seconds)
+        if name == "sequential":
+            base = (out.decoder_passes, best)
+        p_ratio = f"{out.decoder_passes / base[0]:>6.2f}x" if base else "     -"
+        t_ratio = f"{base[1] / best:>6.2f}x" if base else "     -"
+        print(f"{label:>12} {scores['overall']:>9.3f} {out.decoder_passes:>9} {p_ratio} {1000 * best:>11.1f} {t_ratio}",
+              flush=True)
+
+
+def compare_with_transformers(args, hf, ours, device, n_tok: int) -> None:
+    prompt = prompt_ids(device)
     print(f"{'images':>6} {'impl':>14} {'ms/token':>9} {'images/s':>9} {'speedup':>8}   (best of {args.repeats})")
     for n in args.batches:
         ids = prompt.repeat(n, 1)
@@ -128,7 +237,7 @@ def main() -> None:
                 print(f"{'':>6} {'':>14} bound {bound:.3f} s/image -> {bound / seconds:.0%} of bandwidth bound")
 
     # captioning: text generation speed after a prompt with one image
-    pixels = torch.rand(1, 3, 384, 384, device=device, dtype=dtype) * 2 - 1
+    pixels = torch.rand(1, 3, 384, 384, device=device, dtype=ours.dtype) * 2 - 1
     img = [T.image_start] + [T.image] * ours.config.vision.num_tokens + [T.image_end]
     ids = torch.tensor([[T.bos, 20, 21] + img + [22, 23]], device=device)
     hf.generation_config.eos_token_id = None  # both run the full length
@@ -142,9 +251,6 @@ def main() -> None:
                                                          eos_token_id=-1), device))
     print(f"captioning {k} tokens: transformers {k / t_hf:.1f} tok/s, unigen {k / t_us:.1f} tok/s, "
           f"speedup {t_hf / t_us:.2f}x (best of {args.repeats})")
-    if hasattr(os, "getloadavg"):
-        print(f"load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
-              f"(above ~0 means other processes shared the cores)")
 
 
 if __name__ == "__main__":
