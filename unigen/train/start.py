@@ -25,7 +25,9 @@ def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel
 
     config = UniGenConfig.from_dict(recipe.model)
     config.system_prompt = recipe.system_prompt
-    texts = [t for s in samples for t in (s.caption, s.text, *(x for turn in s.turns for x in turn)) if t]
+    # every text a sample carries, edit instructions included (an unseen word would be <unk>)
+    texts = [t for s in samples
+             for t in (s.caption, s.text, s.instruction, *(x for turn in s.turns for x in turn)) if t]
     fmt = prompt_format(config.prompt_format)
     # the template's words too (role names of "janus", the question): unseen words would all become <unk>
     texts += [recipe.question, recipe.system_prompt or JANUS_SYSTEM_PROMPT, fmt.user, fmt.assistant]
