@@ -273,3 +273,13 @@ def test_a_lora_stage_needs_a_trained_start_and_merge_names_a_wrong_adapter(data
         run_stage(recipe(data, tmp_path, "stage1.lora.r=4"), 1, progress=False)
     assert main(["merge", str(base), str(base), str(tmp_path / "out")]) == 1
     assert f"error: {base} is not a PEFT adapter (no adapter_config.json)" in capsys.readouterr().err
+    from unigen.config import UniGenConfig
+    from unigen.train import load_recipe
+
+    other = load_recipe(SMOKE, ["data=x", "model.llm.intermediate_size=96"]).model
+    save_adapter(attach(UniGenModel(UniGenConfig.from_dict(other)), LoraSettings(r=2), "lora"), tmp_path / "other",
+                 "elsewhere")
+    assert main(["merge", str(base), str(tmp_path / "other"), str(tmp_path / "out")]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: {tmp_path / 'other'} was trained on a model of another shape (size mismatch for" in err
+    assert "recorded in" in err and ": elsewhere)" in err and not (tmp_path / "out").exists()

@@ -256,8 +256,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     """``PeftModel.from_pretrained(model, adapter_dir)`` with unigen's layer registered."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=adapter_config(adapter_dir),
-                                     is_trainable=trainable)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=adapter_config(adapter_dir),
+                                         is_trainable=trainable)
+    except RuntimeError as err:  # load_state_dict's size mismatches
+        raise CheckpointError(f"{adapter_dir} was trained on a model of another shape ({_first_line(err)}); pass the "
+                              f"checkpoint it adapts (recorded in {Path(adapter_dir) / 'base.json'}: "
+                              f"{read_base(Path(adapter_dir))})") from err
+
+
+def _first_line(err: Exception) -> str:
+    lines = [x.strip() for x in str(err).splitlines() if "size mismatch" in x] or str(err).splitlines()[:1]
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
