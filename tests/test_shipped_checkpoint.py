@@ -23,8 +23,10 @@ CAPTION_BAR, FIDELITY_BAR = 0.95, 0.91
 
 @pytest.fixture(scope="module")
 def pipe():
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    return UniGenPipeline.from_pretrained(SHIPPED)
+    yield UniGenPipeline.from_pretrained(SHIPPED)
+    torch.set_num_threads(threads)  # the tests after this module keep their one thread
 
 
 def test_shipped_checkpoint_is_small_safetensors():
