@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from peft import PeftModel
 from train_common import ENV, SMOKE, cli, losses, metrics, recipe, run, weights
 
 from unigen import UniGenModel
@@ -155,10 +156,13 @@ def test_merged_model_equals_base_plus_adapter_in_every_forward_path(base, tmp_p
     plain = UniGenModel.from_pretrained(start)
     adapted = load_adapter(UniGenModel.from_pretrained(start), tmp_path / "adapter")
     merged = UniGenModel.from_pretrained(tmp_path / "merged")
-    ref, lora_out, merged_out = (_outputs(m, m) for m in (plain, adapted, merged))
+    # the stock call, as the issue writes it: PEFT's own layers, applied because the model calls its linear layers
+    stock = PeftModel.from_pretrained(UniGenModel.from_pretrained(start), str(tmp_path / "adapter"))
+    ref, lora_out, merged_out, stock_out = (_outputs(m, m) for m in (plain, adapted, merged, stock))
     for path in ref:
         assert (lora_out[path] - ref[path]).abs().max() > 1e-3, f"the adapter does nothing in the {path}"
         assert torch.allclose(merged_out[path], lora_out[path], atol=1e-5, rtol=0), path
+        assert torch.allclose(stock_out[path], lora_out[path], atol=1e-5, rtol=0), path
 
 
 def test_sigkill_and_resume_in_a_lora_stage_gives_the_same_losses(data, base, tmp_path):

@@ -50,6 +50,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through a linear layer: :func:`linear` for a plain ``nn.Linear``; a wrapped layer (PEFT's LoRA
+    layers) through its own forward, so that an adapter attached by the stock ``PeftModel`` is applied."""
+    if type(layer) is nn.Linear:
+        return linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 class RMSNorm(nn.Module):
     """Normalise in float32, cast back, scale: transformers' ``LlamaRMSNorm`` bit for bit, in one fused op."""
 
@@ -169,7 +177,7 @@ class Attention(nn.Module):
         a cache) the additive key bias (batch * kv heads, 1, max_len)."""
         b, n, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
-        qk, v = linear(x, self.qkv_proj.weight).view(b, n, h + 2 * kv, d).split([h + kv, kv], dim=2)
+        qk, v = project(self.qkv_proj, x).view(b, n, h + 2 * kv, d).split([h + kv, kv], dim=2)
         qk = rotate(qk, *rope)
         q, k = qk[:, :, :h], qk[:, :, h:]
         if cache is None:
@@ -194,7 +202,7 @@ class Attention(nn.Module):
             keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
             out = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask,
                                                  is_causal=mask is None, enable_gqa=kv != h).transpose(1, 2)
-        return linear(out.to(x.dtype).reshape(b, n, h * d), self.o_proj.weight)
+        return project(self.o_proj, out.to(x.dtype).reshape(b, n, h * d))
 
 
 def capturing() -> bool:
@@ -223,8 +231,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+        gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -9,15 +9,14 @@ PEFT adapter over the whole model::
 
 (or ``unigen.lora.load_adapter(UniGenModel.from_pretrained(BASE), ADAPTER)``, the same call).
 
-Why a layer of our own (``AdaptedLinear``, PEFT's LoRA ``Linear`` plus one property): unigen's decoder,
-generation head and text head read their weights directly (``unigen.decoder.linear(x, m.qkv_proj.weight)``,
-for the skinny CPU decode product and the fused q|k|v and gate|up projections) instead of calling the module.
-PEFT's layer answers ``.weight`` with the frozen base weight, so through those paths an adapter would silently
-do nothing. ``AdaptedLinear.weight`` is an ``AdaptedWeight``: the frozen weight carrying its adapters, whose
-products compute PEFT's ``W x + scale * B (A dropout(x))``, so every path adapts, at LoRA's cost (no full-size
-adapted weight, no full-size gradient). ``adapter_config`` registers the layer with PEFT; a custom module
-mapping is not saved in ``adapter_config.json``, so a bare ``PeftModel.from_pretrained`` without it adapts only
-the layers that are called as modules.
+unigen's decoder, generation head and text head call their linear layers through ``unigen.decoder.project``:
+the skinny CPU product for a plain ``nn.Linear``, the layer's own forward for anything else, so PEFT's stock
+layers (``PeftModel.from_pretrained(model, ADAPTER)`` without ``config=``) adapt every path too. The trainer
+attaches ``AdaptedLinear`` (PEFT's LoRA ``Linear`` plus one property) so that code which reads a layer's
+``.weight`` directly also sees the adapter: ``AdaptedLinear.weight`` is an ``AdaptedWeight``, the frozen weight
+carrying its adapters, whose products compute PEFT's ``W x + scale * B (A dropout(x))`` at LoRA's cost (no
+full-size adapted weight, no full-size gradient). ``adapter_config`` registers the layer with PEFT (a custom
+module mapping is not saved in ``adapter_config.json``).
 """
 
 from __future__ import annotations

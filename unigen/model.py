@@ -21,7 +21,7 @@ from torch import nn
 from unigen.checkpoint import load_state, read_checkpoint, resolve_checkpoint_dir, save_model
 from unigen.config import SigLIPConfig, UniGenConfig
 from unigen.cross_attention import build_cross_attention_layers, convert_fusion, resolve_cross_attention_state
-from unigen.decoder import CausalLM, CrossAttentionInput, Decoder, KVCache, linear
+from unigen.decoder import CausalLM, CrossAttentionInput, Decoder, KVCache, project
 from unigen.param_groups import parameter_groups
 from unigen.patch_encoder import PatchEncoder
 from unigen.processor import check_pixel_values
@@ -51,8 +51,8 @@ class GenHead(nn.Module):
         self.vision_head = nn.Linear(hidden_dim, codebook_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = nn.functional.gelu(linear(x, self.output_mlp_projector.weight, self.output_mlp_projector.bias))
-        return linear(hidden, self.vision_head.weight, self.vision_head.bias)
+        hidden = nn.functional.gelu(project(self.output_mlp_projector, x))
+        return project(self.vision_head, hidden)
 
 
 class ConvStem(nn.Sequential):
@@ -221,7 +221,7 @@ class UniGenModel(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values)
         hidden = self.run_decoder(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, state)
-        logits = linear(hidden.last_hidden_state[:, -logits_to_keep:], self.language_model.lm_head.weight)
+        logits = project(self.language_model.lm_head, hidden.last_hidden_state[:, -logits_to_keep:])
         return UniGenOutput(logits, hidden.last_hidden_state, hidden.past_key_values, state)
 
     def run_decoder(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unigen.decoder import linear
+from unigen.decoder import project
 from unigen.decoding import GuidedRows, decoding_options
 from unigen.decoding.draw import filter_logits, pick_tokens
 from unigen.decoding.jacobi import decode_jacobi
@@ -242,6 +242,6 @@ def _text_stepper(model, input_ids, attention_mask, pixel_values, max_len):
             return model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, past_key_values=cache,
                          logits_to_keep=1).logits[:, -1]
         hidden = model.run_decoder(model.embed_text(tokens)[:, None], past_key_values=cache).last_hidden_state
-        return linear(hidden[:, -1], lm_head.weight)
+        return project(lm_head, hidden[:, -1])
 
     return step
