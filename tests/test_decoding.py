@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from PIL import Image
 
 from unigen import UniGenModel
 from unigen.cli import main
@@ -139,6 +140,11 @@ def test_pipeline_reports_decoder_passes(tiny_hf_janus):
     zipar = pipe("a red circle", decoding="zipar", decoding_options={"window": 1},
                  generator=torch.Generator().manual_seed(0))
     assert zipar.decoder_passes == (4 - 1) * 1 + 4 and len(zipar.images) == 1
+    source = Image.new("RGB", (32, 32), (200, 30, 30))  # an edit is image-conditioned generation: the same decoders
+    edit_seq = pipe.edit(source, "make it blue", temperature=0)
+    edit_jacobi = pipe.edit(source, "make it blue", temperature=0, decoding="jacobi")
+    assert edit_seq.decoder_passes == n_tokens and edit_jacobi.decoder_passes < n_tokens
+    assert torch.equal(edit_jacobi.tokens, edit_seq.tokens)
 
 
 def test_cli_generate_takes_a_decoding_method_and_prints_the_passes(tiny_hf_janus, tmp_path, capsys):

@@ -14,7 +14,7 @@ from unigen.errors import ArgumentError
 from unigen.model import UniGenModel
 from unigen.processor import UniGenProcessor, pixels_to_pil
 from unigen.runs import DEVICES, resolve_device
-from unigen.sampling import CFGSchedule, generate_image_tokens, generate_text, sample_image_tokens
+from unigen.sampling import CFGSchedule, generate_text, sample_image_tokens
 from unigen.sampling_options import SamplingOptions
 
 __all__ = ["DEFAULT_QUESTION", "DEVICES", "PipelineOutput", "UniGenPipeline",
@@ -78,20 +78,23 @@ class UniGenPipeline:
         if options is None:
             options = SamplingOptions(guidance_scale, temperature, top_k, top_p, cfg_schedule, decoding,
                                       decoding_options)
-        options = options.with_defaults(self.model.config)
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ArgumentError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
+        _check_count(num_images_per_prompt)
         batch = self.processor.generation_inputs(prompt)
         negative = None
         if negative_prompt is not None:
             negative = self.processor.generation_inputs(negative_prompt)["input_ids"].to(self.device)
+        return self._images(batch, options, num_images_per_prompt, generator, progress, compile=compile,
+                            negative_prompt_ids=negative)
+
+    def _images(self, batch: dict, options: SamplingOptions, num_images: int, generator, progress: bool,
+                **inputs) -> PipelineOutput:
+        """Sample, decode and report: the part every image-writing call shares."""
+        options = options.with_defaults(self.model.config)
         out = sample_image_tokens(
             self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-            num_images=num_images_per_prompt, guidance_scale=options.guidance_scale,
-            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator,
-            cfg_schedule=options.cfg_schedule, decoding=options.decoding, decoding_options=options.decoding_options,
-            negative_prompt_ids=negative, progress=progress, compile=compile,
+            num_images=num_images, guidance_scale=options.guidance_scale, temperature=options.temperature,
+            top_k=options.top_k, top_p=options.top_p, generator=generator, cfg_schedule=options.cfg_schedule,
+            decoding=options.decoding, decoding_options=options.decoding_options, progress=progress, **inputs,
         )
         pixels = self.model.decode_image_tokens(out.codes)
         return PipelineOutput(pixels_to_pil(pixels), out.codes, out.decoder_passes)
@@ -173,6 +176,8 @@ class UniGenPipeline:
         cfg_drop: str | None = None,
         progress: bool = False,
         options: SamplingOptions | None = None,
+        decoding: str = "sequential",
+        decoding_options: dict | None = None,
     ) -> PipelineOutput:
         """Edited images: each source image (path or PIL; one or a list) read through the understanding path
         with its instruction (one for all, or one each), ``num_images_per_prompt`` images each, consecutive.
@@ -181,11 +186,9 @@ class UniGenPipeline:
         from unigen.editing import DEFAULT_CFG_DROP, check_drop, check_instruction, edit_prompt_ids, keeps_image
 
         if options is None:
-            options = SamplingOptions(guidance_scale, temperature, top_k, top_p)
-        options = options.with_defaults(self.model.config)
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ArgumentError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
+            options = SamplingOptions(guidance_scale, temperature, top_k, top_p, decoding=decoding,
+                                      decoding_options=decoding_options)
+        _check_count(num_images_per_prompt)
         drop = check_drop(DEFAULT_CFG_DROP if cfg_drop is None else cfg_drop)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
@@ -199,12 +202,13 @@ class UniGenPipeline:
         pixels = self.processor.understanding_pixels(images).to(self.device, self.model.dtype)
         cond = self.processor.pad([edit_prompt_ids(self.processor, text) for text in instructions])
         uncond = self.processor.pad([edit_prompt_ids(self.processor, text, drop) for text in instructions])
-        codes = generate_image_tokens(
-            self.model, cond["input_ids"].to(self.device), cond["attention_mask"].to(self.device),
-            num_images=num_images_per_prompt, guidance_scale=options.guidance_scale,
-            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator,
-            negative_prompt_ids=uncond["input_ids"].to(self.device),
-            negative_attention_mask=uncond["attention_mask"].to(self.device),
-            pixel_values=pixels, negative_pixel_values=pixels if keeps_image(drop) else None, progress=progress,
-        )
-        return PipelineOutput(pixels_to_pil(self.model.decode_image_tokens(codes)), codes)
+        return self._images(cond, options, num_images_per_prompt, generator, progress,
+                            negative_prompt_ids=uncond["input_ids"].to(self.device),
+                            negative_attention_mask=uncond["attention_mask"].to(self.device),
+                            pixel_values=pixels, negative_pixel_values=pixels if keeps_image(drop) else None)
+
+
+def _check_count(num_images_per_prompt) -> None:
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+            or num_images_per_prompt < 1:
+        raise ArgumentError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
