@@ -1,15 +1,11 @@
 """LoRA stages (unigen.lora): what trains, adapters in every forward path, merging, resuming, starting layouts,
 bad settings."""
 
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from peft import PeftModel
-from train_common import ENV, SMOKE, cli, losses, metrics, recipe, run, weights
+from train_common import SMOKE, cli, kill_in_checkpoint_15, losses, metrics, recipe, run, weights
 
 from unigen import UniGenModel
 from unigen.lora import LoraSettings, attach, load_adapter, save_adapter
@@ -166,20 +162,10 @@ def test_merged_model_equals_base_plus_adapter_in_every_forward_path(base, tmp_p
 
 
 def test_sigkill_and_resume_in_a_lora_stage_gives_the_same_losses(data, base, tmp_path):
-    from test_train_resume import STOP_IN_CHECKPOINT_15
-
     common = [f"data={data}", "stage2.steps=20", "stage2.batch_size=4", LORA]
     run_stage(recipe(data, tmp_path / "a", *common), 2, init_from=str(base), progress=False)
-    ready = tmp_path / "in-checkpoint-15"
-    killed = subprocess.Popen(cli("--stage", 2, "--output-dir", tmp_path / "b", "--init-from", base, "--save-every", 5,
-                                  *common, launcher=(sys.executable, "-c", STOP_IN_CHECKPOINT_15, str(ready))),
-                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300  # not a race: the run cannot go past checkpoint 15 on its own
-    while not ready.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert ready.exists(), "the run never reached checkpoint 15"
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL
+    kill_in_checkpoint_15("--stage", 2, "--output-dir", tmp_path / "b", "--init-from", base, "--save-every", 5, *common,
+                          ready=tmp_path / "in-ckpt-15")
     ckpt = tmp_path / "b" / "stage2" / "checkpoints" / "step_0000010"
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapter", "optimizer.pt", "progress.json", "rng_0.pt",
                                                        "scheduler.pt"]  # the adapter, not the whole model

@@ -2,14 +2,12 @@
 what one process trains at the same global batch."""
 
 import json
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
-from train_common import ENV, cli, losses, run, weights
+from train_common import ENV, cli, kill_in_checkpoint_15, losses, run, weights
 
 from unigen.shapes import write_dataset
 
@@ -19,36 +17,10 @@ def data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("shapes"), 24, seed=3)
 
 
-# `unigen ARGS` that, when every process has written checkpoint step 15 but before it is renamed into place,
-# touches the file argv[1] and waits to be killed: a kill in the middle of a checkpoint write, at a known point
-STOP_IN_CHECKPOINT_15 = """
-import pathlib, sys, time
-from unigen.train import checkpoints
-publish = checkpoints._publish
-def stop(tmp, final, rank):
-    if final.name == "step_0000015":
-        pathlib.Path(sys.argv[1]).touch()
-        time.sleep(600)
-    publish(tmp, final, rank)
-checkpoints._publish = stop
-from unigen.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def test_sigkill_and_resume_gives_the_same_losses(data, tmp_path):
     common = ["--stage", "1", f"data={data}", "stage1.steps=30", "stage1.batch_size=8"]
     run(cli("--output-dir", tmp_path / "a", *common))
-    ready = tmp_path / "in-checkpoint-15"
-    killed = subprocess.Popen(cli("--output-dir", tmp_path / "b", "--save-every", 5, *common,
-                                  launcher=(sys.executable, "-c", STOP_IN_CHECKPOINT_15, str(ready))),
-                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300  # not a race: the run cannot go past checkpoint 15 on its own
-    while not ready.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert ready.exists(), "the run never reached checkpoint 15"
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL
+    kill_in_checkpoint_15("--output-dir", tmp_path / "b", "--save-every", 5, *common, ready=tmp_path / "in-ckpt-15")
     ckpts = tmp_path / "b" / "stage1" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step_0000015", "step_0000005", "step_0000010"]
     run(cli("--output-dir", tmp_path / "b", "--save-every", 5, "--resume", "latest", *common))

@@ -51,3 +51,35 @@ def run(cmd, timeout=300):
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+# `unigen ARGS` that, when every process has written checkpoint step 15 but before it is renamed into place,
+# touches the file argv[1] and waits to be killed: a kill in the middle of a checkpoint write, at a known point
+STOP_IN_CHECKPOINT_15 = """
+import pathlib, sys, time
+from unigen.train import checkpoints
+publish = checkpoints._publish
+def stop(tmp, final, rank):
+    if final.name == "step_0000015":
+        pathlib.Path(sys.argv[1]).touch()
+        time.sleep(600)
+    publish(tmp, final, rank)
+checkpoints._publish = stop
+from unigen.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def kill_in_checkpoint_15(*args, ready: Path) -> None:
+    """Run ``unigen train ARGS`` (``--save-every 5``) and SIGKILL it in the middle of writing checkpoint 15."""
+    import signal
+    import time
+
+    killed = subprocess.Popen(cli(*args, launcher=(sys.executable, "-c", STOP_IN_CHECKPOINT_15, str(ready))),
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300  # not a race: the run cannot go past checkpoint 15 on its own
+    while not ready.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), "the run never reached checkpoint 15"
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
