@@ -5,18 +5,14 @@ name, plus whole copies of its ``modules_to_save``; every other weight stays fro
 PEFT adapter over the whole model::
 
     from peft import PeftModel
-    model = PeftModel.from_pretrained(UniGenModel.from_pretrained(BASE), ADAPTER, config=adapter_config(ADAPTER))
+    model = PeftModel.from_pretrained(UniGenModel.from_pretrained(BASE), ADAPTER)
 
-(or ``unigen.lora.load_adapter(UniGenModel.from_pretrained(BASE), ADAPTER)``, the same call).
+(``unigen.lora.load_adapter(UniGenModel.from_pretrained(BASE), ADAPTER)`` is the same call, with a wrong folder or
+a model of another shape named).
 
-unigen's decoder, generation head and text head call their linear layers through ``unigen.decoder.project``:
-the skinny CPU product for a plain ``nn.Linear``, the layer's own forward for anything else, so PEFT's stock
-layers (``PeftModel.from_pretrained(model, ADAPTER)`` without ``config=``) adapt every path too. The trainer
-attaches ``AdaptedLinear`` (PEFT's LoRA ``Linear`` plus one property) so that code which reads a layer's
-``.weight`` directly also sees the adapter: ``AdaptedLinear.weight`` is an ``AdaptedWeight``, the frozen weight
-carrying its adapters, whose products compute PEFT's ``W x + scale * B (A dropout(x))`` at LoRA's cost (no
-full-size adapted weight, no full-size gradient). ``adapter_config`` registers the layer with PEFT (a custom
-module mapping is not saved in ``adapter_config.json``).
+PEFT's stock LoRA layers serve every path: unigen's decoder, generation head and text head call their linear
+layers through ``unigen.decoder.project``, the skinny CPU product for a plain ``nn.Linear`` and the layer's own
+forward for anything else (a LoRA layer: ``W x + alpha/r * B (A dropout(x))``, no full-size adapted weight).
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unigen.errors import CheckpointError, ConfigError
@@ -136,83 +131,8 @@ def check_quantize(settings: LoraSettings, device: torch.device, where: str) -> 
     except ImportError as err:
         raise ConfigError(f"{where}.quantize={settings.quantize} needs bitsandbytes: pip install bitsandbytes "
                           f"(or drop {where}.quantize)") from err
-    raise ConfigError(f"{where}.quantize={settings.quantize}: a quantized base is not supported yet (unigen's decoder "
-                      "multiplies by its projection weights itself, which bitsandbytes' packed weights do not allow); "
-                      f"drop {where}.quantize and train LoRA with bf16=true")
-
-
-# ---- the layer -----------------------------------------------------------------------------------------------
-
-
-class AdaptedWeight(torch.Tensor):
-    """What ``AdaptedLinear.weight`` returns: the frozen weight W (its values, shape and dtype) carrying its
-    adapters, so that a product with it computes ``W x + scale * B (A dropout(x))`` (PEFT's own arithmetic)
-    without a full-size ``W + scale * B @ A`` in the forward, or a full-size gradient for it in the backward.
-    ``F.linear``, ``torch.mm`` and ``torch.addmm`` (the products ``unigen.decoder.linear`` uses) take that path;
-    any other use of the tensor gets the merged weight."""
-
-    @staticmethod
-    def __new__(cls, layer, adapters: list[str]):
-        t = torch.Tensor._make_subclass(cls, layer.base_layer.weight.detach(), False)
-        t.layer, t.adapters = layer, adapters
-        return t
-
-    def _low_rank(self, x: torch.Tensor, transposed: bool) -> torch.Tensor:
-        """scale * B (A dropout(x)) summed over the adapters; ``transposed``: x is (in, rows), as in ``mm(W, x)``."""
-        layer, out = self.layer, None
-        for a in self.adapters:
-            A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
-            x_a = layer.lora_dropout[a](x.to(A.dtype))
-            part = (torch.mm(B, torch.mm(A, x_a)) if transposed else F.linear(F.linear(x_a, A), B)) * layer.scaling[a]
-            out = part if out is None else out + part
-        return out
-
-    def merged(self) -> torch.Tensor:
-        base = self.layer.base_layer.weight
-        return base + sum(self.layer.get_delta_weight(a).to(base.dtype) for a in self.adapters)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2 and isinstance(args[1], cls) and not isinstance(args[0], cls):
-            x, w = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            out = F.linear(x, w.layer.base_layer.weight, bias)
-            return out + w._low_rank(x, transposed=False).to(out.dtype)
-        if func is torch.mm and isinstance(args[0], cls) and not kwargs and not isinstance(args[1], cls):
-            w, m = args
-            out = torch.mm(w.layer.base_layer.weight, m)
-            return out + w._low_rank(m, transposed=True).to(out.dtype)
-        if func is torch.addmm and len(args) == 3 and isinstance(args[1], cls) and not kwargs:
-            bias, w, m = args
-            out = torch.addmm(bias, w.layer.base_layer.weight, m)
-            return out + w._low_rank(m, transposed=True).to(out.dtype)
-        if getattr(func, "__name__", None) == "__get__":  # .shape, .dtype, .device, ...: the frozen weight's
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-
-        def plain(v):
-            return v.merged() if isinstance(v, cls) else v
-
-        args = tuple(plain(a) for a in args)
-        kwargs = {k: plain(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-
-def _adapted_linear_class():
-    from peft.tuners.lora.layer import Linear
-
-    class AdaptedLinear(Linear):
-        """PEFT's LoRA ``Linear`` whose ``.weight`` carries the adapters (see the module docstring)."""
-
-        @property
-        def weight(self) -> torch.Tensor:
-            adapters = [a for a in self.active_adapters if a in self.lora_A]
-            if self.disable_adapters or self.merged or not adapters:
-                return self.base_layer.weight
-            return AdaptedWeight(self, adapters)
-
-    return AdaptedLinear
+    raise ConfigError(f"{where}.quantize={settings.quantize}: a quantized base is not supported yet (it has not been "
+                      f"built and tested on a GPU); drop {where}.quantize and train LoRA with bf16=true")
 
 
 # ---- attach, save, load, merge ----------------------------------------------------------------------------------
@@ -221,25 +141,19 @@ def _adapted_linear_class():
 def peft_config(settings: LoraSettings, targets: list[str], modules_to_save: list[str]):
     from peft import LoraConfig
 
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=targets, modules_to_save=modules_to_save or None, bias="none")
-    return register_layers(config)
-
-
-def register_layers(config):
-    config._register_custom_module({nn.Linear: _adapted_linear_class()})
-    return config
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=targets, modules_to_save=modules_to_save or None, bias="none")
 
 
 def adapter_config(adapter_dir: str | Path):
-    """The saved adapter's ``LoraConfig`` with unigen's layer registered (pass it to ``PeftModel.from_pretrained``)."""
+    """The saved adapter's ``LoraConfig``; a folder that is not an adapter is named."""
     from peft import LoraConfig
 
     path = Path(adapter_dir)
     if not (path / "adapter_config.json").is_file():
         raise CheckpointError(f"{path} is not a PEFT adapter (no adapter_config.json); pass a stageN/adapter folder "
                               "written by a LoRA stage")
-    return register_layers(LoraConfig.from_pretrained(str(path)))
+    return LoraConfig.from_pretrained(str(path))
 
 
 def attach(model: nn.Module, settings: LoraSettings, where: str):
@@ -252,7 +166,7 @@ def attach(model: nn.Module, settings: LoraSettings, where: str):
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False):
-    """``PeftModel.from_pretrained(model, adapter_dir)`` with unigen's layer registered."""
+    """``PeftModel.from_pretrained(model, adapter_dir)``, with a wrong folder or a model of another shape named."""
     from peft import PeftModel
 
     try:
