@@ -188,7 +188,7 @@ class Attention(nn.Module):
             keys, values = cache.k[layer], cache.v[layer]
             keys.index_copy_(2, cache.column, k.transpose(1, 2).to(keys.dtype))
             values.index_copy_(2, cache.column, v.transpose(1, 2).to(values.dtype))
-            if not (torch.compiler.is_compiling() or capturing()):
+            if not (torch.compiler.is_compiling() or capturing(keys)):
                 # Eager: read only the filled columns. A decode step is bound by reading the cache, and the
                 # whole of it is twice the filled part on average over an image. A captured step keeps the
                 # fixed shape (the unfilled columns are masked by the key bias).
@@ -205,9 +205,10 @@ class Attention(nn.Module):
         return project(self.o_proj, out.to(x.dtype).reshape(b, n, h * d))
 
 
-def capturing() -> bool:
-    """Inside a CUDA-graph capture, where every replay must see the same shapes."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def capturing(t: torch.Tensor) -> bool:
+    """Inside a CUDA-graph capture, where every replay must see the same shapes (asked only of CUDA tensors:
+    a CPU decode step pays no CUDA query)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -303,13 +304,7 @@ class Decoder(nn.Module):
                 position_ids = (positions_from_mask(attention_mask) if attention_mask is not None else
                                 torch.arange(n, device=x.device).expand(x.shape[0], n))
             mask = _prompt_mask(attention_mask, n)
-        start = 0 if cache is None else cache.length
-        cross_mask, sees = cross.state.visibility(start, n) if cross is not None else (None, None)
-        out = self._blocks(x, position_ids, mask, cache, cross, cross_mask, sees)
-        if cache is not None:
-            cache.length += n
-            cache.column += n
-        return out
+        return self._append(x, position_ids, mask, cache, cross)
 
     def decode_step(self, x: torch.Tensor, cache: KVCache, position_ids: torch.Tensor | None = None,
                     cross: CrossAttentionInput | None = None) -> torch.Tensor:
@@ -337,12 +332,18 @@ class Decoder(nn.Module):
             raise ValueError(f"KV cache of {cache.max_len} positions cannot take {n} more after {cache.length}")
         if visible.shape != (x.shape[0], n, cache.length + n):
             raise ValueError(f"visible must be {(x.shape[0], n, cache.length + n)}, got {tuple(visible.shape)}")
-        start = cache.length
-        cache.key_bias[:, :, start:start + n] = 0.0
+        cache.key_bias[:, :, cache.length : cache.length + n] = 0.0
+        return self._append(x, position_ids, visible[:, None], cache, cross)
+
+    def _append(self, x, position_ids, mask, cache: KVCache | None, cross) -> torch.Tensor:
+        """The blocks over ``n`` new positions, written at the cache's next columns (if any)."""
+        n = x.shape[1]
+        start = 0 if cache is None else cache.length
         cross_mask, sees = cross.state.visibility(start, n) if cross is not None else (None, None)
-        out = self._blocks(x, position_ids, visible[:, None], cache, cross, cross_mask, sees)
-        cache.length += n
-        cache.column += n
+        out = self._blocks(x, position_ids, mask, cache, cross, cross_mask, sees)
+        if cache is not None:
+            cache.length += n
+            cache.column += n
         return out
 
     def _blocks(self, x, position_ids, mask, cache, cross, cross_mask, sees) -> torch.Tensor:

@@ -102,7 +102,7 @@ def sample_image_tokens(
     if num_images < 1:
         raise ArgumentError(f"num_images must be at least 1, got {num_images}")
     check_sampling_args(temperature, top_k, top_p, guidance_scale)
-    method = decoding_options_for(decoding, decoding_options, cfg.vq, compile)
+    options = decoding_options_for(decoding, decoding_options, cfg.vq, compile)
     scales = as_schedule(cfg_schedule).scales(guidance_scale, n_tokens)
     limit = model.decoder.config.max_position_embeddings
     if input_ids.shape[1] + n_tokens > limit:
@@ -138,11 +138,10 @@ def sample_image_tokens(
     pixels = torch.cat(images) if images else None
 
     rows = GuidedRows(model, n_gen, scales, temperature, top_k, top_p, generator)
-    name, options = method
-    hidden = rows.prefill(ids, mask, pixels, room=n_tokens + (cfg.vq.grid if name == "zipar" else 0))
-    if name == "jacobi":
+    hidden = rows.prefill(ids, mask, pixels, room=n_tokens + (cfg.vq.grid if decoding == "zipar" else 0))
+    if decoding == "jacobi":
         codes = decode_jacobi(rows, hidden, options.window, progress)
-    elif name == "zipar":
+    elif decoding == "zipar":
         grid = cfg.vq.grid
         codes = decode_zipar(rows, hidden, grid, grid, options.resolved_window(grid), progress)
     else:
@@ -150,8 +149,8 @@ def sample_image_tokens(
     return ImageTokens(codes, rows.passes)
 
 
-def decoding_options_for(decoding: str, options: dict | None, vq, compile: bool | None) -> tuple[str, object]:
-    """The method name and its checked options; a request the method cannot serve is an error."""
+def decoding_options_for(decoding: str, options: dict | None, vq, compile: bool | None):
+    """The method's checked options; a request the method cannot serve is an error."""
     parsed = decoding_options(decoding, options)
     if decoding == "zipar" and parsed.window is not None and parsed.window > vq.grid:
         raise ArgumentError(f"decoding option window={parsed.window} for 'zipar' exceeds the token grid's row width "
@@ -159,7 +158,7 @@ def decoding_options_for(decoding: str, options: dict | None, vq, compile: bool 
     if compile and decoding != "sequential":
         raise ArgumentError(f"compile captures the one-token decode step of 'sequential' decoding; {decoding!r} "
                             "runs passes of varying shape: drop compile or use decoding='sequential'")
-    return decoding, parsed
+    return parsed
 
 
 def _images_per_row(model, rows: list[torch.Tensor], pixel_values: torch.Tensor | None,

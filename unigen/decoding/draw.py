@@ -24,11 +24,16 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(...) tokens -> (..., vocab) float32 distributions with all mass on each token."""
+    return torch.zeros(*tokens.shape, vocab, device=tokens.device).scatter_(-1, tokens[..., None], 1.0)
+
+
 def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """The distribution a token is drawn from; greedy (temperature 0) is the one-hot argmax, so that a
     speculative decoder's acceptance rule needs no separate greedy case."""
     if temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return one_hot(logits.argmax(-1), logits.shape[-1])
     return filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
 
 

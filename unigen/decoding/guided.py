@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from unigen.decoding.draw import Generators, token_probs, uniforms
+from unigen.decoding.draw import Generators, draw, token_probs, uniforms
 
 
 class GuidedRows:
@@ -54,7 +54,15 @@ class GuidedRows:
         return token_probs(self.logits(hidden, index), self.temperature, self.top_k, self.top_p)
 
     def uniforms(self, k: int) -> torch.Tensor:
+        """(images, k) uniforms from each image's stream; greedy distributions are one-hot, so a zero draws
+        their token and no random number is spent."""
+        if self.temperature == 0:
+            return torch.zeros(self.n, k, device=self.model.device)
         return uniforms(self.generator, self.n, k, self.model.device)
+
+    def sample(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """hidden (2 * images, k, width) -> tokens (images, k) drawn from the guided distributions."""
+        return draw(self.probs(hidden, index), self.uniforms(index.shape[-1]))
 
     def extend(self, codes: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """One pass over ``k`` new tokens per image at explicit rotary ``positions`` (2 * images, k) and column

@@ -19,24 +19,16 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from unigen.decoding.draw import draw
+from unigen.decoding.draw import draw, one_hot
 from unigen.decoding.guided import GuidedRows
-
-
-def _one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
-    return torch.zeros(*tokens.shape, vocab, device=tokens.device).scatter_(-1, tokens[..., None], 1.0)
 
 
 def decode_jacobi(rows: GuidedRows, hidden: torch.Tensor, window: int, progress: bool = False) -> torch.Tensor:
     n, total, dev = rows.n, rows.n_tokens, hidden.device
-    greedy = rows.temperature == 0
-    uniforms = (lambda k: torch.zeros(n, k, device=dev)) if greedy else rows.uniforms
     codes = torch.empty(n, total, dtype=torch.long, device=dev)
-    first = rows.probs(hidden[:, None], torch.zeros(1, dtype=torch.long, device=dev))[:, 0]
-    codes[:, 0] = draw(first, uniforms(1)[:, 0])
-    vocab = first.shape[-1]
+    codes[:, :1] = rows.sample(hidden[:, None], torch.zeros(1, dtype=torch.long, device=dev))
     drafts = codes[:, :1].expand(n, window).clone()
-    proposal = _one_hot(drafts, vocab)
+    proposal = one_hot(drafts, rows.model.config.vq.codebook_size)
     done = 1
     bar = tqdm(total=total, desc="image tokens", disable=not progress, leave=False)
     bar.update(1)
@@ -47,7 +39,7 @@ def decode_jacobi(rows: GuidedRows, hidden: torch.Tensor, window: int, progress:
         # output j is the distribution of token done + j; the last one is a bonus token unless the image ends
         index = torch.arange(done, min(done + k + 1, total), device=dev)
         p = rows.probs(out[:, : index.numel()], index)
-        u = uniforms(2 * window + 1)
+        u = rows.uniforms(2 * window + 1)
         d = drafts[:, :k]
         p_d = p[:, :k].gather(-1, d[..., None])[..., 0]
         q_d = proposal[:, :k].gather(-1, d[..., None])[..., 0]
@@ -56,7 +48,7 @@ def decode_jacobi(rows: GuidedRows, hidden: torch.Tensor, window: int, progress:
         # the token at the first rejection: from the residual max(0, p - q); after a full accept, from p
         at = first_rejected.clamp_max(index.numel() - 1)
         p_at = p[torch.arange(n, device=dev), at]
-        q_at = torch.cat([proposal[:, :k], proposal.new_zeros(n, 1, vocab)], 1)[torch.arange(n, device=dev),
+        q_at = torch.cat([proposal[:, :k], proposal.new_zeros(n, 1, p.shape[-1])], 1)[torch.arange(n, device=dev),
                                                                                first_rejected]
         residual = (p_at - q_at).clamp_min(0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
@@ -87,5 +79,5 @@ def _next_window(tokens, final, p, keep: int, window: int, u, last):
     n_known = int(from_p.sum())
     guess = (drafts[:, n_known - 1] if n_known else last)[:, None].expand(n, window)
     drafts = torch.where(from_p[None], drafts, guess)
-    proposal = torch.where(from_p[None, :, None], p_sel, _one_hot(guess, vocab))
+    proposal = torch.where(from_p[None, :, None], p_sel, one_hot(guess, vocab))
     return drafts, proposal

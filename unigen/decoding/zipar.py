@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from unigen.decoding.draw import draw
 from unigen.decoding.guided import GuidedRows
 
 
@@ -32,16 +31,13 @@ def decode_zipar(rows: GuidedRows, hidden: torch.Tensor, height: int, width: int
     n, dev = rows.n, hidden.device
     window = min(window, width)
     cache = rows.cache
-    greedy = rows.temperature == 0
-    uniforms = (lambda k: torch.zeros(n, k, device=dev)) if greedy else rows.uniforms
     steps = zipar_steps(height, width, window).flatten().tolist()
     by_step: dict[int, list[int]] = {}
     for raster, s in enumerate(steps):
         by_step.setdefault(s, []).append(raster)
 
     codes = torch.empty(n, height * width, dtype=torch.long, device=dev)
-    first = rows.probs(hidden[:, None], torch.zeros(1, dtype=torch.long, device=dev))[:, 0]
-    codes[:, 0] = draw(first, uniforms(1)[:, 0])
+    codes[:, :1] = rows.sample(hidden[:, None], torch.zeros(1, dtype=torch.long, device=dev))
     prompt = cache.length
     prompt_visible = cache.key_bias[:, 0, :prompt] == 0  # (2 * images, prompt): left padding stays hidden
     base = cache.next_pos.clone()  # each row's position of image token 0
@@ -74,8 +70,7 @@ def decode_zipar(rows: GuidedRows, hidden: torch.Tensor, height: int, width: int
         out = rows.extend(codes[:, feeds], positions, visible)
         targets = by_step[s]
         slots = torch.tensor([source[t] for t in targets], device=dev)
-        p = rows.probs(out[:, slots], torch.tensor(targets, device=dev))
-        codes[:, targets] = draw(p, uniforms(len(targets)))
+        codes[:, targets] = rows.sample(out[:, slots], torch.tensor(targets, device=dev))
         dropped = (~real).nonzero()[:, 0] + prompt + written
         cache.key_bias[:, :, dropped] = float("-inf")  # a dropped query's keys are never read again
         written += k
