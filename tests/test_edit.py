@@ -10,7 +10,7 @@ from PIL import Image
 from train_common import recipe
 
 from unigen.cli import main
-from unigen.editing import CFG_DROPS, edit_image_logits, edit_prompt_ids, keeps_image
+from unigen.editing import CFG_DROPS, edit_prompt_ids, keeps_image
 from unigen.errors import ArgumentError
 from unigen.pipeline import UniGenPipeline
 from unigen.shapes import write_dataset
@@ -183,12 +183,12 @@ def test_pipe_edit_is_the_hand_built_guided_computation(pipe, drop):
             pixels = processor.understanding_pixels([source])
             cond = torch.tensor([edit_prompt_ids(processor, text)])
             uncond = torch.tensor([edit_prompt_ids(processor, text, drop)])
-            c = edit_image_logits(model, cond, codes, None, pixels)
-            u = edit_image_logits(model, uncond, codes, None, pixels if keeps_image(drop) else None)
+            c = model.image_logits(cond, codes, None, pixels)
+            u = model.image_logits(uncond, codes, None, pixels if keeps_image(drop) else None)
             assert torch.equal((u + 3.0 * (c - u)).argmax(-1), codes)
     unguided = pipe.edit(sources[0], instructions[0], guidance_scale=1.0, temperature=0, cfg_drop=drop).tokens
     with torch.no_grad():
-        c = edit_image_logits(model, torch.tensor([edit_prompt_ids(processor, instructions[0])]), unguided, None,
+        c = model.image_logits(torch.tensor([edit_prompt_ids(processor, instructions[0])]), unguided, None,
                               processor.understanding_pixels(sources[:1]))
     assert torch.equal(c.argmax(-1), unguided)
 

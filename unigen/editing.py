@@ -21,8 +21,6 @@ The trainer trains all three (a dropped edit sample takes one at random); the sa
 
 from __future__ import annotations
 
-import torch
-
 from unigen.errors import ArgumentError
 from unigen.processor import IMAGE_START_TAG, IMAGE_TAG, check_text
 
@@ -65,16 +63,3 @@ def edit_prompt_ids(processor, instruction: str, drop: str | None = None) -> lis
 def keeps_image(drop: str | None) -> bool:
     """Whether a row of this kind reads the source image (its placeholders are not dropped)."""
     return drop in (None, "instruction")
-
-
-def edit_image_logits(model, input_ids: torch.Tensor, codes: torch.Tensor, attention_mask: torch.Tensor | None,
-                      pixel_values: torch.Tensor | None) -> torch.Tensor:
-    """``model.image_logits`` for prompts with image placeholders: the placeholders of the rows (reading
-    order) are filled with ``pixel_values``' aligned SigLIP features. -> (batch, n, codebook_size)."""
-    n = codes.shape[1]
-    embeds = torch.cat([model.prepare_inputs_embeds(input_ids, pixel_values), model.embed_image_tokens(codes[:, :-1])],
-                       1)
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], n - 1)], 1)
-    hidden = model.run_decoder(embeds, attention_mask).last_hidden_state
-    return model.gen_head(hidden[:, input_ids.shape[1] - 1 :])

@@ -250,19 +250,22 @@ class UniGenModel(nn.Module):
         return DecoderOutput(hidden, cache)
 
     def image_logits(
-        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Teacher-forced generation-head logits (batch, n, codebook_size).
 
         ``[:, i]`` is the distribution of ``image_tokens[:, i]`` given the prompt (which ends with the
-        image-start token) and ``image_tokens[:, :i]``.
+        image-start token) and ``image_tokens[:, :i]``. ``pixel_values`` fill the prompts' image
+        placeholders in reading order (an edit prompt's source images).
         """
         if image_tokens.ndim != 2 or image_tokens.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"image_tokens must be (batch={input_ids.shape[0]}, n); got {tuple(image_tokens.shape)}"
             )
         n = image_tokens.shape[1]
-        embeds = torch.cat([self.embed_text(input_ids), self.embed_image_tokens(image_tokens[:, :-1])], 1)
+        embeds = torch.cat([self.prepare_inputs_embeds(input_ids, pixel_values),
+                            self.embed_image_tokens(image_tokens[:, :-1])], 1)
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], n - 1)
             attention_mask = torch.cat([attention_mask, ones], 1)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unigen.editing import edit_image_logits
 from unigen.train.batches import IGNORE
 from unigen.train.recipe import TASKS
 
@@ -54,8 +53,6 @@ class TrainStep(nn.Module):
         return self._text_head_loss(hidden, b["targets"])
 
     def generation(self, b: dict) -> torch.Tensor:
-        if "pixel_values" in b:  # edit rows: their source images fill the prompts' placeholders
-            logits = edit_image_logits(self.model, b["input_ids"], b["codes"], b["attention_mask"], b["pixel_values"])
-        else:
-            logits = self.model.image_logits(b["input_ids"], b["codes"], b["attention_mask"])
+        # edit rows carry pixel_values: their source images fill the prompts' placeholders
+        logits = self.model.image_logits(b["input_ids"], b["codes"], b["attention_mask"], b.get("pixel_values"))
         return F.cross_entropy(logits.flatten(0, 1).float(), b["codes"].flatten(), reduction="sum")
