@@ -364,3 +364,62 @@ def test_method_b_captioning_through_the_sampler_equals_full_recompute():
             rows = torch.cat([rows, nxt[:, None]], 1)
             m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
     assert new == torch.stack(expected, 1).tolist()
+
+
+# ---- image positions (issue 26) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", [True, False])
+def test_image_positions_make_the_block_see_where_a_feature_sits(positions):
+    """Two images whose features differ only by where the one distinct feature sits (an object moved from the
+    first token to the last) give different block outputs with image positions, and exactly the same without
+    them: attention without positions cannot tell its keys apart by place."""
+    from unigen.cross_attention import CrossAttentionBlock
+
+    llm = tiny_config().llm
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(llm, image_tokens=16 if positions else None, gate_init=1.0)
+    background, thing = torch.randn(llm.hidden_size), torch.randn(llm.hidden_size)
+    here, there = background.repeat(16, 1), background.repeat(16, 1)
+    here[0], there[15] = thing, thing
+    hidden = torch.randn(1, 3, llm.hidden_size)
+    outputs = []
+    for image in (here, there):
+        keys, values = block.project_kv(image[None, None])  # one row, one image slot
+        outputs.append(block(hidden, keys, values, None, None))
+    # relative to what the block adds at all (its fresh weights are small)
+    moved = ((outputs[0] - outputs[1]).abs().max() / (outputs[0] - hidden).abs().max()).item()
+    if positions:
+        assert moved > 0.01  # 0.033 with this seed; without positions it is below 1e-5
+    else:
+        assert moved < 1e-5
+
+
+def test_image_position_table_and_gate_init():
+    from unigen.cross_attention import sincos_2d
+
+    table = sincos_2d(16, 64)
+    assert table.shape == (16, 64)
+    assert len({tuple(row.tolist()) for row in table}) == 16  # every grid place has its own code
+    grid = table.view(4, 4, 64)
+    assert torch.equal(grid[:, 0, :32], grid[:, 3, :32])  # first half: the row only
+    assert torch.equal(grid[0, :, 32:], grid[3, :, 32:])  # second half: the column only
+    with pytest.raises(ValueError, match="square token grid"):
+        sincos_2d(12, 64)
+
+    model = UniGenModel(tiny_config(fusion="cross_attention", cross_attention_gate_init=0.5))
+    block = next(iter(model.cross_attn_layers.values()))
+    assert block.cross_attn_attn_gate.item() == block.cross_attn_mlp_gate.item() == 0.5
+    assert torch.equal(block.image_position.detach(), sincos_2d(model.config.vision.num_tokens, 64))
+    assert "cross_attention" in {g for g, ps in parameter_groups(model).items()
+                                 if any(p is block.image_position for _, p in ps)}
+
+
+def test_method_b_config_saved_before_image_positions_loads_without_them():
+    """A Method B config.json written before the key existed describes blocks without position tables."""
+    old = tiny_config(fusion="cross_attention").to_dict()
+    del old["cross_attention_image_positions"], old["cross_attention_gate_init"]
+    config = UniGenConfig.from_dict(old)
+    assert config.cross_attention_image_positions is False
+    assert all(b.image_position is None for b in UniGenModel(config).cross_attn_layers.values())
+    assert UniGenConfig.from_dict(tiny_config(fusion="cross_attention").to_dict()).cross_attention_image_positions

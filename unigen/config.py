@@ -126,6 +126,12 @@ class UniGenConfig:
     encoder: Literal["siglip", "patch"] = "siglip"
     cross_attention_every: int = 4
     cross_attention_layers: list[int] | None = None  # explicit positions override ``cross_attention_every``
+    # Method B: add a learned 2-D position table (2-D sin-cos at init) to the image features each block
+    # projects to keys and values, so what a query reads says where it came from (docs/FUSION.md)
+    cross_attention_image_positions: bool = True
+    # Method B: initial value of both gates (tanh(gate) scales each branch). 0 makes a new block an exact
+    # identity, what adding blocks to a pretrained LLM needs; a model trained from scratch can start them open.
+    cross_attention_gate_init: float = 0.0
     # CFG scale used when a caller gives none. Janus samples at 5; a small model trained on a narrow
     # world is over-steered by that, so checkpoints carry their own (docs/EXPERIMENTS.md).
     guidance_scale: float = 5.0
@@ -156,6 +162,9 @@ class UniGenConfig:
             raise ConfigError(f"a unigen config must be a JSON object of keys, got {type(d).__name__}")
         d = dict(d)
         d.pop("model_type", None)
+        if d.get("fusion") == "cross_attention":
+            # Method B checkpoints saved before image positions existed have no position tables
+            d.setdefault("cross_attention_image_positions", False)
         subs = {"vision": SigLIPConfig, "vq": VQConfig, "llm": LLMConfig, "tokens": TokenIds}
         kwargs: dict[str, Any] = {}
         for name, value in d.items():

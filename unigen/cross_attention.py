@@ -70,7 +70,8 @@ def cross_attention_positions(config: UniGenConfig) -> list[int]:
 
 
 class CrossAttention(nn.Module):
-    """Text queries, image keys/values; q/k RMSNorm per head; grouped (GQA) heads; no rotary positions."""
+    """Text queries, image keys/values; q/k RMSNorm per head; grouped (GQA) heads; no rotary positions (the
+    block adds image positions to the features it projects)."""
 
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, eps: float):
         super().__init__()
@@ -106,18 +107,32 @@ class CrossAttention(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """``h += tanh(g_attn) * xattn(norm(h)); h += tanh(g_mlp) * mlp(norm(h))``, both zeroed where no image is seen."""
 
-    def __init__(self, llm: LLMConfig, init_std: float = 0.02):
+    def __init__(self, llm: LLMConfig, image_tokens: int | None = None, gate_init: float = 0.0,
+                 init_std: float = 0.02):
+        """``image_tokens``: features per image; with it the block owns a position table for them (None: none)."""
         super().__init__()
         width, eps = llm.hidden_size, llm.rms_norm_eps
         self.input_layernorm = RMSNorm(width, eps=eps)
         self.cross_attn = CrossAttention(width, llm.num_heads, llm.num_kv_heads, eps)
-        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.cross_attn_attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.post_attention_layernorm = RMSNorm(width, eps=eps)
         self.mlp = MLP(width, llm.intermediate_size)
-        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+        self.cross_attn_mlp_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        # Attention over keys without positions is blind to their order: permuting an image's features gives
+        # the same output. The table goes into the keys (where to look) and the values (what was read says
+        # where it came from).
+        self.image_position = (nn.Parameter(sincos_2d(image_tokens, width)) if image_tokens is not None
+                               else None)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=init_std)
+
+    def project_kv(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, n_slots, n_tokens, width) features of each row's image slots -> keys, values
+        (batch, kv_heads, n_slots * n_tokens, head_dim)."""
+        if self.image_position is not None:
+            images = images + self.image_position.to(images.dtype)
+        return self.cross_attn.project_kv(images.flatten(1, 2))
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor | None, sees_image: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +153,27 @@ def build_cross_attention_layers(config: UniGenConfig) -> nn.ModuleDict | None:
         return None
     if config.fusion != "cross_attention":
         raise ValueError(f"unknown fusion {config.fusion!r}; expected 'concat' or 'cross_attention'")
-    return nn.ModuleDict({str(i): CrossAttentionBlock(config.llm) for i in cross_attention_positions(config)})
+    image_tokens = config.vision.num_tokens if config.cross_attention_image_positions else None
+    return nn.ModuleDict({str(i): CrossAttentionBlock(config.llm, image_tokens, config.cross_attention_gate_init)
+                          for i in cross_attention_positions(config)})
+
+
+def sincos_2d(n_tokens: int, width: int) -> torch.Tensor:
+    """(n_tokens, width) 2-D sine-cosine table of a square token grid (MAE / ViT style): the first half of
+    the channels encodes the row, the second half the column."""
+    grid = int(round(n_tokens**0.5))
+    if grid * grid != n_tokens or width % 4:
+        raise ValueError(f"image positions need a square token grid and a width divisible by 4; got {n_tokens} "
+                         f"tokens, width {width}")
+    quarter = width // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coordinate in (rows.flatten(), cols.flatten()):
+        angles = coordinate[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
 
 
 # ---- per-call image state ------------------------------------------------------------------------
@@ -237,10 +272,9 @@ def prepare_cross_attention_state(model, input_ids: torch.Tensor, pixel_values: 
     image_columns = torch.full((batch, most), _NEVER, dtype=torch.long, device=input_ids.device)
     image_columns[rows, slot] = cols + column_offset
     key_columns = image_columns.repeat_interleave(n_tok, dim=1)
-    flat = slots.view(batch, most * n_tok, width)
     keys, values = {}, {}
     for name, block in model.cross_attn_layers.items():
-        keys[name], values[name] = block.cross_attn.project_kv(flat)
+        keys[name], values[name] = block.project_kv(slots)
     return CrossAttentionState(keys, values, key_columns, last_column=int(image_columns[rows, slot].max()),
                                no_padding=bool((per_row == most).all()))
 
