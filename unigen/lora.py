@@ -13,6 +13,10 @@ a model of another shape named).
 PEFT's stock LoRA layers serve every path: unigen's decoder, generation head and text head call their linear
 layers through ``unigen.decoder.project``, the skinny CPU product for a plain ``nn.Linear`` and the layer's own
 forward for anything else (a LoRA layer: ``W x + alpha/r * B (A dropout(x))``, no full-size adapted weight).
+
+QLoRA (``quantize: 4bit`` or ``8bit``, CUDA + bitsandbytes): the adapted linear layers of the frozen base become
+bitsandbytes layers (``quantize_targets``) before PEFT attaches its bitsandbytes LoRA layers over them; the stage's
+merged ``final`` folds the adapters into the float base (``merge_saved``).
 """
 
 from __future__ import annotations
@@ -129,10 +133,40 @@ def check_quantize(settings: LoraSettings, device: torch.device, where: str) -> 
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise ConfigError(f"{where}.quantize={settings.quantize} needs bitsandbytes: pip install bitsandbytes "
-                          f"(or drop {where}.quantize)") from err
-    raise ConfigError(f"{where}.quantize={settings.quantize}: a quantized base is not supported yet (it has not been "
-                      f"built and tested on a GPU); drop {where}.quantize and train LoRA with bf16=true")
+        raise ConfigError(f"{where}.quantize={settings.quantize} needs bitsandbytes, which is not installed: "
+                          f"pip install 'unigen[qlora]' (or bitsandbytes), or drop {where}.quantize") from err
+
+
+def quantize_targets(model: nn.Module, settings: LoraSettings, where: str,
+                     compute_dtype: torch.dtype = torch.float32) -> list[str]:
+    """QLoRA's frozen base: the linear layers LoRA will adapt become bitsandbytes layers holding the same float
+    weights (``4bit``: NF4 ``Linear4bit``; ``8bit``: ``Linear8bitLt``), which quantize when the model moves to a
+    CUDA device; PEFT then attaches its bitsandbytes LoRA layers over them. The decoder calls them through
+    ``unigen.decoder.project``, i.e. their own forward. Returns the replaced layers' names."""
+    import bitsandbytes as bnb
+
+    targets, _ = resolve_targets(model, settings, where)
+    for name in targets:
+        layer = model.get_submodule(name)
+        if type(layer) is not nn.Linear:
+            continue
+        bias = layer.bias is not None
+        data = layer.weight.data
+        if settings.quantize == "4bit":
+            quantized = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias, device="meta",
+                                          compute_dtype=compute_dtype, quant_type="nf4")
+            quantized.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4", module=quantized)
+        else:
+            quantized = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=bias, device="meta",
+                                            has_fp16_weights=False, threshold=6.0)
+            quantized.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+        if bias:
+            quantized.bias = nn.Parameter(layer.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized)
+    # transformers' flags for a quantized model: PEFT reads them to pick its bitsandbytes LoRA layers
+    model.is_loaded_in_4bit, model.is_loaded_in_8bit = settings.quantize == "4bit", settings.quantize == "8bit"
+    return targets
 
 
 # ---- attach, save, load, merge ----------------------------------------------------------------------------------
@@ -195,10 +229,12 @@ def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
         raise CheckpointError(f"{adapter_dir} does not match this stage's lora settings (missing {missing[:3]})")
 
 
-def save_adapter(peft_model, directory: Path, base: str | None) -> None:
-    """The adapter (PEFT's files) plus ``base.json``: the checkpoint it adapts, for resuming and merging."""
+def save_adapter(peft_model, directory: Path, base: str | None, state: dict | None = None) -> None:
+    """The adapter (PEFT's files) plus ``base.json``: the checkpoint it adapts, for resuming and merging.
+    ``state``: the trained parameters under PEFT's names, where the model's own are shards (FSDP)."""
     # save_embedding_layers: PEFT would otherwise store the whole (frozen) text head when lm_head is a target
-    peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+    peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False,
+                               state_dict=state)
     (Path(directory) / "base.json").write_text(json.dumps({"base": base}) + "\n")
 
 
@@ -217,6 +253,14 @@ def merge(peft_model) -> nn.Module:
     """The plain model with the adapters folded into its weights (``W + alpha/r * B @ A``) and the trained copies
     of ``modules_to_save`` in their places."""
     return peft_model.merge_and_unload()
+
+
+def merge_saved(base: str, adapter_dir: Path) -> nn.Module:
+    """A saved adapter folded into a fresh float copy of its base: the merge where the training model cannot merge
+    in place (FSDP shards; a QLoRA base is quantized, and the adapters are folded into its float weights)."""
+    from unigen import UniGenModel
+
+    return merge(load_adapter(UniGenModel.from_pretrained(base), adapter_dir))
 
 
 def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:

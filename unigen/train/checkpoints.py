@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -29,9 +30,19 @@ from unigen.errors import CheckpointError
 from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name
 from unigen.train.parallel import barrier
 
-__all__ = ["checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress", "rng_state", "save_checkpoint",
-           "save_final", "set_rng_state"]
+__all__ = ["Adapter", "checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress", "rng_state",
+           "save_checkpoint", "save_final", "set_rng_state"]
 TRAINED = "trained.json"  # in stageN/final: {"stage", "step", "steps"}
+
+
+class Adapter(NamedTuple):
+    """A LoRA stage's adapters: the ``PeftModel``, the source of the base it adapts, and whether the final merge
+    happens in place. Under FSDP the weights are shards and a QLoRA base is quantized: there the saved adapter is
+    folded into a fresh float copy of the base instead (``unigen.lora.merge_saved``)."""
+
+    peft_model: object
+    base: str
+    merge_in_place: bool = True
 
 
 def trained_steps(final: Path) -> tuple[int, int] | None:
@@ -79,8 +90,18 @@ def full_model_state(wrapped, model, kind: str) -> dict | None:
     return {k: state[k] for k in model.state_dict()}  # checkpoint order = the model's
 
 
+def adapter_state(model, kind: str) -> dict | None:
+    """Under FSDP, the trained parameters (adapters, copies of modules_to_save) gathered from their shards, under
+    PeftModel's names, on rank 0 (``None`` elsewhere; collective). Elsewhere ``None``: PEFT reads the model."""
+    if kind != "fsdp":
+        return None
+    state = {f"base_model.model.{name}": (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+             for name, p in model.named_parameters() if p.requires_grad}
+    return state if torch.distributed.get_rank() == 0 else None
+
+
 def save_weights(directory: Path, wrapped, model, processor, kind: str, rank: int) -> None:
-    state = full_model_state(wrapped, model, kind)
+    state = full_model_state(wrapped, model, kind) if kind == "fsdp" or rank == 0 else None
     if rank == 0:
         from unigen.checkpoint import save_model
 
@@ -105,16 +126,19 @@ def _fresh_tmp(tmp: Path, rank: int) -> None:
 
 def save_final(out: Path, wrapped, model, processor, kind: str, rank: int, *, stage: int, step: int,
                steps: int, adapter=None) -> Path:
-    """``out/final``; with ``adapter`` (``(PeftModel, base source)``, a LoRA stage) first ``out/adapter``, then
-    the merged model as ``final``."""
+    """``out/final``; with ``adapter`` (a LoRA stage) first ``out/adapter``, then the merged model as ``final``."""
     if adapter is not None:
-        peft_model, base = adapter
         tmp = out / ".tmp-adapter"
         _fresh_tmp(tmp, rank)
+        state = adapter_state(model, kind)
         if rank == 0:
-            lora.save_adapter(peft_model, tmp, base)
+            lora.save_adapter(adapter.peft_model, tmp, adapter.base, state)
         _publish(tmp, out / "adapter", rank)
-        model = lora.merge(peft_model)  # in place: the stage is over
+        if adapter.merge_in_place:
+            model = lora.merge(adapter.peft_model)  # the stage is over
+        else:  # a whole float copy, on rank 0 only
+            model = lora.merge_saved(adapter.base, out / "adapter") if rank == 0 else None
+            kind = "single"
     final, tmp = out / "final", out / ".tmp-final"
     _fresh_tmp(tmp, rank)
     save_weights(tmp, wrapped, model, processor, kind, rank)
@@ -126,7 +150,7 @@ def save_final(out: Path, wrapped, model, processor, kind: str, rank: int, *, st
 
 def save_checkpoint(root: Path, *, stage: int, step: int, wrapped, model, processor, optimizer, scheduler,
                     accelerator, kind: str, rank: int, keep_last: int, adapter=None) -> Path:
-    """``adapter``: ``(PeftModel, base source)`` in a LoRA stage, saved instead of the whole model."""
+    """``adapter``: a LoRA stage's ``Adapter``, saved instead of the whole model."""
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
     if rank == 0:
@@ -134,8 +158,9 @@ def save_checkpoint(root: Path, *, stage: int, step: int, wrapped, model, proces
         tmp.mkdir(parents=True)
     barrier()
     if adapter is not None:
+        state = adapter_state(model, kind)
         if rank == 0:
-            lora.save_adapter(adapter[0], tmp / "adapter", adapter[1])
+            lora.save_adapter(adapter.peft_model, tmp / "adapter", adapter.base, state)
     else:
         save_weights(tmp / "model", wrapped, model, processor, kind, rank)
     if kind == "deepspeed":

@@ -150,7 +150,7 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     resume_from = resolve_resume(resume, ckpt_root, recipe.overwrite, rank)
     base = None  # a LoRA stage: the checkpoint its adapters adapt
     if cfg.lora is not None:
-        check_lora_run(cfg.lora, accelerator.device, kind, stage)
+        check_lora_run(cfg.lora, accelerator.device, kind, world, stage)
         base = lora_.read_base(resume_from / "adapter") if resume_from is not None else None
         base = base or lora_base(recipe, stage, init_from)
     elif resume_from is None:
@@ -167,6 +167,9 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         model, processor = load_start(recipe, stage, samples, init_from)
     if rank == 0:
         parallel.barrier()
+    if cfg.lora is not None and cfg.lora.quantize is not None:  # bitsandbytes layers quantize on the move to CUDA
+        lora_.quantize_targets(model, cfg.lora, f"stage{stage}.lora",
+                               torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
     model.to(accelerator.device).train()
     model.language_model.model.gradient_checkpointing = recipe.grad_checkpointing
     peft_model = None
@@ -179,7 +182,8 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     else:
         groups = stage_groups(model.config, cfg.groups, cfg.train_llm)
         set_trainable(model, groups)
-    adapter = None if peft_model is None else (peft_model, base)
+    adapter = None if peft_model is None else ckpt.Adapter(peft_model, base, kind != "fsdp" and
+                                                           cfg.lora.quantize is None)
     check_tasks(pools, cfg, groups, stage)
     if rank == 0:
         parallel.log_trainable(model, groups, stage)
@@ -287,12 +291,18 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     return final
 
 
-def check_lora_run(settings, device, kind: str, stage: int) -> None:
+def check_lora_run(settings, device, kind: str, world: int, stage: int) -> None:
     where = f"stage{stage}.lora"
+    if kind == "deepspeed":
+        raise ConfigError(f"{where}: a LoRA stage trains on one process, with DDP (torchrun) or with FSDP "
+                          "(parallel=fsdp or train/accelerate-fsdp.yaml), not with DeepSpeed: its checkpoints "
+                          "(accelerate's save_state) hold the whole model instead of the adapter, and that path is "
+                          "untested with adapters; use FSDP to shard a LoRA stage")
+    if settings.quantize is not None and world > 1:
+        raise ConfigError(f"{where}.quantize={settings.quantize}: a quantized base (QLoRA) trains on one GPU, one "
+                          f"process; this run has {world} ({kind}). Drop {where}.quantize to train LoRA over the "
+                          "float base with several processes")
     lora_.check_quantize(settings, device, where)
-    if kind in ("fsdp", "deepspeed"):
-        raise ConfigError(f"{where}: a LoRA stage trains on one process or with DDP (torchrun without "
-                          f"parallel=fsdp), not with {kind}: the adapters' optimizer state is small, nothing to shard")
 
 
 def _sync_context(accelerator, wrapped, kind: str, last: bool):

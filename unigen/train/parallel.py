@@ -8,6 +8,8 @@
 - FSDP2 (``accelerate launch --config_file train/accelerate-fsdp.yaml``, or ``parallel=fsdp`` under
   torchrun): every unit of ``fsdp_units`` is sharded on its own, so frozen and trainable parameters never
   share a unit; the frozen VQ stays whole on every process (it encodes images outside the training forward).
+  In a LoRA stage the adapters (and a ``modules_to_save`` copy) sit in the unit of the layer they adapt, beside its
+  frozen weights: FSDP2 shards both and reduces only the gradients that exist.
 """
 
 from __future__ import annotations
