@@ -105,6 +105,28 @@ def test_stage_chaining_and_task_checks(data, tmp_path):
         run_stage(recipe(mixed, tmp_path / "b", "stage1.mixture=[1, 1, 1]"), 1, progress=False)
 
 
+def test_method_b_starts_from_a_base_checkpoint(data, tmp_path):
+    """add_cross_attention_every: a concat start gets zero-gated blocks (it computes what the base computed until
+    the gates move), every base weight is kept, and the next stage continues the Method B model as saved."""
+    base = run_stage(recipe(data, tmp_path / "a", "stage1.steps=1"), 1, progress=False)
+    r = recipe(data, tmp_path / "b", "add_cross_attention_every=1", "stage2.steps=1", "stage2.train_llm=true",
+               "stage3.steps=1", "stage3.train_llm=true")
+    b2 = run_stage(r, 2, init_from=str(base), progress=False)
+    config = json.loads((Path(b2) / "config.json").read_text())
+    assert config["fusion"] == "cross_attention" and config["cross_attention_image_positions"] is True
+    after = weights(b2)
+    assert set(weights(base)) < set(after)
+    assert {k.split(".")[0] for k in set(after) - set(weights(base))} == {"cross_attn_layers"}
+    trained, _ = changed_groups(weights(base), {k: v for k, v in after.items() if not k.startswith("cross_attn")})
+    assert "llm" in trained
+    gates = [v for k, v in after.items() if k.endswith("_gate")]
+    assert len(gates) == 2 * 2 and all(g.abs().item() > 0 for g in gates)  # opened from zero by training
+    b3 = run_stage(r, 3, progress=False)  # from stage 2's Method B weights: same blocks, no second conversion
+    assert set(weights(b3)) == set(after)
+    with pytest.raises(ValueError, match="add_cross_attention_every must be >= 1"):
+        recipe(data, tmp_path / "c", "add_cross_attention_every=0")
+
+
 def test_cli_overrides_after_options_checkpointing_bf16_and_init_from(data, tmp_path, capsys):
     from unigen.cli import main
 

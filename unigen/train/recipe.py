@@ -73,6 +73,10 @@ class TrainRecipe:
     output_dir: str = "runs/unigen"
     init_from: str | None = None  # any checkpoint UniGenModel.from_pretrained reads (+ its tokenizer)
     model: dict = field(default_factory=dict)  # a fresh UniGenConfig (used when init_from is empty)
+    # Method B from a base (concat) checkpoint: the start is loaded with zero-gated cross-attention blocks added
+    # before every N-th decoder block (from_pretrained(fusion="cross_attention")); a start that already has
+    # them at those places loads as saved
+    add_cross_attention_every: int | None = None
     vq_from: str | None = None  # a trained VQ tokenizer (unigen train-vq out_dir)
     siglip_from: str | None = None  # a trained SigLIP encoder (unigen train-siglip out_dir)
     tokenizer_vocab: int = 512  # word-level text tokenizer trained on the data for a fresh model
@@ -111,6 +115,9 @@ class TrainRecipe:
             raise ConfigError(f"bf16 must be true, false or auto, got {self.bf16!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.add_cross_attention_every is not None and self.add_cross_attention_every < 1:
+            raise ConfigError(f"add_cross_attention_every must be >= 1 (a block before every N-th decoder block), "
+                              f"got {self.add_cross_attention_every}")
         if self.save_every < 0 or self.keep_last < 1 or self.max_seq_len < 0 or self.grad_clip < 0:
             raise ConfigError(f"save_every, max_seq_len and grad_clip must be >= 0 and keep_last >= 1, got "
                               f"{self.save_every}, {self.max_seq_len}, {self.grad_clip} and {self.keep_last}")

@@ -50,8 +50,12 @@ def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel
     return model, UniGenProcessor(tokenizer, config)
 
 
-def load_pretrained(source) -> tuple[UniGenModel, UniGenProcessor]:
-    model = UniGenModel.from_pretrained(source)
+def load_pretrained(source, add_cross_attention_every: int | None = None) -> tuple[UniGenModel, UniGenProcessor]:
+    if add_cross_attention_every is None:
+        model = UniGenModel.from_pretrained(source)
+    else:
+        model = UniGenModel.from_pretrained(source, fusion="cross_attention",
+                                            cross_attention_every=add_cross_attention_every)
     return model, UniGenProcessor.from_pretrained(source, config=model.config)
 
 
@@ -73,7 +77,8 @@ def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
     source = start_source(recipe, stage, init_from)
     if source is None:
         return build_fresh(recipe, samples)
-    return load_pretrained(source)
+    torch.manual_seed(recipe.seed)  # blocks added by add_cross_attention_every draw from the global RNG
+    return load_pretrained(source, recipe.add_cross_attention_every)
 
 
 def lora_base(recipe: TrainRecipe, stage: int, init_from: str | None) -> str:
