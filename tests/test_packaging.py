@@ -45,7 +45,8 @@ def test_the_wheel_holds_every_module_and_the_recipes_as_data_only(wheel):
     data = wheel / "unigen" / "_data"
     shipped = [f"train/{p.name}" for p in (REPO / "train").glob("*.yaml")]
     shipped += [f"tokenizers/{p.name}" for p in (REPO / "tokenizers").glob("*.yaml")]
-    shipped += [f"checkpoints/shapes-small/{p.name}" for p in (REPO / "checkpoints" / "shapes-small").iterdir()]
+    shipped += [p.relative_to(REPO).as_posix() for p in (REPO / "checkpoints").glob("*/*")]
+    assert {f"checkpoints/{name}/model.safetensors" for name in ("shapes-small", "shapes-small-b")} <= set(shipped)
     assert "train/shapes.yaml" in shipped and "tokenizers/vq-shapes.yaml" in shipped
     for name in shipped:
         assert (data / name).read_bytes() == (REPO / name).read_bytes(), name
