@@ -235,9 +235,14 @@ def test_instruction_words_join_a_caption_trained_tokenizer(tmp_path):
     from unigen.errors import CheckpointError
     from unigen.shapes.editing import add_instruction_words
 
-    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-small"
+    # the Method B checkpoint keeps the caption-trained tokenizer; the editing one has the words already
+    checkpoints = Path(__file__).resolve().parents[1] / "checkpoints"
+    shipped = checkpoints / "shapes-small-b"
+    (tmp_path / "editing").mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(shipped / name, tmp_path / name)
+        shutil.copy(checkpoints / "shapes-small" / name, tmp_path / "editing" / name)
+    assert add_instruction_words(tmp_path / "editing", vocab_size=256) == []
     from transformers import AutoTokenizer
 
     before = AutoTokenizer.from_pretrained(str(tmp_path))
