@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from unigen import UniGenModel
 from unigen.checkpoint import CheckpointError, official_state_dict
 from unigen.config import LLMConfig, SigLIPConfig, UniGenConfig, VQConfig
-from unigen.cross_attention import add_cross_attention, cross_attention_positions
+from unigen.cross_attention import CrossAttentionBlock, add_cross_attention, cross_attention_positions, sincos_2d
 from unigen.decoder import linear
 from unigen.param_groups import parameter_groups, set_trainable, stage_groups
 from unigen.testing import TINY_TOKENS
@@ -374,8 +374,6 @@ def test_image_positions_make_the_block_see_where_a_feature_sits(positions):
     """Two images whose features differ only by where the one distinct feature sits (an object moved from the
     first token to the last) give different block outputs with image positions, and exactly the same without
     them: attention without positions cannot tell its keys apart by place."""
-    from unigen.cross_attention import CrossAttentionBlock
-
     llm = tiny_config().llm
     torch.manual_seed(0)
     block = CrossAttentionBlock(llm, image_tokens=16 if positions else None, gate_init=1.0)
@@ -396,8 +394,6 @@ def test_image_positions_make_the_block_see_where_a_feature_sits(positions):
 
 
 def test_image_position_table_and_gate_init():
-    from unigen.cross_attention import sincos_2d
-
     table = sincos_2d(16, 64)
     assert table.shape == (16, 64)
     assert len({tuple(row.tolist()) for row in table}) == 16  # every grid place has its own code

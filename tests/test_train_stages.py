@@ -106,8 +106,8 @@ def test_stage_chaining_and_task_checks(data, tmp_path):
 
 
 def test_method_b_starts_from_a_base_checkpoint(data, tmp_path):
-    """add_cross_attention_every: a concat start gets zero-gated blocks (it computes what the base computed until
-    the gates move), every base weight is kept, and the next stage continues the Method B model as saved."""
+    """add_cross_attention_every: a concat start gets cross-attention blocks whose gates training opens, every base
+    weight is kept, and the next stage continues the Method B model as saved (no second conversion)."""
     base = run_stage(recipe(data, tmp_path / "a", "stage1.steps=1"), 1, progress=False)
     r = recipe(data, tmp_path / "b", "add_cross_attention_every=1", "stage2.steps=1", "stage2.train_llm=true",
                "stage3.steps=1", "stage3.train_llm=true")

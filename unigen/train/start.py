@@ -51,11 +51,9 @@ def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel
 
 
 def load_pretrained(source, add_cross_attention_every: int | None = None) -> tuple[UniGenModel, UniGenProcessor]:
-    if add_cross_attention_every is None:
-        model = UniGenModel.from_pretrained(source)
-    else:
-        model = UniGenModel.from_pretrained(source, fusion="cross_attention",
-                                            cross_attention_every=add_cross_attention_every)
+    """The checkpoint as saved; with ``add_cross_attention_every``, as Method B (blocks added where it has none)."""
+    fusion = None if add_cross_attention_every is None else "cross_attention"
+    model = UniGenModel.from_pretrained(source, fusion=fusion, cross_attention_every=add_cross_attention_every)
     return model, UniGenProcessor.from_pretrained(source, config=model.config)
 
 
@@ -77,7 +75,8 @@ def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
     source = start_source(recipe, stage, init_from)
     if source is None:
         return build_fresh(recipe, samples)
-    torch.manual_seed(recipe.seed)  # blocks added by add_cross_attention_every draw from the global RNG
+    if recipe.add_cross_attention_every is not None:
+        torch.manual_seed(recipe.seed)  # the blocks it adds draw from the global RNG
     return load_pretrained(source, recipe.add_cross_attention_every)
 
 
