@@ -3,6 +3,7 @@ guidance against a hand-built computation, `unigen edit` / `unigen eval shapes -
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,19 +12,20 @@ from train_common import recipe
 
 from unigen.cli import main
 from unigen.editing import CFG_DROPS, edit_prompt_ids, keeps_image
-from unigen.errors import ArgumentError
+from unigen.errors import ArgumentError, ConfigError
 from unigen.pipeline import UniGenPipeline
+from unigen.sampling import sample_image_tokens
 from unigen.shapes import write_dataset
 from unigen.shapes.checker import check
-from unigen.shapes.editing import Edit, sample_edits, write_edit_dataset
+from unigen.shapes.editing import Edit, render_edited, sample_edits, write_edit_dataset
 from unigen.shapes.metrics import edit_accuracy
-from unigen.shapes.render import render
+from unigen.shapes.render import placements, render
 from unigen.shapes.world import ATTRIBUTES, ShapeSpec
 from unigen.train import run_stage
 from unigen.train.batches import BatchBuilder
 from unigen.train.data import ManifestError, check_images, read_samples
 from unigen.train.mixture import Pick
-from unigen.train.start import build_fresh
+from unigen.train.start import load_start
 from unigen.train.step import TrainStep
 
 
@@ -58,9 +60,34 @@ def test_edits_follow_the_protocol_and_render_their_triples(data):
     assert Edit(e.source, "size", "small").instruction == "make it small"
     edit_lines = [s for s in read_samples(data) if s.instruction is not None]
     assert len(edit_lines) == 12 and all(s.tasks == ["generation"] for s in edit_lines)
-    for s, truth in zip(edit_lines, sample_edits(12, seed=4), strict=True):
+    for i, (s, truth) in enumerate(zip(edit_lines, sample_edits(12, seed=4), strict=True)):
         assert s.instruction == truth.instruction
         assert check(Image.open(s.image)) == truth.source and check(Image.open(s.target)) == truth.target
+        source = render(truth.source, [4, i, 0])  # the files are the source and its minimal edit
+        assert np.array_equal(np.asarray(Image.open(s.image)), source.image)
+        assert np.array_equal(np.asarray(Image.open(s.target)), render_edited(truth, source, [4, i, 1]).image)
+
+
+def test_minimal_edits_keep_what_they_do_not_change(tmp_path):
+    """A target keeps the source's box (colour and shape edits), its colour jitter (all but colour edits) and
+    its centre as near as the new side allows (size edits); the checker reads it as the edit's target."""
+    for i, e in enumerate(sample_edits(300, seed=7)):
+        source = render(e.source, [7, i, 0])
+        target = render_edited(e, source, [7, i, 1])
+        assert check(target.pil()) == e.target
+        assert (target.bbox == source.bbox) == (e.attribute in ("color", "shape"))
+        assert (target.rgb == source.rgb) == (e.attribute != "color")
+        if e.attribute == "size":  # no allowed place for the new side is nearer the source's centre, per axis
+            side = target.bbox[2] - target.bbox[0] + 1
+            _, xs, ys = next(o for o in placements(e.target.size, e.target.position) if o[0] == side)
+            for axis, allowed in ((0, xs), (1, ys)):
+                nearest = min(abs(v + side / 2 - source.center[axis]) for v in allowed)
+                assert abs(target.center[axis] - source.center[axis]) == nearest
+    # minimal=False draws the target's box and jitter anew (what the first edit checkpoints trained on)
+    manifest = write_edit_dataset(tmp_path, 4, seed=4, minimal=False)
+    for i, (line, e) in enumerate(zip(manifest.read_text().splitlines(), sample_edits(4, seed=4), strict=True)):
+        target = np.asarray(Image.open(tmp_path / json.loads(line)["target"]))
+        assert np.array_equal(target, render(e.target, [4, i, 1]).image)
 
 
 def test_edit_accuracy_reads_changed_and_kept_attributes():
@@ -77,11 +104,14 @@ def test_edit_accuracy_reads_changed_and_kept_attributes():
 
 # ---- the edit task in the trainer -------------------------------------------------------------------
 
-def test_edit_rows_and_loss_token_by_token(data, tmp_path):
-    r = recipe(data, tmp_path)
+@pytest.mark.parametrize("source_codes", [False, True], ids=["siglip-only", "with-source-codes"])
+def test_edit_rows_and_loss_token_by_token(data, tmp_path, source_codes):
+    r = recipe(data, tmp_path, *(["edit_source_codes=true"] if source_codes else []))
     samples = read_samples(data)
-    model, processor = build_fresh(r, samples)
+    model, processor = load_start(r, 1, samples, None)  # a fresh model, with the recipe's edit_source_codes
+    assert model.config.edit_source_codes is source_codes
     t = model.config.tokens
+    slots = model.config.vq.num_tokens if source_codes else 0
     b = BatchBuilder(model, processor, r.question)
     edit, caption = next(s for s in samples if s.instruction), samples[0]
     picks = [Pick("generation", edit), *(Pick("generation", edit, True, d) for d in CFG_DROPS),
@@ -89,36 +119,46 @@ def test_edit_rows_and_loss_token_by_token(data, tmp_path):
     batch = b.generation(picks)
     n_img = model.config.vision.num_tokens
     rows = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
-    assert rows[0] == edit_prompt_ids(processor, edit.instruction)
-    assert rows[0][-1] == t.image_start and rows[0].count(t.image) == n_img
+    assert rows[0] == edit_prompt_ids(processor, edit.instruction, None, slots)
+    last = len(rows[0]) - 1 - slots  # the final <begin_of_image>, then the source-code slots
+    assert rows[0][last] == t.image_start and rows[0][last + 1:] == [t.pad] * slots
+    assert rows[0].count(t.image) == n_img
     instruction_ids = processor.tokenizer(edit.instruction, add_special_tokens=False).input_ids[-1:]  # the value
     dropped = dict(zip(CFG_DROPS, rows[1:4], strict=True))
     for drop, row in dropped.items():  # same length, BOS and the final <begin_of_image> kept, the rest as named
-        assert len(row) == len(rows[0]) and row[0] == t.bos and row[-1] == t.image_start
+        assert len(row) == len(rows[0]) and row[0] == t.bos and row[last] == t.image_start
+        assert row[last + 1:] == [t.pad] * slots
         assert (row.count(t.image) == n_img) == keeps_image(drop)
         assert any(i in row for i in instruction_ids) == (drop == "image")
-    assert set(dropped["both"][1:-1]) == {t.cfg_pad}
+    assert set(dropped["both"][1:last]) == {t.cfg_pad}
     # pixel_values: the sources of the rows that read them (the edit, and the one with its instruction dropped)
     assert batch["pixel_values"].shape[0] == 2
     assert torch.equal(batch["pixel_values"][0], processor.understanding_pixels([edit.image])[0])
     # the codes are the target's, not the source's
     target_codes = model.encode_image_tokens(processor.generation_pixels([edit.target]))[0]
-    assert torch.equal(batch["codes"][0], target_codes)
-    assert not torch.equal(target_codes, model.encode_image_tokens(processor.generation_pixels([edit.image]))[0])
+    source = model.encode_image_tokens(processor.generation_pixels([edit.image]))[0]
+    assert torch.equal(batch["codes"][0], target_codes) and not torch.equal(target_codes, source)
+    if source_codes:  # every edit row, dropped or not, reads the source's codes; the caption row none
+        assert batch["source_rows"].tolist() == [True] * 4 + [False]
+        assert all(torch.equal(c, source) for c in batch["source_codes"]) and len(batch["source_codes"]) == 4
+    else:
+        assert "source_codes" not in batch
 
-    # the loss, by hand: one full sequence per row, its source features in its placeholders; every prompt position
-    # but the last unsupervised, then each position predicts the next target code
+    # the loss, by hand: one full sequence per row, its source features in its placeholders (and its source
+    # codes in its slots); every prompt position but the last unsupervised, then each predicts the next target code
     model.eval()
     step = TrainStep(model)
     with torch.no_grad():
         loss = step({"generation": {**batch, "weight": 1.0}})[TrainStep_index()]
         features = iter(model.get_image_features(batch["pixel_values"]))
         total = torch.zeros(())
-        for row, codes in zip(rows, batch["codes"], strict=True):
+        for i, (row, codes) in enumerate(zip(rows, batch["codes"], strict=True)):
             ids = torch.tensor(row)
             embeds = model.embed_text(ids[None])[0]
             if t.image in row:
                 embeds[ids == t.image] = next(features).to(embeds.dtype)
+            if source_codes and i < 4:
+                embeds[-slots:] = model.embed_image_tokens(source[None])[0]
             embeds = torch.cat([embeds, model.embed_image_tokens(codes[None, :-1])[0]])
             targets = torch.tensor([-100] * (len(row) - 1) + codes.tolist())
             assert (targets != -100).sum() == len(codes)  # only the target codes are supervised
@@ -165,11 +205,22 @@ def test_bad_edit_lines_are_named(tmp_path, line, message):
 
 # ---- sampling ---------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def pipe_with_source_codes(tiny_hf_janus):
+    pipe = UniGenPipeline.from_pretrained(tiny_hf_janus[1])
+    pipe.model.config.edit_source_codes = True
+    return pipe
+
+
+@pytest.mark.parametrize("source_codes", [False, True], ids=["siglip-only", "with-source-codes"])
 @pytest.mark.parametrize("drop", CFG_DROPS)
-def test_pipe_edit_is_the_hand_built_guided_computation(pipe, drop):
+def test_pipe_edit_is_the_hand_built_guided_computation(pipe, pipe_with_source_codes, drop, source_codes):
     """Greedy: each code is the argmax of u + s (c - u), c and u from full uncached forwards of the conditional
-    row (source features in its placeholders) and of the unconditional row this drop makes."""
+    row (source features in its placeholders, and its VQ codes in its slots with edit_source_codes) and of the
+    unconditional row this drop makes (the same source codes)."""
+    siglip_only, pipe = pipe, (pipe_with_source_codes if source_codes else pipe)
     model, processor = pipe.model, pipe.processor
+    slots = model.config.vq.num_tokens if source_codes else 0
     sources = [render(ShapeSpec("red", "circle", "large", "top left"), 0).pil(),
                render(ShapeSpec("blue", "square", "small", "center"), 1).pil()]
     instructions = ["make it blue", "move it to the top"]
@@ -177,20 +228,23 @@ def test_pipe_edit_is_the_hand_built_guided_computation(pipe, drop):
                     cfg_drop=drop)
     assert out.tokens.shape == (4, model.config.vq.num_tokens) and len(out.images) == 4
     assert torch.equal(out.tokens[0], out.tokens[1]) and torch.equal(out.tokens[2], out.tokens[3])
+
+    def logits(text, codes, source, drop=None):
+        ids = torch.tensor([edit_prompt_ids(processor, text, drop, slots)])
+        pixels = processor.understanding_pixels([source]) if keeps_image(drop) else None
+        src = model.encode_image_tokens(processor.generation_pixels([source])) if source_codes else None
+        return model.image_logits(ids, codes, None, pixels, src)
+
     with torch.no_grad():
         for i, (source, text) in enumerate(zip(sources, instructions, strict=True)):
             codes = out.tokens[2 * i][None]
-            pixels = processor.understanding_pixels([source])
-            cond = torch.tensor([edit_prompt_ids(processor, text)])
-            uncond = torch.tensor([edit_prompt_ids(processor, text, drop)])
-            c = model.image_logits(cond, codes, None, pixels)
-            u = model.image_logits(uncond, codes, None, pixels if keeps_image(drop) else None)
+            c, u = logits(text, codes, source), logits(text, codes, source, drop)
             assert torch.equal((u + 3.0 * (c - u)).argmax(-1), codes)
-    unguided = pipe.edit(sources[0], instructions[0], guidance_scale=1.0, temperature=0, cfg_drop=drop).tokens
-    with torch.no_grad():
-        c = model.image_logits(torch.tensor([edit_prompt_ids(processor, instructions[0])]), unguided, None,
-                              processor.understanding_pixels(sources[:1]))
-    assert torch.equal(c.argmax(-1), unguided)
+        unguided = pipe.edit(sources[0], instructions[0], guidance_scale=1.0, temperature=0, cfg_drop=drop).tokens
+        assert torch.equal(logits(instructions[0], unguided, sources[0]).argmax(-1), unguided)
+    if source_codes:  # the codes change what is drawn: the same weights without them draw otherwise
+        assert not torch.equal(out.tokens, siglip_only.edit(sources, instructions, num_images_per_prompt=2,
+                                                            guidance_scale=3.0, temperature=0, cfg_drop=drop).tokens)
 
 
 def test_pipe_edit_names_bad_arguments(pipe):
@@ -205,6 +259,21 @@ def test_pipe_edit_names_bad_arguments(pipe):
         pipe.edit(img, "make it red", cfg_drop="text")
     with pytest.raises(ArgumentError, match="must not contain <image_placeholder>"):
         pipe.edit(img, "<image_placeholder> make it red")
+
+
+def test_edit_source_codes_is_saved_and_checked(pipe_with_source_codes, tmp_path, data):
+    pipe_with_source_codes.save_pretrained(tmp_path / "ckpt")
+    assert UniGenPipeline.from_pretrained(tmp_path / "ckpt").model.config.edit_source_codes is True
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del config["edit_source_codes"]  # a checkpoint saved before the key reads the source by SigLIP only
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    assert UniGenPipeline.from_pretrained(tmp_path / "ckpt").model.config.edit_source_codes is False
+    with pytest.raises(ConfigError, match="edit_source_codes must be a bool, got 'sometimes'"):
+        recipe(data, tmp_path / "run", "edit_source_codes=sometimes")
+    model, n = pipe_with_source_codes.model, pipe_with_source_codes.model.config.vq.num_tokens
+    ids = torch.tensor([[model.config.tokens.bos] * 3])
+    with pytest.raises(ArgumentError, match=rf"source_codes must be \(prompts=1, {n}\); got \(1, 5\)"):
+        sample_image_tokens(model, ids, source_codes=torch.zeros(1, 5, dtype=torch.long))
 
 
 def test_cli_edit_and_eval_edit(tiny_hf_janus, tmp_path, capsys):

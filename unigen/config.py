@@ -132,6 +132,10 @@ class UniGenConfig:
     # Method B: initial value of both gates (tanh(gate) scales each branch). 0 makes a new block an exact
     # identity, what adding blocks to a pretrained LLM needs; a model trained from scratch can start them open.
     cross_attention_gate_init: float = 0.0
+    # Editing: the source's VQ codes follow the edit prompt, right before the target's, so each target code can
+    # copy the code one image-length back (what an edit keeps) besides reading the source through SigLIP
+    # (docs/EXPERIMENTS.md, editing); checkpoints saved before the key edit without them
+    edit_source_codes: bool = False
     # CFG scale used when a caller gives none. Janus samples at 5; a small model trained on a narrow
     # world is over-steered by that, so checkpoints carry their own (docs/EXPERIMENTS.md).
     guidance_scale: float = 5.0

@@ -6,8 +6,12 @@ in the checkpoint's own format (system prompt empty, as Janus's generation promp
     BOS <|User|>: <begin_of_image> <image_placeholder> x N <end_of_image> \\n make it blue \\n\\n
         <|Assistant|>: <begin_of_image>
 
-and the target's VQ codes follow. The source enters through SigLIP only (its VQ codes are not in the
-context). Classifier-free guidance has three unconditional rows to choose from, all the length of the
+and the target's VQ codes follow. The source enters through SigLIP; a checkpoint with
+``edit_source_codes`` also reads the source's VQ codes, in slots after that final <begin_of_image>
+(their ids are ``tokens.pad``; the model embeds the codes there), so the target's codes directly follow
+the source's and each can copy the one an image-length back. Every row, conditional or not, holds the
+source's codes: they are the canvas, and guidance measures the instruction and the SigLIP read against it.
+Classifier-free guidance has three unconditional rows to choose from, all the length of the
 conditional one so the image tokens sit at the same positions; like Janus's, each keeps BOS and the final
 <begin_of_image> and turns the dropped part into the CFG pad token:
 
@@ -43,13 +47,23 @@ def check_drop(drop: str) -> str:
     return drop
 
 
-def edit_prompt_ids(processor, instruction: str, drop: str | None = None) -> list[int]:
-    """The edit prompt's ids (source placeholders expanded), or with ``drop`` one of its unconditional rows."""
+def source_slots(config) -> int:
+    """How many source-code slots end an edit prompt of this checkpoint (0: it reads the source by SigLIP only)."""
+    return config.vq.num_tokens if config.edit_source_codes else 0
+
+
+def edit_prompt_ids(processor, instruction: str, drop: str | None = None, slots: int = 0) -> list[int]:
+    """The edit prompt's ids (source placeholders expanded), or with ``drop`` one of its unconditional rows;
+    ``slots`` source-code slots at the end (:func:`source_slots`)."""
     text = processor.format.render([f"{IMAGE_TAG}\n{instruction}", ""], system="") + IMAGE_START_TAG
     ids = processor._expand_images(processor.encode(text))
-    if drop is None:
-        return ids
     t = processor.tokens
+    if drop is not None:
+        ids = _drop(ids, drop, t)
+    return ids + [t.pad] * slots
+
+
+def _drop(ids: list[int], drop: str, t) -> list[int]:
     last = len(ids) - 1
     out = []
     for i, tok in enumerate(ids):

@@ -170,10 +170,29 @@ class UniGenModel(nn.Module):
         return self.aligner(self.vision_model(pixel_values.to(self.dtype)))
 
     def prepare_inputs_embeds(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        source_codes: torch.Tensor | None = None, source_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Method A: placeholders replaced by image features. (Method B never splices: see ``forward``.)"""
-        embeds = self.embed_text(input_ids)
+        """Method A: placeholders replaced by image features. (Method B never splices: see ``forward``.)
+
+        ``source_codes`` (rows, n_image_tokens): an edit's source codes, embedded like generated ones into the
+        last n_image_tokens positions of the rows ``source_rows`` (bool, batch; ``None``: every row) marks;
+        those positions' ids are slots (``unigen.editing``) and are not read.
+        """
+        embeds = self._splice_image_features(self.embed_text(input_ids), input_ids, pixel_values)
+        if source_codes is None:
+            return embeds
+        rows = torch.ones(len(embeds), dtype=torch.bool, device=embeds.device) if source_rows is None else source_rows
+        n = source_codes.shape[-1]
+        if source_codes.ndim != 2 or source_codes.shape[0] != int(rows.sum()) or n > embeds.shape[1]:
+            raise ValueError(f"source_codes must be (rows with a source = {int(rows.sum())}, n_image_tokens <= "
+                             f"{embeds.shape[1]}); got {tuple(source_codes.shape)}")
+        embeds = embeds.clone()
+        embeds[rows, -n:] = self.embed_image_tokens(source_codes).to(embeds.dtype)
+        return embeds
+
+    def _splice_image_features(self, embeds: torch.Tensor, input_ids: torch.Tensor,
+                               pixel_values: torch.Tensor | None) -> torch.Tensor:
         is_image = input_ids == self.config.image_token_id
         n_slots = int(is_image.sum())
         if pixel_values is None:
@@ -208,18 +227,23 @@ class UniGenModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         cross_attention_state=None,
         logits_to_keep: int = 0,
+        source_codes: torch.Tensor | None = None,
+        source_rows: torch.Tensor | None = None,
     ) -> UniGenOutput:
         """``logits_to_keep``: text logits for the last N positions only (0: all), as in transformers; a
-        prefill needs one, and the full (seq, vocab) logits can cost more than the decoder."""
+        prefill needs one, and the full (seq, vocab) logits can cost more than the decoder. ``source_codes`` /
+        ``source_rows``: an edit's source codes (see ``prepare_inputs_embeds``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if source_codes is not None and (self.cross_attn_layers is not None or inputs_embeds is not None):
+            raise ValueError("source_codes enter through input_ids' slots of a fusion 'concat' model")
         state = None
         if self.cross_attn_layers is not None:  # Method B: images go to the cross-attention blocks
             state = resolve_cross_attention_state(self, input_ids, pixel_values, past_key_values, cross_attention_state)
             if inputs_embeds is None:
                 inputs_embeds = self.embed_text(input_ids)
         if inputs_embeds is None:
-            inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values)
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values, source_codes, source_rows)
         hidden = self.run_decoder(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, state)
         logits = project(self.language_model.lm_head, hidden.last_hidden_state[:, -logits_to_keep:])
         return UniGenOutput(logits, hidden.last_hidden_state, hidden.past_key_values, state)
@@ -251,20 +275,22 @@ class UniGenModel(nn.Module):
 
     def image_logits(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None, source_codes: torch.Tensor | None = None,
+        source_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Teacher-forced generation-head logits (batch, n, codebook_size).
 
         ``[:, i]`` is the distribution of ``image_tokens[:, i]`` given the prompt (which ends with the
-        image-start token) and ``image_tokens[:, :i]``. ``pixel_values`` fill the prompts' image
-        placeholders in reading order (an edit prompt's source images).
+        image-start token, or an edit's source codes) and ``image_tokens[:, :i]``. ``pixel_values`` fill the
+        prompts' image placeholders in reading order (an edit prompt's source images); ``source_codes`` /
+        ``source_rows`` as in ``prepare_inputs_embeds``.
         """
         if image_tokens.ndim != 2 or image_tokens.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"image_tokens must be (batch={input_ids.shape[0]}, n); got {tuple(image_tokens.shape)}"
             )
         n = image_tokens.shape[1]
-        embeds = torch.cat([self.prepare_inputs_embeds(input_ids, pixel_values),
+        embeds = torch.cat([self.prepare_inputs_embeds(input_ids, pixel_values, source_codes, source_rows),
                             self.embed_image_tokens(image_tokens[:, :-1])], 1)
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], n - 1)

@@ -183,7 +183,14 @@ class UniGenPipeline:
         with its instruction (one for all, or one each), ``num_images_per_prompt`` images each, consecutive.
         ``cfg_drop``: what the unconditional row drops, ``"instruction"``, ``"image"`` or ``"both"``
         (``unigen.editing``; default ``DEFAULT_CFG_DROP``). Sampling options as ``__call__``'s."""
-        from unigen.editing import DEFAULT_CFG_DROP, check_drop, check_instruction, edit_prompt_ids, keeps_image
+        from unigen.editing import (
+            DEFAULT_CFG_DROP,
+            check_drop,
+            check_instruction,
+            edit_prompt_ids,
+            keeps_image,
+            source_slots,
+        )
 
         if options is None:
             options = SamplingOptions(guidance_scale, temperature, top_k, top_p, decoding=decoding,
@@ -200,12 +207,18 @@ class UniGenPipeline:
         for i, instruction in enumerate(instructions):
             check_instruction(instruction, "the instruction" if len(instructions) == 1 else f"instruction {i + 1}")
         pixels = self.processor.understanding_pixels(images).to(self.device, self.model.dtype)
-        cond = self.processor.pad([edit_prompt_ids(self.processor, text) for text in instructions])
-        uncond = self.processor.pad([edit_prompt_ids(self.processor, text, drop) for text in instructions])
+        slots = source_slots(self.model.config)
+        cond = self.processor.pad([edit_prompt_ids(self.processor, text, None, slots) for text in instructions])
+        uncond = self.processor.pad([edit_prompt_ids(self.processor, text, drop, slots) for text in instructions])
+        source_codes = None
+        if slots:
+            source_codes = self.model.encode_image_tokens(
+                self.processor.generation_pixels(images).to(self.device, self.model.dtype))
         return self._images(cond, options, num_images_per_prompt, generator, progress,
                             negative_prompt_ids=uncond["input_ids"].to(self.device),
                             negative_attention_mask=uncond["attention_mask"].to(self.device),
-                            pixel_values=pixels, negative_pixel_values=pixels if keeps_image(drop) else None)
+                            pixel_values=pixels, negative_pixel_values=pixels if keeps_image(drop) else None,
+                            source_codes=source_codes)
 
 
 def _check_count(num_images_per_prompt) -> None:

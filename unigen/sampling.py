@@ -80,6 +80,7 @@ def sample_image_tokens(
     negative_attention_mask: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     negative_pixel_values: torch.Tensor | None = None,
+    source_codes: torch.Tensor | None = None,
     decoding: str = "sequential",
     decoding_options: dict | None = None,
     compile: bool | None = None,
@@ -90,7 +91,9 @@ def sample_image_tokens(
     Images of one prompt are consecutive rows. ``negative_prompt_ids`` (one row, or one per prompt)
     replace the default unconditional prompt (Emu3 style). ``pixel_values``: images for the image
     placeholders of the prompts, in reading order (image-conditioned generation, e.g. editing);
-    ``negative_pixel_values`` the same for the negative prompts. ``decoding``: ``"sequential"`` (one pass
+    ``negative_pixel_values`` the same for the negative prompts. ``source_codes`` (prompts, n_image_tokens):
+    each prompt's edit source codes, filling the last slots of its conditional and unconditional rows alike
+    (``unigen.editing``). ``decoding``: ``"sequential"`` (one pass
     per token), ``"jacobi"`` or ``"zipar"``, with ``decoding_options`` (see :mod:`unigen.decoding.options`).
     ``compile``: capture the sequential decode step (``None``: where it is faster, see
     :func:`unigen.decoding.replay.decode_step_for`).
@@ -113,9 +116,13 @@ def sample_image_tokens(
     n_gen = input_ids.shape[0] * num_images
     if isinstance(generator, (list, tuple)) and len(generator) != n_gen:
         raise ArgumentError(f"{len(generator)} generators for {n_gen} images; pass one per image or a single one")
-    if (pixel_values is not None or negative_pixel_values is not None) and model.cross_attn_layers is not None:
+    if (pixel_values is not None or negative_pixel_values is not None or source_codes is not None) \
+            and model.cross_attn_layers is not None:
         raise ArgumentError("image-conditioned generation needs a fusion 'concat' (Method A) model; this "
                             "checkpoint uses cross-attention")
+    if source_codes is not None and tuple(source_codes.shape) != (input_ids.shape[0], n_tokens):
+        raise ArgumentError(f"source_codes must be (prompts={input_ids.shape[0]}, {n_tokens}); got "
+                            f"{tuple(source_codes.shape)}")
 
     prompts = _rows(input_ids, attention_mask)
     cond = [r for r in prompts for _ in range(num_images)]
@@ -138,7 +145,10 @@ def sample_image_tokens(
     pixels = torch.cat(images) if images else None
 
     rows = GuidedRows(model, n_gen, scales, temperature, top_k, top_p, generator)
-    hidden = rows.prefill(ids, mask, pixels, room=n_tokens + (cfg.vq.grid if decoding == "zipar" else 0))
+    if source_codes is not None:  # every row of a prompt, conditional and unconditional, reads its source
+        source_codes = source_codes.repeat_interleave(num_images, 0).repeat(2, 1)
+    hidden = rows.prefill(ids, mask, pixels, room=n_tokens + (cfg.vq.grid if decoding == "zipar" else 0),
+                          source_codes=source_codes)
     if decoding == "jacobi":
         codes = decode_jacobi(rows, hidden, options.window, progress)
     elif decoding == "zipar":

@@ -30,12 +30,12 @@ class GuidedRows:
         return self.model.decoder
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                room: int) -> torch.Tensor:
-        """The prompts (conditional rows, then unconditional) -> the last hidden state of each row, with
-        ``room`` free cache columns after them."""
+                room: int, source_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompts (conditional rows, then unconditional; ``source_codes`` in their last slots, one row of
+        codes per row) -> the last hidden state of each row, with ``room`` free cache columns after them."""
         self.cache = self.decoder.new_cache(ids.shape[0], ids.shape[1] + room)
         out = self.model(ids, pixel_values=pixel_values, attention_mask=mask, past_key_values=self.cache,
-                         logits_to_keep=1)
+                         logits_to_keep=1, source_codes=source_codes)
         self.passes += 1
         return out.hidden_states[:, -1]
 

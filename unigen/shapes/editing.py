@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from unigen.runs import write_text
-from unigen.shapes.render import render
-from unigen.shapes.world import ATTRIBUTES, VALUES, ShapeSpec, all_combinations
+from unigen.shapes.render import Rendered, draw_object, placements, render
+from unigen.shapes.world import ATTRIBUTES, COLORS, VALUES, ShapeSpec, all_combinations
 
 INSTRUCTIONS = {"color": "make it {}", "shape": "turn it into a {}", "size": "make it {}",
                 "position": "move it to the {}"}
@@ -57,11 +57,34 @@ def sample_edits(n: int, seed: int) -> list[Edit]:
     return edits
 
 
+def render_edited(edit: Edit, source: Rendered, seed) -> Rendered:
+    """The target of ``edit`` as a minimal change of the rendered ``source``: what the edit keeps stays exactly
+    (box and colour jitter), so an output can copy it. A new colour keeps the jitter; a new size keeps the centre
+    as near as its side allows; a move keeps the side where it fits there and draws the new place by ``seed``."""
+    rng = np.random.default_rng(seed)
+    x0, y0, x1, _ = source.bbox
+    side, rgb, target = x1 - x0 + 1, np.array(source.rgb), edit.target
+    if edit.attribute == "color":
+        rgb = np.clip(np.array(COLORS[target.color]) + rgb - np.array(COLORS[edit.source.color]), 0, 255)
+    elif edit.attribute in ("size", "position"):
+        options = placements(target.size, target.position)
+        if edit.attribute == "size":
+            side, xs, ys = options[rng.integers(len(options))]
+            cx, cy = source.center
+            x0 = min(xs, key=lambda x: abs(x + side / 2 - cx))
+            y0 = min(ys, key=lambda y: abs(y + side / 2 - cy))
+        else:
+            side, xs, ys = min(options, key=lambda o: abs(o[0] - side))
+            x0, y0 = int(xs[rng.integers(len(xs))]), int(ys[rng.integers(len(ys))])
+    return draw_object(target.shape, side, x0, y0, rgb)
+
+
 def write_edit_dataset(out_dir: str | Path, n: int, seed: int, split: str = "edit", *,
-                       progress: bool | None = None) -> Path:
+                       progress: bool | None = None, minimal: bool = True) -> Path:
     """``n`` edit triples as PNGs and a manifest ``out_dir/{split}.jsonl`` of ``{"image", "instruction",
-    "target"}`` lines (paths relative to the manifest); byte-identical for the same seed. Source and target
-    are rendered with independent seeds: the object's pixels may change, its attributes may not."""
+    "target"}`` lines (paths relative to the manifest); byte-identical for the same seed. ``minimal``: each
+    target is :func:`render_edited` of its source (what is kept stays pixel for pixel); ``False`` renders
+    the target with an independent seed (its object's box and colour jitter drawn anew)."""
     out_dir = Path(out_dir)
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     manifest = out_dir / f"{split}.jsonl"
@@ -69,8 +92,10 @@ def write_edit_dataset(out_dir: str | Path, n: int, seed: int, split: str = "edi
     lines = []
     for i, edit in enumerate(tqdm(sample_edits(n, seed), desc=f"shapes {split}", disable=not show)):
         src, tgt = f"{split}/{i:06d}_source.png", f"{split}/{i:06d}_target.png"
-        render(edit.source, [seed, i, 0]).pil().save(out_dir / src, format="PNG")
-        render(edit.target, [seed, i, 1]).pil().save(out_dir / tgt, format="PNG")
+        source = render(edit.source, [seed, i, 0])
+        target = render_edited(edit, source, [seed, i, 1]) if minimal else render(edit.target, [seed, i, 1])
+        source.pil().save(out_dir / src, format="PNG")
+        target.pil().save(out_dir / tgt, format="PNG")
         lines.append(json.dumps({"image": src, "instruction": edit.instruction, "target": tgt}) + "\n")
     write_text(manifest, "".join(lines))
     return manifest

@@ -99,7 +99,13 @@ def render(spec: ShapeSpec, seed: int | Sequence[int] = 0, *, antialias: bool = 
     rgb = np.array(COLORS[spec.color], dtype=np.int64)
     if color_jitter:
         rgb = np.clip(rgb + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3), 0, 255)
-    cov = coverage(spec.shape, x0, y0, side, antialias)
+    return draw_object(spec.shape, side, x0, y0, rgb, antialias)
+
+
+def draw_object(shape: str, side: int, x0: int, y0: int, rgb, antialias: bool = True) -> Rendered:
+    """One object of ``shape`` with bounding box side ``side`` at (x0, y0), filled with ``rgb``."""
+    rgb = np.asarray(rgb, dtype=np.int64)
+    cov = coverage(shape, x0, y0, side, antialias)
     image = np.rint(cov[..., None] * rgb).astype(np.uint8)
     return Rendered(image, (x0, y0, x0 + side - 1, y0 + side - 1), tuple(int(c) for c in rgb))
 

@@ -3,7 +3,8 @@
 understanding: prompt (image placeholders, question) -> supervised answer + EOS (every gpt turn of a conversation)
 generation:    prompt ending with <begin_of_image> -> supervised VQ codes (dropped caption -> the CFG prompt);
                an edit's prompt holds the source's placeholders and the instruction (unigen.editing), its
-               codes are the target's, and a dropped edit takes the unconditional row its pick names
+               codes are the target's, and a dropped edit takes the unconditional row its pick names; with
+               ``edit_source_codes`` the source's codes fill the prompt's last slots (every edit row, dropped or not)
 text:          every token after BOS, plus EOS
 ``targets[:, t]`` is the token that position ``t`` must predict, or -100 (not supervised).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from unigen.editing import edit_prompt_ids, keeps_image
+from unigen.editing import edit_prompt_ids, keeps_image, source_slots
 from unigen.errors import DataError
 from unigen.processor import understanding_pixels
 from unigen.sampling import unconditional_rows
@@ -87,7 +88,7 @@ class BatchBuilder:
         tokens = self.model.config.tokens
         if pick.sample.instruction is not None:
             prompt = torch.tensor(edit_prompt_ids(self.processor, pick.sample.instruction,
-                                                  pick.drop if pick.dropped else None))
+                                                  pick.drop if pick.dropped else None, source_slots(self.model.config)))
         else:
             prompt = torch.tensor(self.processor.encode(self.processor.format.generation(pick.sample.caption)))
         if pick.dropped and pick.sample.instruction is None:  # the sampler's unconditional prompt: BOS and
@@ -133,6 +134,12 @@ class BatchBuilder:
                    if p.sample.instruction is not None and keeps_image(p.drop if p.dropped else None)]
         if sources:
             batch["pixel_values"] = self._understanding_pixels(sources)
+        if source_slots(self.model.config):
+            rows = [p.sample.instruction is not None for p in picks]
+            if any(rows):
+                batch["source_rows"] = torch.tensor(rows)
+                batch["source_codes"] = self._codes_of_images([p.sample.image for p in picks
+                                                               if p.sample.instruction is not None])
         return batch
 
     def build(self, picks: list[Pick], fill: dict[str, Pick] | None = None) -> dict[str, dict]:
@@ -158,14 +165,18 @@ class BatchBuilder:
     # ---- VQ codes ----------------------------------------------------------------------
     @torch.no_grad()
     def codes_for(self, samples: list[Sample]) -> torch.Tensor:
-        missing = [s for s in samples if s.codes is None and str(s.vq_image) not in self.codes]
+        given = [self._given_codes(s) if s.codes is not None else None for s in samples]
+        encoded = iter(self._codes_of_images([s.vq_image for s in samples if s.codes is None]))
+        return torch.stack([codes if codes is not None else next(encoded) for codes in given]).long()
+
+    def _codes_of_images(self, paths: list) -> torch.Tensor:
+        """Image files -> their VQ codes (len(paths), n), each file encoded once per run."""
+        missing = list(dict.fromkeys(str(p) for p in paths if str(p) not in self.codes))
         if missing:
-            paths = list(dict.fromkeys(str(s.vq_image) for s in missing))
-            pixels = self.processor.generation_pixels(paths).to(self.model.device, self.model.dtype)
-            for path, codes in zip(paths, self.model.encode_image_tokens(pixels).cpu(), strict=True):
+            pixels = self.processor.generation_pixels(missing).to(self.model.device, self.model.dtype)
+            for path, codes in zip(missing, self.model.encode_image_tokens(pixels).cpu(), strict=True):
                 self.codes[path] = codes.to(torch.int32)  # a quarter of int64's memory for a large dataset
-        return torch.stack([self._given_codes(s) if s.codes is not None else self.codes[str(s.vq_image)]
-                            for s in samples]).long()
+        return torch.stack([self.codes[str(p)] for p in paths]).long() if paths else torch.zeros(0, dtype=torch.long)
 
     def _given_codes(self, s: Sample) -> torch.Tensor:
         key = f"codes:{s.line}"

@@ -77,6 +77,9 @@ class TrainRecipe:
     # before every N-th decoder block (from_pretrained(fusion="cross_attention")); a start that already has
     # them at those places loads as saved
     add_cross_attention_every: int | None = None
+    # edits read the source's VQ codes too (UniGenConfig.edit_source_codes): true/false sets it on the start
+    # (a checkpoint or a fresh model), unset keeps what the start has
+    edit_source_codes: bool | None = None
     vq_from: str | None = None  # a trained VQ tokenizer (unigen train-vq out_dir)
     siglip_from: str | None = None  # a trained SigLIP encoder (unigen train-siglip out_dir)
     tokenizer_vocab: int = 512  # word-level text tokenizer trained on the data for a fresh model

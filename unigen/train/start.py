@@ -74,10 +74,14 @@ def start_source(recipe: TrainRecipe, stage: int, init_from: str | None) -> str 
 def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
     source = start_source(recipe, stage, init_from)
     if source is None:
-        return build_fresh(recipe, samples)
-    if recipe.add_cross_attention_every is not None:
-        torch.manual_seed(recipe.seed)  # the blocks it adds draw from the global RNG
-    return load_pretrained(source, recipe.add_cross_attention_every)
+        model, processor = build_fresh(recipe, samples)
+    else:
+        if recipe.add_cross_attention_every is not None:
+            torch.manual_seed(recipe.seed)  # the blocks it adds draw from the global RNG
+        model, processor = load_pretrained(source, recipe.add_cross_attention_every)
+    if recipe.edit_source_codes is not None:  # a prompt layout, no weights: the config is all it changes
+        model.config.edit_source_codes = recipe.edit_source_codes
+    return model, processor
 
 
 def lora_base(recipe: TrainRecipe, stage: int, init_from: str | None) -> str:

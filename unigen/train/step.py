@@ -54,5 +54,6 @@ class TrainStep(nn.Module):
 
     def generation(self, b: dict) -> torch.Tensor:
         # edit rows carry pixel_values: their source images fill the prompts' placeholders
-        logits = self.model.image_logits(b["input_ids"], b["codes"], b["attention_mask"], b.get("pixel_values"))
+        logits = self.model.image_logits(b["input_ids"], b["codes"], b["attention_mask"], b.get("pixel_values"),
+                                         b.get("source_codes"), b.get("source_rows"))
         return F.cross_entropy(logits.flatten(0, 1).float(), b["codes"].flatten(), reduction="sum")
