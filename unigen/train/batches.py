@@ -169,6 +169,7 @@ class BatchBuilder:
         encoded = iter(self._codes_of_images([s.vq_image for s in samples if s.codes is None]))
         return torch.stack([codes if codes is not None else next(encoded) for codes in given]).long()
 
+    @torch.no_grad()
     def _codes_of_images(self, paths: list) -> torch.Tensor:
         """Image files -> their VQ codes (len(paths), n), each file encoded once per run."""
         missing = list(dict.fromkeys(str(p) for p in paths if str(p) not in self.codes))
