@@ -119,7 +119,7 @@ def test_edit_rows_and_loss_token_by_token(data, tmp_path, source_codes):
     batch = b.generation(picks)
     n_img = model.config.vision.num_tokens
     rows = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
-    assert rows[0] == edit_prompt_ids(processor, edit.instruction, None, slots)
+    assert rows[0] == edit_prompt_ids(processor, edit.instruction)
     last = len(rows[0]) - 1 - slots  # the final <begin_of_image>, then the source-code slots
     assert rows[0][last] == t.image_start and rows[0][last + 1:] == [t.pad] * slots
     assert rows[0].count(t.image) == n_img
@@ -230,7 +230,8 @@ def test_pipe_edit_is_the_hand_built_guided_computation(pipe, pipe_with_source_c
     assert torch.equal(out.tokens[0], out.tokens[1]) and torch.equal(out.tokens[2], out.tokens[3])
 
     def logits(text, codes, source, drop=None):
-        ids = torch.tensor([edit_prompt_ids(processor, text, drop, slots)])
+        ids = torch.tensor([edit_prompt_ids(processor, text, drop)])
+        assert ids[0].tolist()[ids.shape[1] - slots:] == [model.config.tokens.pad] * slots  # the source-code slots
         pixels = processor.understanding_pixels([source]) if keeps_image(drop) else None
         src = model.encode_image_tokens(processor.generation_pixels([source])) if source_codes else None
         return model.image_logits(ids, codes, None, pixels, src)

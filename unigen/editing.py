@@ -52,15 +52,15 @@ def source_slots(config) -> int:
     return config.vq.num_tokens if config.edit_source_codes else 0
 
 
-def edit_prompt_ids(processor, instruction: str, drop: str | None = None, slots: int = 0) -> list[int]:
+def edit_prompt_ids(processor, instruction: str, drop: str | None = None) -> list[int]:
     """The edit prompt's ids (source placeholders expanded), or with ``drop`` one of its unconditional rows;
-    ``slots`` source-code slots at the end (:func:`source_slots`)."""
+    the checkpoint's source-code slots (:func:`source_slots`) at the end."""
     text = processor.format.render([f"{IMAGE_TAG}\n{instruction}", ""], system="") + IMAGE_START_TAG
     ids = processor._expand_images(processor.encode(text))
     t = processor.tokens
     if drop is not None:
         ids = _drop(ids, drop, t)
-    return ids + [t.pad] * slots
+    return ids + [t.pad] * source_slots(processor.config)
 
 
 def _drop(ids: list[int], drop: str, t) -> list[int]:

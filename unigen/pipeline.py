@@ -12,7 +12,7 @@ from PIL import Image
 from unigen.checkpoint import resolve_checkpoint_dir
 from unigen.errors import ArgumentError
 from unigen.model import UniGenModel
-from unigen.processor import UniGenProcessor, pixels_to_pil
+from unigen.processor import UniGenProcessor, load_image, pixels_to_pil
 from unigen.runs import DEVICES, resolve_device
 from unigen.sampling import CFGSchedule, generate_text, sample_image_tokens
 from unigen.sampling_options import SamplingOptions
@@ -206,12 +206,12 @@ class UniGenPipeline:
                                 "for all or one per image")
         for i, instruction in enumerate(instructions):
             check_instruction(instruction, "the instruction" if len(instructions) == 1 else f"instruction {i + 1}")
+        images = [load_image(image) for image in images]  # read once: SigLIP and, with source codes, the VQ
         pixels = self.processor.understanding_pixels(images).to(self.device, self.model.dtype)
-        slots = source_slots(self.model.config)
-        cond = self.processor.pad([edit_prompt_ids(self.processor, text, None, slots) for text in instructions])
-        uncond = self.processor.pad([edit_prompt_ids(self.processor, text, drop, slots) for text in instructions])
+        cond = self.processor.pad([edit_prompt_ids(self.processor, text) for text in instructions])
+        uncond = self.processor.pad([edit_prompt_ids(self.processor, text, drop) for text in instructions])
         source_codes = None
-        if slots:
+        if source_slots(self.model.config):
             source_codes = self.model.encode_image_tokens(
                 self.processor.generation_pixels(images).to(self.device, self.model.dtype))
         return self._images(cond, options, num_images_per_prompt, generator, progress,

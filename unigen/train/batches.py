@@ -88,7 +88,7 @@ class BatchBuilder:
         tokens = self.model.config.tokens
         if pick.sample.instruction is not None:
             prompt = torch.tensor(edit_prompt_ids(self.processor, pick.sample.instruction,
-                                                  pick.drop if pick.dropped else None, source_slots(self.model.config)))
+                                                  pick.drop if pick.dropped else None))
         else:
             prompt = torch.tensor(self.processor.encode(self.processor.format.generation(pick.sample.caption)))
         if pick.dropped and pick.sample.instruction is None:  # the sampler's unconditional prompt: BOS and
@@ -138,8 +138,8 @@ class BatchBuilder:
             rows = [p.sample.instruction is not None for p in picks]
             if any(rows):
                 batch["source_rows"] = torch.tensor(rows)
-                batch["source_codes"] = self._codes_of_images([p.sample.image for p in picks
-                                                               if p.sample.instruction is not None])
+                batch["source_codes"] = self._codes_of_images([p.sample.image for p, edit in zip(picks, rows,
+                                                                                                 strict=True) if edit])
         return batch
 
     def build(self, picks: list[Pick], fill: dict[str, Pick] | None = None) -> dict[str, dict]:
