@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unigen import UniGenModel  # noqa: E402
 from unigen.config import LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig  # noqa: E402
-from unigen.cross_attention import add_cross_attention  # noqa: E402
+from unigen.models.cross_attention import add_cross_attention  # noqa: E402
 
 PRESETS = {
     "small": dict(hidden_size=256, intermediate_size=688, num_layers=8, num_heads=8, num_kv_heads=8),

@@ -27,7 +27,7 @@ import time
 import torch
 
 from unigen import UniGenModel
-from unigen.sampling import generate_image_tokens, generate_text, sample_image_tokens
+from unigen.generation.sampling import generate_image_tokens, generate_text, sample_image_tokens
 from unigen.testing import TINY_TOKENS as T
 from unigen.testing import make_tiny_hf_janus
 
@@ -171,9 +171,9 @@ def compare_decoders(args, ours, device, n_tok: int, methods) -> None:
 def compare_on_shapes(args, methods) -> None:
     """The shipped checkpoint: fidelity, passes and 1-image wall time of each decoder, same prompts and seeds."""
     from unigen.errors import ArgumentError
-    from unigen.pipeline import UniGenPipeline
+    from unigen.generation.pipeline import UniGenPipeline
+    from unigen.generation.sampling_options import SamplingOptions
     from unigen.recipes import recipe_path
-    from unigen.sampling_options import SamplingOptions
     from unigen.shapes.evaluate import evaluate_generation
 
     pipe = UniGenPipeline.from_pretrained(recipe_path("checkpoints/shapes-small"))

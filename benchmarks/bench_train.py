@@ -30,7 +30,7 @@ def child(args) -> None:
     import torch
 
     from unigen.shapes import write_dataset
-    from unigen.train import load_recipe, run_stage
+    from unigen.training import load_recipe, run_stage
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,9 +56,9 @@ JANUS_PRO_1B_BLOCKS = ["model.llm.hidden_size=2048", "model.llm.intermediate_siz
 def lora_base(args, tmp: Path) -> tuple[Path, Path]:
     """(data manifest, saved start checkpoint) at the benchmark's size; built in a child so its memory is gone."""
     from unigen.shapes import write_dataset
-    from unigen.train import load_recipe
-    from unigen.train.data import read_samples
-    from unigen.train.start import build_fresh
+    from unigen.training import load_recipe
+    from unigen.training.data import read_samples
+    from unigen.training.start import build_fresh
 
     data = write_dataset(tmp / "data", 64, seed=1)
     recipe = load_recipe(REPO / "train" / "shapes.yaml", [f"data={data}", f"output_dir={tmp}/fresh",
@@ -80,9 +80,9 @@ def _peak_rss_mib() -> float:
 def lora_child(args) -> None:
     import torch
 
-    import unigen.train.checkpoints as ckpt
-    import unigen.train.loop as loop
-    from unigen.train import load_recipe, run_stage
+    import unigen.training.checkpoints as ckpt
+    import unigen.training.loop as loop
+    from unigen.training import load_recipe, run_stage
 
     torch.set_num_threads(args.threads)
     tmp = Path(args.tmp)
@@ -119,7 +119,7 @@ def lora_main(args) -> None:
     import torch
 
     from unigen import UniGenModel
-    from unigen.lora import LoraSettings, attach
+    from unigen.training.lora import LoraSettings, attach
 
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, __file__, "--lora", "--layers", str(args.layers), "--tmp", tmp, "--mode",

@@ -16,8 +16,8 @@ import torch
 
 from unigen.config_io import load_config
 from unigen.shapes import write_dataset
-from unigen.tokenizer_training.shapes_recon import vq_checker_accuracy
-from unigen.tokenizer_training.vq_trainer import VQTrainConfig, VQTrainer
+from unigen.training.tokenizer.shapes_recon import vq_checker_accuracy
+from unigen.training.tokenizer.vq_trainer import VQTrainConfig, VQTrainer
 
 
 def main() -> None:

@@ -6,8 +6,8 @@
 import argparse
 
 from unigen import UniGenPipeline
+from unigen.generation.sampling_options import SamplingOptions, finite_float, positive_int
 from unigen.runs import resolve_device
-from unigen.sampling_options import SamplingOptions, finite_float, positive_int
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from unigen import UniGenPipeline
+from unigen.generation.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 from unigen.runs import resolve_device
-from unigen.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from PIL import Image
 from unigen.app import AppModel, start
 from unigen.app.ui import DEFAULT_NUM_IMAGES, about_markdown
 from unigen.cli import main
-from unigen.pipeline import UniGenPipeline
+from unigen.generation.pipeline import UniGenPipeline
 from unigen.recipes import recipe_path
 from unigen.shapes import ShapeSpec, caption, check, render
 

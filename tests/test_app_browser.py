@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from unigen.app import start
-from unigen.pipeline import UniGenPipeline
+from unigen.generation.pipeline import UniGenPipeline
 from unigen.recipes import recipe_path
 from unigen.shapes import ShapeSpec, caption, render
 

@@ -66,7 +66,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def model_dir(tiny_hf_janus, tmp_path_factory) -> Path:
     """A tiny checkpoint in unigen's own layout."""
-    from unigen.pipeline import UniGenPipeline
+    from unigen.generation.pipeline import UniGenPipeline
 
     directory = tmp_path_factory.mktemp("unigen_ckpt")
     UniGenPipeline.from_pretrained(tiny_hf_janus[1]).save_pretrained(directory)
@@ -410,9 +410,9 @@ def test_non_finite_numbers_are_rejected_by_the_api(model_dir):
     """Defect 4: the Python API, config.json defaults and recipes refuse NaN and infinity too."""
     from unigen.config import UniGenConfig
     from unigen.errors import ArgumentError, ConfigError
-    from unigen.pipeline import UniGenPipeline
-    from unigen.sampling_options import check_sampling_args
-    from unigen.train import load_recipe
+    from unigen.generation.pipeline import UniGenPipeline
+    from unigen.generation.sampling_options import check_sampling_args
+    from unigen.training import load_recipe
 
     pipe = UniGenPipeline.from_pretrained(model_dir)
     for kwargs in ({"guidance_scale": float("nan")}, {"guidance_scale": float("inf")},
@@ -438,7 +438,7 @@ def test_generate_and_caption_work_in_bounded_batches(model_dir, tmp_path, capsy
     """Defect 5: images are drawn ``--batch-size`` at a time (the same images as one batch), and captioning
     reads each batch of files just before captioning it."""
     from unigen import processor
-    from unigen.pipeline import UniGenPipeline
+    from unigen.generation.pipeline import UniGenPipeline
 
     events = []
     call, caption, load = UniGenPipeline.__call__, UniGenPipeline.caption, processor.load_image
@@ -500,7 +500,7 @@ def test_resume_latest_with_nothing_to_resume_says_so(data, tmp_path, capsys, ca
 def test_api_errors_name_the_problem(model_dir):
     """Defect 9 in the Python API: an empty batch, a prompt that is not text, a bad image count."""
     from unigen.errors import ArgumentError
-    from unigen.pipeline import UniGenPipeline
+    from unigen.generation.pipeline import UniGenPipeline
 
     pipe = UniGenPipeline.from_pretrained(model_dir)
     with pytest.raises(ArgumentError, match="no images given"):

@@ -10,9 +10,9 @@ from PIL import Image
 from unigen.cli import main
 from unigen.config import TokenIds, UniGenConfig
 from unigen.errors import ArgumentError
-from unigen.pipeline import UniGenPipeline
+from unigen.generation.pipeline import UniGenPipeline
+from unigen.generation.sampling import generate_text
 from unigen.processor import JANUS_SYSTEM_PROMPT, UniGenProcessor
-from unigen.sampling import generate_text
 
 RED, BLUE = Image.new("RGB", (20, 20), (220, 40, 40)), Image.new("RGB", (12, 20), (40, 80, 220))
 CONVERSATION = [

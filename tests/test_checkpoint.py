@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unigen import UniGenModel
-from unigen.checkpoint import CheckpointError, official_state_dict
+from unigen.models.checkpoint import CheckpointError, official_state_dict
 from unigen.testing import write_official_layout
 
 
@@ -171,7 +171,7 @@ def test_wrong_pixel_shapes(model):
 
 def test_official_config_uses_llama_defaults_for_missing_width(tmp_path):
     """Janus-Pro-7B's language_config names only the layer count; the width is LlamaConfig's default."""
-    from unigen.checkpoint import config_from_official
+    from unigen.models.checkpoint import config_from_official
 
     raw = {
         "language_config": {"model_type": "llama", "num_hidden_layers": 30, "vocab_size": 102400,

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from unigen import UniGenModel
-from unigen.checkpoint import CheckpointError, official_state_dict
 from unigen.config import LLMConfig, SigLIPConfig, UniGenConfig, VQConfig
-from unigen.cross_attention import CrossAttentionBlock, add_cross_attention, cross_attention_positions, sincos_2d
-from unigen.decoder import linear
-from unigen.param_groups import parameter_groups, set_trainable, stage_groups
+from unigen.models.checkpoint import CheckpointError, official_state_dict
+from unigen.models.cross_attention import CrossAttentionBlock, add_cross_attention, cross_attention_positions, sincos_2d
+from unigen.models.decoder import linear
+from unigen.models.param_groups import parameter_groups, set_trainable, stage_groups
 from unigen.testing import TINY_TOKENS
 
 IMG = TINY_TOKENS.image
@@ -349,7 +349,7 @@ def test_run_decoder_decode_step_takes_the_images_from_the_cache():
 
 def test_method_b_captioning_through_the_sampler_equals_full_recompute():
     """generate_text (prefill with images, then cached steps) == re-running the whole sequence each step."""
-    from unigen.sampling import generate_text
+    from unigen.generation.sampling import generate_text
 
     _, b = base_and_b()
     ids, mask = left_pad([[BOS, 10, IMG, 11, 12], [BOS, 13, 14, IMG, 15, 16, 17]])

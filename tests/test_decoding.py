@@ -1,4 +1,4 @@
-"""Parallel image decoding (unigen.decoding): Jacobi and ZipAR against sequential decoding on tiny models."""
+"""Parallel image decoding (unigen.generation.decoding): Jacobi and ZipAR against sequential decoding on tiny models."""
 
 import pytest
 import torch
@@ -6,10 +6,10 @@ from PIL import Image
 
 from unigen import UniGenModel
 from unigen.cli import main
-from unigen.decoding.zipar import zipar_steps
 from unigen.errors import ArgumentError
-from unigen.pipeline import UniGenPipeline
-from unigen.sampling import sample_image_tokens
+from unigen.generation.decoding.zipar import zipar_steps
+from unigen.generation.pipeline import UniGenPipeline
+from unigen.generation.sampling import sample_image_tokens
 from unigen.testing import TINY_TOKENS as T
 from unigen.testing import make_tiny_hf_janus
 
@@ -108,7 +108,7 @@ def test_cuda_graph_decode_step_gives_the_eager_logits(tiny_hf_janus):
 def _check_captured_step(model, device):
     """Three steps of the captured step (torch.compile on CPU, a CUDA graph on CUDA) against the eager step,
     on the same prefill: logits to 1e-5 in float32."""
-    from unigen.decoding.replay import decode_step_for
+    from unigen.generation.decoding.replay import decode_step_for
 
     ids, mask = (t.to(device) for t in prompts())
     codes = torch.tensor([[5, 9, 2], [7, 7, 1]], device=device)

@@ -11,22 +11,22 @@ from PIL import Image
 from train_common import recipe
 
 from unigen.cli import main
-from unigen.editing import CFG_DROPS, edit_prompt_ids, keeps_image
 from unigen.errors import ArgumentError, ConfigError
-from unigen.pipeline import UniGenPipeline
-from unigen.sampling import sample_image_tokens
+from unigen.generation.editing import CFG_DROPS, edit_prompt_ids, keeps_image
+from unigen.generation.pipeline import UniGenPipeline
+from unigen.generation.sampling import sample_image_tokens
 from unigen.shapes import write_dataset
 from unigen.shapes.checker import check
 from unigen.shapes.editing import Edit, render_edited, sample_edits, write_edit_dataset
 from unigen.shapes.metrics import edit_accuracy
 from unigen.shapes.render import placements, render
 from unigen.shapes.world import ATTRIBUTES, ShapeSpec
-from unigen.train import run_stage
-from unigen.train.batches import BatchBuilder
-from unigen.train.data import ManifestError, check_images, read_samples
-from unigen.train.mixture import Pick
-from unigen.train.start import load_start
-from unigen.train.step import TrainStep
+from unigen.training import run_stage
+from unigen.training.batches import BatchBuilder
+from unigen.training.data import ManifestError, check_images, read_samples
+from unigen.training.mixture import Pick
+from unigen.training.start import load_start
+from unigen.training.step import TrainStep
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_edit_rows_and_loss_token_by_token(data, tmp_path, source_codes):
 
 
 def TrainStep_index():
-    from unigen.train.recipe import TASKS
+    from unigen.training.recipe import TASKS
 
     return TASKS.index("generation")
 

@@ -1,4 +1,4 @@
-"""LoRA stages (unigen.lora): what trains, adapters in every forward path, merging, resuming, starting layouts,
+"""LoRA stages (unigen.training.lora): what trains, adapters in every forward path, merging, resuming, starting layouts,
 bad settings."""
 
 
@@ -8,11 +8,11 @@ from peft import PeftModel
 from train_common import SMOKE, cli, kill_in_checkpoint_15, losses, metrics, recipe, run, weights
 
 from unigen import UniGenModel
-from unigen.lora import LoraSettings, attach, load_adapter, save_adapter
 from unigen.shapes import write_dataset
-from unigen.train import run_stage
-from unigen.train.data import read_samples
-from unigen.train.start import build_fresh
+from unigen.training import run_stage
+from unigen.training.data import read_samples
+from unigen.training.lora import LoraSettings, attach, load_adapter, save_adapter
+from unigen.training.start import build_fresh
 
 LORA = "stage2.lora={r: 4, alpha: 8, targets: [llm, aligner], modules_to_save: [gen_head]}"
 
@@ -39,7 +39,7 @@ def _delta(peft_model, name: str) -> torch.Tensor:
 
 def test_only_adapters_and_modules_to_save_train_and_the_base_stays_bit_identical(data, base, tmp_path, caplog):
     r = recipe(data, tmp_path, "stage2.steps=3", "stage2.warmup_steps=0", LORA)
-    with caplog.at_level("INFO", logger="unigen.train"):
+    with caplog.at_level("INFO", logger="unigen.training"):
         final = run_stage(r, 2, init_from=str(base), progress=False)
     table = caplog.text
     assert "llm" in table and "LoRA:" in table and "vision_encoder" in table
@@ -234,7 +234,7 @@ def test_a_lora_stage_needs_a_trained_start_and_merge_names_a_wrong_adapter(data
     assert main(["merge", str(base), str(base), str(tmp_path / "out")]) == 1
     assert f"error: {base} is not a PEFT adapter (no adapter_config.json)" in capsys.readouterr().err
     from unigen.config import UniGenConfig
-    from unigen.train import load_recipe
+    from unigen.training import load_recipe
 
     other = load_recipe(SMOKE, ["data=x", "model.llm.intermediate_size=96"]).model
     save_adapter(attach(UniGenModel(UniGenConfig.from_dict(other)), LoraSettings(r=2), "lora"), tmp_path / "other",

@@ -8,7 +8,7 @@ from test_train_resume import TORCHRUN
 from train_common import SMOKE, cli, losses, metrics, recipe, run, weights
 
 from unigen import UniGenModel
-from unigen.lora import LoraSettings, quantize_targets
+from unigen.training.lora import LoraSettings, quantize_targets
 
 
 def _close(a, b, tol=1e-5):
@@ -52,7 +52,7 @@ def test_two_process_fsdp_lora_equals_one_process_writes_adapter_and_final_and_r
 
 def test_deepspeed_and_multi_process_qlora_are_refused_naming_the_key():
     from unigen.errors import ConfigError
-    from unigen.train.loop import check_lora_run
+    from unigen.training.loop import check_lora_run
 
     with pytest.raises(ConfigError, match="stage2.lora: a LoRA stage trains on one process, with DDP .torchrun. or "
                                           "with FSDP .* not with DeepSpeed"):
@@ -69,7 +69,7 @@ def test_qlora_without_bitsandbytes_is_named(monkeypatch):
     import sys
 
     from unigen.errors import ConfigError
-    from unigen.lora import check_quantize
+    from unigen.training.lora import check_quantize
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
     with pytest.raises(ConfigError) as err:
@@ -98,7 +98,7 @@ needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installe
 
 def _tiny_model():
     from unigen.config import UniGenConfig
-    from unigen.train import load_recipe
+    from unigen.training import load_recipe
 
     torch.manual_seed(0)
     return UniGenModel(UniGenConfig.from_dict(load_recipe(SMOKE, ["data=x"]).model))
@@ -109,7 +109,7 @@ def _tiny_model():
 def test_quantize_targets_swaps_only_the_adapted_linears_for_bitsandbytes_layers(mode):
     from peft.tuners.lora import bnb as peft_bnb
 
-    from unigen.lora import attach
+    from unigen.training.lora import attach
 
     model = _tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -140,8 +140,8 @@ def test_quantize_targets_swaps_only_the_adapted_linears_for_bitsandbytes_layers
 @pytest.mark.skipif(not torch.cuda.is_available() or bnb is None, reason="QLoRA runs on CUDA with bitsandbytes")
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_qlora_stage_trains_only_the_adapters_over_a_quantized_base_on_cuda(data, base, tmp_path, mode):  # noqa: F811
-    from unigen.lora import load_adapter
-    from unigen.train import run_stage
+    from unigen.training import run_stage
+    from unigen.training.lora import load_adapter
 
     r = recipe(data, tmp_path, "device=cuda", "stage2.steps=4", "stage2.warmup_steps=0", "stage2.lr=1e-3",
                f"stage2.lora={{r: 4, alpha: 8, targets: [llm], quantize: {mode}}}")

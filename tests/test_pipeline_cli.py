@@ -10,8 +10,8 @@ from PIL import Image
 
 from unigen import UniGenModel
 from unigen.cli import main
-from unigen.pipeline import UniGenPipeline, resolve_device
-from unigen.sampling import generate_text
+from unigen.generation.pipeline import UniGenPipeline, resolve_device
+from unigen.generation.sampling import generate_text
 
 
 @pytest.fixture(scope="module")

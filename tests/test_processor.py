@@ -171,8 +171,8 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
 def test_one_vq_preprocessing_for_the_trainer_code_extraction_and_inference(tmp_path):
     """The VQ trainer, code extraction (add_vq_codes), the pipeline and the VQ evaluator agree on an image of
     odd, non-square size, and that is exact bicubic (not the trainer's former reducing_gap=3.0 shortcut)."""
-    from unigen.tokenizer_training import data as trainer_data
-    from unigen.tokenizer_training import shapes_recon, vq_codes
+    from unigen.training.tokenizer import data as trainer_data
+    from unigen.training.tokenizer import shapes_recon, vq_codes
 
     rng = np.random.default_rng(0)
     path = tmp_path / "odd.png"

@@ -13,7 +13,7 @@ import torch
 from unigen import runs
 from unigen.config import UniGenConfig
 from unigen.errors import CheckpointError, ConfigError, OutputExistsError
-from unigen.sampling_options import SamplingOptions
+from unigen.generation.sampling_options import SamplingOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_train_package_takes_no_generic_helper_from_the_tokenizer_trainers():
     allowed = {"load_vq_into", "load_siglip_into"}  # the trained tokenizers themselves, not helpers
     for path in sorted((REPO / "unigen" / "train").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("unigen.tokenizer_training"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("unigen.training.tokenizer"):
                 assert {a.name for a in node.names} <= allowed, (path.name, node.module)
 
 
@@ -97,7 +97,7 @@ def test_sampling_options_take_the_checkpoints_defaults_in_one_place():
 
 def test_recipes_and_configs_are_built_by_one_builder():
     from unigen.config_io import build_config
-    from unigen.train.recipe import StageConfig
+    from unigen.training.recipe import StageConfig
 
     assert build_config(StageConfig, {"lr": "1e-3", "mixture": [1, 0, 3]}).mixture == (1.0, 0.0, 3.0)
     with pytest.raises(ConfigError, match=r"config.lr must be a finite number, got nan"):

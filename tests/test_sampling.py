@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unigen import UniGenModel
-from unigen.sampling import CFGSchedule, filter_logits, generate_image_tokens, generate_text
+from unigen.generation.sampling import CFGSchedule, filter_logits, generate_image_tokens, generate_text
 from unigen.testing import TINY_TOKENS as T
 
 
@@ -207,8 +207,8 @@ def test_cutoff_schedule_needs_a_token_index(models):
 
 
 def test_decode_linear_equals_linear_at_every_row_count():
-    from unigen.decoder import SKINNY_ROWS
-    from unigen.decoder import linear as decode_linear
+    from unigen.models.decoder import SKINNY_ROWS
+    from unigen.models.decoder import linear as decode_linear
 
     g = torch.Generator().manual_seed(0)
     for n_out in (300, 9000):
@@ -249,7 +249,7 @@ def test_decoder_pieces_give_transformers_numbers_bit_for_bit(models):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from unigen.decoder import RMSNorm, rotary_tables, rotate
+    from unigen.models.decoder import RMSNorm, rotary_tables, rotate
 
     _, model = models
     cfg = model.config.llm

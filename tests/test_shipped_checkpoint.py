@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from unigen.cli import main
-from unigen.pipeline import UniGenPipeline
+from unigen.generation.pipeline import UniGenPipeline
 from unigen.shapes.checker import check
 from unigen.shapes.evaluate import evaluate_captions, evaluate_edits, evaluate_generation
 from unigen.shapes.render import render

@@ -13,10 +13,10 @@ from PIL import Image
 
 from unigen.config import LLMConfig, VQConfig
 from unigen.config_io import load_config
-from unigen.tokenizer_training import losses
-from unigen.tokenizer_training.data import to_pixels
-from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, SigLIPTrainer, load_siglip, load_siglip_into
-from unigen.tokenizer_training.vq_trainer import VQTrainConfig, VQTrainer, load_vq, load_vq_into
+from unigen.training.tokenizer import losses
+from unigen.training.tokenizer.data import to_pixels
+from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, SigLIPTrainer, load_siglip, load_siglip_into
+from unigen.training.tokenizer.vq_trainer import VQTrainConfig, VQTrainer, load_vq, load_vq_into
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "white": (235, 235, 235)}
@@ -66,8 +66,8 @@ def test_vq_overfits_a_fixed_batch(tmp_path):
 
 def test_pre_extracted_codes_match_what_the_trainer_would_encode(tmp_path):
     from unigen.processor import generation_pixels
-    from unigen.tokenizer_training.vq_codes import add_vq_codes
-    from unigen.train.data import read_samples
+    from unigen.training.data import read_samples
+    from unigen.training.tokenizer.vq_codes import add_vq_codes
 
     data = write_images(tmp_path, 6)
     cfg = vq_config(tmp_path, data, steps=2)
@@ -218,7 +218,7 @@ def test_bad_images_are_skipped_and_listed(tmp_path, caplog):
 
 
 def test_manifest_caption_keys(tmp_path):
-    from unigen.tokenizer_training.data import read_records
+    from unigen.training.tokenizer.data import read_records
 
     rows = [{"image": "a.png", "caption": "one"}, {"image": "/abs/b.png", "text": "two"},
             {"image": "c.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
@@ -319,7 +319,7 @@ def test_tokenizers_folder_does_not_shadow_hf_tokenizers():
 
 
 def test_local_encoder_has_no_attention_and_normalises_each_pixel_alone(tmp_path):
-    from unigen.vq import ChannelNorm, VQModel
+    from unigen.models.vq import ChannelNorm, VQModel
 
     cfg = dict(image_size=16, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=4,
                codebook_size=16, norm_groups=4)
@@ -335,14 +335,14 @@ def test_local_encoder_has_no_attention_and_normalises_each_pixel_alone(tmp_path
     x2[:, :, 0, 0] += 100  # one pixel changes: every other pixel's output stays the same
     assert torch.equal(norm(x2)[:, :, 1:], norm(x)[:, :, 1:])
     # the flag is part of the tokenizer's architecture: saved, and checked when loaded into a model
-    from unigen.tokenizer_training.vq_trainer import save_vq
+    from unigen.training.tokenizer.vq_trainer import save_vq
 
     save_vq(local, tmp_path / "vq")
     assert load_vq(tmp_path / "vq").config.local_encoder is True
 
 
 def test_amp_auto_uses_bf16_only_where_it_is_native(tmp_path, monkeypatch):
-    from unigen import precision
+    from unigen.models import precision
 
     data = write_images(tmp_path, 4)
     # an AVX2-only CPU emulates bf16 (a Shapes VQ step ~10x slower): "auto" must leave autocast off there
@@ -359,9 +359,9 @@ def test_amp_auto_uses_bf16_only_where_it_is_native(tmp_path, monkeypatch):
 def test_side_by_side_trains_what_each_trainer_would_alone(tmp_path):
     import multiprocessing
 
-    from unigen.tokenizer_training.side_by_side import train_side_by_side
-    from unigen.tokenizer_training.siglip_trainer import train_siglip
-    from unigen.tokenizer_training.vq_trainer import train_vq
+    from unigen.training.tokenizer.side_by_side import train_side_by_side
+    from unigen.training.tokenizer.siglip_trainer import train_siglip
+    from unigen.training.tokenizer.vq_trainer import train_vq
 
     data = write_images(tmp_path, 8)
     torch.set_num_threads(1)
@@ -381,7 +381,7 @@ def test_side_by_side_trains_what_each_trainer_would_alone(tmp_path):
 def test_side_by_side_encoder_takes_every_thread_once_the_vq_is_done(monkeypatch):
     import multiprocessing
 
-    from unigen.tokenizer_training import side_by_side
+    from unigen.training.tokenizer import side_by_side
 
     threads_per_step = []
 
@@ -406,7 +406,7 @@ def test_side_by_side_encoder_takes_every_thread_once_the_vq_is_done(monkeypatch
 def test_side_by_side_reports_a_failed_encoder_and_stops_it_when_the_vq_fails(tmp_path):
     import multiprocessing
 
-    from unigen.tokenizer_training.side_by_side import train_side_by_side
+    from unigen.training.tokenizer.side_by_side import train_side_by_side
 
     data = write_images(tmp_path, 8)
     missing = tmp_path / "nowhere.jsonl"

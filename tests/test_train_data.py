@@ -8,11 +8,11 @@ import torch
 from train_common import recipe
 
 from unigen.shapes import write_dataset
-from unigen.train import run_stage
-from unigen.train.batches import IGNORE, BatchBuilder, SupervisionError
-from unigen.train.data import ManifestError, Sample, read_samples
-from unigen.train.mixture import Pick
-from unigen.train.start import build_fresh
+from unigen.training import run_stage
+from unigen.training.batches import IGNORE, BatchBuilder, SupervisionError
+from unigen.training.data import ManifestError, Sample, read_samples
+from unigen.training.mixture import Pick
+from unigen.training.start import build_fresh
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_bad_images_are_skipped_and_listed(data, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    from unigen.train.step import TrainStep
+    from unigen.training.step import TrainStep
 
     real = TrainStep.generation
     calls = {"n": 0}

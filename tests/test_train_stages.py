@@ -8,9 +8,9 @@ import torch
 from train_common import SMOKE, changed_groups, metrics, recipe, weights
 
 from unigen.shapes import write_dataset
-from unigen.train import load_recipe, run_stage
-from unigen.train.data import read_samples
-from unigen.train.start import build_fresh
+from unigen.training import load_recipe, run_stage
+from unigen.training.data import read_samples
+from unigen.training.start import build_fresh
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_method_b_trains_cross_attention_in_every_stage_and_keeps_the_llm_frozen
 
 
 def test_task_loss_weighting_averages_the_tasks_mean_losses(data, tmp_path):
-    from unigen.train.loop import task_weights
+    from unigen.training.loop import task_weights
 
     counts = torch.tensor([9.0, 0.0, 64.0], dtype=torch.float64)  # a caption, no text, one image's codes
     assert task_weights(counts, "token").tolist() == [1 / 73] * 3
@@ -147,8 +147,8 @@ def test_cli_overrides_after_options_checkpointing_bf16_and_init_from(data, tmp_
 
 
 def test_janus_defaults_and_optimizer(data, tmp_path):
-    from unigen.param_groups import set_trainable
-    from unigen.train.loop import make_optimizer
+    from unigen.models.param_groups import set_trainable
+    from unigen.training.loop import make_optimizer
 
     r = load_recipe(SMOKE, ["data=x"])
     assert r.stage1.groups == ["aligner", "gen_aligner", "gen_embed", "gen_head"]
@@ -176,7 +176,7 @@ def test_fresh_word_tokenizer_knows_every_word_of_its_prompts(data, tmp_path, fm
 
 
 def test_bf16_auto_turns_mixed_precision_on_only_where_bf16_is_native(monkeypatch):
-    from unigen.train.parallel import make_accelerator
+    from unigen.training.parallel import make_accelerator
 
     recipe = load_recipe(None, ["bf16=auto", "device=cpu"])
     # an AVX2-only CPU emulates bf16 at several times the fp32 cost: "auto" must leave it off there
@@ -192,7 +192,7 @@ def test_bf16_auto_turns_mixed_precision_on_only_where_bf16_is_native(monkeypatc
 def test_a_stage_cut_short_is_continued_by_resume_latest(data, tmp_path):
     from train_common import losses
 
-    from unigen.train.checkpoints import is_complete, trained_steps
+    from unigen.training.checkpoints import is_complete, trained_steps
 
     run_stage(recipe(data, tmp_path / "a", "stage1.steps=4"), 1, progress=False)
     r = recipe(data, tmp_path / "b", "stage1.steps=4")

@@ -8,7 +8,7 @@ import torch
 
 from unigen import UniGenConfig, UniGenModel
 from unigen.config import SigLIPConfig
-from unigen.model import ConvStem, SigLIPEncoder
+from unigen.models.model import ConvStem, SigLIPEncoder
 
 
 def tiny_config(stem: str = "conv") -> UniGenConfig:
@@ -61,7 +61,7 @@ def test_conv_stem_errors_name_the_problem():
 def test_trained_siglip_stem_must_match_the_model(tmp_path):
     from test_tokenizer_trainers import siglip_config, write_images
 
-    from unigen.tokenizer_training.siglip_trainer import SigLIPTrainer, load_siglip_into
+    from unigen.training.tokenizer.siglip_trainer import SigLIPTrainer, load_siglip_into
 
     cfg = siglip_config(tmp_path, write_images(tmp_path, 4), steps=2, batch_size=4,
                         vision=dict(image_size=16, patch_size=8, width=32, depth=1, num_heads=2, stem="conv"))

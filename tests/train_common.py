@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from unigen import UniGenModel
-from unigen.train import load_recipe
+from unigen.training import load_recipe
 
 REPO = Path(__file__).parent.parent
 SMOKE = REPO / "train" / "smoke.yaml"
@@ -34,7 +34,7 @@ def losses(out, stage=1):
 
 def changed_groups(before, after):
     """(groups with a changed tensor, groups left bit-identical)."""
-    from unigen.param_groups import GROUPS
+    from unigen.models.param_groups import GROUPS
 
     top = {v: k for k, v in GROUPS.items()}
     out = {}
@@ -57,7 +57,7 @@ def run(cmd, timeout=300):
 # touches the file argv[1] and waits to be killed: a kill in the middle of a checkpoint write, at a known point
 STOP_IN_CHECKPOINT_15 = """
 import pathlib, sys, time
-from unigen.train import checkpoints
+from unigen.training import checkpoints
 publish = checkpoints._publish
 def stop(tmp, final, rank):
     if final.name == "step_0000015":

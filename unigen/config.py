@@ -28,7 +28,7 @@ class SigLIPConfig:
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
     # "patch": SigLIP's patch embedding (one patch_size x patch_size conv; what every SigLIP checkpoint has).
-    # "conv": a small conv stem in its place (unigen.model.ConvStem), for encoders trained from scratch on
+    # "conv": a small conv stem in its place (unigen.models.model.ConvStem), for encoders trained from scratch on
     # little data; same token grid.
     stem: Literal["patch", "conv"] = "patch"
 
@@ -74,7 +74,7 @@ class VQConfig:
 
 @dataclass
 class LLMConfig:
-    """Llama-style decoder (``unigen.decoder``): RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+    """Llama-style decoder (``unigen.models.decoder``): RMSNorm, RoPE, grouped-query attention, SwiGLU."""
 
     vocab_size: int = 102400
     hidden_size: int = 2048

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from unigen.checkpoint import check_tokenizer_files, load_config
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, DataError
+from unigen.models.checkpoint import check_tokenizer_files, load_config
 from unigen.runs import write_json
 from unigen.text_tokenizer import special_token_ids
 
@@ -331,10 +331,10 @@ class UniGenProcessor:
         return self.pad([self.encode(self.format.generation(p)) for p in prompts])
 
     def chat_inputs(self, messages) -> dict[str, torch.Tensor | None]:
-        """One conversation (``unigen.chat``) -> input_ids and attention_mask (1, L) ending with the
+        """One conversation (``unigen.generation.chat``) -> input_ids and attention_mask (1, L) ending with the
         assistant's reply slot, and pixel_values (n_images, 3, S, S) in the order of their tags (None
         without images): the ids DeepSeek's ``VLChatProcessor`` makes for the same conversation."""
-        from unigen.chat import conversation_prompt
+        from unigen.generation.chat import conversation_prompt
 
         text, images = conversation_prompt(messages, self.format, self.system_prompt)
         ids = self.encode(text)

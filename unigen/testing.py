@@ -104,7 +104,7 @@ def write_official_layout(model, directory: str | Path, extra_unused: bool = Tru
     """
     from safetensors.torch import save_file
 
-    from unigen.checkpoint import official_state_dict
+    from unigen.models.checkpoint import official_state_dict
 
     cfg = model.config
     directory = Path(directory)

@@ -1,4 +1,4 @@
-"""``unigen app``: a Gradio web app over one :class:`~unigen.pipeline.UniGenPipeline` (``pip install
+"""``unigen app``: a Gradio web app over one :class:`~unigen.generation.pipeline.UniGenPipeline` (``pip install
 unigen[app]``). ``requests`` holds what each request does, ``ui`` the page and its named endpoints,
 ``serve`` the web server."""
 

@@ -18,12 +18,12 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from unigen.decoding import DECODING_METHODS
-from unigen.editing import DEFAULT_CFG_DROP, check_instruction
 from unigen.errors import UniGenError
-from unigen.pipeline import DEFAULT_QUESTION, UniGenPipeline
+from unigen.generation.decoding import DECODING_METHODS
+from unigen.generation.editing import DEFAULT_CFG_DROP, check_instruction
+from unigen.generation.pipeline import DEFAULT_QUESTION, UniGenPipeline
+from unigen.generation.sampling_options import SEED_MAX, SamplingOptions
 from unigen.processor import ImageDecodeError, check_text, load_image
-from unigen.sampling_options import SEED_MAX, SamplingOptions
 
 MAX_IMAGES = 16  # images per /generate request: a request must not hold the one shared model for long
 MAX_ANSWER_TOKENS = 256

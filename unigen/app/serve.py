@@ -10,7 +10,7 @@ import gradio as gr
 
 from unigen.app.requests import AppModel
 from unigen.app.ui import build_app
-from unigen.pipeline import UniGenPipeline
+from unigen.generation.pipeline import UniGenPipeline
 
 ANY_PORT = 0
 PORT_TRIES = 5  # a free port picked by the OS can be taken by another process before the server binds it

@@ -6,8 +6,8 @@ from __future__ import annotations
 import gradio as gr
 
 from unigen.app.requests import MAX_IMAGES, AppModel
-from unigen.decoding import DECODING_METHODS
-from unigen.editing import CFG_DROPS, DEFAULT_CFG_DROP
+from unigen.generation.decoding import DECODING_METHODS
+from unigen.generation.editing import CFG_DROPS, DEFAULT_CFG_DROP
 
 MODEL_QUEUE = "model"  # one concurrency group for every event that runs the model: they share its cores
 DEFAULT_NUM_IMAGES = 4

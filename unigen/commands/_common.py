@@ -23,7 +23,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def load_pipeline(args: argparse.Namespace):
     import torch
 
-    from unigen.pipeline import UniGenPipeline, resolve_device
+    from unigen.generation.pipeline import UniGenPipeline, resolve_device
 
     device = resolve_device(args.device)  # before loading: a missing CUDA/MPS is named at once
     return UniGenPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)

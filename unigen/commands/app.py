@@ -6,8 +6,8 @@ import argparse
 import os
 
 from unigen.commands._common import DTYPES, load_pipeline
+from unigen.generation.sampling_options import positive_int
 from unigen.recipes import resolve
-from unigen.sampling_options import positive_int
 
 HELP = "Serve a web app (Gradio) to generate images and ask about images in a browser (pip install unigen[app])."
 DEFAULT_MODEL = "checkpoints/shapes-small"

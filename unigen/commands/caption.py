@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from unigen.commands._common import add_model_arguments, load_pipeline
-from unigen.sampling_options import SamplingOptions, finite_float, positive_int
+from unigen.generation.sampling_options import SamplingOptions, finite_float, positive_int
 
 HELP = "Caption images, or answer a question about them (one line per image)."
 

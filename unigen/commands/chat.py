@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from unigen.commands._common import add_model_arguments, load_pipeline
-from unigen.sampling_options import finite_float, positive_int
+from unigen.generation.sampling_options import finite_float, positive_int
 
 HELP = "Talk with a model about images: /image PATH attaches an image, /reset starts over, Ctrl-D quits."
 USAGE = "type a message; /image PATH attaches an image to your next message, /reset starts over, Ctrl-D quits"
@@ -30,8 +30,8 @@ def _read(prompt: str) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from unigen.errors import ArgumentError, DataError
+    from unigen.generation.sampling_options import SamplingOptions
     from unigen.processor import load_image
-    from unigen.sampling_options import SamplingOptions
 
     options = SamplingOptions(temperature=args.temperature)
     pipe = load_pipeline(args)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unigen.generation.sampling_options import positive_int, seed_int
 from unigen.recipes import resolve
-from unigen.sampling_options import positive_int, seed_int
 
 HELP = "Train and evaluate a unified model on the Shapes world from scratch; writes DIR/index.html."
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from unigen.commands._common import add_model_arguments, check_writable_dir, load_pipeline
-from unigen.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
+from unigen.generation.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 
 HELP = "Edit images by an instruction (writes one PNG per source image into --output-dir)."
 
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same names")
     p.add_argument("--cfg-drop", choices=["instruction", "image", "both"], default=None,
-                   help="what the unconditional (guidance) row drops (default: unigen.editing.DEFAULT_CFG_DROP)")
+                   help="what the unconditional (guidance) row drops (default: editing.DEFAULT_CFG_DROP)")
     add_image_sampling_arguments(p, schedule=False)
 
 
@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from unigen.commands.caption import read_chunk
-    from unigen.editing import check_instruction
     from unigen.errors import OutputExistsError
+    from unigen.generation.editing import check_instruction
     from unigen.runs import atomic_write
 
     check_instruction(args.instruction)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from unigen.commands._common import add_model_arguments, check_writable_file, load_pipeline
-from unigen.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
+from unigen.generation.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 
 HELP = ("Evaluate a model on an embedded world (shapes): caption accuracy, generation prompt fidelity and edit "
         "accuracy.")
@@ -26,13 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a task to evaluate (repeatable; default: captions and generation)")
     p.add_argument("--skip", choices=TASKS, action="append", default=[], help="skip a task (repeatable)")
     p.add_argument("--cfg-drop", choices=["instruction", "image", "both"], default=None,
-                   help="edit: what the unconditional row drops (default: unigen.editing.DEFAULT_CFG_DROP)")
+                   help="edit: what the unconditional row drops (default: unigen.generation.editing.DEFAULT_CFG_DROP)")
     p.add_argument("--json", type=Path, default=None, help="write all scores to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from unigen.editing import DEFAULT_CFG_DROP
     from unigen.errors import ArgumentError
+    from unigen.generation.editing import DEFAULT_CFG_DROP
     from unigen.processor import check_text
     from unigen.runs import write_json
     from unigen.shapes.evaluate import evaluate_captions, evaluate_edits, evaluate_generation

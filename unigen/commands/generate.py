@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from unigen.commands._common import add_model_arguments, check_writable_dir, load_pipeline
-from unigen.sampling_options import (
+from unigen.generation.sampling_options import (
     SEED_MAX,
     add_image_sampling_arguments,
     options_from_args,

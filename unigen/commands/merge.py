@@ -22,8 +22,8 @@ def run(args: argparse.Namespace) -> int:
 
     from unigen.commands._common import check_writable_dir
     from unigen.errors import OutputExistsError
-    from unigen.lora import adapter_config, load_adapter, merge
-    from unigen.train.start import load_pretrained
+    from unigen.training.lora import adapter_config, load_adapter, merge
+    from unigen.training.start import load_pretrained
 
     adapter_config(args.adapter)  # a wrong folder is named before the base loads
     check_writable_dir(args.out, "OUT")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unigen.generation.sampling_options import positive_int
 from unigen.recipes import resolve
-from unigen.sampling_options import positive_int
 
 HELP = "Train a unified model through the three Janus stages (I adaptors+heads, II +LLM, III +SigLIP)."
 
@@ -34,7 +34,7 @@ def plan(stages: list[int] | None, resume: str | None) -> list[tuple[int, str | 
 
     from unigen.errors import ArgumentError
     from unigen.runs import LATEST, normalize_resume
-    from unigen.train.checkpoints import read_progress
+    from unigen.training.checkpoints import read_progress
 
     stages = sorted(set(stages or [1, 2, 3]))
     resume = normalize_resume(resume)
@@ -47,7 +47,7 @@ def plan(stages: list[int] | None, resume: str | None) -> list[tuple[int, str | 
 
 
 def run(args: argparse.Namespace) -> int:
-    from unigen.train import load_recipe, run_stage
+    from unigen.training import load_recipe, run_stage
 
     values = {}
     if args.output_dir:

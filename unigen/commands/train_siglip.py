@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unigen.config_io import load_config
-    from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, train_siglip
+    from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, train_siglip
 
     out = train_siglip(load_config(SigLIPTrainConfig, args.config, args.overrides))
     print(f"SigLIP encoder saved to {out}")

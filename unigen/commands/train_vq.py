@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unigen.config_io import load_config
-    from unigen.tokenizer_training.vq_trainer import VQTrainConfig, train_vq
+    from unigen.training.tokenizer.vq_trainer import VQTrainConfig, train_vq
 
     out = train_vq(load_config(VQTrainConfig, args.config, args.overrides))
     print(f"VQ tokenizer saved to {out}")

@@ -77,7 +77,7 @@ def _shaped(tokenizer_cfg, recipe_values: dict, where: str):
 def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
     """A tiny ``--n-train`` (a smoke run) holds fewer training images than the recipe's batch: the batch
     shrinks to fit, and the run says so."""
-    from unigen.tokenizer_training.data import holdout_size
+    from unigen.training.tokenizer.data import holdout_size
 
     n_train = n_images - holdout_size(tokenizer_cfg.val_size, n_images)
     if tokenizer_cfg.batch_size > n_train:
@@ -88,16 +88,16 @@ def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> Path:
     from unigen.config_io import load_config
-    from unigen.pipeline import UniGenPipeline
+    from unigen.generation.pipeline import UniGenPipeline
     from unigen.runs import resolve_device, write_json, write_text
     from unigen.shapes.data import write_dataset
     from unigen.shapes.evaluate import evaluate_captions, evaluate_edits, evaluate_generation
     from unigen.shapes.metrics import format_table
     from unigen.shapes.report import write_report
-    from unigen.tokenizer_training.side_by_side import train_side_by_side
-    from unigen.tokenizer_training.siglip_trainer import SigLIPTrainConfig, train_siglip
-    from unigen.tokenizer_training.vq_trainer import VQTrainConfig, train_vq
-    from unigen.train import load_recipe, run_stage
+    from unigen.training import load_recipe, run_stage
+    from unigen.training.tokenizer.side_by_side import train_side_by_side
+    from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, train_siglip
+    from unigen.training.tokenizer.vq_trainer import VQTrainConfig, train_vq
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -149,7 +149,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             _timed(timings, "VQ tokenizer", lambda: train_vq(vq_cfg))
         if sig_cfg:
             _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
-    from unigen.tokenizer_training.vq_codes import add_vq_codes
+    from unigen.training.tokenizer.vq_codes import add_vq_codes
 
     # the VQ is frozen from here on: encode every training image once instead of once per stage
     _timed(timings, "VQ codes", lambda: add_vq_codes(manifest, vq_dir, coded_manifest))

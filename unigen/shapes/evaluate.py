@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from unigen.sampling_options import SamplingOptions
+from unigen.generation.sampling_options import SamplingOptions
 from unigen.shapes.metrics import caption_accuracy, generation_fidelity
 from unigen.shapes.render import render
 from unigen.shapes.world import caption, sample_specs

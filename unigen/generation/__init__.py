@@ -1,0 +1,1 @@
+"""Inference: prompts in, images and text out (sampling, the image-token decoders, editing, chat, the pipeline)."""

@@ -1,0 +1,203 @@
+"""Picks -> tensors for the three tasks, with loss masks.
+
+understanding: prompt (image placeholders, question) -> supervised answer + EOS (every gpt turn of a conversation)
+generation:    prompt ending with <begin_of_image> -> supervised VQ codes (dropped caption -> the CFG prompt);
+               an edit's prompt holds the source's placeholders and the instruction (unigen.generation.editing), its
+               codes are the target's, and a dropped edit takes the unconditional row its pick names; with
+               ``edit_source_codes`` the source's codes fill the prompt's last slots (every edit row, dropped or not)
+text:          every token after BOS, plus EOS
+``targets[:, t]`` is the token that position ``t`` must predict, or -100 (not supervised).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unigen.errors import DataError
+from unigen.generation.editing import edit_prompt_ids, keeps_image, source_slots
+from unigen.generation.sampling import unconditional_rows
+from unigen.processor import understanding_pixels
+from unigen.training.data import Sample
+from unigen.training.mixture import Pick
+
+IGNORE = -100
+
+
+class SupervisionError(DataError):
+    """A sample whose template leaves nothing to learn (or that cannot fit); the message names it."""
+
+
+def _where(s: Sample) -> str:
+    return f"manifest line {s.line}"
+
+
+class BatchBuilder:
+    def __init__(self, model, processor, question: str, max_seq_len: int = 0):
+        self.model = model  # the unwrapped model: its frozen VQ encodes images outside the training forward
+        self.processor = processor
+        self.question = question
+        self.max_len = max_seq_len or model.config.llm.max_position_embeddings
+        self.codes: dict[str, torch.Tensor] = {}  # VQ codes per image (the VQ is frozen)
+
+    # ---- rows --------------------------------------------------------------------------
+    def _tokens(self, text: str) -> list[int]:
+        return self.processor.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _answer(self, text: str, s: Sample) -> list[int]:
+        ids = self._tokens(" " + text.strip())
+        if not ids:
+            raise SupervisionError(f"{_where(s)}: the answer {text!r} tokenizes to nothing, so the sample has no "
+                                   "supervised tokens")
+        return ids + [self.model.config.tokens.eos]
+
+    def _row(self, segments: list[tuple[list[int], bool]], s: Sample) -> tuple[list[int], list[int]]:
+        """(token ids, supervised?) segments -> inputs and next-token targets, cut at ``max_len``."""
+        ids, sup = [], []
+        for seg, supervised in segments:
+            ids += seg
+            sup += [supervised] * len(seg)
+        ids, sup = ids[: self.max_len + 1], sup[: self.max_len + 1]  # inputs drop the last token
+        targets = [ids[t + 1] if sup[t + 1] else IGNORE for t in range(len(ids) - 1)]
+        if all(t == IGNORE for t in targets):
+            raise SupervisionError(f"{_where(s)}: no supervised tokens within max_seq_len={self.max_len}")
+        return ids[:-1], targets
+
+    def understanding_row(self, s: Sample) -> tuple[list[int], list[int]]:
+        p = self.processor
+        turns = s.turns or [(self.question, s.caption)]
+        prompt = p._expand_images(p.encode(p.understanding_prompt(turns[0][0])))
+        if len(prompt) >= self.max_len:
+            raise SupervisionError(f"{_where(s)}: the prompt ({len(prompt)} tokens with the image) does not fit "
+                                   f"max_seq_len={self.max_len}")
+        segments = [(prompt, False)]
+        for i, (question, answer) in enumerate(turns):
+            if i:  # DeepSeek's template: after an answer's EOS, "User: q\n\nAssistant:"
+                segments.append((self._tokens(f"{p.format.user}: {question.strip()}\n\n{p.format.assistant}:"), False))
+            segments.append((self._answer(answer, s), True))
+        return self._row(segments, s)
+
+    def text_row(self, s: Sample) -> tuple[list[int], list[int]]:
+        ids = self.processor.encode(s.text)
+        if len(ids) < 2:
+            raise SupervisionError(f"{_where(s)}: the text {s.text!r} tokenizes to nothing")
+        return self._row([(ids[:1], False), (ids[1:] + [self.model.config.tokens.eos], True)], s)
+
+    def generation_prompt(self, pick: Pick) -> torch.Tensor:
+        tokens = self.model.config.tokens
+        if pick.sample.instruction is not None:
+            prompt = torch.tensor(edit_prompt_ids(self.processor, pick.sample.instruction,
+                                                  pick.drop if pick.dropped else None))
+        else:
+            prompt = torch.tensor(self.processor.encode(self.processor.format.generation(pick.sample.caption)))
+        if pick.dropped and pick.sample.instruction is None:  # the sampler's unconditional prompt: BOS and
+            prompt = unconditional_rows([prompt], tokens)[0]  # <begin_of_image> kept, the rest CFG pad
+        if len(prompt) + self.model.config.vq.num_tokens > self.max_len + 1:
+            raise SupervisionError(f"{_where(pick.sample)}: the generation prompt ({len(prompt)} tokens) and "
+                                   f"{self.model.config.vq.num_tokens} image tokens do not fit "
+                                   f"max_seq_len={self.max_len}")
+        return prompt
+
+    # ---- batches -----------------------------------------------------------------------
+    def _right_pad(self, rows: list[tuple[list[int], list[int]]]) -> dict:
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.model.config.tokens.pad, dtype=torch.long)
+        tgt = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, t) in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            tgt[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids, "targets": tgt, "attention_mask": mask}
+
+    def understanding(self, samples: list[Sample]) -> dict:
+        batch = self._right_pad([self.understanding_row(s) for s in samples])
+        batch["pixel_values"] = self._understanding_pixels([s.image for s in samples])
+        return batch
+
+    def _understanding_pixels(self, images: list) -> torch.Tensor:
+        if hasattr(self.processor, "understanding_pixels"):  # it knows the checkpoint's normalisation
+            return self.processor.understanding_pixels(images)
+        return understanding_pixels(images, self.model.config.vision.image_size)
+
+    def text(self, samples: list[Sample]) -> dict:
+        return self._right_pad([self.text_row(s) for s in samples])
+
+    def generation(self, picks: list[Pick]) -> dict:
+        prompts = [self.generation_prompt(p).tolist() for p in picks]
+        batch = self.processor.pad(prompts)  # left padding: prompts end at the same column
+        batch["codes"] = self.codes_for([p.sample for p in picks])
+        batch["dropped"] = torch.tensor([p.dropped for p in picks])
+        # edit sources fill their rows' placeholders, in row order (a row whose image is dropped has none)
+        sources = [p.sample.image for p in picks
+                   if p.sample.instruction is not None and keeps_image(p.drop if p.dropped else None)]
+        if sources:
+            batch["pixel_values"] = self._understanding_pixels(sources)
+        if source_slots(self.model.config):
+            rows = [p.sample.instruction is not None for p in picks]
+            if any(rows):
+                batch["source_rows"] = torch.tensor(rows)
+                batch["source_codes"] = self._codes_of_images([p.sample.image for p, edit in zip(picks, rows,
+                                                                                                 strict=True) if edit])
+        return batch
+
+    def build(self, picks: list[Pick], fill: dict[str, Pick] | None = None) -> dict[str, dict]:
+        """One micro-batch per task present. ``fill``: tasks absent here but present on another process,
+        built from that pick with weight 0 (FSDP needs every process to run the same modules)."""
+        out = {}
+        by_task: dict[str, list[Pick]] = {}
+        for p in picks:
+            by_task.setdefault(p.task, []).append(p)
+        for task, chosen in list(by_task.items()) + [(t, [p]) for t, p in (fill or {}).items() if t not in by_task]:
+            if task == "generation":
+                b = self.generation(chosen)
+                n = b["codes"].numel()
+            else:
+                b = (self.understanding if task == "understanding" else self.text)([p.sample for p in chosen])
+                n = int((b["targets"] != IGNORE).sum())
+            real = task in by_task
+            b["weight"] = 1.0 if real else 0.0
+            b["tokens"] = n if real else 0
+            out[task] = b
+        return out
+
+    # ---- VQ codes ----------------------------------------------------------------------
+    @torch.no_grad()
+    def codes_for(self, samples: list[Sample]) -> torch.Tensor:
+        given = [self._given_codes(s) if s.codes is not None else None for s in samples]
+        encoded = iter(self._codes_of_images([s.vq_image for s in samples if s.codes is None]))
+        return torch.stack([codes if codes is not None else next(encoded) for codes in given]).long()
+
+    @torch.no_grad()
+    def _codes_of_images(self, paths: list) -> torch.Tensor:
+        """Image files -> their VQ codes (len(paths), n), each file encoded once per run."""
+        missing = list(dict.fromkeys(str(p) for p in paths if str(p) not in self.codes))
+        if missing:
+            pixels = self.processor.generation_pixels(missing).to(self.model.device, self.model.dtype)
+            for path, codes in zip(missing, self.model.encode_image_tokens(pixels).cpu(), strict=True):
+                self.codes[path] = codes.to(torch.int32)  # a quarter of int64's memory for a large dataset
+        return torch.stack([self.codes[str(p)] for p in paths]).long() if paths else torch.zeros(0, dtype=torch.long)
+
+    def _given_codes(self, s: Sample) -> torch.Tensor:
+        key = f"codes:{s.line}"
+        if key not in self.codes:
+            codes = s.codes
+            if isinstance(codes, Path):
+                if not codes.is_file():
+                    raise SupervisionError(f"{_where(s)}: codes file {codes} does not exist")
+                if codes.suffix == ".npy":
+                    import numpy as np
+
+                    codes = np.load(codes)
+                codes = torch.load(codes, weights_only=True) if isinstance(codes, Path) else codes
+            codes = torch.as_tensor(codes, dtype=torch.long).flatten()
+            vq = self.model.config.vq
+            if codes.numel() != vq.num_tokens:
+                raise SupervisionError(f"{_where(s)}: {codes.numel()} pre-extracted codes; the VQ makes "
+                                       f"{vq.num_tokens}")
+            if int(codes.min()) < 0 or int(codes.max()) >= vq.codebook_size:
+                raise SupervisionError(f"{_where(s)}: pre-extracted codes must lie in [0, {vq.codebook_size}); got "
+                                       f"[{int(codes.min())}, {int(codes.max())}]")
+            self.codes[key] = codes.to(torch.int32)
+        return self.codes[key]

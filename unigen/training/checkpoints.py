@@ -1,0 +1,221 @@
+"""Resumable checkpoints: ``stageN/checkpoints/step_XXXXXXX`` holds
+
+  model/               the weights + tokenizer in our layout (``UniGenPipeline.from_pretrained`` reads it)
+  adapter/             instead of model/ in a LoRA stage: the PEFT adapter + base.json (the frozen base's source)
+  optimizer.pt         optimizer state (gathered in full under FSDP)     | DeepSpeed: accelerate's
+  scheduler.pt         learning-rate schedule                           | save_state files instead
+  rng_<rank>.pt        every RNG of every process
+  progress.json        stage and step: the data position (batches are a function of the step)
+
+Every process writes into ``.tmp-step_XXXXXXX`` and rank 0 renames it when all are done, so a folder under
+its real name is always complete; the oldest beyond ``keep_last`` are deleted. ``stageN/final`` is written
+the same way, with ``trained.json`` saying how many of the stage's steps it holds: a stage cut short by
+``--max-steps`` is not finished, and ``--resume latest`` continues it. A LoRA stage also writes ``stageN/adapter``
+(the adapter alone) and its ``final`` is the merged model.
+
+Every file loads with ``torch.load(weights_only=True)``: resuming a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from unigen.errors import CheckpointError
+from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name
+from unigen.training import lora
+from unigen.training.parallel import barrier
+
+__all__ = ["Adapter", "checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress", "rng_state",
+           "save_checkpoint", "save_final", "set_rng_state"]
+TRAINED = "trained.json"  # in stageN/final: {"stage", "step", "steps"}
+
+
+class Adapter(NamedTuple):
+    """A LoRA stage's adapters: the ``PeftModel``, the source of the base it adapts, and whether the final merge
+    happens in place. Under FSDP the weights are shards and a QLoRA base is quantized: there the saved adapter is
+    folded into a fresh float copy of the base instead (``unigen.training.lora.merge_saved``)."""
+
+    peft_model: object
+    base: str
+    merge_in_place: bool = True
+
+
+def trained_steps(final: Path) -> tuple[int, int] | None:
+    """(steps trained, steps of the stage) recorded with a stage's final weights; None if not recorded."""
+    path = final / TRAINED
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        return int(info["step"]), int(info["steps"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is damaged ({err}); delete {final} to train the stage again") from err
+
+
+def is_complete(final: Path) -> bool:
+    """The stage's final weights exist and hold all its steps (not a run cut short by ``--max-steps``)."""
+    if not (final / "config.json").is_file():
+        return False
+    trained = trained_steps(final)
+    return trained is None or trained[0] >= trained[1]
+
+
+class _Weights:
+    """What ``save_pretrained`` needs from a model, for a state dict gathered from shards."""
+
+    def __init__(self, state: dict, config):
+        self._state, self.config = state, config
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def full_model_state(wrapped, model, kind: str) -> dict | None:
+    """The unsharded weights (keys as in ``UniGenModel``) on rank 0; ``None`` elsewhere. Collective."""
+    if kind != "fsdp":
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() != 0:
+        return None
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    for k, v in model.gen_vision_model.state_dict().items():  # the VQ is not sharded (ignored by FSDP)
+        state.setdefault(f"gen_vision_model.{k}", v.detach().cpu())
+    return {k: state[k] for k in model.state_dict()}  # checkpoint order = the model's
+
+
+def adapter_state(model, kind: str) -> dict | None:
+    """Under FSDP, the trained parameters (adapters, copies of modules_to_save) gathered from their shards, under
+    PeftModel's names, on rank 0 (``None`` elsewhere; collective). Elsewhere ``None``: PEFT reads the model."""
+    if kind != "fsdp":
+        return None
+    state = {f"base_model.model.{name}": (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+             for name, p in model.named_parameters() if p.requires_grad}
+    return state if torch.distributed.get_rank() == 0 else None
+
+
+def save_weights(directory: Path, wrapped, model, processor, kind: str, rank: int) -> None:
+    state = full_model_state(wrapped, model, kind) if kind == "fsdp" or rank == 0 else None
+    if rank == 0:
+        from unigen.models.checkpoint import save_model
+
+        save_model(_Weights(state, model.config), directory)
+        processor.save_pretrained(directory)
+
+
+def _publish(tmp: Path, final: Path, rank: int) -> None:
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    barrier()
+
+
+def _fresh_tmp(tmp: Path, rank: int) -> None:
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+
+
+def save_final(out: Path, wrapped, model, processor, kind: str, rank: int, *, stage: int, step: int,
+               steps: int, adapter=None) -> Path:
+    """``out/final``; with ``adapter`` (a LoRA stage) first ``out/adapter``, then the merged model as ``final``."""
+    if adapter is not None:
+        tmp = out / ".tmp-adapter"
+        _fresh_tmp(tmp, rank)
+        state = adapter_state(model, kind)
+        if rank == 0:
+            lora.save_adapter(adapter.peft_model, tmp, adapter.base, state)
+        _publish(tmp, out / "adapter", rank)
+        if adapter.merge_in_place:
+            model = lora.merge(adapter.peft_model)  # the stage is over
+        else:  # a whole float copy, on rank 0 only
+            model = lora.merge_saved(adapter.base, out / "adapter") if rank == 0 else None
+            kind = "single"
+    final, tmp = out / "final", out / ".tmp-final"
+    _fresh_tmp(tmp, rank)
+    save_weights(tmp, wrapped, model, processor, kind, rank)
+    if rank == 0:
+        (tmp / TRAINED).write_text(json.dumps({"stage": stage, "step": step, "steps": steps}) + "\n")
+    _publish(tmp, final, rank)
+    return final
+
+
+def save_checkpoint(root: Path, *, stage: int, step: int, wrapped, model, processor, optimizer, scheduler,
+                    accelerator, kind: str, rank: int, keep_last: int, adapter=None) -> Path:
+    """``adapter``: a LoRA stage's ``Adapter``, saved instead of the whole model."""
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    if adapter is not None:
+        state = adapter_state(model, kind)
+        if rank == 0:
+            lora.save_adapter(adapter.peft_model, tmp / "adapter", adapter.base, state)
+    else:
+        save_weights(tmp / "model", wrapped, model, processor, kind, rank)
+    if kind == "deepspeed":
+        accelerator.save_state(str(tmp / "accelerate"))
+    else:
+        optim = _optimizer_state(wrapped, optimizer, kind)
+        if rank == 0:
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    if rank == 0:
+        (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
+    _publish(tmp, final, rank)
+    if rank == 0:
+        prune(root, keep_last)
+    return final
+
+
+def _optimizer_state(wrapped, optimizer, kind: str):
+    if kind != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def read_progress(path: Path) -> dict:
+    progress = path / "progress.json"
+    if not progress.is_file():
+        raise CheckpointError(f"{path} is not a training checkpoint (no progress.json); pass 'latest' or a "
+                              "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder")
+    try:
+        info = json.loads(progress.read_text())
+        return {"stage": int(info["stage"]), "step": int(info["step"])}
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{progress} is damaged ({type(err).__name__}: {err}); resume from another "
+                              "checkpoint") from err
+
+
+def load_checkpoint(path: Path, *, wrapped, optimizer, scheduler, accelerator, kind: str, rank: int) -> int:
+    """Restore optimizer, scheduler and RNG in place (the weights were built from ``path/model``); returns
+    the step to continue from."""
+    if kind == "deepspeed":
+        accelerator.load_state(str(path / "accelerate"))
+    else:
+        optim = load_state_file(path / "optimizer.pt")
+        if kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(wrapped, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(optim)
+        scheduler.load_state_dict(load_state_file(path / "scheduler.pt"))
+    rng = path / f"rng_{rank}.pt"
+    if rng.is_file():  # a run resumed on more processes than it was saved with keeps fresh RNG on the new ones
+        set_rng_state(load_state_file(rng))
+    return int(read_progress(path)["step"])

@@ -1,0 +1,93 @@
+"""Where a stage's weights come from: ``--init-from``, the previous stage's final weights, or a fresh model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unigen.errors import CheckpointNotFoundError, ConfigError
+from unigen.models.model import UniGenModel
+from unigen.processor import UniGenProcessor
+from unigen.training.data import Sample
+from unigen.training.recipe import TrainRecipe
+
+
+def stage_dir(recipe: TrainRecipe, stage: int) -> Path:
+    return Path(recipe.output_dir) / f"stage{stage}"
+
+
+def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel, UniGenProcessor]:
+    """A new model of the recipe's size with a word-level tokenizer trained on the data's text."""
+    from unigen.config import UniGenConfig
+    from unigen.processor import JANUS_SYSTEM_PROMPT, prompt_format
+    from unigen.text_tokenizer import special_token_ids, train_text_tokenizer
+
+    config = UniGenConfig.from_dict(recipe.model)
+    config.system_prompt = recipe.system_prompt
+    # every text a sample carries, edit instructions included (an unseen word would be <unk>)
+    texts = [t for s in samples
+             for t in (s.caption, s.text, s.instruction, *(x for turn in s.turns for x in turn)) if t]
+    fmt = prompt_format(config.prompt_format)
+    # the template's words too (role names of "janus", the question): unseen words would all become <unk>
+    texts += [recipe.question, recipe.system_prompt or JANUS_SYSTEM_PROMPT, fmt.user, fmt.assistant]
+    tok_dir = Path(recipe.output_dir) / "tokenizer"
+    tokenizer = train_text_tokenizer(texts, tok_dir, vocab_size=recipe.tokenizer_vocab, kind="wordlevel")
+    config.tokens = special_token_ids(tokenizer)
+    if len(tokenizer) > config.llm.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is "
+                          f"{config.llm.vocab_size}; raise model.llm.vocab_size")
+    torch.manual_seed(recipe.seed)
+    model = UniGenModel(config)
+    if recipe.vq_from:
+        from unigen.training.tokenizer.vq_trainer import load_vq_into
+
+        load_vq_into(model, recipe.vq_from)
+    if recipe.siglip_from:
+        from unigen.training.tokenizer.siglip_trainer import load_siglip_into
+
+        load_siglip_into(model, recipe.siglip_from)
+    return model, UniGenProcessor(tokenizer, config)
+
+
+def load_pretrained(source, add_cross_attention_every: int | None = None) -> tuple[UniGenModel, UniGenProcessor]:
+    """The checkpoint as saved; with ``add_cross_attention_every``, as Method B (blocks added where it has none)."""
+    fusion = None if add_cross_attention_every is None else "cross_attention"
+    model = UniGenModel.from_pretrained(source, fusion=fusion, cross_attention_every=add_cross_attention_every)
+    return model, UniGenProcessor.from_pretrained(source, config=model.config)
+
+
+def start_source(recipe: TrainRecipe, stage: int, init_from: str | None) -> str | None:
+    """The checkpoint a fresh stage starts from (``None``: a new model), checked before any work."""
+    source = init_from or recipe.init_from
+    if source is None and stage > 1:
+        previous = stage_dir(recipe, stage - 1) / "final"
+        if not (previous / "config.json").is_file():
+            raise CheckpointNotFoundError(f"stage {stage} starts from stage {stage - 1}'s final weights, but "
+                                          f"{previous} does not exist: train that stage first or pass --init-from DIR")
+        source = str(previous)
+    if source is None and not recipe.model:
+        raise ConfigError("no model to train: set init_from (a checkpoint) or a model: section in the recipe")
+    return source
+
+
+def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
+    source = start_source(recipe, stage, init_from)
+    if source is None:
+        model, processor = build_fresh(recipe, samples)
+    else:
+        if recipe.add_cross_attention_every is not None:
+            torch.manual_seed(recipe.seed)  # the blocks it adds draw from the global RNG
+        model, processor = load_pretrained(source, recipe.add_cross_attention_every)
+    if recipe.edit_source_codes is not None:  # a prompt layout, no weights: the config is all it changes
+        model.config.edit_source_codes = recipe.edit_source_codes
+    return model, processor
+
+
+def lora_base(recipe: TrainRecipe, stage: int, init_from: str | None) -> str:
+    """The checkpoint a LoRA stage adapts, as recorded with its adapters (a local folder by its absolute path)."""
+    source = start_source(recipe, stage, init_from)
+    if source is None:
+        raise ConfigError(f"stage{stage}.lora: LoRA adapts a trained model, but stage {stage} would start from a new "
+                          "one; set init_from (or --init-from) to a checkpoint, or drop the lora section")
+    return str(Path(source).resolve()) if Path(source).exists() else source

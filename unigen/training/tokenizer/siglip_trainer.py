@@ -1,0 +1,449 @@
+"""Train a small SigLIP image encoder from scratch with the sigmoid image-text loss.
+
+For when no pretrained SigLIP is at hand. The image tower is ``unigen.models.model.SigLIPEncoder`` (timm ViT,
+no class token), so its weights drop straight into ``UniGenModel.vision_model``; a MAP (attention
+pool) head and a small text transformer exist only for the contrastive loss. The text side uses its own
+word-level tokenizer trained on the captions (``tokenizer.json`` next to the weights).
+
+Loss (Zhai et al. 2023): logits = exp(t) * img . txt + b with t = log 10, b = -10 at init;
+loss = -sum log sigmoid(labels * logits) / batch, labels +1 for matching pairs and -1 otherwise.
+Pairs whose captions are the same string count as matching (small worlds repeat captions).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.layers import AttentionPoolLatent
+from timm.models.vision_transformer import Block
+from torch import nn
+from tqdm.auto import tqdm
+
+from unigen import runs
+from unigen.config import SigLIPConfig
+from unigen.config_io import build_config, config_to_dict
+from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from unigen.models.model import SigLIPEncoder
+from unigen.models.precision import resolve_amp
+from unigen.training.lr_schedule import lr_at, set_lr
+from unigen.training.tokenizer.common import param_groups
+from unigen.training.tokenizer.data import (
+    ImageDataset,
+    batch_loader,
+    holdout_size,
+    read_records,
+    split_holdout,
+    to_pixels,
+    write_bad_images,
+)
+from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
+
+log = logging.getLogger("unigen.training.tokenizer")
+
+SIGLIP_MODEL_TYPE = "unigen-siglip"
+STATE_FILE = "training_state.pt"  # optimizer, step, RNG: tensors and plain values (weights_only)
+_ARCH_FIELDS = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_norm_eps", "stem")
+
+
+@dataclass
+class TextTowerConfig:
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    max_len: int = 32
+    vocab_size: int = 0  # 0: taken from the tokenizer trained on the captions
+
+
+@dataclass
+class SigLIPTowersConfig:
+    """What ``config.json`` of a trained SigLIP holds (besides ``model_type``)."""
+
+    vision: SigLIPConfig = field(default_factory=SigLIPConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 256
+
+
+def _small_vit() -> SigLIPConfig:
+    return SigLIPConfig(image_size=224, patch_size=16, width=384, depth=12, num_heads=6)
+
+
+@dataclass
+class SigLIPTrainConfig:
+    vision: SigLIPConfig = field(default_factory=_small_vit)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 256
+    # data: a JSONL manifest {"image": path relative to the manifest, "caption": "..."}
+    data: str = ""
+    val_data: str | None = None  # default: hold out ``val_size`` pairs of ``data``
+    val_size: int = 256
+    text_key: str | None = None  # default: the first of caption / text / prompt
+    cache_images: bool = True
+    num_workers: int = 0
+    out_dir: str = "runs/siglip"
+    # optimisation
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    amp: bool | str = False  # bf16 autocast: true, false, or "auto" (native bf16 only: CUDA, avx512_bf16/AMX)
+    logit_scale_init: float = math.log(10.0)
+    logit_bias_init: float = -10.0
+    same_text_positive: bool = True
+    # bookkeeping
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 20
+    eval_every: int = 500
+    save_every: int = 1000
+    keep_last: int = 2
+    tensorboard: bool = False
+    resume: str | None = None  # "latest" (newest under out_dir/checkpoints; "auto" also works) or a checkpoint folder
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
+
+    def __post_init__(self):
+        check_run_numbers(self)
+
+    def towers(self) -> SigLIPTowersConfig:
+        return SigLIPTowersConfig(self.vision, self.text, self.embed_dim)
+
+
+# ---- model ---------------------------------------------------------------------------------
+
+class TextTower(nn.Module):
+    """Token + learned position embeddings -> pre-norm transformer blocks -> LayerNorm -> masked mean."""
+
+    def __init__(self, cfg: TextTowerConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ConfigError("text.vocab_size must be set (it comes from the caption tokenizer)")
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.max_len, cfg.width) * 0.01)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(ids) + self.pos_embed[: ids.shape[1]]
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, -1e4)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask=bias)
+        x = self.norm(x)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class SigLIPDualEncoder(nn.Module):
+    def __init__(self, cfg: SigLIPTowersConfig, scale_init: float = math.log(10.0), bias_init: float = -10.0):
+        super().__init__()
+        self.config = cfg
+        v = cfg.vision
+        self.vision_model = SigLIPEncoder(v)  # same module (and key names) as UniGenModel.vision_model
+        self.image_head = AttentionPoolLatent(v.width, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
+                                              norm_layer=partial(nn.LayerNorm, eps=v.layer_norm_eps))
+        self.image_proj = nn.Linear(v.width, cfg.embed_dim)
+        self.text_model = TextTower(cfg.text)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(scale_init)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias_init)))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image_head(self.vision_model(pixels))), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_model(ids, mask)), dim=-1)
+
+    def logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale.exp() * img @ txt.t() + self.logit_bias
+
+
+def sigmoid_loss(logits: torch.Tensor, positive: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP loss; ``positive`` (B, B) bool marks matching pairs (default: the diagonal)."""
+    if positive is None:
+        positive = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    labels = positive.to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+# ---- caption tokenizer ---------------------------------------------------------------------
+
+def train_caption_tokenizer(captions: list[str]):
+    """Word-level HF ``tokenizers`` tokenizer (lower-cased, punctuation split): ids 0 [PAD], 1 [UNK]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(captions, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    return tok
+
+
+def tokenize(tok, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    encs = tok.encode_batch(texts)
+    n = max(1, min(max_len, max(len(e.ids) for e in encs)))
+    ids = torch.zeros(len(texts), n, dtype=torch.long)
+    for i, e in enumerate(encs):
+        row = e.ids[:n]
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    mask = ids != 0
+    mask[:, 0] = True  # an empty caption still has one (padding) token to pool
+    return ids, mask
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+def save_siglip(model: SigLIPDualEncoder, tokenizer, directory: str | Path) -> Path:
+    directory = Path(directory)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    runs.atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
+    runs.atomic_write(directory / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    runs.write_json(directory / "config.json", {"model_type": SIGLIP_MODEL_TYPE, **config_to_dict(model.config)})
+    return directory
+
+
+def load_siglip_config(directory: str | Path) -> SigLIPTowersConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path} not found: pass a folder written by unigen train-siglip")
+    raw = read_json_object(path)
+    if raw.pop("model_type", None) != SIGLIP_MODEL_TYPE:
+        raise CheckpointError(f"{path} is not a trained SigLIP config (model_type must be {SIGLIP_MODEL_TYPE!r})")
+    return build_config(SigLIPTowersConfig, raw, str(path))
+
+
+def load_siglip_dual(directory: str | Path, device="cpu"):
+    """(image-text ``SigLIPDualEncoder``, caption tokenizer) for retrieval / zero-shot use."""
+    from tokenizers import Tokenizer
+
+    directory = Path(directory)
+    model = SigLIPDualEncoder(load_siglip_config(directory))
+    model.load_state_dict(read_weights(directory / "model.safetensors"))
+    return model.to(device).eval(), Tokenizer.from_file(str(directory / "tokenizer.json"))
+
+
+def _vision_state(directory: Path) -> dict[str, torch.Tensor]:
+    prefix = "vision_model."
+    state = read_weights(Path(directory) / "model.safetensors")
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_siglip(directory: str | Path, device="cpu") -> SigLIPEncoder:
+    """The trained image tower alone: a ``SigLIPEncoder`` like ``UniGenModel.vision_model``."""
+    enc = SigLIPEncoder(load_siglip_config(directory).vision)
+    enc.load_state_dict(_vision_state(Path(directory)))
+    return enc.to(device).eval()
+
+
+def load_siglip_into(model, directory: str | Path) -> None:
+    """Put the trained image tower into ``UniGenModel.vision_model``; the architectures must match."""
+    from unigen.training.tokenizer.vq_trainer import _check_same
+
+    _check_same(model.config.vision, load_siglip_config(directory).vision, _ARCH_FIELDS, "SigLIP encoder", directory)
+    model.vision_model.load_state_dict(_vision_state(Path(directory)))
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def zero_shot_scores(model: SigLIPDualEncoder, tok, images: torch.Tensor, captions: list[str], max_len: int,
+                     batch_size: int = 256) -> dict[str, float]:
+    """Held-out pairs; the classes are the distinct held-out captions.
+
+    ``i2t``: share of images whose best-scoring caption is their own; ``t2i``: share of distinct captions
+    whose best-scoring image carries that caption.
+    """
+    device = next(model.parameters()).device
+    classes = sorted(set(captions))
+    ids, mask = tokenize(tok, classes, max_len)
+    txt = model.encode_text(ids.to(device), mask.to(device))
+    img = torch.cat([model.encode_image(to_pixels(images[i:i + batch_size]).to(device))
+                     for i in range(0, len(images), batch_size)])
+    sim = img @ txt.t()  # (n_images, n_classes)
+    target = torch.tensor([classes.index(c) for c in captions], device=device)
+    i2t = (sim.argmax(1) == target).double().mean()
+    best_image = sim.argmax(0)  # (n_classes,)
+    t2i = (target[best_image] == torch.arange(len(classes), device=device)).double().mean()
+    return {"i2t_acc": float(i2t), "t2i_acc": float(t2i), "n_classes": float(len(classes))}
+
+
+# ---- trainer -------------------------------------------------------------------------------
+
+class SigLIPTrainer:
+    def __init__(self, cfg: SigLIPTrainConfig):
+        runs.setup_logging()
+        if not cfg.data:
+            raise ConfigError('data is empty: set data=PATH to a JSONL manifest of {"image": ..., "caption": ...}')
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        # before anything is read or written: a fresh run must not mix with (or replace) an earlier one
+        resume = runs.resolve_resume(cfg.resume, self.ckpt_root, overwrite=cfg.overwrite, marker=STATE_FILE,
+                                     remove=False)
+        self.device = runs.resolve_device(cfg.device, auto=("cuda",))
+        self.amp = resolve_amp(cfg.amp, self.device)
+        torch.manual_seed(cfg.seed)
+
+        records = read_records(cfg.data, need_text=True, text_key=cfg.text_key)
+        if cfg.val_data:
+            train_records = records
+            val_records = read_records(cfg.val_data, need_text=True, text_key=cfg.text_key)
+        else:
+            train_records, val_records = split_holdout(records, holdout_size(cfg.val_size, len(records)), cfg.seed)
+        size = cfg.vision.image_size
+        self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images")
+        self.val_set = ImageDataset(val_records, size, True, "val images") if val_records else None
+        if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
+            log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
+            shutil.rmtree(self.ckpt_root)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_bad_images(self.out_dir, self.train_set, self.val_set)
+
+        if resume is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(resume / "tokenizer.json"))
+        else:
+            self.tokenizer = train_caption_tokenizer([r.text for r in self.train_set.records])
+        towers = cfg.towers()
+        if towers.text.vocab_size <= 0:
+            towers.text.vocab_size = self.tokenizer.get_vocab_size()
+        elif towers.text.vocab_size < self.tokenizer.get_vocab_size():
+            raise ConfigError(f"text.vocab_size={towers.text.vocab_size} is smaller than the caption vocabulary "
+                              f"({self.tokenizer.get_vocab_size()} words); leave it 0 to size it from the captions")
+        self.model = SigLIPDualEncoder(towers, cfg.logit_scale_init, cfg.logit_bias_init).to(self.device).train()
+        skip = {"logit_scale", "logit_bias", "text_model.pos_embed", "vision_model.vision_tower.pos_embed",
+                "image_head.latent"}
+        groups = param_groups(self.model, cfg.weight_decay, no_decay=lambda n, p: n in skip)
+        # fused: one kernel for all tensors instead of ~10 ops per tensor (see unigen/training/loop.py)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+        log.info("SigLIP data: %d training pairs, %d val pairs; image tower %.2fM, text tower %.2fM parameters, "
+                 "caption vocabulary %d", len(self.train_set), len(self.val_set) if self.val_set else 0,
+                 _millions(self.model.vision_model), _millions(self.model.text_model), towers.text.vocab_size)
+        self.step = 0
+        self.metrics = runs.MetricsLog(self.out_dir, cfg.tensorboard)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        else:
+            self.metrics.truncate_after(0)  # a fresh run starts a fresh log
+        self.batches = batch_loader(self.train_set, cfg.batch_size, cfg.seed, self.step, cfg.num_workers)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
+        set_lr(self.opt, lr)
+        x = to_pixels(images).to(self.device, non_blocking=True)
+        ids, mask = tokenize(self.tokenizer, captions, cfg.text.max_len)
+        positive = None
+        if cfg.same_text_positive:
+            positive = torch.tensor([[a == b for b in captions] for a in captions], device=self.device)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            img = self.model.encode_image(x)
+            txt = self.model.encode_text(ids.to(self.device), mask.to(self.device))
+        logits = self.model.logits(img.float(), txt.float())
+        loss = sigmoid_loss(logits, positive)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        self.opt.step()
+        return {"loss": loss.item(), "lr": lr, "grad_norm": float(gn), "t": self.model.logit_scale.exp().item(),
+                "b": self.model.logit_bias.item()}
+
+    def evaluate(self) -> dict[str, float]:
+        data = self.val_set or self.train_set
+        images = torch.stack([data[i][0] for i in range(len(data))])
+        captions = [data[i][1] for i in range(len(data))]
+        self.model.eval()
+        scores = zero_shot_scores(self.model, self.tokenizer, images, captions, self.cfg.text.max_len)
+        self.model.train()
+        return scores
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "train_size": len(self.train_set), "optimizer": self.opt.state_dict(),
+                 "rng": runs.rng_state()}
+
+        def write(tmp: Path) -> None:
+            save_siglip(self.model, self.tokenizer, tmp)
+            torch.save(state, tmp / STATE_FILE)
+            runs.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
+
+        return runs.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = runs.load_state_file(path / STATE_FILE)
+        if state["train_size"] != len(self.train_set):
+            raise CheckpointError(f"cannot resume from {path}: it was trained on {state['train_size']} pairs, the data "
+                                  f"now has {len(self.train_set)}")
+        self.model.load_state_dict(read_weights(path / "model.safetensors"))
+        self.opt.load_state_dict(state["optimizer"])
+        runs.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def train(self, steps: int | None = None, bar_position: int = 0,
+              before_step: Callable[[], None] | None = None) -> list[dict[str, float]]:
+        """Train up to ``steps`` (default: all). ``before_step`` runs before every step (the side-by-side
+        trainer changes the thread count there)."""
+        cfg = self.cfg
+        until = cfg.steps if steps is None else steps
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=until, initial=self.step, desc="train-siglip", dynamic_ncols=True, mininterval=1.0,
+                   position=bar_position)
+        t0, s0 = time.perf_counter(), self.step
+        while self.step < until:
+            if before_step is not None:
+                before_step()
+            images, captions = next(self.batches)
+            out = self.train_step(images, captions)
+            self.step += 1
+            history.append(out)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == until:
+                out["steps_per_s"] = (self.step - s0) / max(1e-9, time.perf_counter() - t0)
+                self.metrics.write(self.step, "train", out)
+                bar.set_postfix(loss=f"{out['loss']:.4f}")
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                ev = self.evaluate()
+                self.metrics.write(self.step, "eval", ev)
+                bar.write(f"step {self.step}: zero-shot image->caption {100 * ev['i2t_acc']:.1f}%, "
+                          f"caption->image {100 * ev['t2i_acc']:.1f}% over {int(ev['n_classes'])} captions")
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.step >= cfg.steps:
+            save_siglip(self.model, self.tokenizer, self.out_dir)
+            runs.write_json(self.out_dir / "train_config.json", config_to_dict(cfg))
+            log.info("saved SigLIP encoder to %s (load_siglip / load_siglip_into read it)", self.out_dir)
+        return history
+
+
+def _millions(module: nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def train_siglip(cfg: SigLIPTrainConfig, bar_position: int = 0,
+                 before_step: Callable[[], None] | None = None) -> Path:
+    """Train as configured; returns the output folder (``load_siglip`` / ``load_siglip_into`` read it)."""
+    trainer = SigLIPTrainer(cfg)
+    trainer.train(bar_position=bar_position, before_step=before_step)
+    trainer.metrics.close()
+    return trainer.out_dir
