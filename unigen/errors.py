@@ -39,3 +39,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class OutputExistsError(UniGenError, FileExistsError):
     """Writing would replace earlier results; the message names the flag that allows it."""
+
+
+class OutputLockedError(UniGenError, BlockingIOError):
+    """Another unigen run holds the output folder (``unigen.output_lock``); the message names its PID."""
