@@ -276,6 +276,18 @@ CASES = [
      r"--max-new-tokens: must be at least 1", 1),
     ("caption-question-not-utf8", lambda e: cap(e, e.image(), flags=("--question", "what \udcff?")), 2,
      r"question is not valid UTF-8", 1),
+    # control tokens in user text: refused before the model loads (the model path does not exist)
+    ("generate-prompt-with-begin-of-image", lambda e: gen(e, model=e.tmp / "none", prompt="a <begin_of_image> dog"),
+     2, r"prompt must not contain <begin_of_image>: it is a control token", 1),
+    ("generate-negative-prompt-with-eos", lambda e: gen(e, "--negative-prompt", "x<｜end▁of▁sentence｜>",
+                                                        model=e.tmp / "none"), 2,
+     r"negative prompt must not contain <｜end▁of▁sentence｜>", 1),
+    ("caption-question-with-placeholder", lambda e: cap(e, e.image(), model=e.tmp / "none",
+                                                        flags=("--question", "<image_placeholder> what?")), 2,
+     r"question must not contain <image_placeholder>", 1),
+    ("edit-instruction-with-end-of-image", lambda e: ["edit", e.image(), "make it <end_of_image> blue", "--model",
+                                                      e.tmp / "none", "--output-dir", e.tmp / "o"], 2,
+     r"instruction must not contain <end_of_image>", 1),
     # eval: flags and destinations before any loading (the model path does not exist)
     ("eval-json-is-a-directory", lambda e: ev(e, "--json", e.tmp), 2, r"--json .* is a folder; pass a file name", 1),
     ("eval-guidance-negative", lambda e: ev(e, "--guidance-scale", "-1"), 2, r"guidance_scale must be >= 0", 1),

@@ -149,9 +149,11 @@ def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 # ---- prompts -------------------------------------------------------------------------------------
 
 
-def check_text(text, what: str) -> None:
+def check_text(text, what: str, *, image_tags: bool = False) -> None:
     """Text must be a str that encodes as UTF-8 (a command-line argument in another encoding arrives with
-    lone surrogates, on which the tokenizer fails far from the cause)."""
+    lone surrogates, on which the tokenizer fails far from the cause) and hold none of the control tokens that
+    unigen writes itself (they would reach the model as control tokens and give garbage or a late internal
+    error). ``image_tags=True`` allows ``<image_placeholder>``, the tag a chat message places its images with."""
     if not isinstance(text, str):
         raise ArgumentError(f"the {what} must be a string, got {type(text).__name__}")
     try:
@@ -159,6 +161,10 @@ def check_text(text, what: str) -> None:
     except UnicodeEncodeError as err:
         raise ArgumentError(f"the {what} is not valid UTF-8 text (byte {err.object[err.start:err.end]!r} at "
                             f"{err.start}); pass it in UTF-8") from None
+    for name, token in SPECIAL_TOKEN_TEXT.items():
+        if token in text and not (image_tags and name == "image"):
+            raise ArgumentError(f"the {what} must not contain {token}: it is a control token that unigen places "
+                                f"itself (only a chat message may place its images with {IMAGE_TAG}); remove it")
 
 
 @dataclass(frozen=True)
@@ -314,8 +320,6 @@ class UniGenProcessor:
             raise ValueError(f"{len(images)} images but {len(questions)} questions; give one question per image")
         for question in questions:
             check_text(question, "question")
-        if any(IMAGE_TAG in q for q in questions):
-            raise ValueError(f"questions must not contain {IMAGE_TAG}; the prompt format adds one per image")
         rows = [self._expand_images(self.encode(self.understanding_prompt(q))) for q in questions]
         batch = self.pad(rows)
         batch["pixel_values"] = self.understanding_pixels(images)

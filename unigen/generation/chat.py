@@ -41,7 +41,7 @@ def _message(raw, i: int) -> Message:
     if role not in ROLES:
         raise ArgumentError(f"{where} has role {role!r}; the roles are {list(ROLES)}")
     content = raw.get("content", "")
-    check_text(content, f"content of {where}")
+    check_text(content, f"content of {where}", image_tags=True)
     images = raw.get("images") or []
     if not isinstance(images, (list, tuple)):
         images = [images]

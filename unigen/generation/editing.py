@@ -36,8 +36,6 @@ def check_instruction(instruction, where: str = "the instruction") -> str:
     check_text(instruction, "instruction" if where == "the instruction" else f"instruction of {where}")
     if not instruction.strip():
         raise ArgumentError(f"{where} is empty; say what to change, e.g. 'make it blue'")
-    if IMAGE_TAG in instruction:
-        raise ArgumentError(f"{where} must not contain {IMAGE_TAG}; the source image's placeholders are added")
     return instruction
 
 
