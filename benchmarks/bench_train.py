@@ -55,9 +55,9 @@ JANUS_PRO_1B_BLOCKS = ["model.llm.hidden_size=2048", "model.llm.intermediate_siz
 
 def lora_base(args, tmp: Path) -> tuple[Path, Path]:
     """(data manifest, saved start checkpoint) at the benchmark's size; built in a child so its memory is gone."""
+    from unigen.data.manifest import read_samples
     from unigen.shapes import write_dataset
     from unigen.training import load_recipe
-    from unigen.training.data import read_samples
     from unigen.training.start import build_fresh
 
     data = write_dataset(tmp / "data", 64, seed=1)

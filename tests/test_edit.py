@@ -11,6 +11,8 @@ from PIL import Image
 from train_common import recipe
 
 from unigen.cli import main
+from unigen.data.checks import check_sample_files
+from unigen.data.manifest import ManifestError, read_samples
 from unigen.errors import ArgumentError, ConfigError
 from unigen.generation.editing import CFG_DROPS, edit_prompt_ids, keeps_image
 from unigen.generation.pipeline import UniGenPipeline
@@ -23,7 +25,6 @@ from unigen.shapes.render import placements, render
 from unigen.shapes.world import ATTRIBUTES, ShapeSpec
 from unigen.training import run_stage
 from unigen.training.batches import BatchBuilder
-from unigen.training.data import ManifestError, check_images, read_samples
 from unigen.training.mixture import Pick
 from unigen.training.start import load_start
 from unigen.training.step import TrainStep
@@ -180,8 +181,8 @@ def test_training_mixes_edits_and_skips_unreadable_targets(data, tmp_path):
     broken = dict(json.loads(lines[-1]), target="corrupt.png")
     manifest = data.parent / "broken.jsonl"
     manifest.write_text("\n".join([*lines, json.dumps(broken)]) + "\n")
-    samples, bad = check_images(read_samples(manifest))
-    assert [x["line"] for x in bad] == [len(lines) + 1] and "corrupt.png" in bad[0]["image"]
+    samples, bad = check_sample_files(read_samples(manifest))
+    assert [x["line"] for x in bad] == [len(lines) + 1] and "corrupt.png" in bad[0]["file"]
     run_stage(recipe(manifest, tmp_path / "run", "stage1.steps=2", "stage1.mixture=[1,0,3]"), 1, progress=False)
     listed = [json.loads(x) for x in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
     assert listed == bad

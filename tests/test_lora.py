@@ -8,9 +8,9 @@ from peft import PeftModel
 from train_common import SMOKE, cli, kill_in_checkpoint_15, losses, metrics, recipe, run, weights
 
 from unigen import UniGenModel
+from unigen.data.manifest import read_samples
 from unigen.shapes import write_dataset
 from unigen.training import run_stage
-from unigen.training.data import read_samples
 from unigen.training.lora import LoraSettings, attach, load_adapter, save_adapter
 from unigen.training.start import build_fresh
 

@@ -171,7 +171,8 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
 def test_one_vq_preprocessing_for_the_trainer_code_extraction_and_inference(tmp_path):
     """The VQ trainer, code extraction (add_vq_codes), the pipeline and the VQ evaluator agree on an image of
     odd, non-square size, and that is exact bicubic (not the trainer's former reducing_gap=3.0 shortcut)."""
-    from unigen.training.tokenizer import data as trainer_data
+    from unigen.data import image_dataset as trainer_data
+    from unigen.data.manifest import Record
     from unigen.training.tokenizer import shapes_recon, vq_codes
 
     rng = np.random.default_rng(0)
@@ -179,7 +180,7 @@ def test_one_vq_preprocessing_for_the_trainer_code_extraction_and_inference(tmp_
     Image.fromarray(rng.integers(0, 256, (101, 157, 3), dtype=np.uint8)).save(path)  # 157 wide, 101 high
     processor = UniGenProcessor(None, UniGenConfig(vq=VQConfig(image_size=16)))  # images need no tokenizer
     pipeline = processor.generation_pixels([path])
-    trainer = trainer_data.to_pixels(trainer_data.ImageDataset([trainer_data.Record(path)], 16, desc="x")[0][0][None])
+    trainer = trainer_data.to_pixels(trainer_data.ImageDataset([Record(path)], 16, desc="x")[0][0][None])
     assert vq_codes.generation_pixels is generation_pixels and shapes_recon.load_image is trainer_data.load_image
     extraction = vq_codes.generation_pixels([path], 16)
     evaluator = shapes_recon.to_pixels(shapes_recon.load_image(path, 16)[None])

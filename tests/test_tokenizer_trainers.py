@@ -13,8 +13,9 @@ from PIL import Image
 
 from unigen.config import LLMConfig, VQConfig
 from unigen.config_io import load_config
+from unigen.data.image_dataset import to_pixels
+from unigen.errors import DataError
 from unigen.training.tokenizer import losses
-from unigen.training.tokenizer.data import to_pixels
 from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, SigLIPTrainer, load_siglip, load_siglip_into
 from unigen.training.tokenizer.vq_trainer import VQTrainConfig, VQTrainer, load_vq, load_vq_into
 
@@ -65,8 +66,8 @@ def test_vq_overfits_a_fixed_batch(tmp_path):
 
 
 def test_pre_extracted_codes_match_what_the_trainer_would_encode(tmp_path):
+    from unigen.data.manifest import read_samples
     from unigen.processor import generation_pixels
-    from unigen.training.data import read_samples
     from unigen.training.tokenizer.vq_codes import add_vq_codes
 
     data = write_images(tmp_path, 6)
@@ -208,17 +209,23 @@ def test_bad_images_are_skipped_and_listed(tmp_path, caplog):
     manifest = tmp_path / "data.jsonl"
     manifest.write_text(manifest.read_text() + json.dumps({"image": "img/broken.png"}) + "\n"
                         + json.dumps({"image": "img/missing.png"}) + "\n")
-    trainer = VQTrainer(vq_config(tmp_path, manifest))
+    trainer = VQTrainer(vq_config(tmp_path, manifest, max_bad_fraction=0.5))
     assert len(trainer.train_set) == 4
-    listed = (Path(trainer.cfg.out_dir) / "bad_images.txt").read_text()
-    assert "broken.png\tunreadable" in listed and "missing.png\tmissing" in listed
+    listed = [json.loads(x) for x in (Path(trainer.cfg.out_dir) / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(Path(r["file"]).name, r["reason"].split(":")[0]) for r in listed] == [("broken.png", "unreadable"),
+                                                                                 ("missing.png", "missing")]
     assert "skipped 2 of 6" in caplog.text
     # a folder works too (the broken file is skipped there as well)
-    assert len(VQTrainer(vq_config(tmp_path, tmp_path / "img")).train_set) == 4
+    assert len(VQTrainer(vq_config(tmp_path, tmp_path / "img", max_bad_fraction=0.5)).train_set) == 4
+    # above the limit the run stops before it writes anything, in one line naming the first bad files
+    with pytest.raises(DataError, match=r"2 of 6 training images \(33\.3%\) are bad, more than "
+                                        r"max_bad_fraction=0\.3; first: .*broken\.png: unreadable"):
+        VQTrainer(vq_config(tmp_path, manifest, out_dir=str(tmp_path / "limit"), max_bad_fraction=0.3))
+    assert not (tmp_path / "limit").exists()
 
 
 def test_manifest_caption_keys(tmp_path):
-    from unigen.training.tokenizer.data import read_records
+    from unigen.data.manifest import read_records
 
     rows = [{"image": "a.png", "caption": "one"}, {"image": "/abs/b.png", "text": "two"},
             {"image": "c.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
@@ -228,7 +235,8 @@ def test_manifest_caption_keys(tmp_path):
     assert [r.text for r in records] == ["one", "two", "three"]
     assert records[0].image == tmp_path / "a.png" and records[1].image == Path("/abs/b.png")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "a.png"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1 has none of the caption keys"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: needs the image's text in one of \['caption', 'text', "
+                                         r"'prompt', 'conversations'\]"):
         read_records(tmp_path / "bad.jsonl", need_text=True)
 
 

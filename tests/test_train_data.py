@@ -7,10 +7,10 @@ import pytest
 import torch
 from train_common import recipe
 
+from unigen.data.manifest import ManifestError, Sample, read_samples
 from unigen.shapes import write_dataset
 from unigen.training import run_stage
 from unigen.training.batches import IGNORE, BatchBuilder, SupervisionError
-from unigen.training.data import ManifestError, Sample, read_samples
 from unigen.training.mixture import Pick
 from unigen.training.start import build_fresh
 
@@ -118,10 +118,12 @@ def test_bad_images_are_skipped_and_listed(data, tmp_path):
     rows += [{"image": str(tmp_path / "missing.png"), "caption": "a red circle"},
              {"image": str(tmp_path / "corrupt.png"), "caption": "a red circle"}]
     (tmp_path / "m.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
-    run_stage(recipe(tmp_path / "m.jsonl", tmp_path / "run", "stage1.steps=1"), 1, progress=False)
+    run_stage(recipe(tmp_path / "m.jsonl", tmp_path / "run", "stage1.steps=1", "max_bad_fraction=0.1"), 1,
+              progress=False)
     bad = [json.loads(x) for x in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
     assert [b["line"] for b in bad] == [len(lines) + 1, len(lines) + 2]
-    assert "missing.png" in bad[0]["image"] and "corrupt.png" in bad[1]["image"]
+    assert bad[0]["file"].endswith("missing.png") and bad[0]["reason"] == "missing"
+    assert bad[1]["file"].endswith("corrupt.png") and bad[1]["reason"].startswith("unreadable: ")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from train_common import SMOKE, changed_groups, metrics, recipe, weights
 
+from unigen.data.manifest import read_samples
 from unigen.shapes import write_dataset
 from unigen.training import load_recipe, run_stage
-from unigen.training.data import read_samples
 from unigen.training.start import build_fresh
 
 

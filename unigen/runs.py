@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from unigen.errors import ArgumentError, CheckpointError, ConfigError, OutputExistsError
+from unigen.data.jsonl import read_json_lines
+from unigen.errors import ArgumentError, CheckpointError, OutputExistsError
 
 log = logging.getLogger("unigen")
 
@@ -189,27 +190,9 @@ def load_state_file(path: Path) -> Any:
 # ---- metrics log -------------------------------------------------------------------------------------
 
 def read_jsonl_rows(path: Path) -> list[dict]:
-    """Rows of a JSON-lines log. A torn last line (a write cut short by a full disk or a kill) is dropped with
-    a warning; a bad line anywhere else is an error naming it."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as err:
-            if n == len(lines):
-                log.warning("%s: dropping its torn last line %d (a write that was cut short): %.80r", path, n, line)
-                break
-            raise ConfigError(f"{path}:{n} is not a JSON object ({err}); move the file away to start a new "
-                              "log") from err
-        rows.append(row)
-    return rows
+    """Rows of a JSON-lines log (``unigen.data.jsonl``: a torn last line is dropped with a warning, a bad line
+    anywhere else is an error naming it); no file, no rows."""
+    return [row for _, row in read_json_lines(path, run_log=True)] if Path(path).is_file() else []
 
 
 class MetricsLog:

@@ -77,7 +77,7 @@ def _shaped(tokenizer_cfg, recipe_values: dict, where: str):
 def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
     """A tiny ``--n-train`` (a smoke run) holds fewer training images than the recipe's batch: the batch
     shrinks to fit, and the run says so."""
-    from unigen.training.tokenizer.data import holdout_size
+    from unigen.data.sampler import holdout_size
 
     n_train = n_images - holdout_size(tokenizer_cfg.val_size, n_images)
     if tokenizer_cfg.batch_size > n_train:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from unigen.data.manifest import Sample
 from unigen.errors import DataError
 from unigen.generation.editing import edit_prompt_ids, keeps_image, source_slots
 from unigen.generation.sampling import unconditional_rows
 from unigen.processor import understanding_pixels
-from unigen.training.data import Sample
 from unigen.training.mixture import Pick
 
 IGNORE = -100

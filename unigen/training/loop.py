@@ -18,12 +18,14 @@ import unigen.training.checkpoints as ckpt
 import unigen.training.parallel as parallel
 from unigen import runs
 from unigen.config_io import config_to_dict
+from unigen.data.bad_samples import BadSamples
+from unigen.data.checks import check_codes, check_sample_files
+from unigen.data.manifest import read_samples
 from unigen.errors import ArgumentError, ConfigError, OutputExistsError
 from unigen.models.param_groups import parameter_groups, set_trainable, stage_groups
 from unigen.runs import setup_logging
 from unigen.training import lora as lora_
 from unigen.training.batches import BatchBuilder
-from unigen.training.data import check_images, read_samples
 from unigen.training.lr_schedule import lr_at
 from unigen.training.metrics import TrainMetrics
 from unigen.training.mixture import check_mixture, share, step_micro_batches, task_pools
@@ -107,14 +109,11 @@ def check_tasks(pools, cfg, groups: set[str], stage: int) -> None:
                              "unfreeze one")
 
 
-def write_inputs(recipe: TrainRecipe, stage: int, bad: list[dict]) -> None:
+def write_inputs(recipe: TrainRecipe, stage: int, bad: BadSamples) -> None:
     resolved = json.dumps(config_to_dict(recipe), indent=2) + "\n"
     runs.write_text(Path(recipe.output_dir) / "recipe.json", resolved)
     runs.write_text(stage_dir(recipe, stage) / "recipe.json", resolved)
-    path = Path(recipe.output_dir) / "bad_samples.jsonl"
-    runs.write_text(path, "".join(json.dumps(b) + "\n" for b in bad))
-    if bad:
-        log.warning("skipped %d sample(s) with missing or unreadable images (listed in %s)", len(bad), path)
+    bad.write(recipe.output_dir)
 
 
 def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, resume: str | None = None,
@@ -144,8 +143,8 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     accelerator = parallel.make_accelerator(recipe, cfg.grad_accum)
     rank, world = accelerator.process_index, accelerator.num_processes
     kind = parallel.strategy(accelerator, recipe)
-    samples, bad = check_images(read_samples(recipe.data))
-    pools = task_pools(samples)
+    bad = BadSamples(recipe.max_bad_fraction)
+    samples, _ = check_sample_files(read_samples(recipe.data), bad)
     ckpt_root = out / "checkpoints"
     resume_from = resolve_resume(resume, ckpt_root, recipe.overwrite, rank)
     base = None  # a LoRA stage: the checkpoint its adapters adapt
@@ -184,6 +183,8 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
         set_trainable(model, groups)
     adapter = None if peft_model is None else ckpt.Adapter(peft_model, base, kind != "fsdp" and
                                                            cfg.lora.quantize is None)
+    vq = model.config.vq  # codes the model's VQ could not have made are bad samples too
+    pools = task_pools(check_codes(samples, vq.num_tokens, vq.codebook_size, bad))
     check_tasks(pools, cfg, groups, stage)
     if rank == 0:
         parallel.log_trainable(model, groups, stage)

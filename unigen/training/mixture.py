@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from unigen.data.manifest import Sample
 from unigen.generation.editing import CFG_DROPS
-from unigen.training.data import Sample
 from unigen.training.recipe import TASKS
 
 

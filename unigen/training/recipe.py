@@ -98,6 +98,7 @@ class TrainRecipe:
     keep_last: int = 2
     overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints of the same stage
     tensorboard: bool = True
+    max_bad_fraction: float = 0.05  # skipped samples (listed in bad_samples.jsonl) above this share stop the run
     stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-4))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(lr=4e-5))
@@ -108,6 +109,8 @@ class TrainRecipe:
             stage.groups = list(STAGE_GROUPS[n]) if stage.groups is None else list(stage.groups)
             stage.mixture = MIXTURES[n] if stage.mixture is None else tuple(stage.mixture)
             stage.validate(f"stage{n}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if self.loss_weighting not in ("token", "task"):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from unigen.data.manifest import Sample
 from unigen.errors import CheckpointNotFoundError, ConfigError
 from unigen.models.model import UniGenModel
 from unigen.processor import UniGenProcessor
-from unigen.training.data import Sample
 from unigen.training.recipe import TrainRecipe
 
 

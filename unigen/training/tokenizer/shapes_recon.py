@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from unigen.data.image_dataset import load_image, to_pixels, to_uint8
 from unigen.models.vq import VQModel
 from unigen.shapes import ATTRIBUTES, check, parse_caption, read_manifest
-from unigen.training.tokenizer.data import load_image, to_pixels, to_uint8
 from unigen.training.tokenizer.vq_trainer import psnr
 
 

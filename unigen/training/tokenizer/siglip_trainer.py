@@ -32,20 +32,14 @@ from tqdm.auto import tqdm
 from unigen import runs
 from unigen.config import SigLIPConfig
 from unigen.config_io import build_config, config_to_dict
+from unigen.data.image_dataset import ImageDataset, to_pixels, write_bad_images
+from unigen.data.manifest import read_records
+from unigen.data.sampler import batch_loader, holdout_size, split_holdout
 from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from unigen.models.model import SigLIPEncoder
 from unigen.models.precision import resolve_amp
 from unigen.training.lr_schedule import lr_at, set_lr
 from unigen.training.tokenizer.common import param_groups
-from unigen.training.tokenizer.data import (
-    ImageDataset,
-    batch_loader,
-    holdout_size,
-    read_records,
-    split_holdout,
-    to_pixels,
-    write_bad_images,
-)
 from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
 
 log = logging.getLogger("unigen.training.tokenizer")
@@ -89,6 +83,7 @@ class SigLIPTrainConfig:
     val_size: int = 256
     text_key: str | None = None  # default: the first of caption / text / prompt
     cache_images: bool = True
+    max_bad_fraction: float = 0.05  # skipped images (listed in bad_samples.jsonl) above this share stop the run
     num_workers: int = 0
     out_dir: str = "runs/siglip"
     # optimisation
@@ -305,8 +300,9 @@ class SigLIPTrainer:
         else:
             train_records, val_records = split_holdout(records, holdout_size(cfg.val_size, len(records)), cfg.seed)
         size = cfg.vision.image_size
-        self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images")
-        self.val_set = ImageDataset(val_records, size, True, "val images") if val_records else None
+        self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images", cfg.max_bad_fraction)
+        self.val_set = ImageDataset(val_records, size, True, "val images",
+                                    cfg.max_bad_fraction) if val_records else None
         if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
             log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
             shutil.rmtree(self.ckpt_root)

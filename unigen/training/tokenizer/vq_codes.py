@@ -1,7 +1,7 @@
 """Pre-extract VQ codes for a training manifest, so that no training stage re-encodes its images.
 
 The frozen VQ gives every image the same codes in every stage; encoding them once and writing them into
-the manifest (``"codes"``, read by ``unigen.training.data``) saves a VQ encoder forward per generation sample.
+the manifest (``"codes"``, read by ``unigen.data.manifest``) saves a VQ encoder forward per generation sample.
 The preprocessing is the trainer's: ``unigen.processor.generation_image`` (through ``generation_pixels``).
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from unigen.data.jsonl import read_json_lines
 from unigen.processor import generation_pixels
 from unigen.runs import write_text
 
@@ -28,7 +29,7 @@ def add_vq_codes(manifest: str | Path, vq_dir: str | Path, out: str | Path, batc
     if out.resolve().parent != manifest.resolve().parent:
         raise ValueError(f"write {out.name} next to {manifest} (image paths are relative to the manifest)")
     vq = load_vq(vq_dir).eval()
-    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    records = [r for _, r in read_json_lines(manifest)]
     todo = [i for i, r in enumerate(records) if "image" in r and "caption" in r]
     for start in tqdm(range(0, len(todo), batch_size), desc="VQ codes", disable=not progress, unit="batch"):
         chunk = todo[start : start + batch_size]

@@ -27,21 +27,14 @@ from tqdm.auto import tqdm
 from unigen import runs
 from unigen.config import VQConfig
 from unigen.config_io import build_config, config_to_dict
+from unigen.data.image_dataset import ImageDataset, to_pixels, to_uint8, write_bad_images
+from unigen.data.manifest import read_records
+from unigen.data.sampler import batch_loader, holdout_size, split_holdout
 from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from unigen.models.precision import resolve_amp
 from unigen.models.vq import VQModel
 from unigen.training.lr_schedule import lr_at, set_lr
 from unigen.training.tokenizer.common import param_groups
-from unigen.training.tokenizer.data import (
-    ImageDataset,
-    batch_loader,
-    holdout_size,
-    read_records,
-    split_holdout,
-    to_pixels,
-    to_uint8,
-    write_bad_images,
-)
 from unigen.training.tokenizer.losses import (
     PatchDiscriminator,
     PerceptualLoss,
@@ -62,6 +55,7 @@ class VQTrainConfig:
     val_data: str | None = None  # default: hold out ``val_size`` images of ``data``
     val_size: int = 256
     cache_images: bool = True
+    max_bad_fraction: float = 0.05  # skipped images (listed in bad_samples.jsonl) above this share stop the run
     num_workers: int = 0
     random_flip: bool = False
     out_dir: str = "runs/vq"
@@ -233,8 +227,9 @@ class VQTrainer:
         else:
             train_records, val_records = split_holdout(records, holdout_size(cfg.val_size, len(records)), cfg.seed)
         size = cfg.vq.image_size
-        self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images")
-        self.val_set = ImageDataset(val_records, size, cfg.cache_images, "val images") if val_records else None
+        self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images", cfg.max_bad_fraction)
+        self.val_set = ImageDataset(val_records, size, cfg.cache_images, "val images",
+                                    cfg.max_bad_fraction) if val_records else None
         if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
             log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
             shutil.rmtree(self.ckpt_root)
