@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from unigen.data.manifest import read_records
 from unigen.shapes.captions import parse_caption
 from unigen.shapes.render import render
 from unigen.shapes.world import ShapeSpec, caption, sample_specs
@@ -52,15 +53,8 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", 
 
 
 def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
-    """(absolute image path, caption) per record of a manifest in either format."""
-    path = Path(path)
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            text = record["caption"] if "caption" in record else record["conversations"][-1]["value"]
-            out.append(((path.parent / record["image"]).resolve(), text))
-    return out
+    """(absolute image path, caption) per record of a manifest in either format (``unigen.data.manifest``)."""
+    return [(r.image.resolve(), r.text) for r in read_records(path, need_text=True)]
 
 
 def load_images(path: str | Path) -> tuple[np.ndarray, list[ShapeSpec]]:
