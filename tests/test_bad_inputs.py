@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -200,6 +201,40 @@ def _vq_state(env: Env) -> Path:
     return ckpt
 
 
+def _manifest_with(env: Env, extra: list[dict]) -> Path:
+    """The shared data's lines (absolute image paths) and ``extra`` lines, in ``env.tmp/m.jsonl``."""
+    rows = [json.loads(x) for x in env.data.read_text().splitlines()]
+    for row in rows:
+        row["image"] = str(env.data.parent / row["image"])
+    manifest = env.tmp / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows + extra))
+    return manifest
+
+
+def _odd_images(env: Env) -> Path:
+    """Two of ten samples bad (a FIFO, a 2 x 900 image): above the default max_bad_fraction of 0.05."""
+    os.mkfifo(env.tmp / "pipe.png")
+    return _manifest_with(env, [{"image": str(env.tmp / "pipe.png"), "caption": "a red circle"},
+                                {"image": str(env.image("thin.png", (2, 900))), "caption": "a red circle"}])
+
+
+def _codes_file(env: Env, name: str, write) -> Path:
+    """One line of nine with a bad ``codes`` file (written by ``write(path)``)."""
+    write(env.tmp / name)
+    image = env.data.parent / json.loads(env.data.read_text().splitlines()[0])["image"]
+    return _manifest_with(env, [{"image": str(image), "caption": "a red circle", "codes": str(env.tmp / name)}])
+
+
+def train_on(env: Env, manifest: Path, *flags):
+    return [*TRAIN, "--stage", "1", f"data={manifest}", "--output-dir", env.tmp / "r", *flags]
+
+
+def _bad_codes_case(name: str, write, reason: str):
+    return (f"train-codes-{name}", lambda e: train_on(e, _codes_file(e, name, write)), 1,
+            r"1 of 9 samples \(11\.1%\) are bad, more than max_bad_fraction=0\.05; first: .*m\.jsonl:9: codes file "
+            + reason, 1)
+
+
 def gen(env: Env, *flags, model=None, prompt="a red circle"):
     model = model if model is not None else env.model
     return ["generate", prompt, "--model", model, "--device", "cpu", "--output-dir", env.tmp / "out", *flags]
@@ -320,6 +355,27 @@ CASES = [
      r"--max-steps: must be at least 1", 1),
     ("train-data-missing", lambda e: [*TRAIN, "--output-dir", e.tmp / "r", f"data={e.tmp / 'none.jsonl'}"], 1,
      r"training data .*none\.jsonl does not exist", 1),
+    # bad samples: skipped and listed, but a share above max_bad_fraction stops the run before it writes
+    ("train-too-many-bad-images", lambda e: train_on(e, _odd_images(e)), 1,
+     r"2 of 10 samples \(20\.0%\) are bad, more than max_bad_fraction=0\.05; first: .*m\.jsonl:9: not a regular "
+     r"file \(a FIFO\); .*m\.jsonl:10: 2 x 900 pixels: aspect ratio 450:1, beyond the bound of 200:1\. Fix", 1),
+    ("train-max-bad-fraction-above-one", lambda e: train(e, "--output-dir", e.tmp / "r", "max_bad_fraction=1.5"),
+     1, r"max_bad_fraction must be in \[0, 1\], got 1\.5", 1),
+    _bad_codes_case("text.npy", lambda p: p.write_text("[1, 2, 3]"), r".*text\.npy is not a plain \.npy array"),
+    _bad_codes_case("pickle.pt", lambda p: plant_pickle(p, p.parent.parent / f"{p.parent.name}-payload-ran"),
+                    r".*pickle\.pt is not a tensor file: it holds more than tensors"),
+    _bad_codes_case("dict.pt", lambda p: torch.save({"codes": list(range(64))}, p),
+                    r".*dict\.pt holds a dict, not an array of integer codes"),
+    _bad_codes_case("words.npy", lambda p: np.save(p, np.array(["red", "circle"])),
+                    r".*words\.npy holds strings \(<U6\); codes are integers"),
+    _bad_codes_case("halves.npy", lambda p: np.save(p, np.arange(64) + 0.5),
+                    r".*halves\.npy holds floats \(float64\); codes are integers \(floats are never truncated\)"),
+    _bad_codes_case("halves.pt", lambda p: torch.save(torch.arange(64, dtype=torch.float16), p),
+                    r".*halves\.pt holds torch\.float16 values; codes are integers"),
+    _bad_codes_case("grid3d.npy", lambda p: np.save(p, np.zeros((4, 4, 4), np.int32)),
+                    r".*grid3d\.npy has shape \(4, 4, 4\); codes are a 1-D array"),
+    _bad_codes_case("below0.pt", lambda p: torch.save(torch.arange(64) - 2, p),
+                    r".*below0\.pt holds values in \[-2, 61\]; codes are >= 0"),
     # tokenizer trainers
     ("train-vq-negative-steps", lambda e: ["train-vq", f"data={e.data}", "steps=-3", *VQ_SMALL], 1,
      r"steps must be >= 1, got -3", 1),
@@ -327,7 +383,14 @@ CASES = [
      r"lr must be a finite number", 1),
     ("train-vq-data-without-value", lambda e: ["train-vq", "data=", *VQ_SMALL], 1, r"data needs a value", 1),
     ("train-vq-data-missing", lambda e: ["train-vq", f"data={e.tmp / 'none'}", f"out_dir={e.tmp / 'o'}", *VQ_SMALL],
-     1, r"data source .*none does not exist", 1),
+     1, r"training data .*none does not exist \(a JSONL manifest, .*or a folder of images\)", 1),
+    ("train-vq-too-many-bad-images", lambda e: ["train-vq", f"data={_odd_images(e)}", f"out_dir={e.tmp / 'o'}",
+                                                *VQ_SMALL], 1,
+     r"2 of 10 training images \(20\.0%\) are bad, more than max_bad_fraction=0\.05; first: .*pipe\.png: not a "
+     r"regular file \(a FIFO\)", 1),
+    ("train-siglip-too-many-bad-images", lambda e: ["train-siglip", f"data={_odd_images(e)}", f"out_dir={e.tmp / 's'}",
+                                                    "val_size=0", "device=cpu", "max_bad_fraction=0.1"], 1,
+     r"2 of 10 training images \(20\.0%\) are bad, more than max_bad_fraction=0\.1", 1),
     ("train-vq-resume-pickled-state", lambda e: ["train-vq", f"data={e.data}", f"out_dir={e.tmp / 'vq'}",
                                                   f"resume={_vq_state(e)}", *VQ_SMALL], 1,
      r"training_state\.pt holds more than tensors", 1),

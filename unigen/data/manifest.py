@@ -150,8 +150,9 @@ def _manifest_of(source: Path, images_alone: bool) -> Path | None:
         raise ManifestError(f"{source} is a folder without metadata.jsonl, but captions are needed: add "
                             'metadata.jsonl ({"file_name": ..., "text": ...} per line) or pass a JSONL manifest')
     if not source.is_file():
-        raise DataNotFoundError(f"training data {source} does not exist (a JSONL manifest or an image folder with "
-                                f"metadata.jsonl{', or a folder of images' if images_alone else ''})")
+        kinds = ", an image folder with metadata.jsonl, or a folder of images" if images_alone else \
+            " or an image folder with metadata.jsonl"
+        raise DataNotFoundError(f"training data {source} does not exist (a JSONL manifest{kinds})")
     return source
 
 
