@@ -9,6 +9,7 @@ would block ``open`` forever, a device could be endless).
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -45,21 +46,29 @@ def file_problem(path: str | Path) -> str | None:
     return None
 
 
-def image_problem(path: str | Path, decode: bool = True) -> str | None:
-    """Why ``path`` cannot be a training image (missing, not a regular file, beyond the bounds, unreadable),
-    or ``None``. ``decode``: also decode the pixels (a truncated file passes the header)."""
-    if (problem := file_problem(path)) is not None:
-        return problem
+def _read(source, decode: bool, keep: bool) -> tuple[Image.Image | None, str | None]:
+    """(the image if ``keep``, None) or (None, why it cannot be a training image) for a path or file object."""
     try:
         with warnings.catch_warnings():  # PIL warns from 89.5 Mpx and raises from 179 Mpx; the bound is lower
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 problem = _header_problem(img)
-                if problem is None and decode:
-                    img.load()
-                return problem
+                if problem is not None or not decode:
+                    return None, problem
+                img.load()
+                return (img.copy() if keep else None), None
     except Image.DecompressionBombError as err:
-        return f"more pixels than the bound of {MAX_PIXELS:,} ({err})"
+        return None, f"more pixels than the bound of {MAX_PIXELS:,} ({err})"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
-        return f"unreadable: {type(err).__name__}: {err}"
+        return None, f"unreadable: {type(err).__name__}: {err}"
 
+
+def image_problem(path: str | Path, decode: bool = True) -> str | None:
+    """Why ``path`` cannot be a training image (missing, not a regular file, beyond the bounds, unreadable),
+    or ``None``. ``decode``: also decode the pixels (a truncated file passes the header)."""
+    return file_problem(path) or _read(path, decode, keep=False)[1]
+
+
+def image_from_bytes(data: bytes) -> tuple[Image.Image | None, str | None]:
+    """An image stored inside a shard -> (the decoded image, None) or (None, why it cannot be used)."""
+    return _read(io.BytesIO(data), decode=True, keep=True)
