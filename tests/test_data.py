@@ -17,7 +17,7 @@ from unigen.data.checks import check_codes, check_sample_files
 from unigen.data.codes import BadCodes, read_codes
 from unigen.data.images import MAX_ASPECT, MAX_PIXELS, image_problem
 from unigen.data.manifest import ManifestError, read_records, read_samples
-from unigen.errors import ConfigError
+from unigen.errors import ConfigError, DataError
 from unigen.shapes import write_dataset
 
 
@@ -218,3 +218,102 @@ def test_a_dataset_with_one_percent_odd_samples_trains_to_the_end_with_them_list
     assert listed[1]["reason"] == "not a regular file (a FIFO)"
     assert listed[2]["reason"].startswith("unreadable: ")
     assert "holds floats (float64); codes are integers" in listed[3]["reason"]
+
+
+# ---- streamed shards ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shard_sets(tmp_path_factory) -> dict:
+    """The same 23 shapes samples (one a corrupt image) as WebDataset tars, parquet files and arrow files."""
+    pytest.importorskip("webdataset")
+    datasets = pytest.importorskip("datasets")
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("shards")
+    manifest = write_dataset(root / "shapes", 22, seed=9)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    items = [((manifest.parent / r["image"]).read_bytes(), r["caption"]) for r in rows]
+    items.insert(13, (items[0][0][:70], "a torn image"))
+    sizes = [(0, 7), (7, 15), (15, 23)]  # three shards of unequal size
+    (root / "wds").mkdir()
+    for n, (a, b) in enumerate(sizes):
+        with wds.TarWriter(str(root / "wds" / f"part-{n}.tar")) as tar:
+            for i in range(a, b):
+                tar.write({"__key__": f"{i:05d}", "png": items[i][0], "txt": items[i][1]})
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({"image": [{"bytes": x, "path": None} for x, _ in items],
+                                        "caption": [c for _, c in items]}, features=features)
+    (root / "parquet").mkdir()
+    for n, (a, b) in enumerate(sizes):
+        table.select(range(a, b)).to_parquet(str(root / "parquet" / f"part-{n}.parquet"))
+    table.save_to_disk(str(root / "arrow"), num_shards=3)
+    return {"wds": root / "wds", "parquet": root / "parquet", "arrow": root / "arrow",
+            "captions": sorted(r["caption"] for r in rows)}
+
+
+def _keys(batch) -> list[tuple[str, bytes]]:
+    return [(s.caption, s.image.tobytes()) for s in batch]
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet", "arrow"])
+def test_two_processes_stream_what_one_does_and_resume_mid_epoch(shard_sets, kind):
+    from unigen.data.stream import ShardStream
+
+    steps = 9  # 23 records at 6 a step: the run crosses two epoch ends and resumes mid-shard
+    one = ShardStream(shard_sets[kind], 6, seed=3)
+    whole = [b for b, _ in zip(one, range(steps), strict=False)]
+    # the torn image is skipped (and listed) each time it comes: in epochs 1 and 2, and maybe early in epoch 3
+    assert len(one.bad.rows) >= 2 and sum(map(len, whole)) == steps * 6 - len(one.bad.rows)
+    assert {r["reason"].split(":")[0] for r in one.bad.rows} == {"unreadable"}
+    captions = [s.caption for b in whole for s in b]
+    assert sorted(captions[:22]) == sorted(captions[22:44]) == shard_sets["captions"]  # each record once an epoch
+    assert one.shard_order(0) != one.shard_order(1) and captions[:22] != captions[22:44]  # reshuffled shards
+    ranks = [ShardStream(shard_sets[kind], 6, seed=3, rank=r, world=2) for r in (0, 1)]
+    for step, (a, b) in enumerate(zip(*ranks, strict=False)):
+        assert _keys(a) + _keys(b) == _keys(whole[step])
+        if step == steps - 1:
+            break
+    first = ShardStream(shard_sets[kind], 6, seed=3)
+    stream = iter(first)
+    for _ in range(4):
+        next(stream)
+    state = json.loads(json.dumps(first.state_dict()))  # plain values: a checkpoint's JSON holds it
+    assert state["epoch"] == 1 and state["offset"] > 0  # mid-epoch, mid-shard
+    resumed = ShardStream(shard_sets[kind], 6, seed=3)
+    resumed.load_state_dict(state)
+    rest = [b for b, _ in zip(resumed, range(steps - 4), strict=False)]
+    assert [_keys(b) for b in rest] == [_keys(b) for b in whole[4:]]
+    with pytest.raises(DataError, match="resume with the same data, seed and global batch size"):
+        ShardStream(shard_sets[kind], 4, seed=3).load_state_dict(state)
+
+
+def test_streamed_samples_share_the_manifest_formats_and_errors(tmp_path):
+    pytest.importorskip("webdataset")
+    import webdataset as wds
+
+    from unigen.data.shards import list_shards
+    from unigen.data.stream import ShardStream
+
+    png = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(png)
+    conv = {"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}
+    with wds.TarWriter(str(tmp_path / "s.tar")) as tar:
+        tar.write({"__key__": "a", "png": png.read_bytes(), "json": json.dumps(conv).encode()})
+        tar.write({"__key__": "b", "json": json.dumps({"text": "only words"}).encode()})
+        tar.write({"__key__": "c", "png": _png(tmp_path / "w.png", (1000, 2), "L").read_bytes(), "txt": b"x"})
+        tar.write({"__key__": "d", "png": png.read_bytes(), "json": json.dumps({"conversations": 3}).encode()})
+    batch = next(iter(stream := ShardStream(tmp_path / "s.tar", 4)))
+    assert [s.tasks for s in batch] == [["understanding"], ["text"]] and batch[0].turns == [("What?", "red")]
+    assert [r["reason"] for r in stream.bad.rows] == [
+        "1000 x 2 pixels: aspect ratio 500:1, beyond the bound of 200:1",
+        f"{tmp_path / 's.tar'}:3: 'conversations' must alternate human and gpt turns, starting with human, each "
+        '{"from": ..., "value": "..."}; got int turn(s)']
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.tar").write_bytes(b"")
+    (tmp_path / "mixed" / "b.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"mixes shard kinds \['.parquet', '.tar'\]"):
+        list_shards(tmp_path / "mixed")
+    with pytest.raises(FileNotFoundError, match="streamed data .*none does not exist"):
+        list_shards(tmp_path / "none")
+    with pytest.raises(ValueError, match="a global batch of 5 cannot be split evenly over 2 process"):
+        ShardStream(tmp_path / "s.tar", 5, world=2)

@@ -1,0 +1,92 @@
+"""Streamed sharded data (``unigen.data.shards``): read lazily, split across processes, resumable mid-epoch.
+
+The order is a pure function of the seed: epoch ``e`` reads the shards in ``randperm`` order seeded with
+(seed, e), each shard's records in stored order. Step ``k`` trains on the next ``batch_size`` records of that
+one global order, and process ``rank`` of ``world`` takes its contiguous share of them (as
+``unigen.training.mixture.share`` does), so N processes train on exactly the batches one process would. Every
+process reads every shard's bytes but decodes only its own share: the price of that equality.
+
+The position (epoch, shard, records read in it) after the last batch is :meth:`ShardStream.state_dict`; a
+stream given it back (:meth:`ShardStream.load_state_dict`) continues with the very next batch, mid-epoch.
+A bad record (an image beyond the bounds, corrupt, a malformed record) is skipped and listed in the run's
+:class:`~unigen.data.bad_samples.BadSamples`; the batch is that much smaller on the process that drew it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from unigen.data.bad_samples import BadSamples
+from unigen.data.manifest import Sample
+from unigen.data.shards import list_shards, read_shard, record_sample
+from unigen.errors import ArgumentError, DataError
+
+MIN_SEEN_FOR_SHARE = 200  # the bad share is checked once this many records were decoded
+
+
+class ShardStream:
+    """Batches of :class:`Sample` (this process's share of each global batch of ``batch_size`` records)."""
+
+    def __init__(self, source: str | Path, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
+                 bad: BadSamples | None = None):
+        if batch_size < 1 or world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ArgumentError(f"a global batch of {batch_size} cannot be split evenly over {world} process(es) "
+                                f"(rank {rank})")
+        self.shards = list_shards(source)
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.bad = BadSamples() if bad is None else bad
+        self.position = {"epoch": 0, "shard": 0, "offset": 0}
+        self.seen = 0
+
+    def shard_order(self, epoch: int) -> list[Path]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return [self.shards[i] for i in torch.randperm(len(self.shards), generator=gen).tolist()]
+
+    def state_dict(self) -> dict:
+        """Where the next batch starts, and what the order depends on (plain ints: any checkpoint holds it)."""
+        return {**self.position, "seed": self.seed, "shards": len(self.shards), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        want = {"seed": self.seed, "shards": len(self.shards), "batch_size": self.batch_size}
+        got = {k: state.get(k) for k in want}
+        if got != want:
+            raise DataError(f"the streamed data's resume state was saved for {got}, but this run has {want}; the "
+                            "order would differ: resume with the same data, seed and global batch size")
+        self.position = {k: int(state[k]) for k in ("epoch", "shard", "offset")}
+
+    def _records(self) -> Iterator[tuple[dict, dict, str]]:
+        """(position after the record, record, where) from the current position on, epoch after epoch."""
+        epoch, shard, offset = self.position["epoch"], self.position["shard"], self.position["offset"]
+        while True:
+            order, read_any = self.shard_order(epoch), offset > 0 or shard > 0
+            for s in range(shard, len(order)):
+                for i, record in enumerate(read_shard(order[s])):
+                    if i < offset:
+                        continue  # read past, not decoded: before the resumed position
+                    read_any = True
+                    yield {"epoch": epoch, "shard": s, "offset": i + 1}, record, f"{order[s]}:{i}"
+                offset = 0
+            if not read_any:
+                raise DataError(f"the {len(order)} shard(s) of the streamed data hold no records")
+            epoch, shard = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        records = self._records()
+        share = self.batch_size // self.world
+        while True:
+            batch = [next(records) for _ in range(self.batch_size)]
+            samples = []
+            for _, record, where in batch[self.rank * share:(self.rank + 1) * share]:
+                sample, problem = record_sample(record, where)
+                if problem is None:
+                    samples.append(sample)
+                else:
+                    self.bad.add(where, problem)
+            self.seen += share
+            if self.seen >= MIN_SEEN_FOR_SHARE:
+                self.bad.check_share(self.seen, "streamed samples")
+            self.position = batch[-1][0]
+            yield samples
