@@ -167,8 +167,9 @@ def read_samples(source: str | Path, *, need: str = "task", text_key: str | None
     """Every sample of a manifest or image folder, in file order.
 
     ``need``: ``"task"`` (the stage trainer: every line trains a task), ``"image"`` (the VQ trainer: every line
-    has an image; a folder without metadata.jsonl is read as all its image files, recursively and sorted) or
-    ``"image_text"`` (the SigLIP trainer: an image and its text, from ``text_key`` if given).
+    has an image; a folder is read as all its image files, recursively and sorted) or ``"image_text"`` (the
+    SigLIP trainer: an image and its text, from ``text_key`` if given). Other than for ``"image"``, a folder
+    needs its ``metadata.jsonl``.
     """
     source = Path(source).expanduser()
     path = _manifest_of(source, need == "image")
