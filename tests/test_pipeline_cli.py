@@ -31,7 +31,7 @@ def test_pipeline_generates_pil_images(pipe):
 def test_caption_matches_generate_text(pipe):
     img = Image.new("RGB", (20, 10), (200, 30, 30))
     batch = pipe.processor.understanding_inputs([img], "Describe the image.")
-    ids = generate_text(pipe.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+    ids = generate_text(pipe.model, batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
                         max_new_tokens=6)[0]
     text = pipe.caption(img, max_new_tokens=6)
     assert isinstance(text, str) and text == pipe.processor.decode(ids)
