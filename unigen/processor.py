@@ -1,4 +1,4 @@
-"""Text and image inputs for a unified model: tokenizer, Janus prompt formats, image preprocessing.
+"""Text and image inputs for a unified model: tokenizer, prompts (``unigen.prompts``), image preprocessing.
 
 Understanding images follow DeepSeek's ``VLMImageProcessor`` exactly (floor long-side resize with
 PIL bicubic, pad to square with gray 127, mean = std = 0.5 -> [-1, 1]); transformers' port rounds
@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundError, DataError
 from unigen.models.checkpoint import check_tokenizer_files, load_config
-from unigen.prompts import JANUS_SYSTEM_PROMPT, PromptBuilder, check_text, left_pad, prompt_format
+from unigen.prompts import JANUS_SYSTEM_PROMPT, PromptBuilder, PromptFormat, check_text, left_pad, prompt_format
 from unigen.runs import write_json
 from unigen.text_tokenizer import special_token_ids
 
@@ -162,7 +162,7 @@ class UniGenProcessor:
         self.do_normalize = do_normalize
 
     @property
-    def format(self):
+    def format(self) -> PromptFormat:
         return self.prompts.format
 
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -214,7 +214,7 @@ def _sampling_options(options: SamplingOptions | None, **given) -> SamplingOptio
     """``options``, or the options of the keyword arguments; both at once would leave one silently ignored."""
     if options is None:
         return SamplingOptions(**given)
-    defaults = {name: f.default for name, f in SamplingOptions.__dataclass_fields__.items()}
+    defaults = {f.name: f.default for f in fields(SamplingOptions)}
     clash = [name for name, value in given.items() if value != defaults[name]]
     if clash:
         raise ArgumentError(f"pass the sampling settings either as options= or as keyword arguments, not both "
