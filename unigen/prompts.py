@@ -32,8 +32,7 @@ JANUS_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
     "the user provides, and assist the user with a variety of tasks using natural language."
 )
-IMAGE_TAG, IMAGE_START_TAG, IMAGE_END_TAG = (SPECIAL_TOKEN_TEXT[k] for k in ("image", "image_start", "image_end"))
-BOS_TEXT, EOS_TEXT, CFG_PAD_TEXT = (SPECIAL_TOKEN_TEXT[k] for k in ("bos", "eos", "cfg_pad"))
+IMAGE_TAG, IMAGE_START_TAG, EOS_TEXT = (SPECIAL_TOKEN_TEXT[k] for k in ("image", "image_start", "eos"))
 ROLES = ("user", "assistant")
 CFG_DROPS = ("instruction", "image", "both")  # what an edit's unconditional row drops
 DEFAULT_CFG_DROP = "both"  # the best of the three on the Shapes editing checkpoint (docs/EXPERIMENTS.md)
