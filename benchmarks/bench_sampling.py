@@ -27,7 +27,7 @@ import time
 import torch
 
 from unigen import UniGenModel
-from unigen.generation.sampling import generate_image_tokens, generate_text, sample_image_tokens
+from unigen.generation.sampling import generate_image_tokens, generate_text
 from unigen.testing import TINY_TOKENS as T
 from unigen.testing import make_tiny_hf_janus
 
@@ -146,7 +146,7 @@ def compare_decoders(args, ours, device, n_tok: int, methods) -> None:
           f"(best of {args.repeats})")
     for n in args.batches:
         ids = prompt_ids(device).repeat(n, 1)
-        runs = {method_label(name, opts): (lambda name=name, opts=opts, ids=ids: sample_image_tokens(
+        runs = {method_label(name, opts): (lambda name=name, opts=opts, ids=ids: generate_image_tokens(
             ours, ids, guidance_scale=5.0, decoding=name, decoding_options=opts,
             generator=torch.Generator(device).manual_seed(0))) for name, opts in methods}
         best, passes = dict.fromkeys(runs, float("inf")), {}

@@ -95,7 +95,7 @@ def test_conversation_ids_with_janus_token_ids():
 
 def test_chat_is_generate_text_on_the_conversation(pipe):
     batch = pipe.processor.chat_inputs(CONVERSATION)
-    ids = generate_text(pipe.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+    ids = generate_text(pipe.model, batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
                         max_new_tokens=5)[0]
     reply = pipe.chat(CONVERSATION, max_new_tokens=5)
     assert isinstance(reply, str) and reply == pipe.processor.decode(ids)

@@ -354,7 +354,7 @@ def test_method_b_captioning_through_the_sampler_equals_full_recompute():
     _, b = base_and_b()
     ids, mask = left_pad([[BOS, 10, IMG, 11, 12], [BOS, 13, 14, IMG, 15, 16, 17]])
     px = pixels(2)
-    new = generate_text(b, ids, mask, px, max_new_tokens=6, eos_token_id=-1)
+    new = generate_text(b, ids, mask, pixel_values=px, max_new_tokens=6, eos_token_id=-1)
     rows, m = ids.clone(), mask.clone()
     expected = []
     with torch.no_grad():

@@ -9,7 +9,7 @@ from unigen.cli import main
 from unigen.errors import ArgumentError
 from unigen.generation.decoding.zipar import zipar_steps
 from unigen.generation.pipeline import UniGenPipeline
-from unigen.generation.sampling import sample_image_tokens
+from unigen.generation.sampling import generate_image_tokens
 from unigen.testing import TINY_TOKENS as T
 from unigen.testing import make_tiny_hf_janus
 
@@ -28,7 +28,7 @@ def prompts():
 
 def sample(model, **kw):
     ids, mask = prompts()
-    return sample_image_tokens(model, ids, mask, guidance_scale=3.0, num_images=2, **kw)
+    return generate_image_tokens(model, ids, mask, guidance_scale=3.0, num_images=2, **kw)
 
 
 @pytest.mark.parametrize("window", [1, 3, 16])
@@ -76,7 +76,7 @@ def test_zipar_attends_only_to_drawn_tokens_before_it_in_raster_order(model, mon
 
     monkeypatch.setattr(model.decoder, "extend", spy)
     ids, mask = prompts()
-    sample_image_tokens(model, ids, mask, temperature=0, decoding="zipar", decoding_options={"window": window})
+    generate_image_tokens(model, ids, mask, temperature=0, decoding="zipar", decoding_options={"window": window})
     grid = model.config.vq.grid
     step = zipar_steps(grid, grid, window).flatten()
     prompt_len, place_of_column = ids.shape[1], []
@@ -172,7 +172,7 @@ def test_cli_generate_takes_a_decoding_method_and_prints_the_passes(tiny_hf_janu
 def test_bad_decoding_requests_are_named(model, kw, message):
     ids, mask = prompts()
     with pytest.raises(ArgumentError) as err:
-        sample_image_tokens(model, ids, mask, **kw)
+        generate_image_tokens(model, ids, mask, **kw)
     assert message in str(err.value)
 
 
@@ -242,10 +242,10 @@ def test_sampled_jacobi_keeps_the_sampling_distribution(small_codebook):
     model = small_codebook
     vocab = model.config.vq.codebook_size
     prompt = torch.tensor([[T.bos, 20, 21, T.image_start]])
-    jacobi = sample_image_tokens(model, prompt, num_images=DRAWS, guidance_scale=GUIDANCE, temperature=1.0,
+    jacobi = generate_image_tokens(model, prompt, num_images=DRAWS, guidance_scale=GUIDANCE, temperature=1.0,
                                  generator=torch.Generator().manual_seed(0), decoding="jacobi",
                                  decoding_options={"window": 4}).codes
-    sequential = sample_image_tokens(model, prompt, num_images=DRAWS, guidance_scale=GUIDANCE, temperature=1.0,
+    sequential = generate_image_tokens(model, prompt, num_images=DRAWS, guidance_scale=GUIDANCE, temperature=1.0,
                                      generator=torch.Generator().manual_seed(1)).codes
     joint = exact_joint(model, prompt, 3)
     for i, exact in enumerate([joint.sum((1, 2)), joint.sum((0, 2)), joint.sum((0, 1))]):

@@ -14,9 +14,9 @@ from unigen.cli import main
 from unigen.data.checks import check_sample_files
 from unigen.data.manifest import ManifestError, read_samples
 from unigen.errors import ArgumentError, ConfigError
-from unigen.generation.editing import CFG_DROPS, edit_prompt_ids, keeps_image
+from unigen.generation.editing import CFG_DROPS, keeps_image
 from unigen.generation.pipeline import UniGenPipeline
-from unigen.generation.sampling import sample_image_tokens
+from unigen.generation.sampling import generate_image_tokens
 from unigen.shapes import write_dataset
 from unigen.shapes.checker import check
 from unigen.shapes.editing import Edit, render_edited, sample_edits, write_edit_dataset
@@ -120,7 +120,7 @@ def test_edit_rows_and_loss_token_by_token(data, tmp_path, source_codes):
     batch = b.generation(picks)
     n_img = model.config.vision.num_tokens
     rows = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
-    assert rows[0] == edit_prompt_ids(processor, edit.instruction)
+    assert rows[0] == processor.prompts.edit(edit.instruction)
     last = len(rows[0]) - 1 - slots  # the final <begin_of_image>, then the source-code slots
     assert rows[0][last] == t.image_start and rows[0][last + 1:] == [t.pad] * slots
     assert rows[0].count(t.image) == n_img
@@ -231,7 +231,7 @@ def test_pipe_edit_is_the_hand_built_guided_computation(pipe, pipe_with_source_c
     assert torch.equal(out.tokens[0], out.tokens[1]) and torch.equal(out.tokens[2], out.tokens[3])
 
     def logits(text, codes, source, drop=None):
-        ids = torch.tensor([edit_prompt_ids(processor, text, drop)])
+        ids = torch.tensor([processor.prompts.edit(text, drop)])
         assert ids[0].tolist()[ids.shape[1] - slots:] == [model.config.tokens.pad] * slots  # the source-code slots
         pixels = processor.understanding_pixels([source]) if keeps_image(drop) else None
         src = model.encode_image_tokens(processor.generation_pixels([source])) if source_codes else None
@@ -275,7 +275,7 @@ def test_edit_source_codes_is_saved_and_checked(pipe_with_source_codes, tmp_path
     model, n = pipe_with_source_codes.model, pipe_with_source_codes.model.config.vq.num_tokens
     ids = torch.tensor([[model.config.tokens.bos] * 3])
     with pytest.raises(ArgumentError, match=rf"source_codes must be \(prompts=1, {n}\); got \(1, 5\)"):
-        sample_image_tokens(model, ids, source_codes=torch.zeros(1, 5, dtype=torch.long))
+        generate_image_tokens(model, ids, source_codes=torch.zeros(1, 5, dtype=torch.long))
 
 
 def test_cli_edit_and_eval_edit(tiny_hf_janus, tmp_path, capsys):

@@ -86,7 +86,8 @@ def _outputs(model, call):
     codes = torch.arange(inner.config.vq.codebook_size)[None, :70] % inner.config.vq.codebook_size
     prompt = torch.tensor([[inner.config.tokens.bos, 20, 21, inner.config.tokens.image_start]])
     return {"prefill": prefill.logits, "decode step": step.logits,
-            "decode gen head": inner.gen_head(step.hidden_states), "image logits": inner.image_logits(prompt, codes)}
+            "decode gen head": inner.gen_head(step.last_hidden_state),
+            "image logits": inner.image_logits(prompt, codes)}
 
 
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])

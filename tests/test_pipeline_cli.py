@@ -10,8 +10,10 @@ from PIL import Image
 
 from unigen import UniGenModel
 from unigen.cli import main
+from unigen.errors import ArgumentError
 from unigen.generation.pipeline import UniGenPipeline, resolve_device
 from unigen.generation.sampling import generate_text
+from unigen.generation.sampling_options import SamplingOptions
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_pipeline_generates_pil_images(pipe):
 def test_caption_matches_generate_text(pipe):
     img = Image.new("RGB", (20, 10), (200, 30, 30))
     batch = pipe.processor.understanding_inputs([img], "Describe the image.")
-    ids = generate_text(pipe.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+    ids = generate_text(pipe.model, batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
                         max_new_tokens=6)[0]
     text = pipe.caption(img, max_new_tokens=6)
     assert isinstance(text, str) and text == pipe.processor.decode(ids)
@@ -71,6 +73,48 @@ def test_checkpoint_carries_its_default_temperature(pipe, tmp_path):
     assert torch.equal(default, greedy)  # greedy: the seed does not matter
     sampled = again(["a cat", "a dog"], temperature=1.0, generator=torch.Generator().manual_seed(5)).tokens
     assert not torch.equal(default, sampled)
+
+
+def test_options_and_sampling_keywords_together_are_refused(pipe):
+    """``options=`` used to replace the keywords silently; now both at once is an ArgumentError naming them."""
+    opts = SamplingOptions(guidance_scale=2.0, temperature=0.0)
+    g = lambda: torch.Generator().manual_seed(7)
+    assert torch.equal(pipe("a cat", options=opts, generator=g()).tokens,
+                       pipe("a cat", guidance_scale=2.0, temperature=0.0, generator=g()).tokens)
+    with pytest.raises(ArgumentError, match=r"either as options= or as keyword arguments, not both \(got options= "
+                                            r"and guidance_scale, top_k\)"):
+        pipe("a cat", options=opts, guidance_scale=3.0, top_k=5)
+    with pytest.raises(ArgumentError, match=r"not both \(got options= and decoding\)"):
+        pipe("a cat", options=opts, decoding="jacobi")
+    img = Image.new("RGB", (8, 8))
+    with pytest.raises(ArgumentError, match=r"not both \(got options= and temperature\)"):
+        pipe.caption(img, temperature=0.5, options=SamplingOptions())
+    with pytest.raises(ArgumentError, match=r"not both \(got options= and top_p\)"):
+        pipe.chat([{"role": "user", "content": "hi"}], top_p=0.5, options=SamplingOptions())
+    with pytest.raises(ArgumentError, match=r"not both \(got options= and guidance_scale\)"):
+        pipe.edit(img, "make it blue", guidance_scale=2.0, options=opts)
+
+
+def test_model_output_and_input_errors_use_transformers_names_and_unigen_errors(pipe):
+    ids = torch.tensor([[pipe.model.config.tokens.bos, 20, 21]])
+    with torch.no_grad():
+        out = pipe.model(ids)
+        hidden = pipe.model.run_decoder(pipe.model.embed_text(ids)).last_hidden_state
+    assert torch.equal(out.last_hidden_state, hidden) and not hasattr(out, "hidden_states")
+    with pytest.raises(ArgumentError, match="pass exactly one of input_ids and inputs_embeds"):
+        pipe.model()
+    with pytest.raises(ArgumentError, match="but no pixel_values were given"):
+        pipe.model(torch.tensor([[pipe.model.config.image_token_id]]))
+    with pytest.raises(ArgumentError, match=r"pixel_values must have shape \(n_images, 3, 32, 32\)"):
+        pipe.model.get_image_features(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ArgumentError, match="1 images but 2 questions"):
+        pipe.processor.understanding_inputs([Image.new("RGB", (8, 8))], ["a", "b"])
+
+
+def test_generate_text_takes_pixel_values_by_keyword_only(pipe):
+    ids = torch.tensor([[pipe.model.config.tokens.bos, 20]])
+    with pytest.raises(TypeError, match="positional argument"):
+        generate_text(pipe.model, ids, None, torch.zeros(1, 3, 32, 32))
 
 
 def test_unknown_or_missing_device():

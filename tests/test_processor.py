@@ -1,4 +1,5 @@
-"""Image preprocessing (DeepSeek's path), image loading errors, prompt formats, batching, processor I/O."""
+"""Image preprocessing (DeepSeek's path), image loading errors, prompt formats, batching, processor I/O, and the
+trainer's prompts against the pipeline's."""
 
 import json
 
@@ -6,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_common import recipe
 
 from unigen.config import TokenIds, UniGenConfig, VQConfig
+from unigen.data.manifest import Sample, read_samples
+from unigen.generation.pipeline import UniGenPipeline
 from unigen.processor import (
     JANUS_SYSTEM_PROMPT,
     ImageDecodeError,
@@ -18,8 +22,13 @@ from unigen.processor import (
     prompt_format,
     understanding_pixels,
 )
+from unigen.prompts import CFG_DROPS
+from unigen.shapes import write_dataset
 from unigen.testing import TINY_TOKENS
 from unigen.text_tokenizer import tiny_tokenizer
+from unigen.training.batches import IGNORE, BatchBuilder
+from unigen.training.mixture import Pick
+from unigen.training.start import load_start
 
 torch.set_num_threads(1)
 
@@ -332,3 +341,73 @@ def test_resolve_token_ids_reads_the_vocabulary(processor):
                                                      image=6)
     vocab = processor.tokenizer.get_vocab()
     assert vocab["<begin_of_image>"] == 4 and vocab["<｜▁pad▁｜>"] == 3
+
+
+# ---- one prompt builder: the trainer's rows are the pipeline's prompts -------------------------------
+
+
+def _prompt_rows(pipe, call) -> list[list[int]]:
+    """The rows (padding removed) of the first model forward ``call()`` makes: the prompts the pipeline runs
+    (for images: the conditional rows, then the unconditional ones)."""
+    seen = []
+    real = pipe.model.forward
+
+    def record(input_ids=None, *args, attention_mask=None, **kwargs):
+        if not seen:
+            seen.append([row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask, strict=True)])
+        return real(input_ids, *args, attention_mask=attention_mask, **kwargs)
+
+    pipe.model.forward = record
+    try:
+        call()
+    finally:
+        del pipe.model.forward
+    return seen[0]
+
+
+def _prompts_before_answers(builder, sample) -> list[list[int]]:
+    """The trainer's understanding row cut before each supervised answer: what the model sees when it starts
+    each reply."""
+    ids, targets = builder.understanding_row(sample)
+    full, supervised = ids + targets[-1:], [False] + [t != IGNORE for t in targets]
+    return [full[:i] for i in range(1, len(full)) if supervised[i] and not supervised[i - 1]]
+
+
+@pytest.mark.parametrize("overrides", [["model.prompt_format=janus-pro"], ["model.prompt_format=janus"],
+                                       ["edit_source_codes=true"]], ids=["janus-pro", "janus", "source-codes"])
+def test_the_trainers_prompts_are_the_pipelines_token_for_token(tmp_path, overrides):
+    data = write_dataset(tmp_path / "shapes", 4, seed=1)
+    r = recipe(data, tmp_path / "run", *overrides)
+    shapes = read_samples(data)
+    image, caption = shapes[0].image, shapes[0].caption
+    chat = Sample(line=5, image=image, turns=[("what colour is it?", "red"), ("and the shape?", "a circle")])
+    edit = Sample(line=6, image=image, instruction="make it blue", target=shapes[1].image)
+    model, processor = load_start(r, 1, [*shapes, chat, edit], None)
+    pipe, b = UniGenPipeline(model, processor), BatchBuilder(model, processor, r.question)
+    picture = load_image(image)
+
+    # a caption sample (the recipe's question) and a question: pipe.caption
+    assert _prompts_before_answers(b, shapes[0]) == _prompt_rows(
+        pipe, lambda: pipe.caption(picture, question=r.question, max_new_tokens=1))
+    question = Sample(line=7, image=image, turns=[("what colour is it?", "red")])
+    assert _prompts_before_answers(b, question) == _prompt_rows(
+        pipe, lambda: pipe.caption(picture, question="what colour is it?", max_new_tokens=1))
+    # each turn of a conversation: pipe.chat with the turns before it
+    first, second = _prompts_before_answers(b, chat)
+    assert [first] == _prompt_rows(pipe, lambda: pipe.chat(
+        [{"role": "user", "content": "what colour is it?", "images": [picture]}], max_new_tokens=1))
+    assert [second] == _prompt_rows(pipe, lambda: pipe.chat(
+        [{"role": "user", "content": "what colour is it?", "images": [picture]},
+         {"role": "assistant", "content": "red"}, {"role": "user", "content": "and the shape?"}], max_new_tokens=1))
+    # generation and its unconditional row (a dropped caption): pipe(...), conditional row then unconditional
+    gen = lambda dropped: b.generation_prompt(Pick("generation", shapes[0], dropped)).tolist()
+    assert [gen(False), gen(True)] == _prompt_rows(pipe, lambda: pipe(caption, temperature=0))
+    assert gen(True)[1:-1] == [model.config.tokens.cfg_pad] * (len(gen(True)) - 2)
+    # an edit and each of its unconditional rows: pipe.edit(..., cfg_drop=drop)
+    for drop in CFG_DROPS:
+        rows = [b.generation_prompt(p).tolist() for p in (Pick("generation", edit), Pick("generation", edit, True,
+                                                                                           drop))]
+        assert rows == _prompt_rows(pipe, lambda drop=drop: pipe.edit(picture, "make it blue", temperature=0,
+                                                                      cfg_drop=drop))
+    assert rows[0].count(model.config.tokens.pad) == (model.config.vq.num_tokens if model.config.edit_source_codes
+                                                      else 0)

@@ -14,6 +14,10 @@ def models(tiny_hf_janus):
     return hf, UniGenModel.from_pretrained(directory)
 
 
+def image_codes(*args, **kwargs) -> torch.Tensor:
+    return generate_image_tokens(*args, **kwargs).codes
+
+
 def prompts():
     ids = torch.tensor([[T.pad, T.pad, T.bos, 20, 21, 22, T.image_start],
                         [T.bos, 30, 31, 32, 33, 34, T.image_start]])
@@ -24,7 +28,7 @@ def test_greedy_image_tokens_equal_transformers(models):
     hf, model = models
     ids, mask = prompts()
     ref = hf.generate(ids, attention_mask=mask, generation_mode="image", do_sample=False, guidance_scale=5.0)
-    ours = generate_image_tokens(model, ids, mask, guidance_scale=5.0, temperature=0)
+    ours = image_codes(model, ids, mask, guidance_scale=5.0, temperature=0)
     assert ours.shape == (2, model.config.vq.num_tokens)
     assert torch.equal(ours, ref)
 
@@ -34,7 +38,7 @@ def test_greedy_image_tokens_follow_the_teacher_forced_logits(models):
     codes before it: the cache, the rotary positions of decode steps and left padding all enter."""
     _, model = models
     ids, mask = prompts()
-    codes = generate_image_tokens(model, ids, mask, guidance_scale=3.0, temperature=0)
+    codes = image_codes(model, ids, mask, guidance_scale=3.0, temperature=0)
     uncond_ids = torch.where((ids == T.bos) | (ids == T.image_start) | (ids == T.pad), ids, T.cfg_pad)
     with torch.no_grad():
         c = model.image_logits(ids, codes, mask)
@@ -53,16 +57,16 @@ def test_greedy_captions_equal_transformers(models):
     mask = (ids != T.pad).long()
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref = hf.generate(ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=10, do_sample=False)
-    ours = generate_text(model, ids, mask, pixels, max_new_tokens=10, eos_token_id=-1)
+    ours = generate_text(model, ids, mask, pixel_values=pixels, max_new_tokens=10, eos_token_id=-1)
     assert ours == ref[:, ids.shape[1]:].tolist()
 
 
 def test_left_padded_batch_equals_each_prompt_alone(models):
     _, model = models
     ids, mask = prompts()
-    both = generate_image_tokens(model, ids, mask, temperature=0)
-    first = generate_image_tokens(model, ids[:1, 2:], temperature=0)
-    second = generate_image_tokens(model, ids[1:], temperature=0)
+    both = image_codes(model, ids, mask, temperature=0)
+    first = image_codes(model, ids[:1, 2:], temperature=0)
+    second = image_codes(model, ids[1:], temperature=0)
     assert torch.equal(both, torch.cat([first, second]))
 
 
@@ -93,7 +97,7 @@ def test_same_generator_seed_gives_same_images(models):
     _, model = models
     ids, mask = prompts()
     def run(seed):
-        return generate_image_tokens(model, ids, mask, num_images=2, generator=torch.Generator().manual_seed(seed))
+        return image_codes(model, ids, mask, num_images=2, generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(7), run(7), run(8)
     assert a.shape == (4, 16)
@@ -104,8 +108,8 @@ def test_one_generator_per_image(models):
     _, model = models
     ids, mask = prompts()
     gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    a = generate_image_tokens(model, ids, mask, generator=gens(1, 2))
-    b = generate_image_tokens(model, ids, mask, generator=gens(1, 3))
+    a = image_codes(model, ids, mask, generator=gens(1, 2))
+    b = image_codes(model, ids, mask, generator=gens(1, 3))
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="3 generators for 2 images"):
         generate_image_tokens(model, ids, mask, generator=gens(1, 2, 3))
@@ -114,21 +118,35 @@ def test_one_generator_per_image(models):
 def test_top_k_one_is_greedy_and_cutoff_zero_is_unguided(models):
     _, model = models
     ids, mask = prompts()
-    greedy = generate_image_tokens(model, ids, mask, temperature=0)
-    assert torch.equal(generate_image_tokens(model, ids, mask, top_k=1, generator=torch.Generator()), greedy)
-    unguided = generate_image_tokens(model, ids, mask, guidance_scale=1.0, temperature=0)
-    assert torch.equal(generate_image_tokens(model, ids, mask, temperature=0, cfg_schedule="cutoff:0"), unguided)
+    greedy = image_codes(model, ids, mask, temperature=0)
+    assert torch.equal(image_codes(model, ids, mask, top_k=1, generator=torch.Generator()), greedy)
+    unguided = image_codes(model, ids, mask, guidance_scale=1.0, temperature=0)
+    assert torch.equal(image_codes(model, ids, mask, temperature=0, cfg_schedule="cutoff:0"), unguided)
     assert not torch.equal(unguided, greedy)
+
+
+def test_unset_guidance_and_temperature_take_the_checkpoints(models):
+    _, model = models
+    ids, mask = prompts()
+    saved = model.config.guidance_scale, model.config.temperature
+    try:
+        model.config.guidance_scale, model.config.temperature = 3.0, 0.0
+        assert torch.equal(image_codes(model, ids, mask), image_codes(model, ids, mask, guidance_scale=3.0,
+                                                                      temperature=0))
+        assert not torch.equal(image_codes(model, ids, mask), image_codes(model, ids, mask, guidance_scale=5.0,
+                                                                          temperature=0))
+    finally:
+        model.config.guidance_scale, model.config.temperature = saved
 
 
 def test_negative_prompt_replaces_the_unconditional_branch(models):
     _, model = models
     ids, mask = prompts()
     default_uncond = torch.tensor([[T.bos, T.cfg_pad, T.cfg_pad, T.cfg_pad, T.image_start]])
-    one = generate_image_tokens(model, ids[:1, 2:], temperature=0)
-    same = generate_image_tokens(model, ids[:1, 2:], temperature=0, negative_prompt_ids=default_uncond)
-    other = generate_image_tokens(model, ids[:1, 2:], temperature=0,
-                                  negative_prompt_ids=torch.tensor([[T.bos, 40, 41, T.image_start]]))
+    one = image_codes(model, ids[:1, 2:], temperature=0)
+    same = image_codes(model, ids[:1, 2:], temperature=0, negative_prompt_ids=default_uncond)
+    other = image_codes(model, ids[:1, 2:], temperature=0,
+                        negative_prompt_ids=torch.tensor([[T.bos, 40, 41, T.image_start]]))
     assert torch.equal(one, same) and not torch.equal(one, other)
 
 
@@ -191,11 +209,11 @@ def test_cached_forward_with_left_padding_equals_full_recompute(models):
 def test_compiled_decode_step_gives_the_same_tokens(models):
     _, model = models
     ids, mask = prompts()
-    eager = generate_image_tokens(model, ids, mask, temperature=0)
-    assert torch.equal(generate_image_tokens(model, ids, mask, temperature=0, compile=True), eager)
+    eager = image_codes(model, ids, mask, temperature=0)
+    assert torch.equal(image_codes(model, ids, mask, temperature=0, compile=True), eager)
     g = lambda: torch.Generator().manual_seed(5)
-    assert torch.equal(generate_image_tokens(model, ids, mask, generator=g(), compile=True),
-                       generate_image_tokens(model, ids, mask, generator=g()))
+    assert torch.equal(image_codes(model, ids, mask, generator=g(), compile=True),
+                       image_codes(model, ids, mask, generator=g()))
 
 
 def test_cutoff_schedule_needs_a_token_index(models):

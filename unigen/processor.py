@@ -1,16 +1,15 @@
-"""Text and image inputs for a unified model: tokenizer, Janus prompt formats, image preprocessing.
+"""Text and image inputs for a unified model: tokenizer, prompts (``unigen.prompts``), image preprocessing.
 
 Understanding images follow DeepSeek's ``VLMImageProcessor`` exactly (floor long-side resize with
 PIL bicubic, pad to square with gray 127, mean = std = 0.5 -> [-1, 1]); transformers' port rounds
 instead of flooring and resizes with torch, which gives small pixel differences.
 Generation (VQ) images: short-side resize + centre crop -> [-1, 1] (the Janus paper's recipe).
-Prompts follow DeepSeek's "deepseek" conversation template (``janus/utils/conversation.py``).
+Prompts are built by ``unigen.prompts`` (the processor's ``prompts``), the one builder training uses too.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
-from unigen.errors import ArgumentError, CheckpointError, DataError
+from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundError, DataError
 from unigen.models.checkpoint import check_tokenizer_files, load_config
+from unigen.prompts import JANUS_SYSTEM_PROMPT, PromptBuilder, PromptFormat, check_text, left_pad, prompt_format
 from unigen.runs import write_json
 from unigen.text_tokenizer import special_token_ids
 
-JANUS_SYSTEM_PROMPT = (
-    "You are a helpful language and vision assistant. You are able to understand the visual content that "
-    "the user provides, and assist the user with a variety of tasks using natural language."
-)
-IMAGE_TAG, IMAGE_START_TAG, IMAGE_END_TAG = (SPECIAL_TOKEN_TEXT[k] for k in ("image", "image_start", "image_end"))
-BOS_TEXT, EOS_TEXT, CFG_PAD_TEXT = (SPECIAL_TOKEN_TEXT[k] for k in ("bos", "eos", "cfg_pad"))
+# the prompt names commands, the app and recipes import from here
+__all__ = ["JANUS_SYSTEM_PROMPT", "ImageDecodeError", "UniGenProcessor", "check_pixel_values", "check_text",
+           "generation_image", "generation_pixels", "load_image", "pixels_to_pil", "prompt_format",
+           "uint8_to_pixels", "understanding_pixels", "understanding_size"]
 PAD_GRAY = 127  # int(0.5 * 255): the official background colour
 MIN_SIDE = 14
 
@@ -78,7 +76,7 @@ def check_pixel_values(pixel_values: torch.Tensor, image_size: int) -> None:
     """Understanding encoders take (n_images, 3, S, S); anything else is named, with the fix."""
     s = image_size
     if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (s, s):
-        raise ValueError(
+        raise ArgumentError(
             f"pixel_values must have shape (n_images, 3, {s}, {s}); got {tuple(pixel_values.shape)}. "
             "Use UniGenProcessor to resize and normalise images."
         )
@@ -146,71 +144,6 @@ def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
 
 
-# ---- prompts -------------------------------------------------------------------------------------
-
-
-def check_text(text, what: str, *, image_tags: bool = False) -> None:
-    """Text must be a str that encodes as UTF-8 (a command-line argument in another encoding arrives with
-    lone surrogates, on which the tokenizer fails far from the cause) and hold none of the control tokens that
-    unigen writes itself (they would reach the model as control tokens and give garbage or a late internal
-    error). ``image_tags=True`` allows ``<image_placeholder>``, the tag a chat message places its images with."""
-    if not isinstance(text, str):
-        raise ArgumentError(f"the {what} must be a string, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ArgumentError(f"the {what} is not valid UTF-8 text (byte {err.object[err.start:err.end]!r} at "
-                            f"{err.start}); pass it in UTF-8") from None
-    for name, token in SPECIAL_TOKEN_TEXT.items():
-        if token in text and not (image_tags and name == "image"):
-            raise ArgumentError(f"the {what} must not contain {token}: it is a control token that unigen places "
-                                f"itself (only a chat message may place its images with {IMAGE_TAG}); remove it")
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """DeepSeek's "deepseek" template: optional ``system + sep``, then ``role: message`` turns, each ended by
-    ``sep`` (user) or ``sep2`` (assistant); an empty message renders as a bare ``role:`` (the reply slot)."""
-
-    user: str
-    assistant: str
-    system: str = JANUS_SYSTEM_PROMPT
-    sep: str = "\n\n"
-    sep2: str = EOS_TEXT
-
-    def render(self, messages: list[str], system: str | None = None) -> str:
-        """Turns alternate user, assistant, user, ...; like the official code, each message and the
-        whole prompt are stripped."""
-        system = self.system if system is None else system
-        out = system + self.sep if system else ""
-        for i, message in enumerate(messages):
-            role, message = (self.user, self.assistant)[i % 2], message.strip()
-            out += f"{role}: {message}{(self.sep, self.sep2)[i % 2]}" if message else f"{role}:"
-        return out.strip()
-
-    def understanding(self, question: str, system: str | None = None) -> str:
-        return self.render([f"{IMAGE_TAG}\n{question}", ""], system)
-
-    def generation(self, prompt: str) -> str:
-        # the official scripts render generation prompts with system_prompt="", then add the image-start tag
-        return self.render([prompt, ""], system="") + IMAGE_START_TAG
-
-    def text(self, message: str, system: str | None = None) -> str:
-        return self.render([message, ""], system)
-
-
-PROMPT_FORMATS = {
-    "janus-pro": PromptFormat("<|User|>", "<|Assistant|>"),
-    "janus": PromptFormat("User", "Assistant"),  # Janus-1.3B's scripts pass these role names
-}
-
-
-def prompt_format(name: str) -> PromptFormat:
-    if name not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt_format {name!r}; known: {sorted(PROMPT_FORMATS)}")
-    return PROMPT_FORMATS[name]
-
-
 # ---- the processor -------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -224,9 +157,20 @@ class UniGenProcessor:
                  do_normalize: bool = True):
         self.tokenizer = tokenizer
         self.config = config
-        self.format = prompt_format(config.prompt_format)
-        self.system_prompt = config.system_prompt if system_prompt is None else system_prompt
+        self.prompts = PromptBuilder(self._tokenize, config,
+                                     config.system_prompt if system_prompt is None else system_prompt)
         self.do_normalize = do_normalize
+
+    @property
+    def format(self) -> PromptFormat:
+        return self.prompts.format
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.prompts.system_prompt
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: UniGenConfig | None = None) -> UniGenProcessor:
@@ -234,7 +178,7 @@ class UniGenProcessor:
         tokenizer-only directory, to the default config with the tokenizer's special ids."""
         directory = Path(path)
         if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"{directory} holds no text tokenizer (expected one of {list(TOKENIZER_FILES)}); save one "
                 "there with tokenizer.save_pretrained(dir) or UniGenProcessor.save_pretrained(dir)"
             )
@@ -275,37 +219,17 @@ class UniGenProcessor:
         wrong = {k: (getattr(self.tokens, k), v) for k, v in actual.items() if getattr(self.tokens, k) != v}
         if wrong:
             detail = ", ".join(f"{k}: config {c}, tokenizer {t}" for k, (c, t) in sorted(wrong.items()))
-            raise ValueError(f"config.tokens disagree with the tokenizer ({detail}); set "
+            raise CheckpointError(f"config.tokens disagree with the tokenizer ({detail}); set "
                              "config.tokens = processor.resolve_token_ids() or pass the checkpoint's config")
 
     def encode(self, text: str) -> list[int]:
-        """Token ids with exactly one leading BOS (the Janus tokenizer adds it; we add it ourselves so
-        that a tokenizer without a BOS post-processor gives the same ids)."""
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        return [self.tokens.bos, *ids]
-
-    def _expand_images(self, ids: list[int]) -> list[int]:
-        # each placeholder -> <begin_of_image> + placeholders + <end_of_image> (official add_image_token)
-        t = self.tokens
-        block = [t.image_start, *([t.image] * self.config.image_placeholders_per_image), t.image_end]
-        out: list[int] = []
-        for i in ids:
-            out += block if i == t.image else [i]
-        return out
+        """Token ids with exactly one leading BOS (``PromptBuilder.encode``)."""
+        return self.prompts.encode(text)
 
     def pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Left padding (generation appends on the right) with ``tokens.pad`` and a 0/1 mask.
-        (The official batchify pads with "<｜▁pad▁｜>"; padded positions are masked, so it does not matter.)"""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokens.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
+        """Left padding (generation appends on the right) with ``tokens.pad`` and a 0/1 mask."""
+        ids, mask = left_pad(rows, self.tokens.pad)
         return {"input_ids": ids, "attention_mask": mask}
-
-    def understanding_prompt(self, question: str) -> str:
-        return self.format.understanding(question, self.system_prompt)
 
     def understanding_pixels(self, images) -> torch.Tensor:
         return understanding_pixels(images, self.config.vision.image_size, self.do_normalize)
@@ -317,10 +241,10 @@ class UniGenProcessor:
             raise ArgumentError("no images given: pass at least one image")
         questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
         if len(questions) != len(images):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions; give one question per image")
+            raise ArgumentError(f"{len(images)} images but {len(questions)} questions; give one question per image")
         for question in questions:
             check_text(question, "question")
-        rows = [self._expand_images(self.encode(self.understanding_prompt(q))) for q in questions]
+        rows = [self.prompts.question(q) for q in questions]
         batch = self.pad(rows)
         batch["pixel_values"] = self.understanding_pixels(images)
         return batch
@@ -332,22 +256,20 @@ class UniGenProcessor:
             raise ArgumentError("no prompts given")
         for prompt in prompts:
             check_text(prompt, "prompt")
-        return self.pad([self.encode(self.format.generation(p)) for p in prompts])
+        return self.pad([self.prompts.generation(p) for p in prompts])
 
     def chat_inputs(self, messages) -> dict[str, torch.Tensor | None]:
-        """One conversation (``unigen.generation.chat``) -> input_ids and attention_mask (1, L) ending with the
+        """One conversation (``unigen.prompts``) -> input_ids and attention_mask (1, L) ending with the
         assistant's reply slot, and pixel_values (n_images, 3, S, S) in the order of their tags (None
         without images): the ids DeepSeek's ``VLChatProcessor`` makes for the same conversation."""
-        from unigen.generation.chat import conversation_prompt
-
-        text, images = conversation_prompt(messages, self.format, self.system_prompt)
-        ids = self.encode(text)
-        if ids.count(self.tokens.image) != len(images):  # a tag inside a word, or an image tag in the system prompt
-            raise ArgumentError(f"the prompt holds {ids.count(self.tokens.image)} image placeholder(s) after "
-                                f"tokenization but the messages give {len(images)} image(s)")
-        batch = self.pad([self._expand_images(ids)])
+        ids, images = self.prompts.conversation(messages)
+        batch = self.pad([ids])
         batch["pixel_values"] = self.understanding_pixels(images) if images else None
         return batch
+
+    def edit_inputs(self, instructions: list[str], drop: str | None = None) -> dict[str, torch.Tensor]:
+        """Edit prompts (``PromptBuilder.edit``), or with ``drop`` their unconditional rows, left padded."""
+        return self.pad([self.prompts.edit(text, drop) for text in instructions])
 
     def generation_pixels(self, images) -> torch.Tensor:
         return generation_pixels(images, self.config.vq.image_size)

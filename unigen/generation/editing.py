@@ -20,58 +20,11 @@ conditional one so the image tokens sit at the same positions; like Janus's, eac
 - ``both``: everything dropped (Janus's text-to-image unconditional row, at this length).
 
 The trainer trains all three (a dropped edit sample takes one at random); the sampler uses one
-(``DEFAULT_CFG_DROP``, chosen by measurement: docs/EXPERIMENTS.md).
+(``DEFAULT_CFG_DROP``, chosen by measurement: docs/EXPERIMENTS.md). The rows are built by
+``unigen.prompts.PromptBuilder.edit`` (``processor.prompts``), for the trainer and the pipeline alike; this module
+names the edit vocabulary the commands and the app use.
 """
 
-from __future__ import annotations
+from unigen.prompts import CFG_DROPS, DEFAULT_CFG_DROP, check_drop, check_instruction, keeps_image, source_slots
 
-from unigen.errors import ArgumentError
-from unigen.processor import IMAGE_START_TAG, IMAGE_TAG, check_text
-
-CFG_DROPS = ("instruction", "image", "both")
-DEFAULT_CFG_DROP = "both"  # the best of the three on the Shapes editing checkpoint (docs/EXPERIMENTS.md)
-
-
-def check_instruction(instruction, where: str = "the instruction") -> str:
-    check_text(instruction, "instruction" if where == "the instruction" else f"instruction of {where}")
-    if not instruction.strip():
-        raise ArgumentError(f"{where} is empty; say what to change, e.g. 'make it blue'")
-    return instruction
-
-
-def check_drop(drop: str) -> str:
-    if drop not in CFG_DROPS:
-        raise ArgumentError(f"cfg_drop must be one of {list(CFG_DROPS)}, got {drop!r}")
-    return drop
-
-
-def source_slots(config) -> int:
-    """How many source-code slots end an edit prompt of this checkpoint (0: it reads the source by SigLIP only)."""
-    return config.vq.num_tokens if config.edit_source_codes else 0
-
-
-def edit_prompt_ids(processor, instruction: str, drop: str | None = None) -> list[int]:
-    """The edit prompt's ids (source placeholders expanded), or with ``drop`` one of its unconditional rows;
-    the checkpoint's source-code slots (:func:`source_slots`) at the end."""
-    text = processor.format.render([f"{IMAGE_TAG}\n{instruction}", ""], system="") + IMAGE_START_TAG
-    ids = processor._expand_images(processor.encode(text))
-    t = processor.tokens
-    if drop is not None:
-        ids = _drop(ids, drop, t)
-    return ids + [t.pad] * source_slots(processor.config)
-
-
-def _drop(ids: list[int], drop: str, t) -> list[int]:
-    last = len(ids) - 1
-    out = []
-    for i, tok in enumerate(ids):
-        keep = i == 0 or i == last  # BOS and the final <begin_of_image>
-        in_image = tok in (t.image, t.image_end) or (tok == t.image_start and i != last)
-        dropped = not keep and (drop == "both" or (drop == "image") == in_image)
-        out.append(t.cfg_pad if dropped else tok)
-    return out
-
-
-def keeps_image(drop: str | None) -> bool:
-    """Whether a row of this kind reads the source image (its placeholders are not dropped)."""
-    return drop in (None, "instruction")
+__all__ = ["CFG_DROPS", "DEFAULT_CFG_DROP", "check_drop", "check_instruction", "keeps_image", "source_slots"]

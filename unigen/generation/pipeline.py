@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from unigen.errors import ArgumentError
-from unigen.generation.sampling import CFGSchedule, generate_text, sample_image_tokens
+from unigen.generation.sampling import CFGSchedule, generate_image_tokens, generate_text
 from unigen.generation.sampling_options import SamplingOptions
 from unigen.models.checkpoint import resolve_checkpoint_dir
 from unigen.models.model import UniGenModel
 from unigen.processor import UniGenProcessor, load_image, pixels_to_pil
+from unigen.prompts import DEFAULT_CFG_DROP, check_drop, check_instruction, keeps_image, source_slots
 from unigen.runs import DEVICES, resolve_device
 
 __all__ = ["DEFAULT_QUESTION", "DEVICES", "PipelineOutput", "UniGenPipeline",
@@ -72,12 +73,13 @@ class UniGenPipeline:
     ) -> PipelineOutput:
         """Images for ``prompt`` (one or a list), ``num_images_per_prompt`` each. Sampling options left
         ``None`` take the checkpoint's (``config.guidance_scale``, ``config.temperature``); ``options`` gives
-        them all at once instead of the keywords. ``decoding``: ``"sequential"``, ``"jacobi"`` or ``"zipar"``
+        them all at once instead of the keywords (passing both is an error).
+        ``decoding``: ``"sequential"``, ``"jacobi"`` or ``"zipar"``
         with ``decoding_options`` (``unigen.generation.decoding.options``); ``out.decoder_passes`` counts the work.
         ``compile``: capture the sequential decode step (``None``: a CUDA graph on CUDA, eager on CPU)."""
-        if options is None:
-            options = SamplingOptions(guidance_scale, temperature, top_k, top_p, cfg_schedule, decoding,
-                                      decoding_options)
+        options = _sampling_options(options, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, cfg_schedule=cfg_schedule, decoding=decoding,
+                                    decoding_options=decoding_options)
         _check_count(num_images_per_prompt)
         batch = self.processor.generation_inputs(prompt)
         negative = None
@@ -90,7 +92,7 @@ class UniGenPipeline:
                 **inputs) -> PipelineOutput:
         """Sample, decode and report: the part every image-writing call shares."""
         options = options.with_defaults(self.model.config)
-        out = sample_image_tokens(
+        out = generate_image_tokens(
             self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
             num_images=num_images, guidance_scale=options.guidance_scale, temperature=options.temperature,
             top_k=options.top_k, top_p=options.top_p, generator=generator, cfg_schedule=options.cfg_schedule,
@@ -113,9 +115,7 @@ class UniGenPipeline:
         options: SamplingOptions | None = None,
     ) -> str | list[str]:
         """One image (path or PIL) -> str; a list -> list of str. Greedy unless temperature > 0."""
-        if options is None:
-            options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
-        options = options.for_text()
+        options = _sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p).for_text()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ArgumentError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         single = not isinstance(image, (list, tuple))
@@ -125,9 +125,10 @@ class UniGenPipeline:
         batch = self.processor.understanding_inputs(images, question or DEFAULT_QUESTION)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         ids = generate_text(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"].to(self.model.dtype),
-            max_new_tokens=max_new_tokens, temperature=options.temperature, top_k=options.top_k,
-            top_p=options.top_p, generator=generator, streamer=streamer,
+            self.model, batch["input_ids"], batch["attention_mask"],
+            pixel_values=batch["pixel_values"].to(self.model.dtype), max_new_tokens=max_new_tokens,
+            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator,
+            streamer=streamer,
         )
         texts = [self.processor.decode(row) for row in ids]
         return texts[0] if single else texts
@@ -145,18 +146,16 @@ class UniGenPipeline:
         options: SamplingOptions | None = None,
     ) -> str:
         """The assistant's reply to a conversation: ``messages`` = ``[{"role": "user" | "assistant",
-        "content": str, "images": [PIL or path, ...]}, ...]`` ending with a user message (``unigen.generation.chat``),
+        "content": str, "images": [PIL or path, ...]}, ...]`` ending with a user message (``unigen.prompts``),
         in the checkpoint's own prompt format. Greedy unless temperature > 0."""
-        if options is None:
-            options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
-        options = options.for_text()
+        options = _sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p).for_text()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ArgumentError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         batch = self.processor.chat_inputs(messages)
         pixels = batch["pixel_values"]
         ids = generate_text(
             self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-            None if pixels is None else pixels.to(self.device, self.model.dtype),
+            pixel_values=None if pixels is None else pixels.to(self.device, self.model.dtype),
             max_new_tokens=max_new_tokens, temperature=options.temperature, top_k=options.top_k,
             top_p=options.top_p, generator=generator, streamer=streamer,
         )
@@ -183,18 +182,8 @@ class UniGenPipeline:
         with its instruction (one for all, or one each), ``num_images_per_prompt`` images each, consecutive.
         ``cfg_drop``: what the unconditional row drops, ``"instruction"``, ``"image"`` or ``"both"``
         (``unigen.generation.editing``; default ``DEFAULT_CFG_DROP``). Sampling options as ``__call__``'s."""
-        from unigen.generation.editing import (
-            DEFAULT_CFG_DROP,
-            check_drop,
-            check_instruction,
-            edit_prompt_ids,
-            keeps_image,
-            source_slots,
-        )
-
-        if options is None:
-            options = SamplingOptions(guidance_scale, temperature, top_k, top_p, decoding=decoding,
-                                      decoding_options=decoding_options)
+        options = _sampling_options(options, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, decoding=decoding, decoding_options=decoding_options)
         _check_count(num_images_per_prompt)
         drop = check_drop(DEFAULT_CFG_DROP if cfg_drop is None else cfg_drop)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -208,8 +197,8 @@ class UniGenPipeline:
             check_instruction(instruction, "the instruction" if len(instructions) == 1 else f"instruction {i + 1}")
         images = [load_image(image) for image in images]  # read once: SigLIP and, with source codes, the VQ
         pixels = self.processor.understanding_pixels(images).to(self.device, self.model.dtype)
-        cond = self.processor.pad([edit_prompt_ids(self.processor, text) for text in instructions])
-        uncond = self.processor.pad([edit_prompt_ids(self.processor, text, drop) for text in instructions])
+        cond = self.processor.edit_inputs(instructions)
+        uncond = self.processor.edit_inputs(instructions, drop)
         source_codes = None
         if source_slots(self.model.config):
             source_codes = self.model.encode_image_tokens(
@@ -219,6 +208,18 @@ class UniGenPipeline:
                             negative_attention_mask=uncond["attention_mask"].to(self.device),
                             pixel_values=pixels, negative_pixel_values=pixels if keeps_image(drop) else None,
                             source_codes=source_codes)
+
+
+def _sampling_options(options: SamplingOptions | None, **given) -> SamplingOptions:
+    """``options``, or the options of the keyword arguments; both at once would leave one silently ignored."""
+    if options is None:
+        return SamplingOptions(**given)
+    defaults = {f.name: f.default for f in fields(SamplingOptions)}
+    clash = [name for name, value in given.items() if value != defaults[name]]
+    if clash:
+        raise ArgumentError(f"pass the sampling settings either as options= or as keyword arguments, not both "
+                            f"(got options= and {', '.join(clash)}); put {clash[0]} into the SamplingOptions")
+    return options
 
 
 def _check_count(num_images_per_prompt) -> None:

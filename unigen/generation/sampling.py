@@ -2,8 +2,8 @@
 
 Image generation follows Janus: each image has a conditional row (the prompt) and an
 unconditional row (the prompt with every token but BOS and <begin_of_image> replaced by the CFG pad
-id, or a negative prompt), both in one batched forward; logits = u + s * (c - u); the sampled code is
-embedded (gen_embed -> gen_aligner) into both rows.
+id, ``unigen.prompts.unconditional_ids``, or a negative prompt), both in one batched forward;
+logits = u + s * (c - u); the sampled code is embedded (gen_embed -> gen_aligner) into both rows.
 """
 
 from __future__ import annotations
@@ -19,23 +19,13 @@ from unigen.generation.decoding.draw import filter_logits, pick_tokens
 from unigen.generation.decoding.jacobi import decode_jacobi
 from unigen.generation.decoding.sequential import decode_sequential
 from unigen.generation.decoding.zipar import decode_zipar
-from unigen.generation.sampling_options import CFGSchedule, as_schedule, check_sampling_args
+from unigen.generation.sampling_options import CFGSchedule, SamplingOptions, as_schedule, check_sampling_args
 from unigen.models.decoder import project
+from unigen.prompts import images_per_row, left_pad, unconditional_ids
 
-__all__ = ["CFGSchedule", "ImageTokens", "filter_logits", "generate_image_tokens", "generate_text", "pick_tokens",
-           "sample_image_tokens", "unconditional_rows"]
+__all__ = ["CFGSchedule", "ImageTokens", "filter_logits", "generate_image_tokens", "generate_text", "pick_tokens"]
 
 # ---- image tokens -------------------------------------------------------------------------------
-
-
-def _left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
@@ -44,34 +34,21 @@ def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[
     return [ids[m.bool()] for ids, m in zip(input_ids, attention_mask, strict=True)]
 
 
-def unconditional_rows(rows: list[torch.Tensor], tokens) -> list[torch.Tensor]:
-    """Janus's unconditional prompt: keep BOS and <begin_of_image>, every other token -> CFG pad."""
-    keep = lambda r: (r == tokens.bos) | (r == tokens.image_start)
-    return [torch.where(keep(r), r, torch.full_like(r, tokens.cfg_pad)) for r in rows]
-
-
 @dataclass
 class ImageTokens:
     codes: torch.Tensor  # (images, n_image_tokens)
     decoder_passes: int  # batched decoder forward calls, the prefill included
 
 
-def generate_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          **options) -> torch.Tensor:
-    """Prompts (ending with <begin_of_image>, left padded) -> codes (batch * num_images, n_image_tokens); the
-    options are :func:`sample_image_tokens`'s."""
-    return sample_image_tokens(model, input_ids, attention_mask, **options).codes
-
-
 @torch.no_grad()
-def sample_image_tokens(
+def generate_image_tokens(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
     num_images: int = 1,
-    guidance_scale: float = 5.0,
-    temperature: float = 1.0,
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -86,8 +63,10 @@ def sample_image_tokens(
     compile: bool | None = None,
     progress: bool = False,
 ) -> ImageTokens:
-    """Prompts (ending with <begin_of_image>, left padded) -> codes and the number of decoder passes.
+    """Prompts (ending with <begin_of_image>, left padded) -> codes (batch * num_images, n_image_tokens) and the
+    number of decoder passes.
 
+    ``guidance_scale`` / ``temperature`` left ``None`` take the checkpoint's (``SamplingOptions.with_defaults``).
     Images of one prompt are consecutive rows. ``negative_prompt_ids`` (one row, or one per prompt)
     replace the default unconditional prompt (Emu3 style). ``pixel_values``: images for the image
     placeholders of the prompts, in reading order (image-conditioned generation, e.g. editing);
@@ -104,9 +83,9 @@ def sample_image_tokens(
         raise ArgumentError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
     if num_images < 1:
         raise ArgumentError(f"num_images must be at least 1, got {num_images}")
-    check_sampling_args(temperature, top_k, top_p, guidance_scale)
+    sampling = SamplingOptions(guidance_scale, temperature, top_k, top_p).with_defaults(cfg)
     options = decoding_options_for(decoding, decoding_options, cfg.vq, compile)
-    scales = as_schedule(cfg_schedule).scales(guidance_scale, n_tokens)
+    scales = as_schedule(cfg_schedule).scales(sampling.guidance_scale, n_tokens)
     limit = model.decoder.config.max_position_embeddings
     if input_ids.shape[1] + n_tokens > limit:
         raise ArgumentError(
@@ -126,25 +105,25 @@ def sample_image_tokens(
 
     prompts = _rows(input_ids, attention_mask)
     cond = [r for r in prompts for _ in range(num_images)]
-    cond_images = [im for im in _images_per_row(model, prompts, pixel_values, "pixel_values")
-                   for _ in range(num_images)]
+    cond_images = [im for im in images_per_row(prompts, pixel_values, cfg) for _ in range(num_images)]
     if negative_prompt_ids is None:
         if negative_pixel_values is not None:
             raise ArgumentError("negative_pixel_values need negative_prompt_ids with their image placeholders")
-        uncond = unconditional_rows(cond, cfg.tokens)
+        uncond = [unconditional_ids(r, cfg.tokens.cfg_pad) for r in cond]
         uncond_images = [None] * n_gen
     else:
         neg = _rows(negative_prompt_ids, negative_attention_mask)
         if len(neg) not in (1, input_ids.shape[0]):
             raise ArgumentError(f"{len(neg)} negative prompts for {input_ids.shape[0]} prompts; give 1 or one each")
-        neg_images = _images_per_row(model, neg, negative_pixel_values, "negative_pixel_values")
+        neg_images = images_per_row(neg, negative_pixel_values, cfg, "negative_pixel_values")
         pick = [0 if len(neg) == 1 else i // num_images for i in range(n_gen)]
         uncond, uncond_images = [neg[j] for j in pick], [neg_images[j] for j in pick]
-    ids, mask = _left_pad(cond + uncond, cfg.tokens.pad)  # halves: conditional rows, then unconditional
+    # halves: conditional rows, then unconditional
+    ids, mask = left_pad(cond + uncond, cfg.tokens.pad, input_ids.device)
     images = [im for im in cond_images + uncond_images if im is not None]
     pixels = torch.cat(images) if images else None
 
-    rows = GuidedRows(model, n_gen, scales, temperature, top_k, top_p, generator)
+    rows = GuidedRows(model, n_gen, scales, sampling.temperature, top_k, top_p, generator)
     if source_codes is not None:  # every row of a prompt, conditional and unconditional, reads its source
         source_codes = source_codes.repeat_interleave(num_images, 0).repeat(2, 1)
     hidden = rows.prefill(ids, mask, pixels, room=n_tokens + (cfg.vq.grid if decoding == "zipar" else 0),
@@ -171,23 +150,6 @@ def decoding_options_for(decoding: str, options: dict | None, vq, compile: bool 
     return parsed
 
 
-def _images_per_row(model, rows: list[torch.Tensor], pixel_values: torch.Tensor | None,
-                    what: str) -> list[torch.Tensor | None]:
-    """Split ``pixel_values`` (images in reading order) into each row's images, by its placeholders."""
-    per_image = model.config.image_placeholders_per_image
-    counts = [int((r == model.config.image_token_id).sum()) // per_image for r in rows]
-    if pixel_values is None:
-        return [None] * len(rows)  # placeholders without images are reported by the model's forward
-    if pixel_values.ndim == 5:
-        pixel_values = pixel_values.flatten(0, 1)
-    if pixel_values.ndim != 4:
-        raise ArgumentError(f"{what} must be (images, 3, H, W); got shape {tuple(pixel_values.shape)}")
-    if sum(counts) != pixel_values.shape[0]:
-        raise ArgumentError(f"{what} holds {pixel_values.shape[0]} image(s) but the prompts have placeholders "
-                            f"for {sum(counts)} ({per_image} placeholder tokens per image)")
-    return [chunk if len(chunk) else None for chunk in pixel_values.split(counts)]
-
-
 # ---- text ---------------------------------------------------------------------------------------
 
 
@@ -196,8 +158,8 @@ def generate_text(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
     *,
+    pixel_values: torch.Tensor | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_k: int | None = None,

@@ -40,7 +40,9 @@ import torch
 from torch import nn
 
 from unigen.config import LLMConfig, UniGenConfig
+from unigen.errors import ArgumentError, ConfigError
 from unigen.models.decoder import MLP, RMSNorm
+from unigen.prompts import stacked_images
 
 _NEVER = torch.iinfo(torch.long).max  # column of a padded image slot: visible to no position
 
@@ -52,7 +54,7 @@ def cross_attention_positions(config: UniGenConfig) -> list[int]:
         positions = sorted({int(i) for i in config.cross_attention_layers})
         bad = [i for i in positions if not 0 <= i <= n]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"cross_attention_layers {bad} out of range: positions are 0..{n} (block i runs before backbone "
                 f"block i; {n} = after the last of the {n} blocks)"
             )
@@ -60,11 +62,11 @@ def cross_attention_positions(config: UniGenConfig) -> list[int]:
     else:
         every = config.cross_attention_every
         if every < 1:
-            raise ValueError(f"cross_attention_every must be >= 1; got {every}")
+            raise ConfigError(f"cross_attention_every must be >= 1; got {every}")
         positions = list(range(every - 1, n, every))
         where = f"cross_attention_every={every} with {n} decoder blocks"
     if not positions:
-        raise ValueError(f"fusion='cross_attention' but {where} places no cross-attention block; "
+        raise ConfigError(f"fusion='cross_attention' but {where} places no cross-attention block; "
                          "lower cross_attention_every or list cross_attention_layers")
     return positions
 
@@ -76,7 +78,7 @@ class CrossAttention(nn.Module):
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, eps: float):
         super().__init__()
         if width % num_heads or num_heads % num_kv_heads:
-            raise ValueError(f"width {width} / heads {num_heads} / kv heads {num_kv_heads} do not divide")
+            raise ConfigError(f"width {width} / heads {num_heads} / kv heads {num_kv_heads} do not divide")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = width // num_heads
         self.q_proj = nn.Linear(width, num_heads * self.head_dim, bias=False)
@@ -152,7 +154,7 @@ def build_cross_attention_layers(config: UniGenConfig) -> nn.ModuleDict | None:
     if config.fusion == "concat":
         return None
     if config.fusion != "cross_attention":
-        raise ValueError(f"unknown fusion {config.fusion!r}; expected 'concat' or 'cross_attention'")
+        raise ConfigError(f"unknown fusion {config.fusion!r}; expected 'concat' or 'cross_attention'")
     image_tokens = config.vision.num_tokens if config.cross_attention_image_positions else None
     return nn.ModuleDict({str(i): CrossAttentionBlock(config.llm, image_tokens, config.cross_attention_gate_init)
                           for i in cross_attention_positions(config)})
@@ -163,7 +165,7 @@ def sincos_2d(n_tokens: int, width: int) -> torch.Tensor:
     the channels encodes the row, the second half the column."""
     grid = int(round(n_tokens**0.5))
     if grid * grid != n_tokens or width % 4:
-        raise ValueError(f"image positions need a square token grid and a width divisible by 4; got {n_tokens} "
+        raise ConfigError(f"image positions need a square token grid and a width divisible by 4; got {n_tokens} "
                          f"tokens, width {width}")
     quarter = width // 4
     freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
@@ -247,15 +249,14 @@ def prepare_cross_attention_state(model, input_ids: torch.Tensor, pixel_values: 
     is_image = input_ids == image_id
     per_row = is_image.sum(1)
     n_slots = int(per_row.sum())
-    if pixel_values is None or (pixel_values.ndim == 5 and pixel_values.shape[1] == 0):
+    pixel_values = stacked_images(pixel_values)
+    if pixel_values is None:
         if n_slots:
-            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens (id {image_id}) but no pixel_values "
-                             "were given")
+            raise ArgumentError(f"input_ids hold {n_slots} image placeholder tokens (id {image_id}) but no "
+                                "pixel_values were given")
         return None
-    if pixel_values.ndim == 5:  # (batch, images_per_row, 3, S, S)
-        pixel_values = pixel_values.flatten(0, 1)
     if pixel_values.shape[0] != n_slots:
-        raise ValueError(
+        raise ArgumentError(
             f"fusion='cross_attention': {pixel_values.shape[0]} image(s) given but input_ids hold {n_slots} image "
             f"placeholder tokens (id {image_id}); with cross-attention each image is exactly ONE placeholder "
             "(config.image_placeholders_per_image == 1)"
@@ -282,13 +283,12 @@ def prepare_cross_attention_state(model, input_ids: torch.Tensor, pixel_values: 
 def resolve_cross_attention_state(model, input_ids, pixel_values, past_key_values, explicit):
     """The state for this call: new from ``pixel_values``, else ``explicit``, else the one on the cache."""
     cached = past_key_values.cross_attention_state if past_key_values is not None else None
-    has_images = pixel_values is not None and not (pixel_values.ndim == 5 and pixel_values.shape[1] == 0)
-    if has_images:
+    if stacked_images(pixel_values) is not None:
         if explicit is not None or cached is not None:
-            raise ValueError("images for a cross-attention model go in the call that starts the cache (the prefill); "
-                             "this cache / cross_attention_state already holds images")
+            raise ArgumentError("images for a cross-attention model go in the call that starts the cache (the "
+                                "prefill); this cache / cross_attention_state already holds images")
         if input_ids is None:
-            raise ValueError("fusion='cross_attention' needs input_ids with pixel_values (to place each image)")
+            raise ArgumentError("fusion='cross_attention' needs input_ids with pixel_values (to place each image)")
         offset = past_key_values.length if past_key_values is not None else 0
         state = prepare_cross_attention_state(model, input_ids, pixel_values, column_offset=offset)
     else:
@@ -309,7 +309,7 @@ def add_cross_attention(model, cross_attention_every: int | None = None,
     move. Initialisation uses torch's global RNG (seed it for reproducible blocks). Returns the model.
     """
     if model.cross_attn_layers is not None:
-        raise ValueError("the model already has cross-attention layers")
+        raise ArgumentError("the model already has cross-attention layers")
     changes: dict = {"fusion": "cross_attention"}
     if cross_attention_every is not None:
         changes["cross_attention_every"] = cross_attention_every
@@ -326,14 +326,15 @@ def convert_fusion(model, fusion: str, cross_attention_every: int | None = None,
                    cross_attention_layers: list[int] | None = None):
     """``from_pretrained(..., fusion=...)``: load a base checkpoint as Method B (adds zero-gated blocks)."""
     if fusion not in ("concat", "cross_attention"):
-        raise ValueError(f"unknown fusion {fusion!r}; expected 'concat' or 'cross_attention'")
+        raise ArgumentError(f"unknown fusion {fusion!r}; expected 'concat' or 'cross_attention'")
     placement = cross_attention_every is not None or cross_attention_layers is not None
     if fusion == "concat":
         if model.config.fusion != "concat":
-            raise ValueError("this checkpoint is a cross-attention (Method B) model; loading it with fusion='concat' "
-                             "would drop its cross-attention weights. Load it without fusion=.")
+            raise ArgumentError("this checkpoint is a cross-attention (Method B) model; loading it with "
+                                "fusion='concat' would drop its cross-attention weights. Load it without fusion=.")
         if placement:
-            raise ValueError("cross_attention_every / cross_attention_layers only apply with fusion='cross_attention'")
+            raise ArgumentError("cross_attention_every / cross_attention_layers only apply with "
+                                "fusion='cross_attention'")
         return model
     if model.config.fusion == "cross_attention":
         if placement:
@@ -343,7 +344,7 @@ def convert_fusion(model, fusion: str, cross_attention_every: int | None = None,
                 cross_attention_layers=cross_attention_layers if cross_attention_layers is not None
                 else (None if cross_attention_every is not None else model.config.cross_attention_layers))
             if cross_attention_positions(wanted) != cross_attention_positions(model.config):
-                raise ValueError(f"this checkpoint already has cross-attention blocks at "
+                raise ArgumentError(f"this checkpoint already has cross-attention blocks at "
                                  f"{cross_attention_positions(model.config)}; cannot move them to "
                                  f"{cross_attention_positions(wanted)}")
         return model

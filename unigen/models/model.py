@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from unigen.config import SigLIPConfig, UniGenConfig
+from unigen.errors import ArgumentError, ConfigError
 from unigen.models.checkpoint import load_state, read_checkpoint, resolve_checkpoint_dir, save_model
 from unigen.models.cross_attention import build_cross_attention_layers, convert_fusion, resolve_cross_attention_state
 from unigen.models.decoder import CausalLM, CrossAttentionInput, Decoder, KVCache, project
@@ -26,6 +27,7 @@ from unigen.models.param_groups import parameter_groups
 from unigen.models.patch_encoder import PatchEncoder
 from unigen.models.vq import VQModel
 from unigen.processor import check_pixel_values
+from unigen.prompts import stacked_images
 
 
 class MLPAligner(nn.Module):
@@ -70,7 +72,7 @@ class ConvStem(nn.Sequential):
     def __init__(self, cfg: SigLIPConfig):
         p = cfg.patch_size
         if p < 2 or p & (p - 1):
-            raise ValueError(f"vision.stem='conv' needs patch_size to be a power of 2; got {p}")
+            raise ConfigError(f"vision.stem='conv' needs patch_size to be a power of 2; got {p}")
         n = p.bit_length() - 1
         channels = [3] + [max(cfg.width >> (n - 1 - i), 8) for i in range(n)]
         layers: list[nn.Module] = []
@@ -86,7 +88,7 @@ class SigLIPEncoder(nn.Module):
     def __init__(self, cfg: SigLIPConfig):
         super().__init__()
         if cfg.stem not in ("patch", "conv"):
-            raise ValueError(f"unknown vision.stem {cfg.stem!r}; expected 'patch' (SigLIP's) or 'conv'")
+            raise ConfigError(f"unknown vision.stem {cfg.stem!r}; expected 'patch' (SigLIP's) or 'conv'")
         self.config = cfg
         self.vision_tower = VisionTransformer(
             img_size=cfg.image_size,
@@ -114,7 +116,7 @@ def build_understanding_encoder(config: UniGenConfig) -> nn.Module:
         return SigLIPEncoder(config.vision)
     if config.encoder == "patch":
         return PatchEncoder(config.vision)
-    raise ValueError(f"unknown encoder {config.encoder!r}; expected 'siglip' or 'patch'")
+    raise ConfigError(f"unknown encoder {config.encoder!r}; expected 'siglip' or 'patch'")
 
 
 class DecoderOutput(NamedTuple):
@@ -125,7 +127,7 @@ class DecoderOutput(NamedTuple):
 @dataclass
 class UniGenOutput:
     logits: torch.Tensor  # (batch, seq, text vocab)
-    hidden_states: torch.Tensor  # final normed decoder state (batch, seq, width)
+    last_hidden_state: torch.Tensor  # final normed decoder state (batch, seq, width), transformers' name
     past_key_values: KVCache | None = None
     cross_attention_state: object | None = None  # Method B: image keys/values (also kept on the cache)
 
@@ -185,7 +187,7 @@ class UniGenModel(nn.Module):
         rows = torch.ones(len(embeds), dtype=torch.bool, device=embeds.device) if source_rows is None else source_rows
         n = source_codes.shape[-1]
         if source_codes.ndim != 2 or source_codes.shape[0] != int(rows.sum()) or n > embeds.shape[1]:
-            raise ValueError(f"source_codes must be (rows with a source = {int(rows.sum())}, n_image_tokens <= "
+            raise ArgumentError(f"source_codes must be (rows with a source = {int(rows.sum())}, n_image_tokens <= "
                              f"{embeds.shape[1]}); got {tuple(source_codes.shape)}")
         embeds = embeds.clone()
         embeds[rows, -n:] = self.embed_image_tokens(source_codes).to(embeds.dtype)
@@ -195,19 +197,18 @@ class UniGenModel(nn.Module):
                                pixel_values: torch.Tensor | None) -> torch.Tensor:
         is_image = input_ids == self.config.image_token_id
         n_slots = int(is_image.sum())
+        pixel_values = stacked_images(pixel_values)
         if pixel_values is None:
             if n_slots:
-                raise ValueError(
+                raise ArgumentError(
                     f"input_ids hold {n_slots} image placeholder tokens (id {self.config.image_token_id}) "
                     "but no pixel_values were given"
                 )
             return embeds
-        if pixel_values.ndim == 5:  # (batch, images_per_row, 3, S, S)
-            pixel_values = pixel_values.flatten(0, 1)
         features = self.get_image_features(pixel_values)
         n_feats = features.shape[0] * features.shape[1]
         if n_slots != n_feats:
-            raise ValueError(
+            raise ArgumentError(
                 f"{features.shape[0]} image(s) give {n_feats} feature vectors "
                 f"({features.shape[1]} per image) but input_ids hold {n_slots} image placeholder tokens; "
                 "each image needs exactly that many placeholders (the processor inserts them)"
@@ -234,9 +235,9 @@ class UniGenModel(nn.Module):
         prefill needs one, and the full (seq, vocab) logits can cost more than the decoder. ``source_codes`` /
         ``source_rows``: an edit's source codes (see ``prepare_inputs_embeds``)."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+            raise ArgumentError("pass exactly one of input_ids and inputs_embeds")
         if source_codes is not None and (self.cross_attn_layers is not None or inputs_embeds is not None):
-            raise ValueError("source_codes enter through input_ids' slots of a fusion 'concat' model")
+            raise ArgumentError("source_codes enter through input_ids' slots of a fusion 'concat' model")
         state = None
         if self.cross_attn_layers is not None:  # Method B: images go to the cross-attention blocks
             state = resolve_cross_attention_state(self, input_ids, pixel_values, past_key_values, cross_attention_state)
@@ -266,7 +267,7 @@ class UniGenModel(nn.Module):
         cross = None
         if cross_attention_state is not None:
             if cross_attention_state.batch_size != inputs_embeds.shape[0]:
-                raise ValueError(f"cross-attention state is for batch {cross_attention_state.batch_size}, inputs "
+                raise ArgumentError(f"cross-attention state is for batch {cross_attention_state.batch_size}, inputs "
                                  f"have batch {inputs_embeds.shape[0]} (reshape it with state.batch_select_indices "
                                  "/ batch_repeat_interleave when the sampler reshapes the batch)")
             cross = CrossAttentionInput(self.cross_attn_layers, cross_attention_state)
@@ -286,7 +287,7 @@ class UniGenModel(nn.Module):
         ``source_rows`` as in ``prepare_inputs_embeds``.
         """
         if image_tokens.ndim != 2 or image_tokens.shape[0] != input_ids.shape[0]:
-            raise ValueError(
+            raise ArgumentError(
                 f"image_tokens must be (batch={input_ids.shape[0]}, n); got {tuple(image_tokens.shape)}"
             )
         n = image_tokens.shape[1]

@@ -1,12 +1,15 @@
-"""Picks -> tensors for the three tasks, with loss masks.
+"""Picks -> tensors for the three tasks, with loss masks. Every prompt comes from the processor's
+``unigen.prompts.PromptBuilder``, the one the pipeline uses, so training and inference see the same ids.
 
-understanding: prompt (image placeholders, question) -> supervised answer + EOS (every gpt turn of a conversation)
+understanding: prompt (image placeholders, question) -> supervised answer + EOS (every gpt turn of a conversation,
+               the chat template's turns)
 generation:    prompt ending with <begin_of_image> -> supervised VQ codes (dropped caption -> the CFG prompt);
                an edit's prompt holds the source's placeholders and the instruction (unigen.generation.editing), its
                codes are the target's, and a dropped edit takes the unconditional row its pick names; with
                ``edit_source_codes`` the source's codes fill the prompt's last slots (every edit row, dropped or not)
 text:          every token after BOS, plus EOS
-``targets[:, t]`` is the token that position ``t`` must predict, or -100 (not supervised).
+``targets[:, t]`` is the token that position ``t`` must predict, or -100 (not supervised). A sample whose row does
+not fit ``max_seq_len`` is found once at start-up (``BatchBuilder.skip_unfit``) and listed, never trained on.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import torch
 
 from unigen.data.manifest import Sample
 from unigen.errors import DataError
-from unigen.generation.editing import edit_prompt_ids, keeps_image, source_slots
-from unigen.generation.sampling import unconditional_rows
 from unigen.processor import understanding_pixels
+from unigen.prompts import Segment, keeps_image, source_slots, with_image_tags
 from unigen.training.mixture import Pick
 
 IGNORE = -100
@@ -27,6 +29,10 @@ IGNORE = -100
 
 class SupervisionError(DataError):
     """A sample whose template leaves nothing to learn (or that cannot fit); the message names it."""
+
+
+class TooLongError(SupervisionError):
+    """A sample whose row does not fit ``max_seq_len``: skipped at start-up and listed, not fatal."""
 
 
 def _where(s: Sample) -> str:
@@ -42,62 +48,73 @@ class BatchBuilder:
         self.codes: dict[str, torch.Tensor] = {}  # VQ codes per image (the VQ is frozen)
 
     # ---- rows --------------------------------------------------------------------------
-    def _tokens(self, text: str) -> list[int]:
-        return self.processor.tokenizer(text, add_special_tokens=False).input_ids
-
-    def _answer(self, text: str, s: Sample) -> list[int]:
-        ids = self._tokens(" " + text.strip())
-        if not ids:
-            raise SupervisionError(f"{_where(s)}: the answer {text!r} tokenizes to nothing, so the sample has no "
-                                   "supervised tokens")
-        return ids + [self.model.config.tokens.eos]
-
-    def _row(self, segments: list[tuple[list[int], bool]], s: Sample) -> tuple[list[int], list[int]]:
-        """(token ids, supervised?) segments -> inputs and next-token targets, cut at ``max_len``."""
+    def _row(self, segments: list[Segment], s: Sample) -> tuple[list[int], list[int]]:
+        """(token ids, supervised?) segments -> inputs and next-token targets."""
         ids, sup = [], []
         for seg, supervised in segments:
             ids += seg
             sup += [supervised] * len(seg)
-        ids, sup = ids[: self.max_len + 1], sup[: self.max_len + 1]  # inputs drop the last token
+        if len(ids) - 1 > self.max_len:  # inputs drop the last token
+            raise TooLongError(f"{_where(s)}: {len(ids) - 1} tokens do not fit max_seq_len={self.max_len}; shorten "
+                               "the text or raise max_seq_len")
         targets = [ids[t + 1] if sup[t + 1] else IGNORE for t in range(len(ids) - 1)]
         if all(t == IGNORE for t in targets):
             raise SupervisionError(f"{_where(s)}: no supervised tokens within max_seq_len={self.max_len}")
         return ids[:-1], targets
 
     def understanding_row(self, s: Sample) -> tuple[list[int], list[int]]:
-        p = self.processor
+        """The chat template's turns, the image in front of the first question (as a chat message with one image
+        and no tag); every answer supervised."""
         turns = s.turns or [(self.question, s.caption)]
-        prompt = p._expand_images(p.encode(p.understanding_prompt(turns[0][0])))
-        if len(prompt) >= self.max_len:
-            raise SupervisionError(f"{_where(s)}: the prompt ({len(prompt)} tokens with the image) does not fit "
-                                   f"max_seq_len={self.max_len}")
-        segments = [(prompt, False)]
-        for i, (question, answer) in enumerate(turns):
-            if i:  # DeepSeek's template: after an answer's EOS, "User: q\n\nAssistant:"
-                segments.append((self._tokens(f"{p.format.user}: {question.strip()}\n\n{p.format.assistant}:"), False))
-            segments.append((self._answer(answer, s), True))
+        texts = [x for i, (question, answer) in enumerate(turns)
+                 for x in (with_image_tags(question, 1) if i == 0 else question, answer)]
+        segments = self.processor.prompts.dialogue(texts)
+        for (ids, _), (_, answer) in zip(segments[1::2], turns, strict=True):
+            if len(ids) < 2:  # nothing before the EOS
+                raise SupervisionError(f"{_where(s)}: the answer {answer!r} tokenizes to nothing, so the sample has "
+                                       "no supervised tokens")
         return self._row(segments, s)
 
     def text_row(self, s: Sample) -> tuple[list[int], list[int]]:
-        ids = self.processor.encode(s.text)
-        if len(ids) < 2:
+        segments = self.processor.prompts.text(s.text)
+        if not segments[1][0]:
             raise SupervisionError(f"{_where(s)}: the text {s.text!r} tokenizes to nothing")
-        return self._row([(ids[:1], False), (ids[1:] + [self.model.config.tokens.eos], True)], s)
+        return self._row(segments, s)
 
     def generation_prompt(self, pick: Pick) -> torch.Tensor:
-        tokens = self.model.config.tokens
-        if pick.sample.instruction is not None:
-            prompt = torch.tensor(edit_prompt_ids(self.processor, pick.sample.instruction,
-                                                  pick.drop if pick.dropped else None))
+        """The sampler's prompt for the pick: its caption's, an edit's, or (dropped) their unconditional row."""
+        prompts, s = self.processor.prompts, pick.sample
+        if s.instruction is not None:
+            prompt = prompts.edit(s.instruction, pick.drop if pick.dropped else None)
         else:
-            prompt = torch.tensor(self.processor.encode(self.processor.format.generation(pick.sample.caption)))
-        if pick.dropped and pick.sample.instruction is None:  # the sampler's unconditional prompt: BOS and
-            prompt = unconditional_rows([prompt], tokens)[0]  # <begin_of_image> kept, the rest CFG pad
-        if len(prompt) + self.model.config.vq.num_tokens > self.max_len + 1:
-            raise SupervisionError(f"{_where(pick.sample)}: the generation prompt ({len(prompt)} tokens) and "
-                                   f"{self.model.config.vq.num_tokens} image tokens do not fit "
-                                   f"max_seq_len={self.max_len}")
-        return prompt
+            prompt = prompts.generation(s.caption)
+            prompt = prompts.unconditional(prompt) if pick.dropped else prompt
+        n = self.model.config.vq.num_tokens
+        if len(prompt) + n > self.max_len + 1:
+            raise TooLongError(f"{_where(s)}: the generation prompt ({len(prompt)} tokens) and {n} image tokens do "
+                               f"not fit max_seq_len={self.max_len}; shorten the text or raise max_seq_len")
+        return torch.tensor(prompt)
+
+    def skip_unfit(self, pools: dict[str, list[Sample]], bad: list[dict]) -> tuple[dict[str, list[Sample]],
+                                                                                   list[dict]]:
+        """Every sample's rows measured once, at start-up: one that does not fit ``max_seq_len`` leaves every pool
+        and joins ``bad`` with the reason (the run's bad-samples file), so no step stops on it."""
+        rows = {"understanding": self.understanding_row, "text": self.text_row,
+                "generation": lambda s: self.generation_prompt(Pick("generation", s, False))}
+        unfit: dict[int, dict] = {}
+        for task, pool in pools.items():
+            for s in pool:
+                if id(s) in unfit:
+                    continue
+                try:
+                    rows[task](s)
+                except TooLongError as err:
+                    unfit[id(s)] = {"line": s.line, "task": task, "error": str(err)}
+        kept = {task: [s for s in pool if id(s) not in unfit] for task, pool in pools.items()}
+        if unfit and not any(kept.values()):
+            first = next(iter(unfit.values()))["error"]
+            raise TooLongError(f"no sample fits max_seq_len={self.max_len} (e.g. {first})")
+        return kept, bad + list(unfit.values())
 
     # ---- batches -----------------------------------------------------------------------
     def _right_pad(self, rows: list[tuple[list[int], list[int]]]) -> dict:

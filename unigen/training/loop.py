@@ -192,6 +192,7 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
                  cfg.batch_size * world, cfg.grad_accum)
 
     builder = BatchBuilder(model, processor, recipe.question, recipe.max_seq_len)
+    pools, bad = builder.skip_unfit(pools, bad)  # too long for max_seq_len: listed in bad_samples.jsonl
     raw = {}
 
     def optimizer_factory():

@@ -42,7 +42,8 @@ class TrainStep(nn.Module):
     def understanding(self, b: dict) -> torch.Tensor:
         m = self.model
         if m.cross_attn_layers is not None:  # Method B: images go through the cross-attention blocks
-            hidden = m(b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"]).hidden_states
+            out = m(b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"])
+            hidden = out.last_hidden_state
         else:
             embeds = m.prepare_inputs_embeds(b["input_ids"], b["pixel_values"])
             hidden = m.run_decoder(embeds, b["attention_mask"]).last_hidden_state

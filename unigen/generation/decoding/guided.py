@@ -37,7 +37,7 @@ class GuidedRows:
         out = self.model(ids, pixel_values=pixel_values, attention_mask=mask, past_key_values=self.cache,
                          logits_to_keep=1, source_codes=source_codes)
         self.passes += 1
-        return out.hidden_states[:, -1]
+        return out.last_hidden_state[:, -1]
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """(images, k) codes -> (2 * images, k, width): the same tokens enter both rows of an image."""
