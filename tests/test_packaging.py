@@ -103,6 +103,18 @@ def test_inference_never_imports_the_training_packages():
     assert done.stdout.splitlines()[-1] == "[]"
 
 
+def test_a_training_command_without_the_train_extra_names_the_install(tmp_path):
+    # a core install: peft and the rest of the train extra are not there; `unigen merge` needs peft
+    code = (f"import sys; sys.modules.update(dict.fromkeys({TRAINING_ONLY!r})); from unigen.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, "merge", "checkpoints/shapes-small", str(tmp_path / "adapter"),
+                           str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr == ("error: this command needs peft, from the train extra the core install leaves out: "
+                           "pip install 'unigen[train]'\n")
+
+
 @pytest.mark.slow
 def test_the_wheel_installed_demo_runs_from_any_folder(wheel, tmp_path):
     # the command: every stage a step or two, from a folder with no recipes in it
