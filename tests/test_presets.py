@@ -55,7 +55,7 @@ def test_the_tokenizer_recipes_build_the_shapes_models_parts():
     siglip = load_config(SigLIPTrainConfig, REPO / "tokenizers" / "siglip-shapes.yaml")
     assert vq.vq == _part(VQConfig, SHAPES_VQ)
     assert siglip.vision == _part(SigLIPConfig, SHAPES_VISION)
-    shapes = UniGenConfig.from_dict(preset("shapes"))
+    shapes = UniGenConfig.from_name("shapes")
     assert (vq.vq, siglip.vision) == (shapes.vq, shapes.vision)
 
 
@@ -66,7 +66,7 @@ def test_keys_and_overrides_apply_over_the_preset():
     assert config.llm.hidden_size == 256 and config.vq.channel_mult == (1, 2, 2, 4)  # the rest from the preset
     assert config.guidance_scale == 2.0  # the recipe's own key beside the preset
     other = UniGenConfig.from_dict(load_recipe(REPO / "train" / "shapes.yaml", ["model.preset=smoke"]).model)
-    assert other.llm == UniGenConfig.from_dict(preset("smoke")).llm
+    assert other.llm == UniGenConfig.from_name("smoke").llm
     # a preset handed out is a copy: changing it changes no later recipe
     preset("shapes")["vq"]["channel_mult"].append(8)
     assert PRESETS["shapes"]["vq"]["channel_mult"] == [1, 2, 2, 4]
@@ -84,6 +84,8 @@ def test_a_wrong_preset_is_named(tmp_path):
     path.write_text("model: {preset: [shapes]}\n")
     with pytest.raises(ConfigError, match=r"model\.preset must be a preset name, got \['shapes'\]"):
         load_recipe(path)
+    with pytest.raises(ConfigError, match=r"UniGenConfig.from_name: unknown model preset 'janus-pro-9b'"):
+        UniGenConfig.from_name("janus-pro-9b")
 
 
 @pytest.mark.parametrize("recipe", ["train/shapes.yaml", "train/shapes-small.yaml"])
