@@ -3,6 +3,7 @@ package data under unigen/_data/, and the commands run from a folder that is not
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,11 +63,13 @@ def test_the_wheel_holds_every_module_and_the_recipes_as_data_only(wheel):
 def test_the_installed_package_finds_its_recipes_and_runs_the_shipped_checkpoint_from_any_folder(wheel, tmp_path):
     # one process (imports take seconds): where things were found, then `unigen eval shapes` and `unigen generate`
     # on the shipped model, with the training-only packages made unimportable (a core install has none of them)
+    more = [["generate", "a red circle", "--num-images", "3", "--output-dir", "gen"],
+            ["caption", "gen/image_000.png"], ["edit", "gen/image_000.png", "make it blue", "--output-dir", "edit"]]
+    more = [[*args, "--model", "checkpoints/shapes-small", "--device", "cpu"] for args in more]
     code = (f"import sys; sys.modules.update(dict.fromkeys({TRAINING_ONLY!r})); "
             "import tokenizers, unigen.recipes as r; "
             "print(r.__file__, r.recipe_path('train/shapes.yaml'), tokenizers.__file__, sep='\\n'); "
-            "from unigen.cli import main; sys.exit(main(sys.argv[1:]) or main(['generate', 'a red circle', "
-            "'--model', 'checkpoints/shapes-small', '--num-images', '3', '--device', 'cpu', '--output-dir', 'gen']))")
+            f"from unigen.cli import main; sys.exit(main(sys.argv[1:]) or any(main(a) for a in {more!r}))")
     done = _run(wheel, tmp_path, "-c", code, "eval", "shapes", "--model", "checkpoints/shapes-small", "--n", "4",
                 "--batch-size", "4", "--device", "cpu", "--json", "scores.json", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,6 +89,8 @@ def test_the_installed_package_finds_its_recipes_and_runs_the_shipped_checkpoint
     for cell, image in zip(cells, images):
         np.testing.assert_array_equal(cell, image)
     assert not cells[3].any()
+    assert (tmp_path / "edit" / "000-image_000.png").is_file()
+    assert re.search(r"^gen/image_000\.png\t.*\bred\b", done.stdout, re.M), done.stdout  # the caption of a red shape
 
 
 def test_inference_never_imports_the_training_packages():
