@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q uv
 	$(UV_INSTALL) torch==2.14.1 torchvision==0.29.1
-	$(UV_INSTALL) -e '.[dev]'
+	$(UV_INSTALL) -e '.[dev]'  # dev includes the train extra: the demo and the tests train
 	touch $@
 
 setup: $(VENV)/.installed

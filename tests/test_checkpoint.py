@@ -38,7 +38,10 @@ def test_sharded_save_load(model, tmp_path):
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 2
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(official_state_dict(model.state_dict(), model.config.llm))
+    on_disk = official_state_dict(model.state_dict(), model.config.llm)
+    assert set(index["weight_map"]) == set(on_disk)
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
     assert_same_weights(model, UniGenModel.from_pretrained(tmp_path))
     # re-saving unsharded leaves no stale shards behind
     model.save_pretrained(tmp_path)

@@ -19,6 +19,8 @@ COMMANDS: tuple[str, ...] = ("demo", "generate", "caption", "eval", "train", "tr
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "UNIGEN_DEBUG"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# the train extra's packages (pyproject.toml): the core install runs models, and a training command names the fix
+TRAIN_EXTRA = ("accelerate", "peft", "tensorboard")
 
 
 class Parser(argparse.ArgumentParser):
@@ -90,6 +92,12 @@ def run_command(args: argparse.Namespace, debug: bool) -> int:
             raise
         print(f"error: {one_line(err)} ({type(err).__name__}; run again with {DEBUG_FLAG} for the traceback)",
               file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as err:
+        if debug or (err.name or "").split(".")[0] not in TRAIN_EXTRA:
+            raise
+        print(f"error: this command needs {err.name}, from the train extra the core install leaves out: pip install "
+              "'unigen[train]'", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         if debug:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unigen.config_io import build_config
+from unigen.models.presets import preset
 from unigen.runs import write_json
 
 
@@ -186,6 +187,11 @@ class UniGenConfig:
 
                 raise ConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
         return config
+
+    @classmethod
+    def from_name(cls, name: str) -> UniGenConfig:
+        """A named model size (unigen.models.presets, as litgpt's ``Config.from_name``): ``"shapes"`` or ``"smoke"``."""
+        return cls.from_dict(preset(name, where="UniGenConfig.from_name"))
 
     def save(self, directory: str | Path) -> None:
         write_json(Path(directory) / "config.json", self.to_dict())

@@ -3,7 +3,8 @@ config.json, training recipes and tokenizer-trainer configs go through.
 
 Unknown keys are named with the known ones; values are converted to the field's declared type (YAML reads
 ``1e-3`` as a string, lists for tuples); a number that is not finite (``nan``, ``inf``) and a missing value
-(``data=``) for a field that needs one are refused, naming the key.
+(``data=``) for a field that needs one are refused, naming the key. A section with ``preset: NAME`` starts from
+that named model size (unigen.models.presets).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from unigen.errors import ConfigError
+from unigen.models.presets import preset
 
 
 def _number(hint, value, where: str):
@@ -155,9 +157,27 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def expand_presets(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Every section that names a ``preset`` (``model: {preset: shapes}``, ``vq: {preset: shapes}``): the named
+    preset's values for that section (:mod:`unigen.models.presets`), with the section's own keys over them."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = expand_presets(value, f"{where}.{key}")
+            if "preset" in value:
+                own = dict(value)
+                name = own.pop("preset")
+                if not isinstance(name, str):
+                    raise ConfigError(f"{where}.{key}.preset must be a preset name, got {name!r}")
+                value = _merge(preset(name, str(key), f"{where}.{key}.preset"), own)
+        out[key] = value
+    return out
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides=(), **values):
-    """``cls`` from defaults <- YAML file <- keyword values <- ``key=value`` overrides."""
+    """``cls`` from defaults <- YAML file <- keyword values <- ``key=value`` overrides, model presets expanded."""
+    where = str(path) if path else "config"
     data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     data = _merge(data, values)
     data = _merge(data, parse_overrides(list(overrides)))
-    return build_config(cls, data, where=str(path) if path else "config")
+    return build_config(cls, expand_presets(data, where), where=where)

@@ -42,14 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def grid(images):
-    """Images in a near-square grid (``diffusers.utils.make_image_grid``), empty cells black."""
-    from diffusers.utils import make_image_grid
+    """Images in a near-square grid, row by row, empty cells black."""
     from PIL import Image
 
+    width, height = images[0].size
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    filler = [Image.new("RGB", images[0].size)] * (rows * cols - len(images))
-    return make_image_grid(list(images) + filler, rows=rows, cols=cols)
+    sheet = Image.new("RGB", (cols * width, rows * height))
+    for i, image in enumerate(images):
+        sheet.paste(image, (i % cols * width, i // cols * height))
+    return sheet
 
 
 def earlier_outputs(folder: Path) -> list[Path]:

@@ -489,35 +489,29 @@ def _check_nothing_left_on_meta(model) -> None:
 def save_model(model, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
     """config.json + safetensors (sharded with an index above ``max_shard_bytes``).
 
-    Every file is written under a temporary name and renamed into place, so a crash never leaves a
+    huggingface_hub plans the shards and the index (``split_torch_state_dict_into_shards``, the planner inside
+    its ``save_torch_state_dict``); the files are written here because that function writes each shard in
+    place: every file goes under a temporary name and is renamed into place, so a crash never leaves a
     half-written file under a real name.
     """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = official_state_dict(state, model.config.llm)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    for name, shard in zip(names, shards):
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+    for name, keys in split.filename_to_tensors.items():
+        shard = {k: state[k] for k in keys}
         atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
     index_path = directory / "model.safetensors.index.json"
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        write_json(index_path, index)
+    if split.is_sharded:
+        write_json(index_path, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
     write_json(directory / "config.json", model.config.to_dict())
     # drop what an earlier save with another sharding left behind
-    stale = set(directory.glob("model*.safetensors")) - {directory / n for n in names}
-    if len(shards) == 1:
+    stale = set(directory.glob("model*.safetensors")) - {directory / n for n in split.filename_to_tensors}
+    if not split.is_sharded:
         stale.add(index_path)
     for path in stale:
         path.unlink(missing_ok=True)

@@ -5,7 +5,6 @@ Everything is trained from scratch on this machine; ``demo_out/index.html`` show
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +66,6 @@ def _timed(timings: dict, name: str, fn):
     return result
 
 
-def _shaped(tokenizer_cfg, recipe_values: dict, where: str):
-    """A tokenizer config with the recipe's values for the same fields (checked by name)."""
-    from unigen.config_io import build_config
-
-    return build_config(type(tokenizer_cfg), {**dataclasses.asdict(tokenizer_cfg), **recipe_values}, where)
-
-
 def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
     """A tiny ``--n-train`` (a smoke run) holds fewer training images than the recipe's batch: the batch
     shrinks to fit, and the run says so."""
@@ -86,8 +78,32 @@ def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
         tokenizer_cfg.batch_size = n_train
 
 
-def run_demo(cfg: DemoConfig) -> Path:
+def tokenizer_configs(cfg: DemoConfig, recipe, manifest: Path):
+    """The VQ and SigLIP trainer configs the demo trains (``None`` for one it reuses): tokenizers/*.yaml with the
+    recipe's ``model.vq`` / ``model.vision`` over them, so the tokenizers have the shape the model loads."""
     from unigen.config_io import load_config
+    from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig
+    from unigen.training.tokenizer.vq_trainer import VQTrainConfig
+
+    out = Path(cfg.out_dir)
+    vq_cfg = sig_cfg = None
+    if cfg.vq_from is None:
+        vq_cfg = load_config(VQTrainConfig, recipe_path("tokenizers/vq-shapes.yaml"),
+                             [f"data={manifest}", "overwrite=true", f"out_dir={out / 'vq'}", f"steps={cfg.vq_steps}",
+                              f"ae_warmup_steps={cfg.vq_warmup_steps}", f"eval_every={cfg.vq_steps}",
+                              f"save_every={cfg.vq_steps}"], vq=recipe.model.get("vq", {}))
+    if cfg.siglip_from is None:
+        sig_cfg = load_config(SigLIPTrainConfig, recipe_path("tokenizers/siglip-shapes.yaml"),
+                              [f"data={manifest}", "overwrite=true", f"out_dir={out / 'siglip'}",
+                               f"steps={cfg.siglip_steps}", f"eval_every={cfg.siglip_steps}",
+                               f"save_every={cfg.siglip_steps}"], vision=recipe.model.get("vision", {}))
+    for name, tokenizer_cfg in (("VQ", vq_cfg), ("SigLIP", sig_cfg)):
+        if tokenizer_cfg is not None:
+            _fit_batch_to_data(tokenizer_cfg, cfg.n_train, name)
+    return vq_cfg, sig_cfg
+
+
+def run_demo(cfg: DemoConfig) -> Path:
     from unigen.generation.pipeline import UniGenPipeline
     from unigen.runs import resolve_device, write_json, write_text
     from unigen.shapes.data import write_dataset
@@ -96,14 +112,13 @@ def run_demo(cfg: DemoConfig) -> Path:
     from unigen.shapes.report import write_report
     from unigen.training import load_recipe, run_stage
     from unigen.training.tokenizer.side_by_side import train_side_by_side
-    from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, train_siglip
-    from unigen.training.tokenizer.vq_trainer import VQTrainConfig, train_vq
+    from unigen.training.tokenizer.siglip_trainer import train_siglip
+    from unigen.training.tokenizer.vq_trainer import train_vq
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     timings: dict[str, float] = {}
     manifest = _timed(timings, "data", lambda: write_dataset(out / "data", cfg.n_train, seed=cfg.seed + 1))
-    common = [f"data={manifest}", "overwrite=true"]
     vq_dir, siglip_dir = cfg.vq_from or out / "vq", cfg.siglip_from or out / "siglip"
     coded_manifest = manifest.with_name("train-codes.jsonl")  # written by add_vq_codes below
     training_manifest = coded_manifest
@@ -118,24 +133,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     recipe = load_recipe(cfg.recipe, [f"data={training_manifest}", f"output_dir={out / 'model'}", f"vq_from={vq_dir}",
                                       f"siglip_from={siglip_dir}", f"seed={cfg.seed}", "overwrite=true", *steps,
                                       *cfg.overrides])
-    # loaded before any training, so a bad recipe fails at once; it fixes the model, and the tokenizers are
-    # trained in its shape (tokenizers/*.yaml give the rest)
-    vq_cfg = sig_cfg = None
-    if cfg.vq_from is None:
-        vq_cfg = load_config(VQTrainConfig, recipe_path("tokenizers/vq-shapes.yaml"),
-                             common + [f"out_dir={vq_dir}", f"steps={cfg.vq_steps}",
-                                      f"ae_warmup_steps={cfg.vq_warmup_steps}", f"eval_every={cfg.vq_steps}",
-                                      f"save_every={cfg.vq_steps}"])
-        vq_cfg.vq = _shaped(vq_cfg.vq, recipe.model.get("vq", {}), f"{cfg.recipe}: model.vq")
-    if cfg.siglip_from is None:
-        sig_cfg = load_config(SigLIPTrainConfig, recipe_path("tokenizers/siglip-shapes.yaml"),
-                              [f"data={manifest}", "overwrite=true", f"out_dir={siglip_dir}",
-                               f"steps={cfg.siglip_steps}",
-                               f"eval_every={cfg.siglip_steps}", f"save_every={cfg.siglip_steps}"])
-        sig_cfg.vision = _shaped(sig_cfg.vision, recipe.model.get("vision", {}), f"{cfg.recipe}: model.vision")
-    for name, tokenizer_cfg in (("VQ", vq_cfg), ("SigLIP", sig_cfg)):
-        if tokenizer_cfg is not None:
-            _fit_batch_to_data(tokenizer_cfg, cfg.n_train, name)
+    # loaded before any training, so a bad recipe fails at once
+    vq_cfg, sig_cfg = tokenizer_configs(cfg, recipe, manifest)
     side_by_side = (vq_cfg is not None and sig_cfg is not None and cfg.threads >= 2
                     and resolve_device(vq_cfg.device, ("cuda",)).type == "cpu"
                     and resolve_device(sig_cfg.device, ("cuda",)).type == "cpu")
