@@ -198,7 +198,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     fresh = [h["loss"] for h in VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "c"), **kw)).train(7)]
     assert fresh == full  # the run itself is deterministic, so equality above means something
     assert VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), resume="auto", **kw)).step == 7
-    with pytest.raises(FileExistsError, match="resume=latest"):  # a fresh run must not mix with old checkpoints
+    with pytest.raises(FileExistsError, match="--resume latest"):  # a fresh run must not mix with old checkpoints
         VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), **kw))
 
 

@@ -111,8 +111,10 @@ def normalize_resume(resume: str | None) -> str | None:
     return RESUME_ALIASES.get(str(resume), str(resume))
 
 
-def resolve_resume(resume: str | None, root: Path, *, overwrite: bool, marker: str, remove: bool = True,
-                   resume_flag: str = "resume=latest", overwrite_flag: str = "overwrite=true") -> Path | None:
+RESUME_FLAG, OVERWRITE_FLAG = "--resume latest", "overwrite=true"  # the same for every training command
+
+
+def resolve_resume(resume: str | None, root: Path, *, overwrite: bool, marker: str, remove: bool = True) -> Path | None:
     """The checkpoint folder to continue from, or ``None`` for a fresh start (see the module docstring).
 
     ``marker``: the file every checkpoint folder holds. ``remove``: this process may delete (rank 0 only).
@@ -122,7 +124,7 @@ def resolve_resume(resume: str | None, root: Path, *, overwrite: bool, marker: s
         found = checkpoint_dirs(root)
         if found and not overwrite:
             raise OutputExistsError(f"{root} already holds checkpoints of an earlier run (latest {found[-1].name}): "
-                                    f"pass {resume_flag} to continue it, {overwrite_flag} to start over, or "
+                                    f"pass {RESUME_FLAG} to continue it, {OVERWRITE_FLAG} to start over, or "
                                     "another output folder")
         if found and remove:
             log.warning("overwrite: deleting the earlier run's checkpoints in %s", root)
@@ -131,7 +133,7 @@ def resolve_resume(resume: str | None, root: Path, *, overwrite: bool, marker: s
     if resume == LATEST:
         found = checkpoint_dirs(root)
         if not found:
-            log.warning("%s: nothing to resume under %s (no checkpoint yet); starting from step 0", resume_flag, root)
+            log.warning("%s: nothing to resume under %s (no checkpoint yet); starting from step 0", RESUME_FLAG, root)
             return None
         return found[-1]
     path = Path(resume).expanduser()

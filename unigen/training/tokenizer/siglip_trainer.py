@@ -29,10 +29,11 @@ from unigen.config_io import build_config, config_to_dict
 from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from unigen.models.model import SigLIPEncoder
 from unigen.models.siglip import SigLIPDualEncoder, SigLIPTowersConfig, TextTower, TextTowerConfig
-from unigen.training.engine import Trainer, make_adamw
+from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
 from unigen.training.tokenizer.data import ImageDataset, holdout_size, read_records, split_holdout, to_pixels
 from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
+from unigen.training.tokenizer.trainer import Trainer
 
 log = logging.getLogger("unigen.training.tokenizer")
 

@@ -25,7 +25,7 @@ from unigen.config import VQConfig
 from unigen.config_io import build_config, config_to_dict
 from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from unigen.models.vq import VQModel
-from unigen.training.engine import Trainer, make_adamw
+from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
 from unigen.training.tokenizer.data import (
     ImageDataset,
@@ -43,6 +43,7 @@ from unigen.training.tokenizer.losses import (
     load_vgg16_features,
 )
 from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
+from unigen.training.tokenizer.trainer import Trainer
 
 log = logging.getLogger("unigen.training.tokenizer")
 
