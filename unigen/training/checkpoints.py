@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from unigen.errors import CheckpointError
-from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name
+from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name, writing
 from unigen.training import lora
 from unigen.training.parallel import barrier
 
@@ -148,10 +148,11 @@ def _save_adapter(out: Path, state: TrainingState) -> tuple[Any, str]:
     adapter, rank, kind = state.adapter, state.rank, state.kind
     tmp = out / ".tmp-adapter"
     _fresh_tmp(tmp, rank)
-    weights = adapter_state(state.model, kind)
-    if rank == 0:
-        lora.save_adapter(adapter.peft_model, tmp, adapter.base, weights)
-    _publish(tmp, out / "adapter", rank)
+    with writing(out / "adapter", tmp):
+        weights = adapter_state(state.model, kind)
+        if rank == 0:
+            lora.save_adapter(adapter.peft_model, tmp, adapter.base, weights)
+        _publish(tmp, out / "adapter", rank)
     if adapter.merge_in_place:
         return lora.merge(adapter.peft_model), kind  # the stage is over
     # a whole float copy, on rank 0 only
@@ -165,21 +166,32 @@ def save_final(out: Path, state: TrainingState, *, stage: int, step: int, steps:
         model, kind = _save_adapter(out, state)
     final, tmp = out / "final", out / ".tmp-final"
     _fresh_tmp(tmp, rank)
-    save_weights(tmp, state.wrapped, model, state.processor, kind, rank)
-    if rank == 0:
-        (tmp / TRAINED).write_text(json.dumps({"stage": stage, "step": step, "steps": steps}) + "\n")
-    _publish(tmp, final, rank)
+    with writing(final, tmp):
+        save_weights(tmp, state.wrapped, model, state.processor, kind, rank)
+        if rank == 0:
+            (tmp / TRAINED).write_text(json.dumps({"stage": stage, "step": step, "steps": steps}) + "\n")
+        _publish(tmp, final, rank)
     return final
 
 
 def save_checkpoint(root: Path, state: TrainingState, *, stage: int, step: int, keep_last: int) -> Path:
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
-    rank, kind = state.rank, state.kind
+    rank = state.rank
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    with writing(final, tmp):
+        _write_checkpoint(tmp, state, stage, step)
+        _publish(tmp, final, rank)
+    if rank == 0:
+        prune(root, keep_last)
+    return final
+
+
+def _write_checkpoint(tmp: Path, state: TrainingState, stage: int, step: int) -> None:
+    rank, kind = state.rank, state.kind
     if state.adapter is not None:
         weights = adapter_state(state.model, kind)
         if rank == 0:
@@ -196,10 +208,6 @@ def save_checkpoint(root: Path, state: TrainingState, *, stage: int, step: int, 
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
     if rank == 0:
         (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
-    _publish(tmp, final, rank)
-    if rank == 0:
-        prune(root, keep_last)
-    return final
 
 
 def _optimizer_state(wrapped, optimizer, kind: str):

@@ -168,7 +168,10 @@ def plan_request(recipe, stage, init_from, resume, steps, accelerator, kind) -> 
     cfg = req.cfg
     if cfg.lora is not None:
         check_lora_run(cfg.lora, accelerator.device, kind, accelerator.num_processes, stage)
-        base = lora_.read_base(req.resume_from / "adapter") if req.resume_from is not None else None
+        base = None
+        if req.resume_from is not None:  # a damaged adapter is named before any model loads
+            lora_.read_adapter_weights(req.resume_from / "adapter")
+            base = lora_.read_base(req.resume_from / "adapter")
         req.base = base or lora_base(recipe, stage, init_from)
     elif req.resume_from is None:
         start_source(recipe, stage, init_from)  # a missing start is named before anything is written

@@ -113,8 +113,9 @@ class Trainer:
         self._rate_start = (time.perf_counter(), self.step)
         history = run_loop(self, until, desc=self.desc, position=bar_position, before_step=before_step)
         if self.step >= self.cfg.steps:
-            self.save_weights(self.out_dir)
-            runs.write_json(self.out_dir / "train_config.json", config_to_dict(self.cfg))
+            with runs.writing(self.out_dir / "model.safetensors"):  # each file is written atomically
+                self.save_weights(self.out_dir)
+                runs.write_json(self.out_dir / "train_config.json", config_to_dict(self.cfg))
             log.info("%s: saved to %s", self.desc, self.out_dir)
         return history
 
