@@ -67,17 +67,17 @@ def run_loop(task: Task, until: int, *, desc: str, progress: bool = True, positi
     (logging, evaluation, checkpoints). Returns the rows ``train_step`` gave. ``before_step`` runs before each
     step (the side-by-side tokenizer trainer changes the thread count there)."""
     history: list[dict[str, float]] = []
-    bar = tqdm(total=until, initial=task.step, desc=desc, dynamic_ncols=True, mininterval=1.0, position=position,
-               disable=not progress)
-    while task.step < until:
-        if before_step is not None:
-            before_step()
-        for scheduler in task.schedulers:
-            scheduler.set_step(task.step)
-        row = task.train_step()
-        task.step += 1
-        history.append(row)
-        bar.update(1)
-        task.after_step(row, until, bar)
-    bar.close()
+    # closed however the loop ends, so an error is printed on a line of its own
+    with tqdm(total=until, initial=task.step, desc=desc, dynamic_ncols=True, mininterval=1.0, position=position,
+              disable=not progress) as bar:
+        while task.step < until:
+            if before_step is not None:
+                before_step()
+            for scheduler in task.schedulers:
+                scheduler.set_step(task.step)
+            row = task.train_step()
+            task.step += 1
+            history.append(row)
+            bar.update(1)
+            task.after_step(row, until, bar)
     return history

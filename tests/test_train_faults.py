@@ -1,10 +1,14 @@
-"""One writer per training folder (issue 35): ``train``, ``train-vq`` and ``train-siglip`` hold their output
-folder's lock for the whole run. A second run on the folder refuses in one line naming the holder's PID and
-leaves the first run's files as they were; a lock left by a killed process never blocks; the old ``out_dir=`` /
-``resume=`` spellings still work, with a one-line warning."""
+"""Faults around a training run's folder (issue 35) and the one CLI vocabulary of the three trainers.
+
+One writer per folder: ``train``, ``train-vq`` and ``train-siglip`` hold their output folder's lock for the whole
+run; a second run refuses in one line naming the holder's PID and leaves the first run's files as they were; a
+lock left by a killed process never blocks. A checkpoint that cannot be written (a full disk) is one line and
+leaves no temp folder. A damaged LoRA adapter in a checkpoint is one line when the stage resumes. The old
+``out_dir=`` / ``resume=`` spellings still work, with a one-line warning."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -96,3 +100,47 @@ def test_old_spellings_warn_once_and_still_work(data, tmp_path, capsys):
     assert main([*VQ, f"data={data}", f"out_dir={out}", "--output-dir", str(out)]) == 2  # a usage error
     assert errors(capsys) == [f"error: out_dir={out} and --output-dir both name the output folder; pass --output-dir "
                               "only"]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("command", ["train", "train-vq"])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temp_folder(command, data, tmp_path, capsys,
+                                                                                     monkeypatch):
+    out = tmp_path / "run"
+    if command == "train":  # the stage's model weights; the first write is the --save-every 1 checkpoint
+        monkeypatch.setattr("unigen.models.checkpoint.save_model", _disk_full)
+        argv = ["train", "--config", str(SMOKE), "tensorboard=false", "--stage", "1", f"data={data}",
+                "stage1.steps=2", "stage1.batch_size=2", "--save-every", "1"]
+        writing = out / "stage1" / "checkpoints" / "step_0000001"
+    else:  # the tokenizer's weights (safetensors' writer)
+        monkeypatch.setattr("unigen.training.tokenizer.vq_trainer.save_file", _disk_full)
+        argv = [*VQ, f"data={data}"]
+        writing = out / "checkpoints" / "step_0000001"
+    assert main([*argv, "--output-dir", str(out)]) == 1
+    lines = errors(capsys)
+    assert lines == [f"error: no space left on the disk of {writing.parent} while writing {writing}; free some space "
+                     "there (the last complete checkpoint is kept), then continue with --resume latest"], lines
+    assert not [p for p in out.rglob(".tmp-*")], sorted(out.rglob("*"))
+    assert not writing.exists()
+
+
+def test_a_damaged_adapter_in_a_lora_checkpoint_is_one_line_on_resume(data, tmp_path, capsys):
+    args = ["train", "--config", str(SMOKE), "tensorboard=false", "--stage", "1", f"data={data}", "--output-dir",
+            str(tmp_path / "base-run"), "stage1.steps=1", "stage1.batch_size=2"]
+    assert main(args) == 0
+    base = tmp_path / "base-run" / "stage1" / "final"
+    out = tmp_path / "run"
+    lora = ["train", "--config", str(SMOKE), "tensorboard=false", "--stage", "2", f"data={data}", "--output-dir",
+            str(out), "--init-from", str(base), "stage2.steps=3", "stage2.batch_size=2", "stage2.lora.r=2"]
+    assert main([*lora, "--max-steps", "1"]) == 0
+    adapter = out / "stage2" / "checkpoints" / "step_0000001" / "adapter"
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main([*lora, "--resume", "latest"]) == 1
+    lines = errors(capsys)
+    assert len(lines) == 1 and f"{weights} could not be read as safetensors" in lines[0], lines
+    assert "weights_only" not in lines[0]
