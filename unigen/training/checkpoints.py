@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+import unigen.training.lora as lora
 from unigen.errors import CheckpointError
 from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name, writing
-from unigen.training import lora
 from unigen.training.parallel import barrier
 
 __all__ = ["Adapter", "TrainingState", "checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress",

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 import unigen.training.checkpoints as ckpt
+import unigen.training.lora as lora_
 import unigen.training.parallel as parallel
 from unigen import runs
 from unigen.config_io import config_to_dict
 from unigen.errors import ArgumentError, ConfigError, OutputExistsError
 from unigen.models.param_groups import set_trainable, stage_groups
 from unigen.runs import setup_logging
-from unigen.training import lora as lora_
 from unigen.training.batches import BatchBuilder
 from unigen.training.data import check_images, read_samples
 from unigen.training.engine import run_loop
