@@ -94,7 +94,7 @@ def lora_child(args) -> None:
     # The steps' peak, not the loader's: the high-water mark is reset once the model and optimizer exist (loading
     # a checkpoint briefly holds two copies of the weights) and read before the final weights are written.
     peaks = {}
-    make_scheduler, save_final = loop.make_scheduler, ckpt.save_final
+    make_scheduler, save_final = loop.make_scheduler, ckpt.save_final  # looked up in loop.py at run time
 
     def reset_peak(*a, **k):
         peaks["load"] = _peak_rss_mib()

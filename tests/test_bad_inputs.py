@@ -234,6 +234,21 @@ def _bad_codes_case(name: str, write, reason: str):
             r"1 of 9 samples \(11\.1%\) are bad, more than max_bad_fraction=0\.05; first: .*m\.jsonl:9: codes file "
             + reason, 1)
 
+def _adapter(env: Env, damage: str) -> Path:
+    """A LoRA adapter over the shared checkpoint with its weights ``truncated``, or a ``pickled`` .bin instead."""
+    from unigen import UniGenModel
+    from unigen.training.lora import LoraSettings, attach, save_adapter
+
+    folder = env.tmp / "adapter"
+    save_adapter(attach(UniGenModel.from_pretrained(env.model), LoraSettings(r=2), "lora"), folder, str(env.model))
+    weights = folder / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.unlink()
+        plant_pickle(folder / "adapter_model.bin", env.marker)
+    return folder
+
 
 def gen(env: Env, *flags, model=None, prompt="a red circle"):
     model = model if model is not None else env.model
@@ -401,6 +416,11 @@ CASES = [
     ("train-siglip-resume-not-a-checkpoint", lambda e: ["train-siglip", f"data={e.data}", f"resume={e.tmp}",
                                                         f"out_dir={e.tmp / 's'}"], 1,
      r"is not a checkpoint folder \(no training_state\.pt", 1),
+    # merge: the adapter is checked at the door, before the base loads
+    ("merge-truncated-adapter", lambda e: ["merge", e.model, _adapter(e, "truncated"), e.tmp / "merged"], 1,
+     r"adapter_model\.safetensors could not be read as safetensors .*truncated or damaged", 1),
+    ("merge-pickled-adapter", lambda e: ["merge", e.model, _adapter(e, "pickled"), e.tmp / "merged"], 1,
+     r"adapter_model\.bin holds more than tensors and plain values", 1),
     # demo
     ("demo-zero-eval-items", lambda e: ["demo", "--n-eval", "0", "--out-dir", e.tmp / "d"], 2,
      r"--n-eval: must be at least 1", 1),

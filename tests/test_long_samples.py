@@ -7,6 +7,7 @@ import re
 import pytest
 from train_common import losses, recipe
 
+from unigen.data.bad_samples import BadSamples
 from unigen.data.manifest import read_samples
 from unigen.shapes import write_dataset
 from unigen.training import run_stage
@@ -34,14 +35,15 @@ def test_a_caption_longer_than_the_context_is_listed_and_the_run_goes_on(tmp_pat
     with pytest.raises(TooLongError, match=r"manifest line 2: the generation prompt \(\d+ tokens\) and 64 image "
                                            r"tokens do not fit max_seq_len=512; shorten the text or raise"):
         b.generation_prompt(Pick("generation", samples[1]))
-    pools, bad = b.skip_unfit({"understanding": samples, "generation": samples}, [])
+    bad = BadSamples()
+    pools = b.skip_unfit({"understanding": samples, "generation": samples}, bad)
     assert [s.line for s in pools["understanding"]] == [s.line for s in pools["generation"]] == [1, 3, 4]
 
     run_stage(r, 1, max_steps=5, progress=False)  # stopped after step 5, as by a kill after its checkpoint
     listed = [json.loads(x) for x in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
-    assert listed == bad and len(listed) == 1 and listed[0]["line"] == 2 and listed[0]["task"] == "understanding"
-    assert re.fullmatch(r"manifest line 2: \d+ tokens do not fit max_seq_len=512; shorten the text or raise "
-                        r"max_seq_len", listed[0]["error"])
+    assert listed == bad.rows and len(listed) == 1 and listed[0]["line"] == 2
+    assert re.fullmatch(r"the understanding row: manifest line 2: \d+ tokens do not fit max_seq_len=512; shorten "
+                        r"the text or raise max_seq_len", listed[0]["reason"])
     run_stage(r, 1, resume="latest", progress=False)
     assert [step for step, _ in losses(tmp_path / "run")] == list(range(1, 11))
     assert (tmp_path / "run" / "stage1" / "final").is_dir()

@@ -58,7 +58,7 @@ def test_one_resume_vocabulary(tmp_path, caplog):
     assert runs.resolve_resume(str(root / "step_0000003"), root, overwrite=False, marker="m") == root / "step_0000003"
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         runs.resolve_resume(str(tmp_path), root, overwrite=False, marker="m")
-    with pytest.raises(OutputExistsError, match="pass resume=latest to continue it, overwrite=true to start over"):
+    with pytest.raises(OutputExistsError, match="pass --resume latest to continue it, overwrite=true to start over"):
         runs.resolve_resume(None, root, overwrite=False, marker="m")
     assert runs.resolve_resume(None, root, overwrite=True, marker="m") is None and not root.exists()
 

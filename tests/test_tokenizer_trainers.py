@@ -101,7 +101,7 @@ def test_dead_codes_are_reseeded_from_encoder_outputs(tmp_path):
     # each re-seeded code points (almost) exactly where some recent encoder output points
     cos = F.normalize(after[dead], dim=-1) @ trainer.z_buffer.t()
     assert cos.max(1).values.min() > 0.99
-    assert trainer.opt.state[weight]["exp_avg"][dead].abs().sum() == 0
+    assert trainer.optimizer.state[weight]["exp_avg"][dead].abs().sum() == 0
 
 
 def test_autoencoder_warmup_then_kmeans_codebook(tmp_path):
@@ -157,7 +157,7 @@ def test_weight_decay_applies(tmp_path):
     before = {name: p.detach().clone() for name, p in [("conv", conv), ("codebook", codebook), ("bias", bias)]}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    trainer.opt.step()
+    trainer.optimizer.step()
     # zero gradient: AdamW's update is 0, only the decoupled decay moves the weight: w *= 1 - lr * wd
     assert torch.allclose(conv.detach(), before["conv"] * (1 - 0.1 * 0.5))
     assert torch.equal(codebook.detach(), before["codebook"]) and torch.equal(bias.detach(), before["bias"])
@@ -199,7 +199,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     fresh = [h["loss"] for h in VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "c"), **kw)).train(7)]
     assert fresh == full  # the run itself is deterministic, so equality above means something
     assert VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), resume="auto", **kw)).step == 7
-    with pytest.raises(FileExistsError, match="resume=latest"):  # a fresh run must not mix with old checkpoints
+    with pytest.raises(FileExistsError, match="--resume latest"):  # a fresh run must not mix with old checkpoints
         VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "a"), **kw))
 
 

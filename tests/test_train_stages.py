@@ -62,7 +62,7 @@ def test_method_b_trains_cross_attention_in_every_stage_and_keeps_the_llm_frozen
 
 
 def test_task_loss_weighting_averages_the_tasks_mean_losses(data, tmp_path):
-    from unigen.training.loop import task_weights
+    from unigen.training.stage import task_weights
 
     counts = torch.tensor([9.0, 0.0, 64.0], dtype=torch.float64)  # a caption, no text, one image's codes
     assert task_weights(counts, "token").tolist() == [1 / 73] * 3
@@ -148,7 +148,7 @@ def test_cli_overrides_after_options_checkpointing_bf16_and_init_from(data, tmp_
 
 def test_janus_defaults_and_optimizer(data, tmp_path):
     from unigen.models.param_groups import set_trainable
-    from unigen.training.loop import make_optimizer
+    from unigen.training.stage import make_optimizer
 
     r = load_recipe(SMOKE, ["data=x"])
     assert r.stage1.groups == ["aligner", "gen_aligner", "gen_embed", "gen_head"]

@@ -43,3 +43,8 @@ class OutputExistsError(UniGenError, FileExistsError):
 
 class OutputLockedError(UniGenError, BlockingIOError):
     """Another unigen run holds the output folder (``unigen.output_lock``); the message names its PID."""
+
+
+class OutputWriteError(UniGenError, OSError):
+    """An output (a checkpoint, final weights) could not be written, e.g. the disk is full; nothing half-written
+    is left under a real name."""

@@ -9,6 +9,8 @@ Resume words (the same for ``unigen train --resume`` and the trainers' ``resume=
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,20 +19,21 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unigen.data.jsonl import read_json_lines
-from unigen.errors import ArgumentError, CheckpointError, OutputExistsError
+from unigen.errors import ArgumentError, CheckpointError, OutputExistsError, OutputWriteError
 
 log = logging.getLogger("unigen")
 
 LATEST = "latest"
 RESUME_ALIASES = {"latest": LATEST, "auto": LATEST}  # "auto": what the tokenizer trainers said before
 STEP_DIR = re.compile(r"step_\d{7}")
+RESUME_FLAG, OVERWRITE_FLAG = "--resume latest", "overwrite=true"  # the same for every training command
 
 
 def setup_logging() -> None:
@@ -82,19 +85,39 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC, as the OS, torch.save (a RuntimeError) or safetensors (its own error) report it."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return any(s in str(err) for s in ("No space left on device", "StorageFull", "os error 28"))
+
+
+@contextlib.contextmanager
+def writing(target: Path, tmp: Path | None = None) -> Iterator[None]:
+    """Writing ``target`` (through the temporary folder ``tmp``): whatever stops it, ``tmp`` goes, and a full disk
+    is one line naming what was being written."""
+    try:
+        yield
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            raise OutputWriteError(f"no space left on the disk of {Path(target).parent} while writing {target}; "
+                                   "free some space there (the last complete checkpoint is kept), then continue "
+                                   f"with {RESUME_FLAG}") from err
+        raise
+
+
 def save_checkpoint_dir(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
     """``write(tmp_dir)`` then rename to ``root/step_XXXXXXX``: a checkpoint folder is complete or absent."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=root))
-    try:
+    with writing(final, tmp):
         write(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     prune(root, keep_last)
     return final
 
@@ -112,8 +135,7 @@ def normalize_resume(resume: str | None) -> str | None:
     return RESUME_ALIASES.get(str(resume), str(resume))
 
 
-def resolve_resume(resume: str | None, root: Path, *, overwrite: bool, marker: str, remove: bool = True,
-                   resume_flag: str = "resume=latest", overwrite_flag: str = "overwrite=true") -> Path | None:
+def resolve_resume(resume: str | None, root: Path, *, overwrite: bool, marker: str, remove: bool = True) -> Path | None:
     """The checkpoint folder to continue from, or ``None`` for a fresh start (see the module docstring).
 
     ``marker``: the file every checkpoint folder holds. ``remove``: this process may delete (rank 0 only).
@@ -123,7 +145,7 @@ def resolve_resume(resume: str | None, root: Path, *, overwrite: bool, marker: s
         found = checkpoint_dirs(root)
         if found and not overwrite:
             raise OutputExistsError(f"{root} already holds checkpoints of an earlier run (latest {found[-1].name}): "
-                                    f"pass {resume_flag} to continue it, {overwrite_flag} to start over, or "
+                                    f"pass {RESUME_FLAG} to continue it, {OVERWRITE_FLAG} to start over, or "
                                     "another output folder")
         if found and remove:
             log.warning("overwrite: deleting the earlier run's checkpoints in %s", root)
@@ -132,7 +154,7 @@ def resolve_resume(resume: str | None, root: Path, *, overwrite: bool, marker: s
     if resume == LATEST:
         found = checkpoint_dirs(root)
         if not found:
-            log.warning("%s: nothing to resume under %s (no checkpoint yet); starting from step 0", resume_flag, root)
+            log.warning("%s: nothing to resume under %s (no checkpoint yet); starting from step 0", RESUME_FLAG, root)
             return None
         return found[-1]
     path = Path(resume).expanduser()

@@ -22,10 +22,10 @@ def run(args: argparse.Namespace) -> int:
 
     from unigen.commands._common import check_writable_dir
     from unigen.errors import OutputExistsError
-    from unigen.training.lora import adapter_config, load_adapter, merge
+    from unigen.training.lora import check_adapter, load_adapter, merge
     from unigen.training.start import load_pretrained
 
-    adapter_config(args.adapter)  # a wrong folder is named before the base loads
+    check_adapter(args.adapter)  # a wrong or damaged adapter is named before the base loads
     check_writable_dir(args.out, "OUT")
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise OutputExistsError(f"{args.out} is not empty: pass --overwrite to replace it, or another OUT")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from unigen.commands._training import add_run_arguments, hold_run_folder
 from unigen.generation.sampling_options import positive_int
 from unigen.recipes import resolve
 
@@ -17,14 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop each stage after N steps; the stage is not finished, and --resume latest continues it")
     p.add_argument("--save-every", type=int, default=None, help="resumable checkpoint every N steps (0: none)")
-    p.add_argument("--output-dir", default=None, help="where stages, metrics.jsonl and checkpoints go")
     p.add_argument("--init-from", default=None,
                    help="checkpoint to start the first stage run from (default: the recipe's init_from, or the "
                         "previous stage's final weights in the output dir)")
-    p.add_argument("--resume", default=None,
-                   help="'latest' (keep finished stages, continue the newest checkpoint; 'auto' is the same) or a "
-                        "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder. Without it a run refuses to replace an "
-                        "earlier run's weights in --output-dir (overwrite=true allows it)")
+    add_run_arguments(p, "where stages, metrics.jsonl and checkpoints go",
+                      "'latest' (keep finished stages, continue the newest checkpoint; 'auto' is the same) or a "
+                      "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder. Without it a run refuses to replace an "
+                      "earlier run's weights in --output-dir (overwrite=true allows it)")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage1.steps=50 data=PATH")
 
 
@@ -55,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
     if args.save_every is not None:
         values["save_every"] = args.save_every
     recipe = load_recipe(args.config, args.overrides, **values)
-    for i, (stage, resume) in enumerate(plan(args.stage, args.resume)):
-        # run_stage keeps a finished stage under --resume latest, and refuses to replace one without it
-        final = run_stage(recipe, stage, init_from=args.init_from if i == 0 else None, resume=resume,
-                          max_steps=args.max_steps)
-        print(final)
+    stages = plan(args.stage, args.resume)
+    with hold_run_folder(recipe.output_dir):
+        for i, (stage, resume) in enumerate(stages):
+            # run_stage keeps a finished stage under --resume latest, and refuses to replace one without it
+            final = run_stage(recipe, stage, init_from=args.init_from if i == 0 else None, resume=resume,
+                              max_steps=args.max_steps)
+            print(final)
     return 0

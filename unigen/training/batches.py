@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from unigen.data.bad_samples import BadSamples
 from unigen.data.manifest import Sample
 from unigen.errors import DataError
 from unigen.processor import understanding_pixels
@@ -95,13 +96,12 @@ class BatchBuilder:
                                f"not fit max_seq_len={self.max_len}; shorten the text or raise max_seq_len")
         return torch.tensor(prompt)
 
-    def skip_unfit(self, pools: dict[str, list[Sample]], bad: list[dict]) -> tuple[dict[str, list[Sample]],
-                                                                                   list[dict]]:
+    def skip_unfit(self, pools: dict[str, list[Sample]], bad: BadSamples) -> dict[str, list[Sample]]:
         """Every sample's rows measured once, at start-up: one that does not fit ``max_seq_len`` leaves every pool
         and joins ``bad`` with the reason (the run's bad-samples file), so no step stops on it."""
         rows = {"understanding": self.understanding_row, "text": self.text_row,
                 "generation": lambda s: self.generation_prompt(Pick("generation", s, False))}
-        unfit: dict[int, dict] = {}
+        unfit: dict[int, str] = {}
         for task, pool in pools.items():
             for s in pool:
                 if id(s) in unfit:
@@ -109,12 +109,12 @@ class BatchBuilder:
                 try:
                     rows[task](s)
                 except TooLongError as err:
-                    unfit[id(s)] = {"line": s.line, "task": task, "error": str(err)}
+                    unfit[id(s)] = f"the {task} row: {err}"
+                    bad.add(s.source or f"line {s.line}", unfit[id(s)], line=s.line)
         kept = {task: [s for s in pool if id(s) not in unfit] for task, pool in pools.items()}
         if unfit and not any(kept.values()):
-            first = next(iter(unfit.values()))["error"]
-            raise TooLongError(f"no sample fits max_seq_len={self.max_len} (e.g. {first})")
-        return kept, bad + list(unfit.values())
+            raise TooLongError(f"no sample fits max_seq_len={self.max_len} (e.g. {next(iter(unfit.values()))})")
+        return kept
 
     # ---- batches -----------------------------------------------------------------------
     def _right_pad(self, rows: list[tuple[list[int], list[int]]]) -> dict:

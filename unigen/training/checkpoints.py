@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+import unigen.training.lora as lora
 from unigen.errors import CheckpointError
-from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name
-from unigen.training import lora
+from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name, writing
 from unigen.training.parallel import barrier
 
-__all__ = ["Adapter", "checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress", "rng_state",
-           "save_checkpoint", "save_final", "set_rng_state"]
+__all__ = ["Adapter", "TrainingState", "checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress",
+           "rng_state", "save_checkpoint", "save_final", "set_rng_state"]
 TRAINED = "trained.json"  # in stageN/final: {"stage", "step", "steps"}
 
 
@@ -43,6 +44,24 @@ class Adapter(NamedTuple):
     peft_model: object
     base: str
     merge_in_place: bool = True
+
+
+@dataclass
+class TrainingState:
+    """What a stage checkpoint saves and restores, and how it is spread over processes: the wrapped training
+    module (DDP/FSDP/DeepSpeed) and the model inside it, its processor, the optimizer (as wrapped) and schedule,
+    the parallel ``kind`` and this process's ``rank``; ``adapter``: a LoRA stage's adapters, saved instead of the
+    whole model."""
+
+    wrapped: Any
+    model: Any
+    processor: Any
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    kind: str
+    rank: int
+    adapter: Adapter | None = None
 
 
 def trained_steps(final: Path) -> tuple[int, int] | None:
@@ -124,59 +143,71 @@ def _fresh_tmp(tmp: Path, rank: int) -> None:
     barrier()
 
 
-def save_final(out: Path, wrapped, model, processor, kind: str, rank: int, *, stage: int, step: int,
-               steps: int, adapter=None) -> Path:
-    """``out/final``; with ``adapter`` (a LoRA stage) first ``out/adapter``, then the merged model as ``final``."""
-    if adapter is not None:
-        tmp = out / ".tmp-adapter"
-        _fresh_tmp(tmp, rank)
-        state = adapter_state(model, kind)
+def _save_adapter(out: Path, state: TrainingState) -> tuple[Any, str]:
+    """``out/adapter``; returns (the merged model, its kind) for the final weights."""
+    adapter, rank, kind = state.adapter, state.rank, state.kind
+    tmp = out / ".tmp-adapter"
+    _fresh_tmp(tmp, rank)
+    with writing(out / "adapter", tmp):
+        weights = adapter_state(state.model, kind)
         if rank == 0:
-            lora.save_adapter(adapter.peft_model, tmp, adapter.base, state)
+            lora.save_adapter(adapter.peft_model, tmp, adapter.base, weights)
         _publish(tmp, out / "adapter", rank)
-        if adapter.merge_in_place:
-            model = lora.merge(adapter.peft_model)  # the stage is over
-        else:  # a whole float copy, on rank 0 only
-            model = lora.merge_saved(adapter.base, out / "adapter") if rank == 0 else None
-            kind = "single"
+    if adapter.merge_in_place:
+        return lora.merge(adapter.peft_model), kind  # the stage is over
+    # a whole float copy, on rank 0 only
+    return (lora.merge_saved(adapter.base, out / "adapter") if rank == 0 else None), "single"
+
+
+def save_final(out: Path, state: TrainingState, *, stage: int, step: int, steps: int) -> Path:
+    """``out/final``; a LoRA stage first writes ``out/adapter``, then the merged model as ``final``."""
+    model, kind, rank = state.model, state.kind, state.rank
+    if state.adapter is not None:
+        model, kind = _save_adapter(out, state)
     final, tmp = out / "final", out / ".tmp-final"
     _fresh_tmp(tmp, rank)
-    save_weights(tmp, wrapped, model, processor, kind, rank)
-    if rank == 0:
-        (tmp / TRAINED).write_text(json.dumps({"stage": stage, "step": step, "steps": steps}) + "\n")
-    _publish(tmp, final, rank)
+    with writing(final, tmp):
+        save_weights(tmp, state.wrapped, model, state.processor, kind, rank)
+        if rank == 0:
+            (tmp / TRAINED).write_text(json.dumps({"stage": stage, "step": step, "steps": steps}) + "\n")
+        _publish(tmp, final, rank)
     return final
 
 
-def save_checkpoint(root: Path, *, stage: int, step: int, wrapped, model, processor, optimizer, scheduler,
-                    accelerator, kind: str, rank: int, keep_last: int, adapter=None) -> Path:
-    """``adapter``: a LoRA stage's ``Adapter``, saved instead of the whole model."""
+def save_checkpoint(root: Path, state: TrainingState, *, stage: int, step: int, keep_last: int) -> Path:
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
+    rank = state.rank
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    if adapter is not None:
-        state = adapter_state(model, kind)
-        if rank == 0:
-            lora.save_adapter(adapter.peft_model, tmp / "adapter", adapter.base, state)
-    else:
-        save_weights(tmp / "model", wrapped, model, processor, kind, rank)
-    if kind == "deepspeed":
-        accelerator.save_state(str(tmp / "accelerate"))
-    else:
-        optim = _optimizer_state(wrapped, optimizer, kind)
-        if rank == 0:
-            torch.save(optim, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
-    if rank == 0:
-        (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
-    _publish(tmp, final, rank)
+    with writing(final, tmp):
+        _write_checkpoint(tmp, state, stage, step)
+        _publish(tmp, final, rank)
     if rank == 0:
         prune(root, keep_last)
     return final
+
+
+def _write_checkpoint(tmp: Path, state: TrainingState, stage: int, step: int) -> None:
+    rank, kind = state.rank, state.kind
+    if state.adapter is not None:
+        weights = adapter_state(state.model, kind)
+        if rank == 0:
+            lora.save_adapter(state.adapter.peft_model, tmp / "adapter", state.adapter.base, weights)
+    else:
+        save_weights(tmp / "model", state.wrapped, state.model, state.processor, kind, rank)
+    if kind == "deepspeed":
+        state.accelerator.save_state(str(tmp / "accelerate"))
+    else:
+        optim = _optimizer_state(state.wrapped, state.optimizer, kind)
+        if rank == 0:
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    if rank == 0:
+        (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
 
 
 def _optimizer_state(wrapped, optimizer, kind: str):
@@ -201,21 +232,24 @@ def read_progress(path: Path) -> dict:
                               "checkpoint") from err
 
 
-def load_checkpoint(path: Path, *, wrapped, optimizer, scheduler, accelerator, kind: str, rank: int) -> int:
-    """Restore optimizer, scheduler and RNG in place (the weights were built from ``path/model``); returns
+def load_checkpoint(path: Path, state: TrainingState) -> int:
+    """Restore optimizer, schedule and RNG in place (the weights were built from ``path/model``); returns
     the step to continue from."""
-    if kind == "deepspeed":
-        accelerator.load_state(str(path / "accelerate"))
+    if state.kind == "deepspeed":
+        state.accelerator.load_state(str(path / "accelerate"))
     else:
         optim = load_state_file(path / "optimizer.pt")
-        if kind == "fsdp":
+        if state.kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(wrapped, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(state.wrapped, state.optimizer, optim,
+                                     options=StateDictOptions(full_state_dict=True))
         else:
-            optimizer.load_state_dict(optim)
-        scheduler.load_state_dict(load_state_file(path / "scheduler.pt"))
-    rng = path / f"rng_{rank}.pt"
+            state.optimizer.load_state_dict(optim)
+        load_state_file(path / "scheduler.pt")  # checked; the schedule is a function of the step
+    rng = path / f"rng_{state.rank}.pt"
     if rng.is_file():  # a run resumed on more processes than it was saved with keeps fresh RNG on the new ones
         set_rng_state(load_state_file(rng))
-    return int(read_progress(path)["step"])
+    step = int(read_progress(path)["step"])
+    state.scheduler.set_step(step)
+    return step

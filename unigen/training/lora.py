@@ -31,6 +31,7 @@ from torch import nn
 
 from unigen.errors import CheckpointError, ConfigError
 from unigen.models.param_groups import GROUPS, parameter_groups
+from unigen.runs import load_state_file
 
 ADAPTER = "default"  # PEFT's adapter name; one adapter per model
 QUANTIZE = ("4bit", "8bit")
@@ -190,6 +191,38 @@ def adapter_config(adapter_dir: str | Path):
     return LoraConfig.from_pretrained(str(path))
 
 
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's saved weights (``adapter_model.safetensors``, else a weights-only ``adapter_model.bin``),
+    checked at the door: a damaged file or a pickle that would run code is one line naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path} could not be read as safetensors ({_first_line(err)}); the adapter is "
+                                  "truncated or damaged: train or copy it again") from err
+    path = path.with_name("adapter_model.bin")
+    if path.is_file():
+        state = load_state_file(path)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} does not hold a mapping of names to tensors; it is not an adapter's "
+                                  "weights: train or copy the adapter again")
+        return state
+    raise CheckpointError(f"{adapter_dir} holds no adapter weights (adapter_model.safetensors); pass a stageN/adapter "
+                          "folder written by a LoRA stage")
+
+
+def check_adapter(adapter_dir: str | Path):
+    """``adapter_config`` and ``read_adapter_weights``: a wrong or damaged adapter is named before any model
+    loads. Returns the ``LoraConfig``."""
+    config = adapter_config(adapter_dir)
+    read_adapter_weights(adapter_dir)
+    return config
+
+
 def attach(model: nn.Module, settings: LoraSettings, where: str):
     """Adapters on ``model`` (in place; PEFT initialises B = 0, so the model computes what it did); returns the
     ``PeftModel`` around it. Only adapters and ``modules_to_save`` train afterwards."""
@@ -203,9 +236,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     """``PeftModel.from_pretrained(model, adapter_dir)``, with a wrong folder or a model of another shape named."""
     from peft import PeftModel
 
+    config = check_adapter(adapter_dir)  # PEFT's own loader would unpickle a .bin and trace back on damage
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), config=adapter_config(adapter_dir),
-                                         is_trainable=trainable)
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=trainable)
     except RuntimeError as err:  # load_state_dict's size mismatches
         raise CheckpointError(f"{adapter_dir} was trained on a model of another shape ({_first_line(err)}); pass the "
                               f"checkpoint it adapts (recorded in {Path(adapter_dir) / 'base.json'}: "
@@ -220,9 +253,8 @@ def _first_line(err: Exception) -> str:
 def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
     """Put a saved adapter's weights into an attached adapter of the same settings (resuming)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    state = read_adapter_weights(adapter_dir)
     result = set_peft_model_state_dict(peft_model, state, adapter_name=ADAPTER)
     missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     if missing:

@@ -34,6 +34,7 @@ class StageConfig:
     lr_mult: dict = field(default_factory=dict)  # group -> learning-rate multiplier
     train_llm: bool | None = None  # None: default policy (Method B keeps the LLM frozen)
     weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's
     # LoRA adapters (training.lora.LoraSettings): only adapters and lora.modules_to_save train, whatever groups says
     lora: LoraSettings | None = None
 
@@ -52,6 +53,8 @@ class StageConfig:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{where}.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if len(self.mixture) != 3 or min(self.mixture) < 0 or sum(self.mixture) <= 0:
             raise ConfigError(f"{where}.mixture must be 3 non-negative weights ({' : '.join(TASKS)}) with a "
                               f"positive sum, got {list(self.mixture)}")

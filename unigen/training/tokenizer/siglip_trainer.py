@@ -14,58 +14,33 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from timm.layers import AttentionPoolLatent
-from timm.models.vision_transformer import Block
 from torch import nn
-from tqdm.auto import tqdm
 
 from unigen import runs
 from unigen.config import SigLIPConfig
 from unigen.config_io import build_config, config_to_dict
-from unigen.data.image_dataset import ImageDataset, to_pixels, write_bad_images
+from unigen.data.image_dataset import ImageDataset, to_pixels
 from unigen.data.manifest import read_records
-from unigen.data.sampler import batch_loader, holdout_size, split_holdout
+from unigen.data.sampler import holdout_size, split_holdout
 from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from unigen.models.model import SigLIPEncoder
-from unigen.models.precision import resolve_amp
-from unigen.training.lr_schedule import lr_at, set_lr
+from unigen.models.siglip import SigLIPDualEncoder, SigLIPTowersConfig, TextTower, TextTowerConfig
+from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
 from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
+from unigen.training.tokenizer.trainer import Trainer
 
 log = logging.getLogger("unigen.training.tokenizer")
 
 SIGLIP_MODEL_TYPE = "unigen-siglip"
-STATE_FILE = "training_state.pt"  # optimizer, step, RNG: tensors and plain values (weights_only)
 _ARCH_FIELDS = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_norm_eps", "stem")
-
-
-@dataclass
-class TextTowerConfig:
-    width: int = 256
-    depth: int = 4
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    max_len: int = 32
-    vocab_size: int = 0  # 0: taken from the tokenizer trained on the captions
-
-
-@dataclass
-class SigLIPTowersConfig:
-    """What ``config.json`` of a trained SigLIP holds (besides ``model_type``)."""
-
-    vision: SigLIPConfig = field(default_factory=SigLIPConfig)
-    text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    embed_dim: int = 256
 
 
 def _small_vit() -> SigLIPConfig:
@@ -116,56 +91,6 @@ class SigLIPTrainConfig:
 
     def towers(self) -> SigLIPTowersConfig:
         return SigLIPTowersConfig(self.vision, self.text, self.embed_dim)
-
-
-# ---- model ---------------------------------------------------------------------------------
-
-class TextTower(nn.Module):
-    """Token + learned position embeddings -> pre-norm transformer blocks -> LayerNorm -> masked mean."""
-
-    def __init__(self, cfg: TextTowerConfig):
-        super().__init__()
-        if cfg.vocab_size <= 0:
-            raise ConfigError("text.vocab_size must be set (it comes from the caption tokenizer)")
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.pos_embed = nn.Parameter(torch.randn(cfg.max_len, cfg.width) * 0.01)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True)
-                                    for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(ids) + self.pos_embed[: ids.shape[1]]
-        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, -1e4)[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, attn_mask=bias)
-        x = self.norm(x)
-        m = mask.unsqueeze(-1).to(x.dtype)
-        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-class SigLIPDualEncoder(nn.Module):
-    def __init__(self, cfg: SigLIPTowersConfig, scale_init: float = math.log(10.0), bias_init: float = -10.0):
-        super().__init__()
-        self.config = cfg
-        v = cfg.vision
-        self.vision_model = SigLIPEncoder(v)  # same module (and key names) as UniGenModel.vision_model
-        self.image_head = AttentionPoolLatent(v.width, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
-                                              norm_layer=partial(nn.LayerNorm, eps=v.layer_norm_eps))
-        self.image_proj = nn.Linear(v.width, cfg.embed_dim)
-        self.text_model = TextTower(cfg.text)
-        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(scale_init)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(bias_init)))
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.image_head(self.vision_model(pixels))), dim=-1)
-
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_model(ids, mask)), dim=-1)
-
-    def logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale.exp() * img @ txt.t() + self.logit_bias
 
 
 def sigmoid_loss(logits: torch.Tensor, positive: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,20 +204,15 @@ def zero_shot_scores(model: SigLIPDualEncoder, tok, images: torch.Tensor, captio
 
 # ---- trainer -------------------------------------------------------------------------------
 
-class SigLIPTrainer:
-    def __init__(self, cfg: SigLIPTrainConfig):
-        runs.setup_logging()
-        if not cfg.data:
-            raise ConfigError('data is empty: set data=PATH to a JSONL manifest of {"image": ..., "caption": ...}')
-        self.cfg = cfg
-        self.out_dir = Path(cfg.out_dir)
-        # before anything is read or written: a fresh run must not mix with (or replace) an earlier one
-        resume = runs.resolve_resume(cfg.resume, self.ckpt_root, overwrite=cfg.overwrite, marker=STATE_FILE,
-                                     remove=False)
-        self.device = runs.resolve_device(cfg.device, auto=("cuda",))
-        self.amp = resolve_amp(cfg.amp, self.device)
-        torch.manual_seed(cfg.seed)
+class SigLIPTrainer(Trainer):
+    """The SigLIP task: image-caption pairs, the dual encoder, its caption tokenizer, the sigmoid loss."""
 
+    desc = "train-siglip"
+    what = "pairs"
+    no_data = 'data is empty: set data=PATH to a JSONL manifest of {"image": ..., "caption": ...}'
+
+    def build_data(self):
+        cfg = self.cfg
         records = read_records(cfg.data, need_text=True, text_key=cfg.text_key)
         if cfg.val_data:
             train_records = records
@@ -300,15 +220,13 @@ class SigLIPTrainer:
         else:
             train_records, val_records = split_holdout(records, holdout_size(cfg.val_size, len(records)), cfg.seed)
         size = cfg.vision.image_size
-        self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images", cfg.max_bad_fraction)
-        self.val_set = ImageDataset(val_records, size, True, "val images",
-                                    cfg.max_bad_fraction) if val_records else None
-        if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
-            log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
-            shutil.rmtree(self.ckpt_root)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_bad_images(self.out_dir, self.train_set, self.val_set)
+        train_set = ImageDataset(train_records, size, cfg.cache_images, "training images", cfg.max_bad_fraction)
+        if not val_records:
+            return train_set, None
+        return train_set, ImageDataset(val_records, size, True, "val images", cfg.max_bad_fraction)
 
+    def build(self, resume: Path | None) -> None:
+        cfg = self.cfg
         if resume is not None:
             from tokenizers import Tokenizer
 
@@ -325,27 +243,15 @@ class SigLIPTrainer:
         skip = {"logit_scale", "logit_bias", "text_model.pos_embed", "vision_model.vision_tower.pos_embed",
                 "image_head.latent"}
         groups = param_groups(self.model, cfg.weight_decay, no_decay=lambda n, p: n in skip)
-        # fused: one kernel for all tensors instead of ~10 ops per tensor (see unigen/training/loop.py)
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+        self.optimizers["optimizer"] = make_adamw(groups, lr=cfg.lr, betas=cfg.betas)
         log.info("SigLIP data: %d training pairs, %d val pairs; image tower %.2fM, text tower %.2fM parameters, "
                  "caption vocabulary %d", len(self.train_set), len(self.val_set) if self.val_set else 0,
                  _millions(self.model.vision_model), _millions(self.model.text_model), towers.text.vocab_size)
-        self.step = 0
-        self.metrics = runs.MetricsLog(self.out_dir, cfg.tensorboard)
-        if resume is not None:
-            self.load_checkpoint(resume)
-        else:
-            self.metrics.truncate_after(0)  # a fresh run starts a fresh log
-        self.batches = batch_loader(self.train_set, cfg.batch_size, cfg.seed, self.step, cfg.num_workers)
 
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out_dir / "checkpoints"
-
-    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
-        set_lr(self.opt, lr)
+        lr = self.schedulers[0].current()
+        images, captions = next(self.batches)
         x = to_pixels(images).to(self.device, non_blocking=True)
         ids, mask = tokenize(self.tokenizer, captions, cfg.text.max_len)
         positive = None
@@ -356,11 +262,8 @@ class SigLIPTrainer:
             txt = self.model.encode_text(ids.to(self.device), mask.to(self.device))
         logits = self.model.logits(img.float(), txt.float())
         loss = sigmoid_loss(logits, positive)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-        self.opt.step()
-        return {"loss": loss.item(), "lr": lr, "grad_norm": float(gn), "t": self.model.logit_scale.exp().item(),
+        gn = self.update(loss, self.model)
+        return {"loss": loss.item(), "lr": lr, "grad_norm": gn, "t": self.model.logit_scale.exp().item(),
                 "b": self.model.logit_bias.item()}
 
     def evaluate(self) -> dict[str, float]:
@@ -372,64 +275,15 @@ class SigLIPTrainer:
         self.model.train()
         return scores
 
-    def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "train_size": len(self.train_set), "optimizer": self.opt.state_dict(),
-                 "rng": runs.rng_state()}
+    def eval_line(self, ev: dict[str, float]) -> str:
+        return (f"zero-shot image->caption {100 * ev['i2t_acc']:.1f}%, caption->image {100 * ev['t2i_acc']:.1f}% "
+                f"over {int(ev['n_classes'])} captions")
 
-        def write(tmp: Path) -> None:
-            save_siglip(self.model, self.tokenizer, tmp)
-            torch.save(state, tmp / STATE_FILE)
-            runs.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
+    def save_weights(self, directory: Path) -> None:
+        save_siglip(self.model, self.tokenizer, directory)
 
-        return runs.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = runs.load_state_file(path / STATE_FILE)
-        if state["train_size"] != len(self.train_set):
-            raise CheckpointError(f"cannot resume from {path}: it was trained on {state['train_size']} pairs, the data "
-                                  f"now has {len(self.train_set)}")
+    def load_weights(self, path: Path) -> None:
         self.model.load_state_dict(read_weights(path / "model.safetensors"))
-        self.opt.load_state_dict(state["optimizer"])
-        runs.set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.metrics.truncate_after(self.step)
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def train(self, steps: int | None = None, bar_position: int = 0,
-              before_step: Callable[[], None] | None = None) -> list[dict[str, float]]:
-        """Train up to ``steps`` (default: all). ``before_step`` runs before every step (the side-by-side
-        trainer changes the thread count there)."""
-        cfg = self.cfg
-        until = cfg.steps if steps is None else steps
-        history: list[dict[str, float]] = []
-        bar = tqdm(total=until, initial=self.step, desc="train-siglip", dynamic_ncols=True, mininterval=1.0,
-                   position=bar_position)
-        t0, s0 = time.perf_counter(), self.step
-        while self.step < until:
-            if before_step is not None:
-                before_step()
-            images, captions = next(self.batches)
-            out = self.train_step(images, captions)
-            self.step += 1
-            history.append(out)
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == until:
-                out["steps_per_s"] = (self.step - s0) / max(1e-9, time.perf_counter() - t0)
-                self.metrics.write(self.step, "train", out)
-                bar.set_postfix(loss=f"{out['loss']:.4f}")
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                ev = self.evaluate()
-                self.metrics.write(self.step, "eval", ev)
-                bar.write(f"step {self.step}: zero-shot image->caption {100 * ev['i2t_acc']:.1f}%, "
-                          f"caption->image {100 * ev['t2i_acc']:.1f}% over {int(ev['n_classes'])} captions")
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-        bar.close()
-        if self.step >= cfg.steps:
-            save_siglip(self.model, self.tokenizer, self.out_dir)
-            runs.write_json(self.out_dir / "train_config.json", config_to_dict(cfg))
-            log.info("saved SigLIP encoder to %s (load_siglip / load_siglip_into read it)", self.out_dir)
-        return history
 
 
 def _millions(module: nn.Module) -> float:
@@ -441,5 +295,9 @@ def train_siglip(cfg: SigLIPTrainConfig, bar_position: int = 0,
     """Train as configured; returns the output folder (``load_siglip`` / ``load_siglip_into`` read it)."""
     trainer = SigLIPTrainer(cfg)
     trainer.train(bar_position=bar_position, before_step=before_step)
-    trainer.metrics.close()
+    trainer.close()
     return trainer.out_dir
+
+
+__all__ = ["SigLIPDualEncoder", "SigLIPTowersConfig", "SigLIPTrainConfig", "SigLIPTrainer", "TextTower",
+           "TextTowerConfig", "load_siglip", "load_siglip_dual", "load_siglip_into", "save_siglip", "train_siglip"]

@@ -12,9 +12,6 @@ order, RNG, optimisers, discriminator, usage counts), and the discriminator is n
 from __future__ import annotations
 
 import logging
-import math
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from unigen import runs
 from unigen.config import VQConfig
 from unigen.config_io import build_config, config_to_dict
-from unigen.data.image_dataset import ImageDataset, to_pixels, to_uint8, write_bad_images
+from unigen.data.image_dataset import ImageDataset, to_pixels, to_uint8
 from unigen.data.manifest import read_records
-from unigen.data.sampler import batch_loader, holdout_size, split_holdout
+from unigen.data.sampler import holdout_size, split_holdout
 from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from unigen.models.precision import resolve_amp
 from unigen.models.vq import VQModel
-from unigen.training.lr_schedule import lr_at, set_lr
+from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
 from unigen.training.tokenizer.losses import (
     PatchDiscriminator,
@@ -43,6 +38,7 @@ from unigen.training.tokenizer.losses import (
     load_vgg16_features,
 )
 from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
+from unigen.training.tokenizer.trainer import Trainer
 
 log = logging.getLogger("unigen.training.tokenizer")
 
@@ -127,7 +123,6 @@ class VQTrainConfig:
 # ---- VQ checkpoints ------------------------------------------------------------------------
 
 VQ_MODEL_TYPE = "unigen-vq"
-STATE_FILE = "training_state.pt"  # optimizer, data position, RNG: tensors and plain values (weights_only)
 # norm_groups changes no weight shape, so a mismatch would load silently: it must be checked too
 _ARCH_FIELDS = ("codebook_size", "embed_dim", "base_channels", "channel_mult", "num_res_blocks", "z_channels",
                 "image_size", "norm_groups", "local_encoder")
@@ -207,46 +202,38 @@ def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # ---- trainer -------------------------------------------------------------------------------
 
-class VQTrainer:
-    def __init__(self, cfg: VQTrainConfig):
-        runs.setup_logging()
-        if not cfg.data:
-            raise ConfigError("data is empty: set data=PATH (a folder of images or a JSONL manifest)")
-        self.cfg = cfg
-        self.out_dir = Path(cfg.out_dir)
-        # before anything is read or written: a fresh run must not mix with (or replace) an earlier one
-        resume = runs.resolve_resume(cfg.resume, self.ckpt_root, overwrite=cfg.overwrite, marker=STATE_FILE,
-                                     remove=False)
-        self.device = runs.resolve_device(cfg.device, auto=("cuda",))
-        self.amp = resolve_amp(cfg.amp, self.device)
-        torch.manual_seed(cfg.seed)
+class VQTrainer(Trainer):
+    """The VQ task: images, the VQ model (+ optional perceptual loss and discriminator), and the codebook's
+    health (usage window, dead-code re-seeding, k-means init after the autoencoder warm-up)."""
 
+    desc = "train-vq"
+    what = "images"
+    no_data = "data is empty: set data=PATH (a folder of images or a JSONL manifest)"
+
+    def build_data(self):
+        cfg = self.cfg
         records = read_records(cfg.data)
         if cfg.val_data:
             train_records, val_records = records, read_records(cfg.val_data)
         else:
             train_records, val_records = split_holdout(records, holdout_size(cfg.val_size, len(records)), cfg.seed)
         size = cfg.vq.image_size
-        self.train_set = ImageDataset(train_records, size, cfg.cache_images, "training images", cfg.max_bad_fraction)
-        self.val_set = ImageDataset(val_records, size, cfg.cache_images, "val images",
-                                    cfg.max_bad_fraction) if val_records else None
-        if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
-            log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
-            shutil.rmtree(self.ckpt_root)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_bad_images(self.out_dir, self.train_set, self.val_set)
-        log.info("VQ data: %d training images, %d val images at %dpx", len(self.train_set),
-                 len(self.val_set) if self.val_set else 0, size)
+        train_set = ImageDataset(train_records, size, cfg.cache_images, "training images", cfg.max_bad_fraction)
+        if not val_records:
+            return train_set, None
+        return train_set, ImageDataset(val_records, size, cfg.cache_images, "val images", cfg.max_bad_fraction)
 
+    def build(self, resume: Path | None) -> None:
+        cfg = self.cfg
+        log.info("VQ data: %d training images, %d val images at %dpx", len(self.train_set),
+                 len(self.val_set) if self.val_set else 0, cfg.vq.image_size)
         self.model = VQModel(cfg.vq).to(self.device).train()
         codebook = self.model.quantize.embedding.weight
         groups = param_groups(self.model, cfg.weight_decay, no_decay=lambda n, p: p is codebook)
-        # fused: one kernel for all tensors instead of ~10 ops per tensor (see unigen/training/loop.py)
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+        self.optimizers["optimizer"] = make_adamw(groups, lr=cfg.lr, betas=cfg.betas)
         log.info("VQ model: %.2fM parameters, %d codes of dim %d, %dx%d tokens per image",
                  sum(p.numel() for p in self.model.parameters()) / 1e6, cfg.vq.codebook_size, cfg.vq.embed_dim,
                  cfg.vq.grid, cfg.vq.grid)
-
         self.perceptual = None
         if cfg.perceptual_weight > 0:
             self.perceptual = PerceptualLoss(load_vgg16_features(cfg.perceptual_net_path)).to(self.device)
@@ -254,41 +241,43 @@ class VQTrainer:
         else:
             log.info("perceptual loss: off (perceptual_weight=0%s)", "" if cfg.perceptual_net_path else
                      "; no perceptual_net_path given: to enable it pass local VGG16 weights, nothing is downloaded")
-
-        self.disc = self.disc_opt = None
+        self.disc = None
         if cfg.disc_weight > 0:
             self.disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(self.device).train()
-            self.disc_opt = torch.optim.AdamW(param_groups(self.disc, cfg.weight_decay),
-                                              lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas), fused=True)
+            self.optimizers["disc"] = make_adamw(param_groups(self.disc, cfg.weight_decay), lr=cfg.disc_lr or cfg.lr,
+                                                 betas=cfg.betas)
             log.info("PatchGAN discriminator: on from step %d (weight %g)", cfg.disc_start, cfg.disc_weight)
-
         self.usage = CodebookUsage(cfg.vq.codebook_size)
         self.z_buffer = torch.zeros(0, cfg.vq.embed_dim)
-        self.step = 0
-        self.metrics = runs.MetricsLog(self.out_dir, cfg.tensorboard)
-        if resume is not None:
-            self.load_checkpoint(resume)
-        else:
-            self.metrics.truncate_after(0)  # a fresh run starts a fresh log
-        self.batches = batch_loader(self.train_set, cfg.batch_size, cfg.seed, self.step, cfg.num_workers)
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out_dir / "checkpoints"
 
     # -- one optimisation step
-    def train_step(self, images: torch.Tensor) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.ae_warmup_steps and self.step == cfg.ae_warmup_steps:
+            info = self.kmeans_init_codebook()
+            self.metrics.write(self.step, "kmeans_init", info)
+            log.info("step %d: end of the autoencoder warm-up, codebook set by k-means (%d of %d codes hold "
+                     "points)", self.step, info["codes_with_points"], cfg.vq.codebook_size)
+        images, _ = next(self.batches)
         x = to_pixels(images)
         if cfg.random_flip:
             flip = torch.rand(x.shape[0]) < 0.5
             x[flip] = x[flip].flip(-1)
         x = x.to(self.device, non_blocking=True)
-        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio)
-        set_lr(self.opt, lr)
-        use_disc = self.disc is not None and self.step >= cfg.disc_start
-        amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
+        lr = self.schedulers[0].current()
+        h, q, recon, loss, out = self.generator_loss(x)
+        out["grad_norm"] = self.update(loss, self.model)
+        if "g_adv" in out:
+            out["d_loss"] = self.discriminator_step(x, recon)
+        if q is not None:
+            self.usage.update(q.codes)
+        self._remember(h.detach().float())
+        out.update(loss=loss.item(), lr=lr)
+        return out
 
+    def generator_loss(self, x: torch.Tensor):
+        cfg, model = self.cfg, self.model
+        amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
         warming_up = self.step < cfg.ae_warmup_steps
         with amp:
             h = model.quant_conv(model.encoder(x))
@@ -307,34 +296,20 @@ class VQTrainer:
                 p = self.perceptual(recon, x).float()
             loss = loss + cfg.perceptual_weight * p
             out["perceptual"] = p.item()
-        if use_disc:
+        if self.disc is not None and self.step >= cfg.disc_start:
             self.disc.requires_grad_(False)  # the generator loss must not leave gradients in D
             with amp:
                 g = hinge_g_loss(self.disc(recon).float())
             self.disc.requires_grad_(True)
             loss = loss + cfg.disc_weight * g
             out["g_adv"] = g.item()
+        return h, q, recon, loss, out
 
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
-        self.opt.step()
-
-        if use_disc:
-            set_lr(self.disc_opt, (cfg.disc_lr or cfg.lr) * lr / cfg.lr)
-            with amp:
-                d = hinge_d_loss(self.disc(x).float(), self.disc(recon.detach()).float())
-            self.disc_opt.zero_grad(set_to_none=True)
-            d.backward()
-            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.grad_clip or math.inf)
-            self.disc_opt.step()
-            out["d_loss"] = d.item()
-
-        if q is not None:
-            self.usage.update(q.codes)
-        self._remember(h.detach().float())
-        out.update(loss=loss.item(), lr=lr)
-        return out
+    def discriminator_step(self, x: torch.Tensor, recon: torch.Tensor) -> float:
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            d = hinge_d_loss(self.disc(x).float(), self.disc(recon.detach()).float())
+        self.update(d, self.disc, "disc")
+        return d.item()
 
     def _remember(self, h: torch.Tensor) -> None:
         """Keep a random sample of recent (normalised) encoder outputs to re-seed dead codes from."""
@@ -358,7 +333,7 @@ class VQTrainer:
         seeds = F.normalize(seeds + 1e-3 * torch.randn_like(seeds), dim=-1)
         dead_dev = dead.to(weight.device)
         weight[dead_dev] = seeds.to(weight) * scale
-        state = self.opt.state.get(weight, {})
+        state = self.optimizer.state.get(weight, {})
         for key in ("exp_avg", "exp_avg_sq"):  # stale moments would drag the new code straight back
             if key in state:
                 state[key][dead_dev] = 0
@@ -393,7 +368,7 @@ class VQTrainer:
         weight = self.model.quantize.embedding.weight
         # the lookup normalises, but the gradient a code gets scales with 1/|e|: keep the initial norm
         weight.copy_(centres.to(weight) * weight.norm(dim=1).mean())
-        state = self.opt.state.get(weight, {})
+        state = self.optimizer.state.get(weight, {})
         for key in ("exp_avg", "exp_avg_sq"):  # moments from before the init would drag the codes away
             if key in state:
                 state[key].zero_()
@@ -433,105 +408,60 @@ class VQTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(to_uint8(grid).permute(1, 2, 0).numpy()).save(path)
 
-    # -- checkpoints
-    def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "data_position": list(self.batches_position()),
-            "train_size": len(self.train_set),
-            "optimizer": self.opt.state_dict(),
-            "usage_counts": self.usage.counts.clone(),
-            "z_buffer": self.z_buffer.clone(),
-            "rng": runs.rng_state(),
-        }
-        if self.disc is not None:
-            state["disc"] = self.disc.state_dict()
-            state["disc_optimizer"] = self.disc_opt.state_dict()
+    def eval_line(self, ev: dict[str, float]) -> str:
+        return (f"psnr {ev['psnr']:.2f} dB, code usage {100 * ev['usage']:.1f}%, perplexity "
+                f"{ev['perplexity']:.1f}")
 
-        def write(tmp: Path) -> None:
-            save_vq(self.model, tmp)
-            torch.save(state, tmp / STATE_FILE)
-            runs.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
+    def after_eval(self) -> None:
+        if self.cfg.sample_images:
+            self.save_samples(self.out_dir / "samples" / f"step_{self.step:07d}.png")
 
-        return runs.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
+    def log_extra(self) -> dict[str, float]:
+        return CodebookUsage.stats(self.usage.counts)
+
+    def on_step_end(self) -> None:
+        cfg = self.cfg
+        if self.step % cfg.usage_window == 0:
+            if cfg.reinit_dead_codes and self.step < cfg.reinit_stop_fraction * cfg.steps:
+                n = self.reinit_dead_codes()
+                if n:
+                    self.metrics.write(self.step, "reinit", {"dead_codes": n})
+            self.usage.reset()
+
+    # -- checkpoints: the weights, and the state beside the optimizer's
+    def save_weights(self, directory: Path) -> None:
+        save_vq(self.model, directory)
+
+    def load_weights(self, path: Path) -> None:
+        self.model.load_state_dict(read_weights(path / "model.safetensors"))
 
     def batches_position(self) -> tuple[int, int]:
+        """(epoch, batch) of the next step."""
         return divmod(self.step, len(self.train_set) // self.cfg.batch_size)
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = runs.load_state_file(path / STATE_FILE)
-        if state["train_size"] != len(self.train_set):
-            raise CheckpointError(f"cannot resume from {path}: it was trained on {state['train_size']} images, the "
-                                  f"data now has {len(self.train_set)} (the data order would differ)")
-        self.model.load_state_dict(read_weights(path / "model.safetensors"))
-        self.opt.load_state_dict(state["optimizer"])
+    def extra_state(self) -> dict:
+        state = {"data_position": list(self.batches_position()),
+                 "usage_counts": self.usage.counts.clone(), "z_buffer": self.z_buffer.clone()}
+        if self.disc is not None:
+            state["disc"] = self.disc.state_dict()
+            state["disc_optimizer"] = self.optimizers["disc"].state_dict()
+        return state
+
+    def load_extra_state(self, state: dict, path: Path) -> None:
         if self.disc is not None:
             if "disc" not in state:
                 raise CheckpointError(f"{path} has no discriminator state but disc_weight > 0 now")
             self.disc.load_state_dict(state["disc"])
-            self.disc_opt.load_state_dict(state["disc_optimizer"])
+            self.optimizers["disc"].load_state_dict(state["disc_optimizer"])
         self.usage.counts = state["usage_counts"].clone()
         self.z_buffer = state["z_buffer"].clone()
-        runs.set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.metrics.truncate_after(self.step)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, *state["data_position"])
-
-    # -- loop
-    def train(self, steps: int | None = None, before_step: Callable[[], None] | None = None) -> list[dict[str, float]]:
-        """Train until ``steps`` (default ``cfg.steps``); returns the per-step losses of this call.
-        ``before_step`` runs before every step (the side-by-side trainer changes the thread count there)."""
-        cfg = self.cfg
-        until = cfg.steps if steps is None else steps
-        history: list[dict[str, float]] = []
-        bar = tqdm(total=until, initial=self.step, desc="train-vq", dynamic_ncols=True, mininterval=1.0)
-        t0, s0 = time.perf_counter(), self.step
-        while self.step < until:
-            if before_step is not None:
-                before_step()
-            if cfg.ae_warmup_steps and self.step == cfg.ae_warmup_steps:
-                info = self.kmeans_init_codebook()
-                self.metrics.write(self.step, "kmeans_init", info)
-                bar.write(f"step {self.step}: end of the autoencoder warm-up, codebook set by k-means "
-                          f"({info['codes_with_points']} of {cfg.vq.codebook_size} codes hold points)")
-            images, _ = next(self.batches)
-            out = self.train_step(images)
-            self.step += 1
-            history.append(out)
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == until:
-                rate = (self.step - s0) / max(1e-9, time.perf_counter() - t0)
-                row = {**out, **CodebookUsage.stats(self.usage.counts), "steps_per_s": rate}
-                self.metrics.write(self.step, "train", row)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", usage=f"{row['usage']:.2f}")
-            if self.step % cfg.usage_window == 0:
-                if cfg.reinit_dead_codes and self.step < cfg.reinit_stop_fraction * cfg.steps:
-                    n = self.reinit_dead_codes()
-                    if n:
-                        self.metrics.write(self.step, "reinit", {"dead_codes": n})
-                self.usage.reset()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                ev = self.evaluate()
-                self.metrics.write(self.step, "eval", ev)
-                bar.write(f"step {self.step}: psnr {ev['psnr']:.2f} dB, code usage {100 * ev['usage']:.1f}%, "
-                          f"perplexity {ev['perplexity']:.1f}")
-                if cfg.sample_images:
-                    self.save_samples(self.out_dir / "samples" / f"step_{self.step:07d}.png")
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-        bar.close()
-        if self.step >= cfg.steps:
-            save_vq(self.model, self.out_dir)
-            runs.write_json(self.out_dir / "train_config.json", config_to_dict(cfg))
-            log.info("saved VQ tokenizer to %s (load with unigen.training.tokenizer.load_vq)", self.out_dir)
-        return history
 
 
 def train_vq(cfg: VQTrainConfig, before_step: Callable[[], None] | None = None) -> Path:
     """Train a VQ tokenizer as configured; returns the output folder (``load_vq`` reads it)."""
     trainer = VQTrainer(cfg)
     trainer.train(before_step=before_step)
-    trainer.metrics.close()
+    trainer.close()
     return trainer.out_dir
 
 

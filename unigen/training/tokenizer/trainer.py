@@ -1,0 +1,167 @@
+"""The single-process task base of the tokenizer trainers (``VQTrainer``, ``SigLIPTrainer``): set-up (resume,
+data, bad-file report), checkpoints in ``OUTPUT_DIR/checkpoints/step_XXXXXXX`` (written by
+``runs.save_checkpoint_dir``: complete or absent) plus the final weights in ``OUTPUT_DIR``, the metrics log and the
+cadences (log, eval, save), all around ``unigen.training.engine.run_loop``. A task gives the model(s), its data
+and step, its evaluation, and any extra state a checkpoint must carry."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from unigen import runs
+from unigen.config_io import config_to_dict
+from unigen.data.image_dataset import write_bad_images
+from unigen.data.sampler import batch_loader
+from unigen.errors import CheckpointError, ConfigError
+from unigen.models.precision import resolve_amp
+from unigen.training.engine import check_finite, clip_gradients, make_scheduler, run_loop
+
+log = logging.getLogger("unigen.training.tokenizer")
+
+STATE_FILE = "training_state.pt"  # optimizer, data position, RNG, task state: tensors and plain values
+
+
+class Trainer:
+    """Set-up, resume, checkpoints, cadences and the final save of a single-process task; see the module doc.
+
+    Subclasses set ``desc``, ``what`` (the training items, for messages) and ``no_data`` and implement
+    ``build_data``, ``build``, ``train_step``, ``evaluate``, ``eval_line``, ``save_weights`` and ``load_weights``;
+    ``extra_state`` / ``load_extra_state`` / ``log_extra`` / ``on_step_end`` / ``after_eval`` when they need them.
+    """
+
+    desc = "train"
+    what = "samples"
+    no_data = "data is empty: set data=PATH"
+
+    def __init__(self, cfg):
+        runs.setup_logging()
+        if not cfg.data:
+            raise ConfigError(self.no_data)
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        # before anything is read or written: a fresh run must not mix with (or replace) an earlier one
+        resume = runs.resolve_resume(cfg.resume, self.ckpt_root, overwrite=cfg.overwrite, marker=STATE_FILE,
+                                     remove=False)
+        self.device = runs.resolve_device(cfg.device, auto=("cuda",))
+        self.amp = resolve_amp(cfg.amp, self.device)
+        torch.manual_seed(cfg.seed)
+        self.train_set, self.val_set = self.build_data()
+        if resume is None and cfg.overwrite and runs.checkpoint_dirs(self.ckpt_root):
+            log.warning("overwrite=true: deleting the earlier run's checkpoints in %s", self.ckpt_root)
+            shutil.rmtree(self.ckpt_root)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_bad_images(self.out_dir, self.train_set, self.val_set)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.build(resume)
+        self.schedulers = [make_scheduler(opt, cfg) for opt in self.optimizers.values()]
+        self.step = 0
+        self.last_good: Path | None = None
+        self.metrics = runs.MetricsLog(self.out_dir, cfg.tensorboard)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        else:
+            self.metrics.truncate_after(0)  # a fresh run starts a fresh log
+        self.batches = batch_loader(self.train_set, cfg.batch_size, cfg.seed, self.step, cfg.num_workers)
+        self._rate_start = (time.perf_counter(), self.step)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizers["optimizer"]
+
+    # -- one update: the loss's gradient, clipped, NaN-guarded, applied
+    def update(self, loss: torch.Tensor, module: torch.nn.Module, name: str = "optimizer") -> float:
+        check_finite(loss.item(), self.desc, self.step, "loss", self.last_good)
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = clip_gradients(module.parameters(), self.cfg.grad_clip)
+        check_finite(norm, self.desc, self.step, "gradient norm", self.last_good)
+        optimizer.step()
+        return norm
+
+    # -- the cadences after every step
+    def after_step(self, row: dict[str, float], until: int, bar) -> None:
+        cfg, step = self.cfg, self.step
+        if step % cfg.log_every == 0 or step == until:
+            t0, s0 = self._rate_start
+            rate = (step - s0) / max(1e-9, time.perf_counter() - t0)
+            self.metrics.write(step, "train", {**row, **self.log_extra(), "steps_per_s": rate})
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+        self.on_step_end()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = self.evaluate()
+            self.metrics.write(step, "eval", ev)
+            bar.write(f"step {step}: {self.eval_line(ev)}")
+            self.after_eval()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            self.save_checkpoint()
+
+    def train(self, steps: int | None = None, before_step: Callable[[], None] | None = None,
+              bar_position: int = 0) -> list[dict[str, float]]:
+        """Train until ``steps`` (default ``cfg.steps``); returns the per-step rows of this call. The full run
+        ends with the final weights in the output folder."""
+        until = self.cfg.steps if steps is None else steps
+        self._rate_start = (time.perf_counter(), self.step)
+        history = run_loop(self, until, desc=self.desc, position=bar_position, before_step=before_step)
+        if self.step >= self.cfg.steps:
+            with runs.writing(self.out_dir / "model.safetensors"):  # each file is written atomically
+                self.save_weights(self.out_dir)
+                runs.write_json(self.out_dir / "train_config.json", config_to_dict(self.cfg))
+            log.info("%s: saved to %s", self.desc, self.out_dir)
+        return history
+
+    def close(self) -> None:
+        self.metrics.close()
+
+    # -- checkpoints
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "train_size": len(self.train_set), "optimizer": self.optimizer.state_dict(),
+                 **self.extra_state(), "rng": runs.rng_state()}
+
+        def write(tmp: Path) -> None:
+            self.save_weights(tmp)
+            torch.save(state, tmp / STATE_FILE)
+            runs.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
+
+        self.last_good = runs.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
+        return self.last_good
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = runs.load_state_file(path / STATE_FILE)
+        if state["train_size"] != len(self.train_set):
+            raise CheckpointError(f"cannot resume from {path}: it was trained on {state['train_size']} {self.what}, "
+                                  f"the data now has {len(self.train_set)} (the data order would differ)")
+        self.load_weights(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state, path)
+        runs.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.last_good = path
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- what a task may add
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict, path: Path) -> None:
+        pass
+
+    def log_extra(self) -> dict[str, float]:
+        return {}
+
+    def on_step_end(self) -> None:
+        pass
+
+    def after_eval(self) -> None:
+        pass
