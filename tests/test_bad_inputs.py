@@ -349,7 +349,80 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("build, code, message, n_errors", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+# ---- issue 35 (doors): sizes, bounds, schedules and destinations ----------------------------------------------
+
+def _edit_section(env: Env, section: str, **changes) -> Path:
+    """A copy of the checkpoint whose config.json has ``changes`` in ``section`` (vision, vq, llm)."""
+    ckpt = env.copy_model()
+    config = json.loads((ckpt / "config.json").read_text())
+    config[section] = {**config[section], **changes}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+def _vq_size_off_grid(env: Env) -> Path:
+    """A VQ image size one pixel past a multiple of the checkpoint's downsampling factor."""
+    config = json.loads((env.model / "config.json").read_text())
+    return _edit_section(env, "vq", image_size=2 ** (len(config["vq"]["channel_mult"]) - 1) * 4 + 1)
+
+
+def _unrelated_file(env: Env, text: str = '{"notes": "mine"}') -> Path:
+    path = env.tmp / "mine.json"
+    path.write_text(text)
+    return path
+
+
+DOORS_CASES = [
+    # zero and indivisible sizes in a checkpoint's config.json: named, before any tensor is made
+    ("load-config-zero-patch-size", lambda e: gen(e, model=_edit_section(e, "vision", patch_size=0)), 1,
+     r"vision\.patch_size must be a whole number >= 1, got 0", 1),
+    ("load-config-zero-heads", lambda e: gen(e, model=_edit_section(e, "llm", num_heads=0)), 1,
+     r"llm\.num_heads must be a whole number >= 1, got 0", 1),
+    ("load-config-negative-codebook", lambda e: gen(e, model=_edit_section(e, "vq", codebook_size=-8)), 1,
+     r"vq\.codebook_size must be a whole number >= 1, got -8", 1),
+    ("load-config-kv-heads-not-dividing", lambda e: gen(e, model=_edit_section(e, "llm", num_kv_heads=3)), 1,
+     r"llm\.num_heads \(\d+\) must be a multiple of llm\.num_kv_heads \(3\)", 1),
+    ("load-config-width-not-dividing", lambda e: gen(e, model=_edit_section(e, "vision", num_heads=5)), 1,
+     r"vision\.width \(\d+\) must be a multiple of vision\.num_heads \(5\)", 1),
+    ("load-config-vq-size-off-grid", lambda e: gen(e, model=_vq_size_off_grid(e)), 1,
+     r"vq\.image_size \(\d+\) must be a multiple of the VQ downsampling factor", 1),
+    ("load-config-zero-aligner", lambda e: gen(e, model=_edit_config(e, gen_aligner_depth=0)), 1,
+     r"config\.gen_aligner_depth must be a whole number >= 1, got 0", 1),
+    # the same sizes as recipe and tokenizer-trainer overrides: refused before a run file is written
+    ("train-vq-image-size-off-grid", lambda e: train(e, "--output-dir", e.tmp / "r", "model.vq.image_size=7"), 1,
+     r"vq\.image_size \(7\) must be a multiple of the VQ downsampling factor", 1),
+    ("train-zero-heads", lambda e: train(e, "--output-dir", e.tmp / "r", "model.llm.num_heads=0"), 1,
+     r"llm\.num_heads must be a whole number >= 1, got 0", 1),
+    ("train-vq-zero-channels", lambda e: ["train-vq", f"data={e.data}", f"out_dir={e.tmp / 'v'}", "vq.base_channels=0",
+                                          *VQ_SMALL], 1, r"vq\.base_channels must be a whole number >= 1, got 0", 1),
+    # CFG schedules: an argument only where the schedule takes one (refused before the model loads)
+    ("generate-linear-schedule-with-argument", lambda e: gen(e, "--cfg-schedule", "linear:5", model=e.tmp / "none"),
+     2, r"cfg_schedule 'linear:5': 'linear' takes no argument; only cutoff:K does", 1),
+    ("generate-constant-schedule-with-argument", lambda e: gen(e, "--cfg-schedule", "constant:0",
+                                                               model=e.tmp / "none"), 2, r"'constant' takes no arg", 1),
+    ("generate-cutoff-without-index", lambda e: gen(e, "--cfg-schedule", "cutoff:", model=e.tmp / "none"), 2,
+     r"expected cutoff:K with K a token index >= 0", 1),
+    ("generate-cutoff-superscript-index", lambda e: gen(e, "--cfg-schedule", "cutoff:²", model=e.tmp / "none"), 2,
+     r"expected cutoff:K with K a token index >= 0", 1),
+    # decoding windows beyond what the model's image holds
+    ("generate-jacobi-window-past-the-image", lambda e: gen(e, "--decoding", "jacobi", "--decoding-option",
+                                                            "window=500000"), 2,
+     r"window=500000 for 'jacobi' exceeds the image's 16 tokens; choose 1\.\.16", 1),
+    ("generate-jacobi-window-one-past", lambda e: gen(e, "--decoding", "jacobi", "--decoding-option", "window=17"), 2,
+     r"window=17 for 'jacobi' exceeds the image's 16 tokens", 1),
+    ("generate-zipar-window-past-the-row", lambda e: gen(e, "--decoding", "zipar", "--decoding-option", "window=5"),
+     2, r"window=5 for 'zipar' exceeds the token grid's row width \(4\)", 1),
+    # eval --json: a file that is not an earlier eval result is kept (checked before the model loads)
+    ("eval-json-replaces-unrelated-json", lambda e: ev(e, "--json", _unrelated_file(e)), 1,
+     r"--json .*mine\.json exists and is not an earlier eval result; pass --overwrite", 1),
+    ("eval-json-replaces-unrelated-text", lambda e: ev(e, "--task", "captions", "--json",
+                                                       _unrelated_file(e, "my notes\n")), 1,
+     r"is not an earlier eval result", 1),
+]
+
+
+@pytest.mark.parametrize("build, code, message, n_errors", [c[1:] for c in CASES + DOORS_CASES],
+                         ids=[c[0] for c in CASES + DOORS_CASES])
 def test_bad_input(build, code, message, n_errors, model_dir, data, tmp_path, capsys, monkeypatch, request):
     import re
 

@@ -77,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
     options = options.with_defaults(pipe.model.config)
     results = {}
     if "captions" in tasks:
-        results["captioning"], _ = evaluate_captions(pipe, args.n, args.seed, args.batch_size, args.question)
+        results["captioning"], _ = evaluate_captions(pipe, args.n, args.seed, args.batch_size, args.question,
+                                                     keep=False)
     if "generation" in tasks:
-        results["generation"], _ = evaluate_generation(pipe, args.n, args.seed, args.batch_size, options=options)
+        results["generation"], _ = evaluate_generation(pipe, args.n, args.seed, args.batch_size, options=options,
+                                                         keep=False)
     if "edit" in tasks:
         results["edit"], _ = evaluate_edits(pipe, args.n, args.seed, args.batch_size, options=options,
-                                            cfg_drop=args.cfg_drop)
+                                            cfg_drop=args.cfg_drop, keep=False)
     print(format_table(results))
     if "edit" in results:
         edit = results["edit"]
