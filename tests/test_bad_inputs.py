@@ -598,3 +598,81 @@ def test_api_errors_name_the_problem(model_dir):
         pipe("a cat", num_images_per_prompt=0)
     with pytest.raises(ArgumentError, match="max_new_tokens must be a whole number >= 1"):
         pipe.caption(Image.new("RGB", (8, 8)), max_new_tokens=0)
+
+
+# ---- issue 35 (doors): beyond the table ----------------------------------------------------------------------
+
+def test_chat_image_without_a_path_says_so_and_the_conversation_goes_on(model_dir, tmp_path, capsys, monkeypatch):
+    import io
+
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "red.png")
+    lines = ["/image", "/image   ", "/imagine", f"/image {tmp_path / 'red.png'}", "what is it?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    code, out, err = run_cli(["chat", "--model", model_dir, "--device", "cpu", "--max-new-tokens", "2"], capsys)
+    assert code == 0 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors[:2] == ["error: /image needs a path, e.g. /image photo.png"] * 2
+    assert errors[2].startswith("error: unknown command '/imagine'") and len(errors) == 3
+    assert "is a directory" not in err and f"(image {tmp_path / 'red.png'} attached" in err
+    assert out.count("assistant> ") == 1
+
+
+def test_eval_json_replaces_only_its_own_results_unless_overwrite(model_dir, tmp_path, capsys):
+    target = tmp_path / "scores.json"
+    run = lambda *flags: run_cli(["eval", "shapes", "--model", model_dir, "--device", "cpu", "--n", "2",
+                                  "--task", "captions", "--json", target, *flags], capsys)
+    assert run()[0] == 0
+    first = json.loads(target.read_text())
+    assert first["n"] == 2 and "captioning" in first
+    assert run("--seed", "1")[0] == 0  # an earlier eval result is replaced without asking
+    assert json.loads(target.read_text())["seed"] == 1
+    target.write_text('{"model": "x", "n": 1, "seed": 0}')  # the keys of a result, but no scores: not one
+    code, _, err = run()
+    assert code == 1 and "is not an earlier eval result" in err
+    assert run("--overwrite")[0] == 0 and "captioning" in json.loads(target.read_text())
+
+
+def test_shapes_evaluation_streams_batches_and_scores_exactly_as_one_batch(model_dir, monkeypatch):
+    """``unigen eval shapes --n``: each batch is rendered, run and scored before the next is rendered (memory
+    does not grow with n), and the running total equals the scores of one batch of every item."""
+    from unigen.generation.pipeline import UniGenPipeline
+    from unigen.generation.sampling_options import SamplingOptions
+    from unigen.shapes import evaluate
+
+    pipe = UniGenPipeline.from_pretrained(model_dir)
+    greedy = SamplingOptions(temperature=0.0)  # the same images whatever the batch size
+    whole = [evaluate.evaluate_captions(pipe, 5, seed=1, batch_size=5)[0],
+             evaluate.evaluate_generation(pipe, 5, seed=1, batch_size=5, options=greedy)[0],
+             evaluate.evaluate_edits(pipe, 5, seed=1, batch_size=5, options=greedy)[0]]
+    events = []
+    render, call, caption, edit = evaluate.render, UniGenPipeline.__call__, UniGenPipeline.caption, UniGenPipeline.edit
+    monkeypatch.setattr(evaluate, "render", lambda *a, **k: events.append("render") or render(*a, **k))
+    monkeypatch.setattr(UniGenPipeline, "__call__", lambda self, p, **k: events.append(len(p)) or call(self, p, **k))
+    monkeypatch.setattr(UniGenPipeline, "caption", lambda self, i, **k: events.append(len(i)) or caption(self, i, **k))
+    monkeypatch.setattr(UniGenPipeline, "edit", lambda self, i, *a, **k: events.append(len(i)) or
+                        edit(self, i, *a, **k))
+    streamed = [evaluate.evaluate_captions(pipe, 5, seed=1, batch_size=2, keep=False),
+                evaluate.evaluate_generation(pipe, 5, seed=1, batch_size=2, options=greedy, keep=False),
+                evaluate.evaluate_edits(pipe, 5, seed=1, batch_size=2, options=greedy, keep=False)]
+    assert [scores for scores, _ in streamed] == whole
+    assert all(records == [] for _, records in streamed)
+    per_batch = ["render", "render", 2, "render", "render", 2, "render", 1]
+    assert events == per_batch + [2, 2, 1] + per_batch
+
+
+def test_merged_scores_equal_the_scores_of_all_items():
+    from unigen.shapes.editing import sample_edits
+    from unigen.shapes.metrics import caption_accuracy, edit_accuracy, merge_scores
+    from unigen.shapes.render import render
+    from unigen.shapes.world import caption, sample_specs
+
+    specs = sample_specs(13, seed=4)
+    texts = [caption(s) if i % 3 else "a small red square at the center" for i, s in enumerate(specs)]
+    whole = caption_accuracy(zip(specs, texts))
+    parts = [caption_accuracy(zip(specs[i : i + 4], texts[i : i + 4])) for i in range(0, 13, 4)]
+    assert merge_scores(parts) == whole and json.dumps(merge_scores(parts)) == json.dumps(whole)
+    edits = sample_edits(7, seed=2)
+    outputs = [render(e.target if i % 2 else e.source, seed=i).pil() for i, e in enumerate(edits)]
+    whole = edit_accuracy(zip(edits, outputs))
+    assert merge_scores([edit_accuracy(zip(edits[:3], outputs[:3])), edit_accuracy(zip(edits[3:], outputs[3:]))]) \
+        == whole
