@@ -3,6 +3,7 @@ the shipped Shapes checkpoint (the Shapes checker reads the generated images, th
 
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -131,9 +132,20 @@ BAD_INPUTS = [  # (endpoint, arguments, what the message says)
     ("/generate", {"prompt": PROMPT, "num_images": 17}, "Number of images must be between 1 and 16, got 17"),
     ("/generate", {"prompt": PROMPT, "num_images": 2.5}, "Number of images must be a whole number, got 2.5"),
     ("/generate", {"prompt": PROMPT, "seed": -1}, "Seed must be between 0 and"),
-    ("/generate", {"prompt": PROMPT, "top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-    ("/generate", {"prompt": PROMPT, "guidance_scale": -1}, "guidance_scale must be >= 0"),
-    ("/generate", {"prompt": PROMPT, "temperature": -0.5}, "temperature must be >= 0"),
+    ("/generate", {"prompt": PROMPT, "top_p": 1.5}, "Top-p must be between 0.01 and 1, got 1.5"),
+    ("/generate", {"prompt": PROMPT, "guidance_scale": -1}, "Guidance scale must be between 0 and 20, got -1"),
+    ("/generate", {"prompt": PROMPT, "temperature": -0.5}, "Temperature must be between 0 and 2, got -0.5"),
+    # the page's ranges hold for API calls too (issue 35): nothing the sliders would not offer
+    ("/generate", {"prompt": PROMPT, "temperature": 1e308}, r"Temperature must be between 0 and 2, got 1e\+308"),
+    ("/generate", {"prompt": PROMPT, "guidance_scale": 1e6}, r"Guidance scale must be between 0 and 20, got 1e\+06"),
+    ("/generate", {"prompt": PROMPT, "top_p": 0.001}, "Top-p must be between 0.01 and 1, got 0.001"),
+    ("/generate", {"prompt": PROMPT, "top_k": 513}, "Top-k must be between 0 and 512, got 513"),
+    ("/generate", {"prompt": PROMPT, "decoding": "jacobi", "decoding_window": 10**6},
+     r"Window must be between 0 and \d+, got 1000000"),
+    ("/edit", {"image": "GOOD", "instruction": "make it blue", "temperature": 2.5},
+     "Temperature must be between 0 and 2, got 2.5"),
+    ("/edit", {"image": "GOOD", "instruction": "make it blue", "guidance_scale": 21},
+     "Guidance scale must be between 0 and 20, got 21"),
     ("/generate", {"prompt": PROMPT, "top_k": -3}, "Top-k must be between 0 and 512, got -3"),
     ("/generate", {"prompt": PROMPT, "decoding": "fast"}, "Decoding must be one of sequential, jacobi, zipar"),
     ("/generate", {"prompt": PROMPT, "decoding": "jacobi", "decoding_window": -2}, "Window must be between 0 and"),
@@ -184,6 +196,30 @@ def test_about_names_the_checkpoints_defaults(served):
     assert "| fusion (how image features reach the decoder) | concat |" in text
 
 
+def test_the_pages_ranges_are_the_ones_the_api_enforces_and_gradios_cache_is_capped(served):
+    import gradio as gr
+
+    from unigen.app import build_app
+    from unigen.app.ui import CACHE_AGE_S, CACHE_SWEEP_S
+
+    model = AppModel(served[1], "checkpoints/shapes-small")
+    try:
+        app = build_app(model)
+    finally:
+        model.close()
+    shown = {}
+    for block in app.blocks.values():
+        if isinstance(block, gr.Slider | gr.Number) and block.label:
+            shown.setdefault(block.label, set()).add((block.minimum, block.maximum))
+    limits = model.limits
+    assert shown["Guidance scale (1 = none)"] == {limits.guidance_scale} == {(0, 20)}
+    assert shown["Temperature (0 = greedy)"] == {limits.temperature} == {(0, 2)}
+    assert shown["Top-p (1 = off)"] == {limits.top_p} and shown["Top-k (0 = off)"] == {limits.top_k}
+    assert shown["Number of images"] == {limits.num_images} and shown["Window (0 = the method's default)"] == \
+        {limits.window} == {(0, served[1].model.config.vq.num_tokens)}
+    assert app.delete_cache == (CACHE_SWEEP_S, CACHE_AGE_S)
+
+
 def test_cli_names_a_taken_port_and_a_bad_one(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -198,11 +234,14 @@ def test_cli_names_a_taken_port_and_a_bad_one(capsys):
 
 
 @pytest.mark.slow
-def test_unigen_app_command_serves_the_shipped_checkpoint(tmp_path, triangle_png):
-    """`unigen app --port 0` as a user starts it (a new process: imports and model load take ~10-25 s)."""
+def test_unigen_app_command_serves_the_shipped_checkpoint_and_cleans_up_on_sigterm(tmp_path, triangle_png):
+    """`unigen app --port 0` as a user starts it (a new process: imports and model load take ~10-25 s); SIGTERM
+    stops it as Ctrl-C does: its download folder and Gradio's copies of what it served are gone."""
+    temp, cache = tmp_path / "tmp", tmp_path / "gradio"
+    temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "unigen.cli", "app", "--port", "0", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(temp), GRADIO_TEMP_DIR=str(cache)))
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
@@ -211,6 +250,12 @@ def test_unigen_app_command_serves_the_shipped_checkpoint(tmp_path, triangle_png
         session = Client(line.split()[2], verbose=False, analytics_enabled=False, download_files=str(tmp_path))
         assert session.predict(image=handle_file(str(triangle_png)), question="", api_name="/caption") == \
             caption(TRIANGLE)
+        session.predict(prompt=PROMPT, num_images=1, api_name="/generate")
+        assert [p.name.startswith("unigen-app-") for p in temp.iterdir()] == [True]
+        assert any(p.is_file() for p in cache.rglob("*"))  # what it served, copied into Gradio's cache
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert list(temp.iterdir()) == [] and not any(p.is_file() for p in cache.rglob("*"))
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=30)

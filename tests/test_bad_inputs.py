@@ -432,7 +432,80 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("build, code, message, n_errors", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+# ---- issue 35 (doors): sizes, bounds, schedules and destinations ----------------------------------------------
+
+def _edit_section(env: Env, section: str, **changes) -> Path:
+    """A copy of the checkpoint whose config.json has ``changes`` in ``section`` (vision, vq, llm)."""
+    ckpt = env.copy_model()
+    config = json.loads((ckpt / "config.json").read_text())
+    config[section] = {**config[section], **changes}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+def _vq_size_off_grid(env: Env) -> Path:
+    """A VQ image size one pixel past a multiple of the checkpoint's downsampling factor."""
+    config = json.loads((env.model / "config.json").read_text())
+    return _edit_section(env, "vq", image_size=2 ** (len(config["vq"]["channel_mult"]) - 1) * 4 + 1)
+
+
+def _unrelated_file(env: Env, text: str = '{"notes": "mine"}') -> Path:
+    path = env.tmp / "mine.json"
+    path.write_text(text)
+    return path
+
+
+DOORS_CASES = [
+    # zero and indivisible sizes in a checkpoint's config.json: named, before any tensor is made
+    ("load-config-zero-patch-size", lambda e: gen(e, model=_edit_section(e, "vision", patch_size=0)), 1,
+     r"vision\.patch_size must be a whole number >= 1, got 0", 1),
+    ("load-config-zero-heads", lambda e: gen(e, model=_edit_section(e, "llm", num_heads=0)), 1,
+     r"llm\.num_heads must be a whole number >= 1, got 0", 1),
+    ("load-config-negative-codebook", lambda e: gen(e, model=_edit_section(e, "vq", codebook_size=-8)), 1,
+     r"vq\.codebook_size must be a whole number >= 1, got -8", 1),
+    ("load-config-kv-heads-not-dividing", lambda e: gen(e, model=_edit_section(e, "llm", num_kv_heads=3)), 1,
+     r"llm\.num_heads \(\d+\) must be a multiple of llm\.num_kv_heads \(3\)", 1),
+    ("load-config-width-not-dividing", lambda e: gen(e, model=_edit_section(e, "vision", num_heads=5)), 1,
+     r"vision\.width \(\d+\) must be a multiple of vision\.num_heads \(5\)", 1),
+    ("load-config-vq-size-off-grid", lambda e: gen(e, model=_vq_size_off_grid(e)), 1,
+     r"vq\.image_size \(\d+\) must be a multiple of the VQ downsampling factor", 1),
+    ("load-config-zero-aligner", lambda e: gen(e, model=_edit_config(e, gen_aligner_depth=0)), 1,
+     r"config\.gen_aligner_depth must be a whole number >= 1, got 0", 1),
+    # the same sizes as recipe and tokenizer-trainer overrides: refused before a run file is written
+    ("train-vq-image-size-off-grid", lambda e: train(e, "--output-dir", e.tmp / "r", "model.vq.image_size=7"), 1,
+     r"vq\.image_size \(7\) must be a multiple of the VQ downsampling factor", 1),
+    ("train-zero-heads", lambda e: train(e, "--output-dir", e.tmp / "r", "model.llm.num_heads=0"), 1,
+     r"llm\.num_heads must be a whole number >= 1, got 0", 1),
+    ("train-vq-zero-channels", lambda e: ["train-vq", f"data={e.data}", f"out_dir={e.tmp / 'v'}", "vq.base_channels=0",
+                                          *VQ_SMALL], 1, r"vq\.base_channels must be a whole number >= 1, got 0", 1),
+    # CFG schedules: an argument only where the schedule takes one (refused before the model loads)
+    ("generate-linear-schedule-with-argument", lambda e: gen(e, "--cfg-schedule", "linear:5", model=e.tmp / "none"),
+     2, r"cfg_schedule 'linear:5': 'linear' takes no argument; only cutoff:K does", 1),
+    ("generate-constant-schedule-with-argument", lambda e: gen(e, "--cfg-schedule", "constant:0",
+                                                               model=e.tmp / "none"), 2, r"'constant' takes no arg", 1),
+    ("generate-cutoff-without-index", lambda e: gen(e, "--cfg-schedule", "cutoff:", model=e.tmp / "none"), 2,
+     r"expected cutoff:K with K a token index >= 0", 1),
+    ("generate-cutoff-superscript-index", lambda e: gen(e, "--cfg-schedule", "cutoff:²", model=e.tmp / "none"), 2,
+     r"expected cutoff:K with K a token index >= 0", 1),
+    # decoding windows beyond what the model's image holds
+    ("generate-jacobi-window-past-the-image", lambda e: gen(e, "--decoding", "jacobi", "--decoding-option",
+                                                            "window=500000"), 2,
+     r"window=500000 for 'jacobi' exceeds the image's 16 tokens; choose 1\.\.16", 1),
+    ("generate-jacobi-window-one-past", lambda e: gen(e, "--decoding", "jacobi", "--decoding-option", "window=17"), 2,
+     r"window=17 for 'jacobi' exceeds the image's 16 tokens", 1),
+    ("generate-zipar-window-past-the-row", lambda e: gen(e, "--decoding", "zipar", "--decoding-option", "window=5"),
+     2, r"window=5 for 'zipar' exceeds the token grid's row width \(4\)", 1),
+    # eval --json: a file that is not an earlier eval result is kept (checked before the model loads)
+    ("eval-json-replaces-unrelated-json", lambda e: ev(e, "--json", _unrelated_file(e)), 1,
+     r"--json .*mine\.json exists and is not an earlier eval result; pass --overwrite", 1),
+    ("eval-json-replaces-unrelated-text", lambda e: ev(e, "--task", "captions", "--json",
+                                                       _unrelated_file(e, "my notes\n")), 1,
+     r"is not an earlier eval result", 1),
+]
+
+
+@pytest.mark.parametrize("build, code, message, n_errors", [c[1:] for c in CASES + DOORS_CASES],
+                         ids=[c[0] for c in CASES + DOORS_CASES])
 def test_bad_input(build, code, message, n_errors, model_dir, data, tmp_path, capsys, monkeypatch, request):
     import re
 
@@ -608,3 +681,81 @@ def test_api_errors_name_the_problem(model_dir):
         pipe("a cat", num_images_per_prompt=0)
     with pytest.raises(ArgumentError, match="max_new_tokens must be a whole number >= 1"):
         pipe.caption(Image.new("RGB", (8, 8)), max_new_tokens=0)
+
+
+# ---- issue 35 (doors): beyond the table ----------------------------------------------------------------------
+
+def test_chat_image_without_a_path_says_so_and_the_conversation_goes_on(model_dir, tmp_path, capsys, monkeypatch):
+    import io
+
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "red.png")
+    lines = ["/image", "/image   ", "/imagine", f"/image {tmp_path / 'red.png'}", "what is it?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    code, out, err = run_cli(["chat", "--model", model_dir, "--device", "cpu", "--max-new-tokens", "2"], capsys)
+    assert code == 0 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors[:2] == ["error: /image needs a path, e.g. /image photo.png"] * 2
+    assert errors[2].startswith("error: unknown command '/imagine'") and len(errors) == 3
+    assert "is a directory" not in err and f"(image {tmp_path / 'red.png'} attached" in err
+    assert out.count("assistant> ") == 1
+
+
+def test_eval_json_replaces_only_its_own_results_unless_overwrite(model_dir, tmp_path, capsys):
+    target = tmp_path / "scores.json"
+    run = lambda *flags: run_cli(["eval", "shapes", "--model", model_dir, "--device", "cpu", "--n", "2",
+                                  "--task", "captions", "--json", target, *flags], capsys)
+    assert run()[0] == 0
+    first = json.loads(target.read_text())
+    assert first["n"] == 2 and "captioning" in first
+    assert run("--seed", "1")[0] == 0  # an earlier eval result is replaced without asking
+    assert json.loads(target.read_text())["seed"] == 1
+    target.write_text('{"model": "x", "n": 1, "seed": 0}')  # the keys of a result, but no scores: not one
+    code, _, err = run()
+    assert code == 1 and "is not an earlier eval result" in err
+    assert run("--overwrite")[0] == 0 and "captioning" in json.loads(target.read_text())
+
+
+def test_shapes_evaluation_streams_batches_and_scores_exactly_as_one_batch(model_dir, monkeypatch):
+    """``unigen eval shapes --n``: each batch is rendered, run and scored before the next is rendered (memory
+    does not grow with n), and the running total equals the scores of one batch of every item."""
+    from unigen.generation.pipeline import UniGenPipeline
+    from unigen.generation.sampling_options import SamplingOptions
+    from unigen.shapes import evaluate
+
+    pipe = UniGenPipeline.from_pretrained(model_dir)
+    greedy = SamplingOptions(temperature=0.0)  # the same images whatever the batch size
+    whole = [evaluate.evaluate_captions(pipe, 5, seed=1, batch_size=5)[0],
+             evaluate.evaluate_generation(pipe, 5, seed=1, batch_size=5, options=greedy)[0],
+             evaluate.evaluate_edits(pipe, 5, seed=1, batch_size=5, options=greedy)[0]]
+    events = []
+    render, call, caption, edit = evaluate.render, UniGenPipeline.__call__, UniGenPipeline.caption, UniGenPipeline.edit
+    monkeypatch.setattr(evaluate, "render", lambda *a, **k: events.append("render") or render(*a, **k))
+    monkeypatch.setattr(UniGenPipeline, "__call__", lambda self, p, **k: events.append(len(p)) or call(self, p, **k))
+    monkeypatch.setattr(UniGenPipeline, "caption", lambda self, i, **k: events.append(len(i)) or caption(self, i, **k))
+    monkeypatch.setattr(UniGenPipeline, "edit", lambda self, i, *a, **k: events.append(len(i)) or
+                        edit(self, i, *a, **k))
+    streamed = [evaluate.evaluate_captions(pipe, 5, seed=1, batch_size=2, keep=False),
+                evaluate.evaluate_generation(pipe, 5, seed=1, batch_size=2, options=greedy, keep=False),
+                evaluate.evaluate_edits(pipe, 5, seed=1, batch_size=2, options=greedy, keep=False)]
+    assert [scores for scores, _ in streamed] == whole
+    assert all(records == [] for _, records in streamed)
+    per_batch = ["render", "render", 2, "render", "render", 2, "render", 1]
+    assert events == per_batch + [2, 2, 1] + per_batch
+
+
+def test_merged_scores_equal_the_scores_of_all_items():
+    from unigen.shapes.editing import sample_edits
+    from unigen.shapes.metrics import caption_accuracy, edit_accuracy, merge_scores
+    from unigen.shapes.render import render
+    from unigen.shapes.world import caption, sample_specs
+
+    specs = sample_specs(13, seed=4)
+    texts = [caption(s) if i % 3 else "a small red square at the center" for i, s in enumerate(specs)]
+    whole = caption_accuracy(zip(specs, texts))
+    parts = [caption_accuracy(zip(specs[i : i + 4], texts[i : i + 4])) for i in range(0, 13, 4)]
+    assert merge_scores(parts) == whole and json.dumps(merge_scores(parts)) == json.dumps(whole)
+    edits = sample_edits(7, seed=2)
+    outputs = [render(e.target if i % 2 else e.source, seed=i).pil() for i, e in enumerate(edits)]
+    whole = edit_accuracy(zip(edits, outputs))
+    assert merge_scores([edit_accuracy(zip(edits[:3], outputs[:3])), edit_accuracy(zip(edits[3:], outputs[3:]))]) \
+        == whole

@@ -41,6 +41,18 @@ def test_greedy_jacobi_gives_the_sequential_tokens(model, window):
     assert jacobi.decoder_passes < sequential.decoder_passes
 
 
+def test_decoding_windows_are_bounded_by_the_models_image(model):
+    """Issue 35: a window scales each pass's rows; past the image's tokens (Jacobi) or a grid row (ZipAR) it
+    buys nothing, so it is refused in the model's terms before any pass runs."""
+    n, grid = model.config.vq.num_tokens, model.config.vq.grid
+    sample(model, temperature=0, decoding="jacobi", decoding_options={"window": n})  # the whole image: allowed
+    for method, window, message in (("jacobi", n + 1, rf"window={n + 1} for 'jacobi' exceeds the image's {n} tokens"),
+                                    ("jacobi", 10**8, rf"choose 1\.\.{n}$"),
+                                    ("zipar", grid + 1, rf"exceeds the token grid's row width \({grid}\)")):
+        with pytest.raises(ArgumentError, match=message):
+            sample(model, decoding=method, decoding_options={"window": window})
+
+
 def test_zipar_with_a_full_row_window_is_sequential_decoding(model):
     grid = model.config.vq.grid
     zipar = {"decoding": "zipar", "decoding_options": {"window": grid}}

@@ -13,8 +13,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unigen.config_io import build_config
+from unigen.errors import ConfigError
 from unigen.models.presets import preset
 from unigen.runs import write_json
+
+
+def _whole(section: str, owner, names: str, low: int = 1) -> None:
+    """Each named field of ``owner`` is a whole number >= ``low``: a size of 0 ends in a ZeroDivisionError or an
+    empty tensor deep in the model, so it is named here, where the config is read."""
+    for name in names.split():
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{section}.{name} must be a whole number >= {low}, got {value!r}")
+
+
+def _positive(section: str, owner, names: str) -> None:
+    for name in names.split():
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{section}.{name} must be a number > 0, got {value!r}")
+
+
+def _divides(section: str, name: str, value: int, by_name: str, by: int) -> None:
+    if value % by:
+        raise ConfigError(f"{section}.{name} ({value}) must be a multiple of {by_name} ({by})")
 
 
 @dataclass
@@ -32,6 +54,14 @@ class SigLIPConfig:
     # "conv": a small conv stem in its place (unigen.models.model.ConvStem), for encoders trained from scratch on
     # little data; same token grid.
     stem: Literal["patch", "conv"] = "patch"
+
+    def __post_init__(self):
+        _whole("vision", self, "image_size patch_size width depth num_heads")
+        _positive("vision", self, "mlp_ratio layer_norm_eps")
+        if self.patch_size > self.image_size:
+            raise ConfigError(f"vision.patch_size ({self.patch_size}) must not exceed vision.image_size "
+                              f"({self.image_size}): the image would have no patch")
+        _divides("vision", "width", self.width, "vision.num_heads", self.num_heads)
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +89,25 @@ class VQConfig:
     local_encoder: bool = False
     commit_beta: float = 0.25  # used only when training the tokenizer
     image_size: int = 384  # generation resolution
+
+    def __post_init__(self):
+        _whole("vq", self, "codebook_size embed_dim base_channels z_channels image_size")
+        _whole("vq", self, "num_res_blocks norm_groups", low=0)
+        if not self.channel_mult or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+                                            for m in self.channel_mult):
+            raise ConfigError(f"vq.channel_mult must be a non-empty list of whole numbers >= 1, got "
+                              f"{list(self.channel_mult)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"vq.dropout must be in [0, 1), got {self.dropout}")
+        if self.commit_beta < 0:
+            raise ConfigError(f"vq.commit_beta must be >= 0, got {self.commit_beta}")
+        _divides("vq", "image_size", self.image_size, "the VQ downsampling factor 2 ** (len(vq.channel_mult) - 1)",
+                 self.downsample)
+        if self.norm_groups:  # 0 is the per-pixel channel norm (no groups)
+            for channels in sorted({self.base_channels * m for m in (1, *self.channel_mult)}):
+                if channels % self.norm_groups:
+                    raise ConfigError(f"vq.norm_groups ({self.norm_groups}) must divide every level's channels; "
+                                      f"vq.base_channels * channel_mult gives {channels}")
 
     @property
     def downsample(self) -> int:
@@ -88,6 +137,16 @@ class LLMConfig:
     rope_theta: float = 10000.0
     # unigen's decoder attends through SDPA only; the key stays so that saved config.json files keep loading
     attn_implementation: Literal["sdpa"] = "sdpa"
+
+    def __post_init__(self):
+        _whole("llm", self, "vocab_size hidden_size intermediate_size num_layers num_heads num_kv_heads "
+                            "max_position_embeddings")
+        _positive("llm", self, "rms_norm_eps rope_theta")
+        _divides("llm", "hidden_size", self.hidden_size, "llm.num_heads", self.num_heads)
+        _divides("llm", "num_heads", self.num_heads, "llm.num_kv_heads", self.num_kv_heads)
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"llm.hidden_size / llm.num_heads ({self.hidden_size // self.num_heads}) must be even: "
+                              "rotary embeddings turn pairs of channels")
 
 
 # TokenIds field -> the token's text in Janus's tokenizer (and in the tokenizers unigen trains). The one
@@ -143,6 +202,9 @@ class UniGenConfig:
     # Image-token sampling temperature used when a caller gives none; Janus samples at 1. Small models
     # are more faithful lower, so checkpoints carry their own (docs/EXPERIMENTS.md).
     temperature: float = 1.0
+
+    def __post_init__(self):
+        _whole("config", self, "aligner_depth gen_aligner_depth gen_head_dim cross_attention_every")
 
     @property
     def image_token_id(self) -> int:

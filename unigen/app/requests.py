@@ -12,6 +12,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -28,6 +29,9 @@ from unigen.processor import ImageDecodeError, check_text, load_image
 MAX_IMAGES = 16  # images per /generate request: a request must not hold the one shared model for long
 MAX_ANSWER_TOKENS = 256
 KEEP_DOWNLOADS = 64  # requests whose PNG files stay on disk; Gradio copies each into its cache when it answers
+GUIDANCE_MAX = 20.0  # past this a Janus-style model only saturates colours (unless the checkpoint's default is higher)
+TEMPERATURE_MAX = 2.0  # likewise: past 2 the codes are noise
+TOP_P_MIN = 0.01
 
 
 @contextlib.contextmanager
@@ -48,10 +52,33 @@ def whole_number(name: str, value, low: int, high: int) -> int:
     return int(value)
 
 
-def number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise gr.Error(f"{name} must be a number, got {value!r}", print_exception=False)
+def number(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise gr.Error(f"{name} must be a finite number, got {value!r}", print_exception=False)
+    if not low <= value <= high:
+        raise gr.Error(f"{name} must be between {low:g} and {high:g}, got {value:g}", print_exception=False)
     return float(value)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The range of every number a request takes: the page's sliders are built from these and the API refuses
+    what lies outside them, so a script cannot ask for what the page would not (temperature 1e308, guidance
+    1e6, a window of a million tokens). Upper bounds reach the checkpoint's own defaults where those are
+    higher, and the model's sizes where they bound the work (codes, image tokens)."""
+
+    guidance_scale: tuple[float, float]
+    temperature: tuple[float, float]
+    top_p: tuple[float, float]
+    top_k: tuple[int, int]  # 0 = off
+    num_images: tuple[int, int]
+    window: tuple[int, int]  # 0 = the decoding method's default
+
+    @classmethod
+    def of(cls, config) -> Limits:
+        return cls(guidance_scale=(0.0, max(GUIDANCE_MAX, config.guidance_scale)),
+                   temperature=(0.0, max(TEMPERATURE_MAX, config.temperature)), top_p=(TOP_P_MIN, 1.0),
+                   top_k=(0, config.vq.codebook_size), num_images=(1, MAX_IMAGES), window=(0, config.vq.num_tokens))
 
 
 def read_upload(upload: dict | str | None, what: str) -> str:
@@ -79,6 +106,7 @@ class AppModel:
         self.pipe = pipe
         self.name = name
         self.config = pipe.model.config
+        self.limits = Limits.of(self.config)
         self._downloads = Path(tempfile.mkdtemp(prefix="unigen-app-"))
 
     def close(self) -> None:
@@ -96,7 +124,7 @@ class AppModel:
         if not prompt.strip():
             raise gr.Error("Enter a prompt, e.g. 'a large red circle at the top left'.", print_exception=False)
         seed, generators = self.seeds(num_images, seed)
-        window = whole_number("Window", decoding_window, 0, self.config.vq.num_tokens)
+        window = whole_number("Window", decoding_window, *self.limits.window)
         if decoding not in DECODING_METHODS:
             raise gr.Error(f"Decoding must be one of {', '.join(DECODING_METHODS)}, got {decoding!r}",
                            print_exception=False)
@@ -125,14 +153,16 @@ class AppModel:
         return images, self.save_pngs(images, seed, "unigen_edit")
 
     def seeds(self, num_images, seed) -> tuple[int, list[torch.Generator]]:
-        count = whole_number("Number of images", num_images, 1, MAX_IMAGES)
+        count = whole_number("Number of images", num_images, *self.limits.num_images)
         seed = whole_number("Seed", seed, 0, SEED_MAX - count + 1)
         return seed, [torch.Generator(self.pipe.device).manual_seed(seed + i) for i in range(count)]
 
     def sampling(self, guidance_scale, temperature, top_k, top_p, **decoding) -> SamplingOptions:
-        top_k = whole_number("Top-k", top_k, 0, self.config.vq.codebook_size)
-        return SamplingOptions(number("Guidance scale", guidance_scale), number("Temperature", temperature),
-                               top_k or None, number("Top-p", top_p), **decoding)
+        limits = self.limits
+        top_k = whole_number("Top-k", top_k, *limits.top_k)
+        return SamplingOptions(number("Guidance scale", guidance_scale, *limits.guidance_scale),
+                               number("Temperature", temperature, *limits.temperature), top_k or None,
+                               number("Top-p", top_p, *limits.top_p), **decoding)
 
     def save_pngs(self, images: list[Image.Image], seed: int, stem: str) -> list[str]:
         folder = self._downloads / uuid.uuid4().hex

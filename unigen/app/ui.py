@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from unigen.app.requests import MAX_IMAGES, AppModel
+from unigen.app.requests import AppModel, Limits
 from unigen.generation.decoding import DECODING_METHODS
 from unigen.generation.editing import CFG_DROPS, DEFAULT_CFG_DROP
 
 MODEL_QUEUE = "model"  # one concurrency group for every event that runs the model: they share its cores
 DEFAULT_NUM_IMAGES = 4
 EXAMPLE_PROMPT = "a large red circle at the top left"
+CACHE_SWEEP_S, CACHE_AGE_S = 600, 3600  # a served image stays in Gradio's cache for an hour at most
 
 
 def about_markdown(model: AppModel, concurrency: int) -> str:
@@ -34,13 +35,11 @@ def about_markdown(model: AppModel, concurrency: int) -> str:
     return "| | this app |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def guidance_and_temperature(config) -> tuple[gr.Slider, gr.Slider]:
-    """Image sampling sliders that start at the checkpoint's own defaults (so an API call that leaves them
-    out samples as the checkpoint says)."""
-    return (gr.Slider(0, max(20.0, config.guidance_scale), value=config.guidance_scale, step=0.1,
-                      label="Guidance scale (1 = none)"),
-            gr.Slider(0, max(2.0, config.temperature), value=config.temperature, step=0.05,
-                      label="Temperature (0 = greedy)"))
+def guidance_and_temperature(limits: Limits, config) -> tuple[gr.Slider, gr.Slider]:
+    """Image sampling sliders over the ranges the requests enforce, starting at the checkpoint's own defaults
+    (so an API call that leaves them out samples as the checkpoint says)."""
+    return (gr.Slider(*limits.guidance_scale, value=config.guidance_scale, step=0.1, label="Guidance scale (1 = none)"),
+            gr.Slider(*limits.temperature, value=config.temperature, step=0.05, label="Temperature (0 = greedy)"))
 
 
 def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.Blocks:
@@ -50,25 +49,30 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
     # Every event that runs the model: one queue; and unigen.app.requests checks the raw inputs itself, so
     # that a number out of range or an unreadable upload is named in its words, not Gradio's.
     run_model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=concurrency, preprocess=False)
-    with gr.Blocks(title="unigen", analytics_enabled=False) as app:
+    # delete_cache: Gradio keeps a copy of every image it serves; files older than CACHE_AGE_S go every
+    # CACHE_SWEEP_S, and all of them when the server stops, so a long-running app does not fill the disk
+    with gr.Blocks(title="unigen", analytics_enabled=False, delete_cache=(CACHE_SWEEP_S, CACHE_AGE_S)) as app:
         gr.Markdown(f"## unigen: `{model.name}`")
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPT, scale=4, elem_id="prompt")
                 go = gr.Button("Generate", variant="primary", scale=1, elem_id="generate-button")
             with gr.Row():
-                num_images = gr.Slider(1, MAX_IMAGES, value=DEFAULT_NUM_IMAGES, step=1, label="Number of images")
+                num_images = gr.Slider(*model.limits.num_images, value=DEFAULT_NUM_IMAGES, step=1,
+                                       label="Number of images")
                 seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
             with gr.Accordion("Sampling", open=False):
                 with gr.Row():
-                    guidance, temperature = guidance_and_temperature(c)
-                    top_k = gr.Number(0, precision=0, label="Top-k (0 = off)")
-                    top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)")
+                    guidance, temperature = guidance_and_temperature(model.limits, c)
+                    top_k = gr.Number(0, precision=0, label="Top-k (0 = off)", minimum=model.limits.top_k[0],
+                                      maximum=model.limits.top_k[1])
+                    top_p = gr.Slider(*model.limits.top_p, value=1.0, step=0.01, label="Top-p (1 = off)")
                 with gr.Row():
                     decoding = gr.Dropdown(list(DECODING_METHODS), value="sequential", label="Decoding",
                                            info="jacobi: the same images in fewer passes; zipar: rows in parallel, "
                                                 "an approximation")
-                    window = gr.Number(0, precision=0, label="Window (0 = the method's default)")
+                    window = gr.Number(0, precision=0, label="Window (0 = the method's default)",
+                                       minimum=model.limits.window[0], maximum=model.limits.window[1])
             gallery = gr.Gallery(label="Images", format="png", columns=4, fit_columns=False, elem_id="gallery",
                                  buttons=["download", "fullscreen"])
             done = gr.Markdown(elem_id="generate-info")
@@ -108,10 +112,10 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
                 with gr.Column():
                     instruction = gr.Textbox(label="Instruction", placeholder="make it blue", elem_id="instruction")
                     edit_go = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                    edit_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+                    edit_images = gr.Slider(*model.limits.num_images, value=1, step=1, label="Number of images")
                     edit_seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
                     with gr.Accordion("Sampling", open=False):
-                        edit_guidance, edit_temperature = guidance_and_temperature(c)
+                        edit_guidance, edit_temperature = guidance_and_temperature(model.limits, c)
                         cfg_drop = gr.Dropdown(list(CFG_DROPS), value=DEFAULT_CFG_DROP,
                                                label="Guidance compares with the prompt without its")
             edited = gr.Gallery(label="Edited", format="png", columns=4, fit_columns=False, elem_id="edited",

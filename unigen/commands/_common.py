@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from unigen.errors import ArgumentError
@@ -50,3 +55,83 @@ def check_writable_file(path: Path, flag: str) -> None:
     if path.exists() and not os.access(path, os.W_OK):
         raise ArgumentError(f"{flag} {path}: no permission to write it")
     check_writable_dir(path.parent, flag)
+
+
+# ---- replacing an earlier set of outputs --------------------------------------------------------------
+
+STAGING_NAME = ".unigen-new"  # inside the output folder: same file system (renames), under its lock
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block take effect when it ends, as they would have: a swap of files
+    is not cut in two. (A handler, not a blocked signal mask: the kernel would hand a process's signal to any
+    thread that does not block it, such as a torch worker.) A SIGKILL is never deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in pending:
+            signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a service manager, a job scheduler) stops the command as Ctrl-C does, so that it
+    cleans up the same way (temp folders, locks; ``error: interrupted``, exit 130); the default action would
+    end the process on the spot and leave them behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class StagedOutputs:
+    """Where a run writes its files when it replaces an earlier set (``--overwrite``): a hidden folder beside
+    them, swapped in by :meth:`commit` once every file is complete. A run stopped before (an error, SIGTERM,
+    SIGKILL) leaves the earlier set as it was; the next run removes what a killed one left in the staging
+    folder. The caller holds the output folder's lock (``unigen.output_lock``) throughout."""
+
+    def __init__(self, out_dir: Path, replacing: bool):
+        self.out_dir = out_dir
+        self.folder = out_dir / STAGING_NAME
+        self.replacing = replacing
+        shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's partial set
+        if replacing:
+            self.folder.mkdir()
+
+    def path(self, name: str) -> Path:
+        """Where to write the output file ``name`` now."""
+        return (self.folder if self.replacing else self.out_dir) / name
+
+    def commit(self, remove: list[Path] = ()) -> None:
+        """Move every staged file into the output folder and delete ``remove`` (earlier files the new set does
+        not replace), with SIGINT and SIGTERM deferred until the swap is complete."""
+        if not self.replacing:
+            for path in remove:
+                path.unlink(missing_ok=True)
+            return
+        with signals_deferred():
+            for path in remove:
+                path.unlink(missing_ok=True)
+            for staged in sorted(self.folder.iterdir()):
+                os.replace(staged, self.out_dir / staged.name)
+            self.folder.rmdir()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from unigen.commands._common import DTYPES, load_pipeline
+from unigen.commands._common import DTYPES, load_pipeline, sigterm_as_interrupt
 from unigen.generation.sampling_options import positive_int
 from unigen.recipes import resolve
 
@@ -60,13 +60,14 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise cannot_serve(err) from err
     pipe = load_pipeline(args)
-    try:
-        running = start(pipe, str(args.model), args.host, args.port, args.concurrency, args.max_queue)
-    except OSError as err:
-        raise cannot_serve(err) from err
-    print(f"unigen app: {running.url} (Ctrl+C stops it)", flush=True)
-    try:
-        running.app.block_thread()
-    finally:
-        running.close()
+    with sigterm_as_interrupt():  # from the moment the app has temp folders to remove
+        try:
+            running = start(pipe, str(args.model), args.host, args.port, args.concurrency, args.max_queue)
+        except OSError as err:
+            raise cannot_serve(err) from err
+        print(f"unigen app: {running.url} (Ctrl+C stops it)", flush=True)
+        try:
+            running.app.block_thread()  # returns on Ctrl-C, and on SIGTERM
+        finally:
+            running.close()  # the server, Gradio's cache of this app and the download folder
     return 0

@@ -44,8 +44,12 @@ def run(args: argparse.Namespace) -> int:
             messages, images = [], []
             print("(conversation cleared)", file=sys.stderr)
             continue
-        if text.startswith("/image"):
-            path = text[len("/image"):].strip()
+        command, *rest = text.split(maxsplit=1) or [""]
+        if command == "/image":
+            if not rest:
+                print("error: /image needs a path, e.g. /image photo.png", file=sys.stderr)
+                continue
+            path = rest[0]
             try:
                 images.append(load_image(path))  # read now, so a wrong path is named at once
             except (OSError, DataError) as err:

@@ -53,12 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unigen.output_lock import hold_output_dir
     from unigen.shapes.demo import DemoConfig, run_demo
 
     stage_steps = tuple(args.stage_steps) if args.stage_steps else None
-    run_demo(DemoConfig(out_dir=args.out_dir, n_train=args.n_train, vq_steps=args.vq_steps,
+    config = DemoConfig(out_dir=args.out_dir, n_train=args.n_train, vq_steps=args.vq_steps,
                         vq_warmup_steps=args.vq_warmup_steps, siglip_steps=args.siglip_steps,
                         stage_steps=stage_steps, n_eval=args.n_eval,
                         seed=args.seed, threads=args.threads, recipe=args.recipe, vq_from=args.vq_from,
-                        siglip_from=args.siglip_from, overrides=tuple(args.overrides), tasks=args.tasks))
+                        siglip_from=args.siglip_from, overrides=tuple(args.overrides), tasks=args.tasks)
+    with hold_output_dir(config.out_dir, "--out-dir"):  # checked flags first: a refused run makes no folder
+        run_demo(config)
     return 0

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from unigen.commands._common import add_model_arguments, check_writable_dir, load_pipeline
+from unigen.commands._common import (
+    StagedOutputs,
+    add_model_arguments,
+    check_writable_dir,
+    load_pipeline,
+    sigterm_as_interrupt,
+)
 from unigen.generation.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 
 HELP = "Edit images by an instruction (writes one PNG per source image into --output-dir)."
@@ -32,43 +39,61 @@ def output_names(sources: list[Path], num_images: int) -> list[list[str]]:
              for k in range(num_images)] for i, src in enumerate(sources)]
 
 
+def existing_outputs(out_dir: Path, names: list[list[str]], overwrite: bool) -> list[str]:
+    """The output names already in ``out_dir``, refused unless ``overwrite``."""
+    from unigen.errors import OutputExistsError
+
+    existing = [n for row in names for n in row if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"--output-dir {out_dir} already holds {existing[0]}"
+                                f"{' ...' if len(existing) > 1 else ''}; pass --overwrite or another --output-dir")
+    return existing
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
     from unigen.commands.caption import read_chunk
-    from unigen.errors import OutputExistsError
     from unigen.generation.editing import check_instruction
+    from unigen.output_lock import hold_output_dir
     from unigen.runs import atomic_write
 
     check_instruction(args.instruction)
     options = options_from_args(args)
     check_writable_dir(args.output_dir, "--output-dir")
     names = output_names(args.images, args.num_images)
-    existing = [n for row in names for n in row if (args.output_dir / n).exists()]
-    if existing and not args.overwrite:
-        raise OutputExistsError(f"--output-dir {args.output_dir} already holds {existing[0]}"
-                                f"{' ...' if len(existing) > 1 else ''}; pass --overwrite or another --output-dir")
-    pipe, bad = None, []
+    existing_outputs(args.output_dir, names, args.overwrite)
+    pipe, bad, done = None, [], []
     generator = torch.Generator().manual_seed(args.seed)
     indexed = list(enumerate(args.images))
-    for start in tqdm(range(0, len(indexed), args.batch_size), desc="editing", unit="batch"):
-        readable = []
-        for i, path in indexed[start : start + args.batch_size]:
-            image, unreadable = read_chunk([path])
-            bad += unreadable
-            readable += [(i, path, img) for _, img in image]
-        if not readable:
-            continue
-        pipe = pipe or load_pipeline(args)
-        out = pipe.edit([img for _, _, img in readable], args.instruction, num_images_per_prompt=args.num_images,
-                        generator=generator, cfg_drop=args.cfg_drop, options=options)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        for j, (i, path, _) in enumerate(readable):
-            for k in range(args.num_images):
-                target = args.output_dir / names[i][k]
-                atomic_write(target, lambda p, img=out.images[j * args.num_images + k]: img.save(p, format="PNG"))
-                print(f"{path}\t{target}", flush=True)
+    with sigterm_as_interrupt(), contextlib.ExitStack() as held:  # SIGTERM cleans up as Ctrl-C does
+        for start in tqdm(range(0, len(indexed), args.batch_size), desc="editing", unit="batch"):
+            readable = []
+            for i, path in indexed[start : start + args.batch_size]:
+                image, unreadable = read_chunk([path])
+                bad += unreadable
+                readable += [(i, path, img) for _, img in image]
+            if not readable:
+                continue
+            if pipe is None:  # the model and the folder's lock once there is something to edit
+                pipe = load_pipeline(args)
+                held.enter_context(hold_output_dir(args.output_dir, "--output-dir"))
+                staged = StagedOutputs(args.output_dir, bool(existing_outputs(args.output_dir, names, args.overwrite)))
+                held.callback(staged.discard)
+            out = pipe.edit([img for _, _, img in readable], args.instruction, num_images_per_prompt=args.num_images,
+                            generator=generator, cfg_drop=args.cfg_drop, options=options)
+            for j, (i, path, _) in enumerate(readable):
+                for k in range(args.num_images):
+                    target = staged.path(names[i][k])
+                    atomic_write(target, lambda p, img=out.images[j * args.num_images + k]: img.save(p, format="PNG"))
+                    done.append((path, args.output_dir / names[i][k]))
+                    if not staged.replacing:
+                        print(f"{path}\t{target}", flush=True)
+        if pipe is not None:
+            staged.commit()  # --overwrite: the earlier files of these names are replaced all at once
+            if staged.replacing:
+                print("\n".join(f"{path}\t{target}" for path, target in done), flush=True)
     if bad:
         print(f"error: {len(bad)} image(s) could not be read: {', '.join(map(str, bad))}", file=sys.stderr)
         return 1

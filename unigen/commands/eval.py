@@ -11,6 +11,7 @@ from unigen.generation.sampling_options import add_image_sampling_arguments, opt
 HELP = ("Evaluate a model on an embedded world (shapes): caption accuracy, generation prompt fidelity and edit "
         "accuracy.")
 TASKS = ("captions", "generation", "edit")
+RESULT_NAMES = {"captioning", "generation", "edit"}  # the keys of the scores in an eval result file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", choices=TASKS, action="append", default=[], help="skip a task (repeatable)")
     p.add_argument("--cfg-drop", choices=["instruction", "image", "both"], default=None,
                    help="edit: what the unconditional row drops (default: unigen.generation.editing.DEFAULT_CFG_DROP)")
-    p.add_argument("--json", type=Path, default=None, help="write all scores to this JSON file")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write all scores to this JSON file (an existing file only if it is an earlier eval result)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --json replace a file that is not an earlier eval result (default: refuse)")
+
+
+RESULT_KEYS = {"model", "n", "seed"}  # what every file this command writes holds, besides the task scores
+
+
+def earlier_result(path: Path) -> bool:
+    """Whether ``path`` holds what ``unigen eval --json`` writes (so replacing it loses no one else's file)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and RESULT_KEYS <= data.keys() and bool(data.keys() & RESULT_NAMES)
+
+
+def check_json_destination(path: Path, overwrite: bool) -> None:
+    from unigen.errors import OutputExistsError
+
+    check_writable_file(path, "--json")
+    if path.exists() and not overwrite and not earlier_result(path):
+        raise OutputExistsError(f"--json {path} exists and is not an earlier eval result; pass --overwrite to "
+                                "replace it, or another file name")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,17 +72,19 @@ def run(args: argparse.Namespace) -> int:
     if args.question is not None:
         check_text(args.question, "question")
     if args.json is not None:
-        check_writable_file(args.json, "--json")
+        check_json_destination(args.json, args.overwrite)
     pipe = load_pipeline(args)
     options = options.with_defaults(pipe.model.config)
     results = {}
     if "captions" in tasks:
-        results["captioning"], _ = evaluate_captions(pipe, args.n, args.seed, args.batch_size, args.question)
+        results["captioning"], _ = evaluate_captions(pipe, args.n, args.seed, args.batch_size, args.question,
+                                                     keep=False)
     if "generation" in tasks:
-        results["generation"], _ = evaluate_generation(pipe, args.n, args.seed, args.batch_size, options=options)
+        results["generation"], _ = evaluate_generation(pipe, args.n, args.seed, args.batch_size, options=options,
+                                                         keep=False)
     if "edit" in tasks:
         results["edit"], _ = evaluate_edits(pipe, args.n, args.seed, args.batch_size, options=options,
-                                            cfg_drop=args.cfg_drop)
+                                            cfg_drop=args.cfg_drop, keep=False)
     print(format_table(results))
     if "edit" in results:
         edit = results["edit"]

@@ -8,7 +8,13 @@ import re
 import sys
 from pathlib import Path
 
-from unigen.commands._common import add_model_arguments, check_writable_dir, load_pipeline
+from unigen.commands._common import (
+    StagedOutputs,
+    add_model_arguments,
+    check_writable_dir,
+    load_pipeline,
+    sigterm_as_interrupt,
+)
 from unigen.generation.sampling_options import (
     SEED_MAX,
     add_image_sampling_arguments,
@@ -60,9 +66,21 @@ def earlier_outputs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if IMAGE_NAME.fullmatch(p.name) or p.name == GRID_NAME)
 
 
+def check_destination(out_dir: Path, overwrite: bool) -> list[Path]:
+    """The images of an earlier run in ``out_dir``, refused unless ``overwrite``."""
+    from unigen.errors import OutputExistsError
+
+    found = earlier_outputs(out_dir)
+    if found and not overwrite:
+        shown = ", ".join(p.name for p in found[:3]) + (" ..." if len(found) > 3 else "")
+        raise OutputExistsError(f"--output-dir {out_dir} already holds images of an earlier run ({shown}); "
+                                "pass --overwrite to replace them, or another --output-dir")
+    return found
+
+
 def check_arguments(args: argparse.Namespace):
     """Every flag and the destination checked before the (slow) model load; returns the sampling options."""
-    from unigen.errors import ArgumentError, OutputExistsError
+    from unigen.errors import ArgumentError
     from unigen.processor import check_text
 
     check_text(args.prompt, "prompt")
@@ -73,45 +91,58 @@ def check_arguments(args: argparse.Namespace):
                             f"(2**63 - 1); lower --seed")
     options = options_from_args(args)
     check_writable_dir(args.output_dir, "--output-dir")
-    found = earlier_outputs(args.output_dir)
-    if found and not args.overwrite:
-        shown = ", ".join(p.name for p in found[:3]) + (" ..." if len(found) > 3 else "")
-        raise OutputExistsError(f"--output-dir {args.output_dir} already holds images of an earlier run ({shown}); "
-                                "pass --overwrite to replace them, or another --output-dir")
+    check_destination(args.output_dir, args.overwrite)
     return options
 
 
 def run(args: argparse.Namespace) -> int:
+    from unigen.output_lock import hold_output_dir
+
+    options = check_arguments(args)
+    pipe = load_pipeline(args)
+    # one writer; the folder checked again now that it is ours; SIGTERM cleans up as Ctrl-C does
+    with sigterm_as_interrupt(), hold_output_dir(args.output_dir, "--output-dir"):
+        earlier = check_destination(args.output_dir, args.overwrite)
+        staged = StagedOutputs(args.output_dir, replacing=bool(earlier))
+        try:
+            written, passes = draw_all(args, pipe, options, staged)
+            staged.commit([p for p in earlier if p.name not in written])
+        finally:
+            staged.discard()
+    if staged.replacing:  # named once they are in place
+        print("\n".join(str(args.output_dir / name) for name in written), flush=True)
+    print(f"decoder passes: {passes} ({options.decoding} decoding)", file=sys.stderr)
+    stale = [p for p in earlier if p.name not in written]
+    if stale:  # --overwrite: images of the earlier run that this one did not replace
+        print(f"removed {len(stale)} image(s) of the earlier run that this one did not replace", file=sys.stderr)
+    return 0
+
+
+def draw_all(args: argparse.Namespace, pipe, options, staged: StagedOutputs) -> tuple[list[str], int]:
+    """Every image and the grid, written where ``staged`` says (each named as it is written unless the set is
+    staged); returns their names and the decoder passes."""
     import torch
 
     from unigen.runs import atomic_write
 
-    options = check_arguments(args)
-    pipe = load_pipeline(args)
-    out_dir = args.output_dir
-    preview, written, passes = [], set(), 0
+    preview, written, passes = [], [], 0
     for start in range(0, args.num_images, args.batch_size):
         count = min(args.batch_size, args.num_images - start)
         generators = [torch.Generator(pipe.device).manual_seed(args.seed + i) for i in range(start, start + count)]
         out = pipe(args.prompt, num_images_per_prompt=count, options=options, generator=generators,
                    negative_prompt=args.negative_prompt, progress=True, compile=args.compile)
         passes += out.decoder_passes
-        out_dir.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(out.images, start):
-            path = out_dir / f"image_{i:03d}.png"
+            path = staged.path(f"image_{i:03d}.png")
             atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
-            written.add(path.name)
-            print(path, flush=True)
+            written.append(path.name)
+            if not staged.replacing:
+                print(path, flush=True)
         preview += out.images[: max(0, GRID_MAX - len(preview))]
-    grid_path = out_dir / GRID_NAME
     if not args.no_grid:
-        atomic_write(grid_path, lambda tmp: grid(preview).save(tmp, format="PNG"))
-        written.add(GRID_NAME)
-        print(grid_path)
-    print(f"decoder passes: {passes} ({options.decoding} decoding)", file=sys.stderr)
-    stale = [p for p in earlier_outputs(out_dir) if p.name not in written]
-    for path in stale:  # --overwrite: images of the earlier run that this one did not replace
-        path.unlink()
-    if stale:
-        print(f"removed {len(stale)} image(s) of the earlier run that this one did not replace", file=sys.stderr)
-    return 0
+        path = staged.path(GRID_NAME)
+        atomic_write(path, lambda tmp: grid(preview).save(tmp, format="PNG"))
+        written.append(GRID_NAME)
+        if not staged.replacing:
+            print(path)
+    return written, passes

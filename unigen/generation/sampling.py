@@ -141,9 +141,7 @@ def generate_image_tokens(
 def decoding_options_for(decoding: str, options: dict | None, vq, compile: bool | None):
     """The method's checked options; a request the method cannot serve is an error."""
     parsed = decoding_options(decoding, options)
-    if decoding == "zipar" and parsed.window is not None and parsed.window > vq.grid:
-        raise ArgumentError(f"decoding option window={parsed.window} for 'zipar' exceeds the token grid's row width "
-                            f"({vq.grid}); choose 1..{vq.grid} ({vq.grid} is sequential decoding)")
+    parsed.check_bounds(vq)  # the model's limits: no window beyond the image's tokens
     if compile and decoding != "sequential":
         raise ArgumentError(f"compile captures the one-token decode step of 'sequential' decoding; {decoding!r} "
                             "runs passes of varying shape: drop compile or use decoding='sequential'")

@@ -46,34 +46,51 @@ def check_sampling_args(temperature: float | None, top_k: int | None, top_p: flo
 # ---- CFG schedules -------------------------------------------------------------------------------
 
 
+CFG_SCHEDULES = ("constant", "linear", "cutoff")
+
+
 @dataclass(frozen=True)
 class CFGSchedule:
     """Guidance scale per image token: ``constant``, ``linear`` (from 1 up to the scale over the
-    image), or ``cutoff`` (the scale for the first ``cutoff`` tokens, then 1 = no guidance)."""
+    image), or ``cutoff`` (the scale for the first ``cutoff`` tokens, then 1 = no guidance). Only ``cutoff``
+    takes an argument; any other combination is refused when the schedule is made."""
 
     kind: str = "constant"
     cutoff: int | None = None
 
+    def __post_init__(self):
+        if self.kind not in CFG_SCHEDULES:
+            raise ArgumentError(f"unknown cfg_schedule {self.kind!r}; expected constant, linear or cutoff:K")
+        if self.kind != "cutoff" and self.cutoff is not None:
+            raise ArgumentError(f"cfg_schedule {self.kind!r} takes no argument (got {self.kind}:{self.cutoff}); "
+                                "only cutoff:K does")
+        if self.kind == "cutoff" and (isinstance(self.cutoff, bool) or not isinstance(self.cutoff, int)
+                                      or self.cutoff < 0):
+            raise ArgumentError("cfg_schedule 'cutoff' needs cutoff:K with K >= 0 (the token index where guidance "
+                                f"stops), got {self.cutoff!r}")
+
     def scales(self, scale: float, n: int) -> list[float]:
-        if self.kind == "constant":
-            return [scale] * n
         if self.kind == "linear":
             return [1 + (scale - 1) * (i + 1) / n for i in range(n)]
         if self.kind == "cutoff":
-            if self.cutoff is None or self.cutoff < 0:
-                raise ArgumentError("cfg_schedule 'cutoff' needs cutoff >= 0 (the token index where guidance stops)")
             return [scale if i < self.cutoff else 1.0 for i in range(n)]
-        raise ArgumentError(f"unknown cfg_schedule {self.kind!r}; expected constant, linear or cutoff")
+        return [scale] * n
 
 
 def as_schedule(schedule: CFGSchedule | str | None) -> CFGSchedule:
+    """``"constant"``, ``"linear"`` or ``"cutoff:K"`` (or a schedule, or ``None`` = constant), checked."""
     if schedule is None:
         return CFGSchedule()
     if isinstance(schedule, str):
-        kind, _, k = schedule.partition(":")  # "cutoff:100" is accepted as a shorthand
-        if k and not k.isdigit():
+        kind, sep, k = schedule.partition(":")
+        if sep and kind != "cutoff":
+            raise ArgumentError(f"cfg_schedule {schedule!r}: {kind!r} takes no argument; only cutoff:K does")
+        if sep and not (k.isascii() and k.isdigit()):
             raise ArgumentError(f"cfg_schedule {schedule!r}: expected cutoff:K with K a token index >= 0")
-        return CFGSchedule(kind, int(k) if k else None)
+        return CFGSchedule(kind, int(k) if sep else None)
+    if not isinstance(schedule, CFGSchedule):
+        raise ArgumentError(f"cfg_schedule must be a CFGSchedule or one of constant, linear, cutoff:K; got "
+                            f"{schedule!r}")
     return schedule
 
 
@@ -93,8 +110,7 @@ class SamplingOptions:
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.guidance_scale)
         decoding_options(self.decoding, self.decoding_options)
-        if self.cfg_schedule is not None:
-            as_schedule(self.cfg_schedule).scales(1.0, 1)  # checks the schedule's form
+        as_schedule(self.cfg_schedule)  # checks the schedule's form and its argument
 
     def with_defaults(self, config) -> SamplingOptions:
         """Image sampling: every option left ``None`` takes the checkpoint's value (``config`` is a

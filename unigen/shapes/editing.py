@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,15 +47,18 @@ def instruction(attribute: str, value: str) -> str:
 
 def sample_edits(n: int, seed: int) -> list[Edit]:
     """``n`` edits by the spec's protocol, the same for the same seed."""
+    return list(iter_edits(n, seed))
+
+
+def iter_edits(n: int, seed: int) -> Iterator[Edit]:
+    """:func:`sample_edits` one at a time (what a streamed evaluation of any size draws)."""
     rng = np.random.default_rng(seed)
     combos = all_combinations()
-    edits = []
     for _ in range(n):
         source = combos[int(rng.integers(len(combos)))]
         attribute = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
         others = [v for v in VALUES[attribute] if v != getattr(source, attribute)]
-        edits.append(Edit(source, attribute, others[int(rng.integers(len(others)))]))
-    return edits
+        yield Edit(source, attribute, others[int(rng.integers(len(others)))])
 
 
 def render_edited(edit: Edit, source: Rendered, seed) -> Rendered:

@@ -1,69 +1,87 @@
 """Score a model on the Shapes world: captioning accuracy and generation prompt fidelity.
 
 Items are drawn uniformly from the 576 combinations with a fixed seed (spec: at least 200 each).
-Evaluation images use render seeds disjoint from ``write_dataset``'s training seeds.
+Evaluation images use render seeds disjoint from ``write_dataset``'s training seeds. Items are rendered, run and
+scored a batch at a time (a running total of the scores), so any ``n`` runs in the memory of one batch.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from tqdm import tqdm
 
 from unigen.generation.sampling_options import SamplingOptions
-from unigen.shapes.metrics import caption_accuracy, generation_fidelity
+from unigen.shapes.metrics import caption_accuracy, generation_fidelity, merge_scores
 from unigen.shapes.render import render
 from unigen.shapes.world import caption, sample_specs
 
 EVAL_SEED_OFFSET = 1_000_003  # keeps evaluation renders apart from training renders of the same seed
 
 
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _streamed(n: int, batch_size: int, desc: str) -> tqdm:
+    return tqdm(range(0, n, batch_size), desc=desc, unit="batch")
+
+
+def _add(total: dict | None, part: dict) -> dict:
+    return part if total is None else merge_scores([total, part])
 
 
 def evaluate_captions(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, question: str | None = None,
-                      max_new_tokens: int = 24) -> tuple[dict, list[dict]]:
-    """Caption ``n`` fresh renders (greedy); return (scores, per-item records)."""
+                      max_new_tokens: int = 24, keep: bool = True) -> tuple[dict, list[dict]]:
+    """Caption ``n`` fresh renders (greedy); return (scores, per-item records). Items are rendered, captioned and
+    scored a batch at a time, so memory does not grow with ``n`` unless ``keep`` asks for the records."""
     specs = sample_specs(n, seed + EVAL_SEED_OFFSET)
-    images = [render(s, seed=[seed + EVAL_SEED_OFFSET, i]).pil() for i, s in enumerate(specs)]
-    texts: list[str] = []
-    for batch in tqdm(list(_batches(images, batch_size)), desc="captioning", unit="batch"):
-        out = pipe.caption(batch, question=question, max_new_tokens=max_new_tokens)
-        texts += [out] if isinstance(out, str) else list(out)
-    records = [{"spec": s, "truth": caption(s), "caption": t, "image": img}
-               for s, t, img in zip(specs, texts, images, strict=True)]
-    return caption_accuracy(zip(specs, texts, strict=True)), records
+    scores, records = None, []
+    for start in _streamed(n, batch_size, "captioning"):
+        batch = specs[start : start + batch_size]
+        images = [render(s, seed=[seed + EVAL_SEED_OFFSET, i]).pil() for i, s in enumerate(batch, start)]
+        out = pipe.caption(images, question=question, max_new_tokens=max_new_tokens)
+        texts = [out] if isinstance(out, str) else list(out)
+        scores = _add(scores, caption_accuracy(zip(batch, texts, strict=True)))
+        if keep:
+            records += [{"spec": s, "truth": caption(s), "caption": t, "image": img}
+                        for s, t, img in zip(batch, texts, images, strict=True)]
+    return scores, records
 
 
 def evaluate_generation(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, guidance_scale: float | None = None,
-                        temperature: float | None = None,
-                        options: SamplingOptions | None = None) -> tuple[dict, list]:
-    """Generate one image per prompt for ``n`` prompts; return (scores, [(prompt, PIL image)]). Options left
-    ``None`` take the checkpoint's (``options`` gives them all at once instead of the keywords)."""
+                        temperature: float | None = None, options: SamplingOptions | None = None,
+                        keep: bool = True) -> tuple[dict, list]:
+    """Generate one image per prompt for ``n`` prompts; return (scores, [(prompt, PIL image)] if ``keep``).
+    Options left ``None`` take the checkpoint's (``options`` gives them all at once instead of the keywords).
+    Drawn and scored a batch at a time."""
     options = options or SamplingOptions(guidance_scale=guidance_scale, temperature=temperature)
     specs = sample_specs(n, seed + 2 * EVAL_SEED_OFFSET)
-    prompts = [caption(s) for s in specs]
-    images = []
+    scores, records = None, []
     generator = torch.Generator().manual_seed(seed)
-    for batch in tqdm(list(_batches(prompts, batch_size)), desc="generating", unit="batch"):
-        images += pipe(batch, options=options, generator=generator).images
-    return generation_fidelity(zip(specs, images, strict=True)), list(zip(prompts, images, strict=True))
+    for start in _streamed(n, batch_size, "generating"):
+        batch = specs[start : start + batch_size]
+        prompts = [caption(s) for s in batch]
+        images = pipe(prompts, options=options, generator=generator).images
+        scores = _add(scores, generation_fidelity(zip(batch, images, strict=True)))
+        if keep:
+            records += list(zip(prompts, images, strict=True))
+    return scores, records
 
 
 def evaluate_edits(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, options: SamplingOptions | None = None,
-                   cfg_drop: str | None = None) -> tuple[dict, list]:
+                   cfg_drop: str | None = None, keep: bool = True) -> tuple[dict, list]:
     """Edit ``n`` fresh renders by the spec's protocol (``editing.sample_edits``), one output each; return
-    (scores, [(edit, source image, output image)])."""
-    from unigen.shapes.editing import sample_edits
+    (scores, [(edit, source image, output image)] if ``keep``). Drawn, edited and scored a batch at a time."""
+    from unigen.shapes.editing import iter_edits
     from unigen.shapes.metrics import edit_accuracy
 
-    edits = sample_edits(n, seed + 3 * EVAL_SEED_OFFSET)
-    sources = [render(e.source, seed=[seed + 3 * EVAL_SEED_OFFSET, i]).pil() for i, e in enumerate(edits)]
-    outputs = []
+    edits = iter_edits(n, seed + 3 * EVAL_SEED_OFFSET)
+    scores, records = None, []
     generator = torch.Generator().manual_seed(seed)
-    for start in tqdm(range(0, n, batch_size), desc="editing", unit="batch"):
-        chunk = slice(start, start + batch_size)
-        outputs += pipe.edit(sources[chunk], [e.instruction for e in edits[chunk]], options=options,
-                             generator=generator, cfg_drop=cfg_drop).images
-    return edit_accuracy(zip(edits, outputs, strict=True)), list(zip(edits, sources, outputs, strict=True))
+    for start in _streamed(n, batch_size, "editing"):
+        batch = list(itertools.islice(edits, batch_size))
+        sources = [render(e.source, seed=[seed + 3 * EVAL_SEED_OFFSET, i]).pil() for i, e in enumerate(batch, start)]
+        outputs = pipe.edit(sources, [e.instruction for e in batch], options=options, generator=generator,
+                            cfg_drop=cfg_drop).images
+        scores = _add(scores, edit_accuracy(zip(batch, outputs, strict=True)))
+        if keep:
+            records += list(zip(batch, sources, outputs, strict=True))
+    return scores, records

@@ -82,6 +82,25 @@ def edit_accuracy(pairs: Iterable[tuple[object, object]]) -> dict:
     return result
 
 
+def merge_scores(parts: list[dict]) -> dict:
+    """The scores of consecutive batches of items -> the scores of all of them, exactly what one call over every
+    item gives (each share is a count over its result's ``n``): an evaluation streams its items in batches and
+    keeps only this running total."""
+    n = sum(part["n"] for part in parts)
+    total = lambda shares: sum(round(share * part["n"]) for share, part in zip(shares, parts, strict=True))
+    merged: dict = {"n": n}
+    for key, value in parts[0].items():
+        if key == "n":
+            continue
+        if key == "by_instruction":  # results of their own, each over its own n
+            merged[key] = {k: merge_scores([part[key][k] for part in parts]) for k in value}
+        elif isinstance(value, dict):  # per-attribute shares of this result's n
+            merged[key] = {k: total([part[key][k] for part in parts]) / n if n else 0.0 for k in value}
+        else:
+            merged[key] = total([part[key] for part in parts]) / n if n else 0.0
+    return merged
+
+
 def format_table(results: Mapping[str, dict] | dict, markdown: bool = True) -> str:
     """One row per named result (or a single result): n, overall and each attribute, in percent."""
     if "overall" in results:

@@ -17,12 +17,22 @@ DECODING_METHODS = ("sequential", "jacobi", "zipar")
 class SequentialOptions:
     """One decoder pass per image token (no options)."""
 
+    def check_bounds(self, vq) -> None:
+        """Nothing to bound: sequential decoding has no option."""
+
 
 @dataclass(frozen=True)
 class JacobiOptions:
     """Speculative Jacobi decoding: ``window`` draft tokens are refined and verified in each pass."""
 
     window: int = 16
+
+    def check_bounds(self, vq) -> None:
+        """The draft never needs more tokens than the image has; a larger window only costs memory and time
+        (each pass runs ``window`` rows)."""
+        if self.window > vq.num_tokens:
+            raise ArgumentError(f"decoding option window={self.window} for 'jacobi' exceeds the image's "
+                                f"{vq.num_tokens} tokens; choose 1..{vq.num_tokens}")
 
 
 @dataclass(frozen=True)
@@ -35,12 +45,18 @@ class ZipAROptions:
     def resolved_window(self, width: int) -> int:
         return max(1, width // 4) if self.window is None else self.window
 
+    def check_bounds(self, vq) -> None:
+        if self.window is not None and self.window > vq.grid:
+            raise ArgumentError(f"decoding option window={self.window} for 'zipar' exceeds the token grid's row "
+                                f"width ({vq.grid}); choose 1..{vq.grid} ({vq.grid} is sequential decoding)")
+
 
 OPTIONS = {"sequential": SequentialOptions, "jacobi": JacobiOptions, "zipar": ZipAROptions}
 
 
 def decoding_options(method: str, options: dict | None = None):
-    """``method`` and its options dict -> the method's options dataclass, every key and value checked."""
+    """``method`` and its options dict -> the method's options dataclass, every key and value checked (the
+    bounds that depend on the model by ``check_bounds(vq_config)``)."""
     if method not in OPTIONS:
         raise ArgumentError(f"unknown decoding method {method!r}; choose one of {', '.join(DECODING_METHODS)}")
     cls = OPTIONS[method]
