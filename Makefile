@@ -35,7 +35,7 @@ test-slow: setup
 
 # The Shapes world end to end on this machine: data, both visual tokenizers, three stages, report.
 demo: setup
-	$(VENV)/bin/unigen demo --out-dir demo_out
+	$(VENV)/bin/unigen demo --output-dir demo_out
 	@echo "open demo_out/index.html"
 
 # The web app (Gradio) on http://127.0.0.1:7860 with the shipped Shapes model; ARGS="--model DIR --port 0" etc.

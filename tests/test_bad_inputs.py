@@ -422,12 +422,12 @@ CASES = [
     ("merge-pickled-adapter", lambda e: ["merge", e.model, _adapter(e, "pickled"), e.tmp / "merged"], 1,
      r"adapter_model\.bin holds more than tensors and plain values", 1),
     # demo
-    ("demo-zero-eval-items", lambda e: ["demo", "--n-eval", "0", "--out-dir", e.tmp / "d"], 2,
+    ("demo-zero-eval-items", lambda e: ["demo", "--n-eval", "0", "--output-dir", e.tmp / "d"], 2,
      r"--n-eval: must be at least 1", 1),
-    ("demo-warmup-not-below-steps", lambda e: ["demo", "--vq-steps", "3", "--vq-warmup-steps", "3", "--out-dir",
+    ("demo-warmup-not-below-steps", lambda e: ["demo", "--vq-steps", "3", "--vq-warmup-steps", "3", "--output-dir",
                                                e.tmp / "d"], 2, r"--vq-warmup-steps must be in \[0, --vq-steps\)", 1),
-    ("demo-negative-seed", lambda e: ["demo", "--seed", "-1", "--out-dir", e.tmp / "d"], 2, r"a seed must be in", 1),
-    ("demo-zero-stage-steps", lambda e: ["demo", "--stage-steps", "1", "0", "1", "--out-dir", e.tmp / "d"], 2,
+    ("demo-negative-seed", lambda e: ["demo", "--seed", "-1", "--output-dir", e.tmp / "d"], 2, r"a seed must be in", 1),
+    ("demo-zero-stage-steps", lambda e: ["demo", "--stage-steps", "1", "0", "1", "--output-dir", e.tmp / "d"], 2,
      r"--stage-steps: must be at least 1", 1),
 ]
 

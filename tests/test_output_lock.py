@@ -98,10 +98,10 @@ def holder(tmp_path):
 def test_lock_refuses_a_second_holder_naming_the_pid_and_a_killed_holder_blocks_nothing(holder):
     folder, proc = holder
     with pytest.raises(OutputLockedError) as refused:
-        with hold_output_dir(folder, "--out-dir"):
+        with hold_output_dir(folder, "--output-dir"):
             pass
     assert str(refused.value) == (f"{folder} is in use by another unigen run (PID {proc.pid}); wait for it to "
-                                  "finish or pass another --out-dir")
+                                  "finish or pass another --output-dir")
     proc.kill()
     proc.wait()
     assert (folder / LOCK_NAME).exists()  # what a killed holder leaves: a stale PID, no lock
@@ -129,7 +129,7 @@ def test_generate_edit_and_demo_refuse_a_held_folder_in_one_line(holder, tiny_hf
                         "--output-dir"),
                        (["edit", source, "make it blue", "--model", model, "--device", "cpu", "--output-dir", folder],
                         "--output-dir"),
-                       (["demo", "--out-dir", folder, "--n-train", "2"], "--out-dir")):
+                       (["demo", "--output-dir", folder, "--n-train", "2"], "--output-dir")):
         code, out, err = cli(argv, capsys)
         assert code == 1, err
         assert [line for line in err.splitlines() if line.startswith("error")] == [

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,19 @@ from unigen.errors import ArgumentError
 from unigen.recipes import resolve
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: it still works and says, in one line, which flag replaces it
+    (``add_argument("--out-dir", action=DeprecatedFlag, new="--output-dir", dest="output_dir")``)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; pass {self.new} instead", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

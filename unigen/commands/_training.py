@@ -9,10 +9,9 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from unigen.errors import ArgumentError
-from unigen.output_lock import LOCK_NAME, hold_output_dir
+from unigen.output_lock import hold_output_dir
 
 RESUME_HELP = ("'latest' (continue the newest checkpoint in --output-dir, if any; 'auto' is the same) or a "
                "checkpoint folder. Without it a run refuses to replace an earlier run's checkpoints (overwrite=true "
@@ -49,25 +48,11 @@ def is_main_process() -> bool:
 
 @contextlib.contextmanager
 def hold_run_folder(folder: str | os.PathLike, flag: str = "--output-dir") -> Iterator[None]:
-    """The main process holds ``folder``'s lock for the whole run (``unigen.output_lock``); the other processes
-    of a launched run train under it without taking it. A run that fails leaves no lock file or folder it made
-    itself (and an earlier run's lock file as it was), so a refused input writes nothing."""
+    """The main process holds ``folder``'s lock for the whole run (``unigen.output_lock``, which leaves no lock
+    file and no folder it made empty behind); the other processes of a launched run train under it without
+    taking it."""
     if not is_main_process():
         yield
         return
-    folder = Path(folder)
-    lock = folder / LOCK_NAME
-    made_folder = not folder.exists()
-    earlier = lock.read_bytes() if lock.is_file() else None
     with hold_output_dir(folder, flag):
-        try:
-            yield
-        except BaseException:
-            if earlier is None:
-                lock.unlink(missing_ok=True)
-            else:
-                lock.write_bytes(earlier)
-            if made_folder:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only if the run wrote nothing else there
-            raise
+        yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from unigen.commands._common import DeprecatedFlag
 from unigen.generation.sampling_options import positive_int, seed_int
 from unigen.recipes import resolve
 
@@ -24,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from unigen.shapes.demo import DEMO_TASKS, DemoConfig
 
     d = DemoConfig()
-    p.add_argument("--out-dir", default=d.out_dir, help=f"output folder (default {d.out_dir})")
+    p.add_argument("--output-dir", default=d.out_dir, help=f"output folder (default {d.out_dir})")
+    p.add_argument("--out-dir", action=DeprecatedFlag, new="--output-dir", dest="output_dir")
     p.add_argument("--n-train", type=positive_int, default=d.n_train, help=f"training images (default {d.n_train})")
     p.add_argument("--vq-steps", type=positive_int, default=d.vq_steps,
                    help=f"VQ tokenizer steps (default {d.vq_steps})")
@@ -42,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=d.threads,
                    help="CPU threads (default 2); with 2 or more the VQ tokenizer and the SigLIP encoder train side "
                    "by side in two processes (1: one after the other, bitwise repeatable)")
-    p.add_argument("--recipe", default=d.recipe, type=resolve, help="training recipe (default train/shapes.yaml)")
+    p.add_argument("--config", default=d.recipe, type=resolve, help="training recipe (default train/shapes.yaml)")
+    p.add_argument("--recipe", action=DeprecatedFlag, new="--config", dest="config", type=resolve)
     p.add_argument("--vq-from", default=None, help="reuse this trained VQ tokenizer instead of training one")
     p.add_argument("--siglip-from", default=None, help="reuse this trained SigLIP encoder instead of training one")
     p.add_argument("--tasks", type=_tasks, default=d.tasks,
@@ -57,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from unigen.shapes.demo import DemoConfig, run_demo
 
     stage_steps = tuple(args.stage_steps) if args.stage_steps else None
-    config = DemoConfig(out_dir=args.out_dir, n_train=args.n_train, vq_steps=args.vq_steps,
+    config = DemoConfig(out_dir=args.output_dir, n_train=args.n_train, vq_steps=args.vq_steps,
                         vq_warmup_steps=args.vq_warmup_steps, siglip_steps=args.siglip_steps,
                         stage_steps=stage_steps, n_eval=args.n_eval,
-                        seed=args.seed, threads=args.threads, recipe=args.recipe, vq_from=args.vq_from,
+                        seed=args.seed, threads=args.threads, recipe=args.config, vq_from=args.vq_from,
                         siglip_from=args.siglip_from, overrides=tuple(args.overrides), tasks=args.tasks)
-    with hold_output_dir(config.out_dir, "--out-dir"):  # checked flags first: a refused run makes no folder
+    with hold_output_dir(config.out_dir, "--output-dir"):  # checked flags first: a refused run makes no folder
         run_demo(config)
     return 0
