@@ -1,7 +1,7 @@
 """Run folders: atomic files, resumable checkpoint folders and the one resume vocabulary, RNG state,
 the metrics log, device choice. Used by ``unigen train`` and both tokenizer trainers.
 
-Resume words (the same for ``unigen train --resume`` and the trainers' ``resume=`` key):
+Resume words (the same for ``--resume`` of ``unigen train``, ``train-vq`` and ``train-siglip``):
   ``None``      a fresh run; refuses to mix with an earlier run's checkpoints unless ``overwrite``
   ``"latest"``  the newest complete checkpoint, if any (``"auto"`` is accepted as an alias)
   a folder      that checkpoint

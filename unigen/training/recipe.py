@@ -90,7 +90,7 @@ class TrainRecipe:
     system_prompt: str = ""  # "" keeps prompts short for small models; None would use Janus's
     caption_dropout: float = 0.1  # generation samples trained on the unconditional (CFG) prompt
     loss_weighting: str = "token"  # token: every supervised token weighs the same | task: each task's mean loss
-    max_seq_len: int = 0  # longer understanding/text rows are cut on the right (0: the LLM's max positions)
+    max_seq_len: int = 0  # longer rows are skipped and listed in bad_samples.jsonl (0: the LLM's max positions)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (under a launcher each process takes its own GPU)
     parallel: str = "auto"  # auto (what the launcher configured: DDP, FSDP or DeepSpeed) | ddp | fsdp

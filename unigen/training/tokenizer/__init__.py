@@ -1,8 +1,11 @@
-"""Trainers for the two visual tokenizers of a unified model (see ``tokenizers/`` for recipes).
+"""Training tasks for the two visual tokenizers of a unified model (see ``tokenizers/`` for recipes), run by the
+one loop (``unigen.training.engine``).
 
+* ``trainer``        the tokenizer tasks' shared set-up, resume and checkpoints
 * ``vq_trainer``     LlamaGen VQ-16 image tokenizer for the generation path (``model.gen_vision_model``)
 * ``siglip_trainer`` small SigLIP image encoder trained from scratch with the sigmoid image-text loss,
                      for the understanding path (``model.vision_model``)
+* ``losses``, ``side_by_side``, ``shapes_recon``, ``vq_codes``, ``run_checks``, ``common``: their parts
 """
 
 from unigen.training.tokenizer.siglip_trainer import (
