@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,18 @@ def test_cli_help_documents_every_flag(capsys):
             assert " ".join(action.help.split())[:40] in page, (name, action.dest)
             has_default = action.default not in (None, False, [], ()) and action.option_strings
             assert not has_default or "default" in action.help, (name, action.dest, action.default)
+
+
+def test_demo_takes_the_training_vocabulary_and_its_old_spellings_warn(capsys):
+    """unigen demo says --output-dir and --config like unigen train; --out-dir and --recipe still work, each with a
+    one-line deprecation warning naming the new flag."""
+    from unigen.cli import build_parser
+
+    parser = build_parser()
+    new = parser.parse_args(["demo", "--output-dir", "d1", "--config", "train/smoke.yaml"])
+    assert capsys.readouterr().err == ""
+    old = parser.parse_args(["demo", "--out-dir", "d1", "--recipe", "train/smoke.yaml"])
+    assert (old.output_dir, old.config) == (new.output_dir, new.config) and new.output_dir == "d1"
+    assert Path(new.config).name == "smoke.yaml"
+    assert capsys.readouterr().err.splitlines() == ["warning: --out-dir is deprecated; pass --output-dir instead",
+                                                    "warning: --recipe is deprecated; pass --config instead"]

@@ -23,7 +23,7 @@ class DeprecatedFlag(argparse.Action):
     (``add_argument("--out-dir", action=DeprecatedFlag, new="--output-dir", dest="output_dir")``)."""
 
     def __init__(self, option_strings, dest, new: str, **kwargs):
-        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        super().__init__(option_strings, dest, help=f"deprecated spelling of {new}", **kwargs)
         self.new = new
 
     def __call__(self, parser, namespace, values, option_string=None):
