@@ -57,7 +57,7 @@ def sample_check(builder: BatchBuilder, mixture):
     vq = builder.model.config.vq
     rows = {"understanding": builder.understanding_row, "text": builder.text_row,
             "generation": lambda s: builder.generation_prompt(Pick("generation", s))}
-    weighted = {t for t, w in zip(TASKS, mixture, strict=True) if w > 0}
+    weighted = [t for t, w in zip(TASKS, mixture, strict=True) if w > 0]  # in TASKS order: one reason each run
 
     def check(s: Sample) -> str | None:
         if s.instruction is not None:
@@ -68,7 +68,7 @@ def sample_check(builder: BatchBuilder, mixture):
                 codes_fit(s.codes, vq.num_tokens, vq.codebook_size, s.source)
         except BadCodes as err:
             return str(err)
-        for task in weighted.intersection(s.tasks):
+        for task in (t for t in weighted if t in s.tasks):
             try:
                 rows[task](s)
             except TooLongError as err:
