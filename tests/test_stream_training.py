@@ -98,11 +98,14 @@ def one_process(shards, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["wds", "parquet"])
-def test_two_processes_train_what_one_process_trains_from_the_stream(shards, one_process, tmp_path, kind):
+@pytest.mark.parametrize(("kind", "parallel"), [("wds", "ddp"), ("parquet", "fsdp")])
+def test_two_processes_train_what_one_process_trains_from_the_stream(shards, one_process, tmp_path, kind, parallel):
     from test_train_resume import TORCHRUN, _same_run
 
-    run(cli(*COMMON, f"data={shards[kind]}", "--output-dir", tmp_path, "stage1.batch_size=4", launcher=TORCHRUN))
+    # FSDP: a share lacking a task another process has runs its weight-0 stand-in (the same modules everywhere)
+    done = run(cli(*COMMON, f"data={shards[kind]}", "--output-dir", tmp_path, "stage1.batch_size=4",
+                   f"parallel={parallel}", launcher=TORCHRUN))
+    assert f"{parallel}, 2 process(es)" in done.stderr
     _same_run(one_process, tmp_path)  # the parquet shards hold the tars' records: the same run
     bad = [json.loads(x) for x in (tmp_path / "bad_samples.jsonl").read_text().splitlines()]
     assert {r["reason"].split(" row: ")[0].split(":")[0] for r in bad} == {"the understanding", "unreadable"}
