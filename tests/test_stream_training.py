@@ -137,3 +137,15 @@ def test_a_checkpoint_of_other_data_is_named(tmp_path):
     (tmp_path / "data.json").unlink()
     with pytest.raises(CheckpointError, match="read a manifest, but this run reads streamed shards"):
         load_data_state(tmp_path, object())
+
+
+def test_data_names_streamed_shards_by_what_the_path_is(shards, tmp_path):
+    from unigen.data.shards import is_streamed, list_shards
+
+    folder = shards["wds"]
+    assert list_shards(f"{folder}/part-[02].tar") == [folder / "part-0.tar", folder / "part-2.tar"]
+    assert is_streamed(folder) and is_streamed(folder / "part-1.tar") and is_streamed(f"{folder}/*.tar")
+    manifest = folder.parent / "shapes" / "train.jsonl"
+    assert not is_streamed(manifest) and not is_streamed(manifest.parent)  # a manifest; a folder with no shards
+    with pytest.raises(FileNotFoundError, match=r"no shards \(.tar, .parquet, .arrow\) match .*nothing-\*.tar"):
+        list_shards(f"{tmp_path}/nothing-*.tar")
