@@ -7,6 +7,7 @@ from the in-memory task pools (``unigen.training.mixture``) or from streamed sha
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from unigen.training.metrics import TrainMetrics
 from unigen.training.mixture import share, step_micro_batches
 from unigen.training.recipe import TASKS, StageConfig, TrainRecipe
 from unigen.training.streamed import StreamedPicks
+
+log = logging.getLogger("unigen.training")
 
 
 def make_optimizer(model, groups: set[str], cfg: StageConfig) -> torch.optim.AdamW:
@@ -161,6 +164,10 @@ class StageTask:
         counts = parallel.all_reduce_sum(torch.tensor(local, dtype=torch.float64).sum(0),
                                          self.state.accelerator.device)
         total = float(counts.sum())
+        if not total and self.state.rank == 0:  # streamed data whose tasks the stage's mixture all weighs 0
+            log.warning("stage %d step %d: no sample of the streamed batch trains a task of this stage's mixture %s "
+                        "(%s); this step has nothing to learn from", self.stage, self.step + 1, list(cfg.mixture),
+                        " : ".join(TASKS))
         weights = task_weights(counts, self.recipe.loss_weighting)
         # DDP, FSDP and DeepSpeed average gradients over processes and accelerate divides by the accumulation
         # steps: undo both so the update is the gradient of the step's objective, sum(weights * task losses)
