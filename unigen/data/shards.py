@@ -22,8 +22,31 @@ from unigen.errors import DataError, DataNotFoundError
 SHARD_SUFFIXES = (".tar", ".parquet", ".arrow")
 
 
+def _glob(pattern: str) -> list[Path]:
+    path = Path(pattern).expanduser()
+    root = Path(path.anchor) if path.is_absolute() else Path(".")
+    return sorted(p for p in root.glob(str(path.relative_to(root))) if p.is_file())
+
+
+def is_streamed(source: str | Path) -> bool:
+    """Whether ``data=`` names streamed shards rather than a manifest: a shard file, a glob (``*``, ``?``,
+    ``[``), or a folder without ``metadata.jsonl`` that holds shard files."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if any(c in text for c in "*?[") or path.suffix in SHARD_SUFFIXES:
+        return True
+    return path.is_dir() and not (path / "metadata.jsonl").is_file() and any(
+        p.suffix in SHARD_SUFFIXES for p in path.rglob("*"))
+
+
 def list_shards(source: str | Path) -> list[Path]:
-    """One shard file, or every shard under a folder (recursive, sorted); one kind per dataset."""
+    """One shard file, every shard a glob matches, or every shard under a folder (recursive, sorted); one kind
+    per dataset."""
+    if any(c in str(source) for c in "*?["):
+        shards = [p for p in _glob(str(source)) if p.suffix in SHARD_SUFFIXES]
+        if not shards:
+            raise DataNotFoundError(f"no shards ({', '.join(SHARD_SUFFIXES)}) match {source}")
+        return _one_kind(shards, source)
     source = Path(source).expanduser()
     if source.is_dir():
         shards = sorted(p for p in source.rglob("*") if p.suffix in SHARD_SUFFIXES and p.is_file())
@@ -32,9 +55,13 @@ def list_shards(source: str | Path) -> list[Path]:
     else:
         raise DataNotFoundError(f"streamed data {source} does not exist (a shard file, or a folder of .tar, "
                                 ".parquet or .arrow shards)")
-    kinds = sorted({p.suffix for p in shards})
-    if not shards or kinds[0] not in SHARD_SUFFIXES:
+    if not shards:
         raise DataError(f"no shards ({', '.join(SHARD_SUFFIXES)}) found at {source}")
+    return _one_kind(shards, source)
+
+
+def _one_kind(shards: list[Path], source) -> list[Path]:
+    kinds = sorted({p.suffix for p in shards})
     if len(kinds) > 1:
         raise DataError(f"{source} mixes shard kinds {kinds}; keep one kind per dataset")
     return shards
@@ -84,8 +111,9 @@ def read_shard(path: Path) -> Iterator[dict]:
     return _tar_records(path) if path.suffix == ".tar" else _table_records(path)
 
 
-def record_sample(record: dict, where: str) -> tuple[Sample | None, str | None]:
-    """A raw record -> (its Sample with the decoded image, None) or (None, why it is a bad sample)."""
+def record_sample(record: dict, where: str, decode: bool = True) -> tuple[Sample | None, str | None]:
+    """A raw record -> (its Sample with the decoded image, None) or (None, why it is a bad sample).
+    ``decode=False``: the text alone is wanted (the image is left undecoded, unchecked)."""
     data = record.get("image")
     fields = {k: v for k, v in record.items() if k not in ("image", "file_name")}
     if data is not None:
@@ -97,7 +125,7 @@ def record_sample(record: dict, where: str) -> tuple[Sample | None, str | None]:
     except ManifestError as err:
         return None, str(err)
     sample.source = where
-    if data is not None:
+    if data is not None and decode:
         sample.image, problem = image_from_bytes(data)
         if problem is not None:
             return None, problem

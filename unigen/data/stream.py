@@ -8,13 +8,14 @@ process reads every shard's bytes but decodes only its own share: the price of t
 
 The position (epoch, shard, records read in it) after the last batch is :meth:`ShardStream.state_dict`; a
 stream given it back (:meth:`ShardStream.load_state_dict`) continues with the very next batch, mid-epoch.
-A bad record (an image beyond the bounds, corrupt, a malformed record) is skipped and listed in the run's
+A bad record (an image beyond the bounds, corrupt, a malformed record, or one the ``check`` given by the trainer
+refuses: codes its VQ could not have made, a row too long) is skipped and listed in the stream's
 :class:`~unigen.data.bad_samples.BadSamples`; the batch is that much smaller on the process that drew it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,13 +32,14 @@ class ShardStream:
     """Batches of :class:`Sample` (this process's share of each global batch of ``batch_size`` records)."""
 
     def __init__(self, source: str | Path, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
-                 bad: BadSamples | None = None):
+                 bad: BadSamples | None = None, check: Callable[[Sample], str | None] | None = None):
         if batch_size < 1 or world < 1 or not 0 <= rank < world or batch_size % world:
             raise ArgumentError(f"a global batch of {batch_size} cannot be split evenly over {world} process(es) "
                                 f"(rank {rank})")
         self.shards = list_shards(source)
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.bad = BadSamples() if bad is None else bad
+        self.check = check  # a decoded sample -> why the trainer cannot use it, or None
         self.position = {"epoch": 0, "shard": 0, "offset": 0}
         self.seen = 0
 
@@ -73,16 +75,20 @@ class ShardStream:
                 raise DataError(f"the {len(order)} shard(s) of the streamed data hold no records")
             epoch, shard = epoch + 1, 0
 
-    def __iter__(self) -> Iterator[list[Sample]]:
+    def indexed(self) -> Iterator[list[tuple[int, Sample]]]:
+        """This process's share of each global batch: (the sample's index in the global batch, the sample)."""
         records = self._records()
         share = self.batch_size // self.world
         while True:
             batch = [next(records) for _ in range(self.batch_size)]
             samples = []
-            for _, record, where in batch[self.rank * share:(self.rank + 1) * share]:
+            for i in range(self.rank * share, (self.rank + 1) * share):
+                _, record, where = batch[i]
                 sample, problem = record_sample(record, where)
+                if problem is None and self.check is not None:
+                    problem = self.check(sample)
                 if problem is None:
-                    samples.append(sample)
+                    samples.append((i, sample))
                 else:
                     self.bad.add(where, problem)
             self.seen += share
@@ -90,3 +96,18 @@ class ShardStream:
                 self.bad.check_share(self.seen, "streamed samples")
             self.position = batch[-1][0]
             yield samples
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        return ([sample for _, sample in batch] for batch in self.indexed())
+
+
+def text_samples(source: str | Path) -> Iterator[Sample]:
+    """Every record's sample in stored order, images left undecoded: the texts a fresh model's tokenizer learns
+    (one pass over the shards; malformed records are left out here and listed when training reaches them)."""
+    from tqdm.auto import tqdm
+
+    for shard in tqdm(list_shards(source), desc="reading texts", unit="shard", leave=False, mininterval=1.0):
+        for i, record in enumerate(read_shard(shard)):
+            sample, _ = record_sample(record, f"{shard}:{i}", decode=False)
+            if sample is not None:
+                yield sample

@@ -5,7 +5,8 @@
   optimizer.pt         optimizer state (gathered in full under FSDP)     | DeepSpeed: accelerate's
   scheduler.pt         learning-rate schedule                           | save_state files instead
   rng_<rank>.pt        every RNG of every process
-  progress.json        stage and step: the data position (batches are a function of the step)
+  progress.json        stage and step: the data position (in-memory pools: batches are a function of the step)
+  data.json            streamed data only: the stream's position and the samples skipped so far
 
 Every process writes into ``.tmp-step_XXXXXXX`` and rank 0 renames it when all are done, so a folder under
 its real name is always complete; the oldest beyond ``keep_last`` are deleted. ``stageN/final`` is written
@@ -34,6 +35,7 @@ from unigen.training.parallel import barrier
 __all__ = ["Adapter", "TrainingState", "checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress",
            "rng_state", "save_checkpoint", "save_final", "set_rng_state"]
 TRAINED = "trained.json"  # in stageN/final: {"stage", "step", "steps"}
+DATA = "data.json"  # in a checkpoint of a stage trained from streamed data
 
 
 class Adapter(NamedTuple):
@@ -51,7 +53,7 @@ class TrainingState:
     """What a stage checkpoint saves and restores, and how it is spread over processes: the wrapped training
     module (DDP/FSDP/DeepSpeed) and the model inside it, its processor, the optimizer (as wrapped) and schedule,
     the parallel ``kind`` and this process's ``rank``; ``adapter``: a LoRA stage's adapters, saved instead of the
-    whole model."""
+    whole model; ``data``: streamed data (``state_dict``/``load_state_dict``: its position), or None."""
 
     wrapped: Any
     model: Any
@@ -62,6 +64,7 @@ class TrainingState:
     kind: str
     rank: int
     adapter: Adapter | None = None
+    data: Any = None
 
 
 def trained_steps(final: Path) -> tuple[int, int] | None:
@@ -208,6 +211,8 @@ def _write_checkpoint(tmp: Path, state: TrainingState, stage: int, step: int) ->
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
     if rank == 0:
         (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
+        if state.data is not None:
+            (tmp / DATA).write_text(json.dumps(state.data.state_dict()) + "\n")
 
 
 def _optimizer_state(wrapped, optimizer, kind: str):
@@ -251,5 +256,23 @@ def load_checkpoint(path: Path, state: TrainingState) -> int:
     if rng.is_file():  # a run resumed on more processes than it was saved with keeps fresh RNG on the new ones
         set_rng_state(load_state_file(rng))
     step = int(read_progress(path)["step"])
+    load_data_state(path, state.data)
     state.scheduler.set_step(step)
     return step
+
+
+def load_data_state(path: Path, data) -> None:
+    """Streamed data continues from the checkpoint's position; a checkpoint of the other kind of data is named."""
+    saved = path / DATA
+    streamed = saved.is_file()
+    if streamed != (data is not None):
+        was, now = ("streamed shards", "a manifest") if streamed else ("a manifest", "streamed shards")
+        raise CheckpointError(f"{path} was saved by a run that read {was}, but this run reads {now}; resume with "
+                              "the same data=")
+    if not streamed:
+        return
+    try:
+        state = json.loads(saved.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{saved} is damaged ({err}); resume from another checkpoint") from err
+    data.load_state_dict(state)

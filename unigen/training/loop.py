@@ -1,7 +1,8 @@
 """One training stage's set-up: where its weights start (a checkpoint, the previous stage, a fresh model, or LoRA
 adapters over a base, unigen.training.lora), the processes (unigen.training.parallel), resume, and the run
 folder; then the stage trains as a task of the one loop (``unigen.training.stage.StageTask`` in
-``unigen.training.engine.run_loop``) and ends in atomic final weights."""
+``unigen.training.engine.run_loop``) and ends in atomic final weights. ``data=`` is a manifest (read whole, into
+task pools) or streamed shards (``unigen.data.shards.is_streamed``; ``unigen.training.streamed``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from unigen.config_io import config_to_dict
 from unigen.data.bad_samples import BadSamples
 from unigen.data.checks import check_codes, check_sample_files
 from unigen.data.manifest import read_samples
+from unigen.data.shards import is_streamed, list_shards
+from unigen.data.stream import ShardStream, text_samples
 from unigen.errors import ArgumentError, ConfigError, OutputExistsError
 from unigen.models.param_groups import set_trainable, stage_groups
 from unigen.runs import setup_logging
@@ -33,6 +36,7 @@ from unigen.training.recipe import TASKS, TrainRecipe
 from unigen.training.stage import StageTask, make_optimizer, make_scheduler, task_weights
 from unigen.training.start import load_pretrained, load_start, lora_base, stage_dir, start_source
 from unigen.training.step import TrainStep
+from unigen.training.streamed import StreamBatchBuilder, StreamedPicks, sample_check, stand_ins
 
 __all__ = ["check_lora_run", "make_optimizer", "make_scheduler", "run_stage", "task_weights"]
 
@@ -96,6 +100,7 @@ class Request:
     steps: int  # where this run stops
     resume_from: Path | None = None
     base: str | None = None  # a LoRA stage: the checkpoint its adapters adapt
+    streamed: bool = False  # data= names shards, read as a stream
 
     @property
     def cfg(self):
@@ -186,15 +191,27 @@ def usable_pools(samples, bad: BadSamples, builder: BatchBuilder) -> dict:
     return pools
 
 
+def open_stream(req: Request, builder: BatchBuilder, rank: int, world: int, bad: BadSamples) -> StreamedPicks:
+    """This process's share of the streamed shards; what it skips is listed in ``bad`` at each checkpoint."""
+    recipe, cfg = req.recipe, req.cfg
+    stream = ShardStream(recipe.data, cfg.batch_size * world, seed=recipe.seed, rank=rank, world=world,
+                         bad=BadSamples(recipe.max_bad_fraction), check=sample_check(builder, cfg.mixture))
+    return StreamedPicks(stream, cfg.mixture, seed=recipe.seed, stage=req.stage, grad_accum=cfg.grad_accum,
+                         caption_dropout=recipe.caption_dropout, bad=bad)
+
+
 def build_task(req: Request, accelerator, kind: str, samples, bad: BadSamples) -> StageTask:
     """Model, trainable groups, wrapped module, optimizer and schedule (resumed if asked), the run folder."""
     recipe, stage, cfg = req.recipe, req.stage, req.cfg
     rank, world = accelerator.process_index, accelerator.num_processes
     model, processor = load_model(req, accelerator, samples)
-    builder = BatchBuilder(model, processor, recipe.question, recipe.max_seq_len)
-    pools = usable_pools(samples, bad, builder)
+    builder = (StreamBatchBuilder if req.streamed else BatchBuilder)(model, processor, recipe.question,
+                                                                     recipe.max_seq_len)
+    pools = {} if req.streamed else usable_pools(samples, bad, builder)
     groups, adapter = choose_trainable(req, model, kind)
-    check_tasks(pools, cfg, groups, stage)
+    data = open_stream(req, builder, rank, world, bad) if req.streamed else None
+    # streamed: any task may come, so each task the mixture weighs must reach a trained group
+    check_tasks(dict.fromkeys(TASKS, [None]) if req.streamed else pools, cfg, groups, stage)
     if rank == 0:
         parallel.log_trainable(model, groups, stage)
         log.info("stage %d: %s, %d process(es), global batch %d x %d micro-batch(es)", stage, kind, world,
@@ -207,7 +224,7 @@ def build_task(req: Request, accelerator, kind: str, samples, bad: BadSamples) -
 
     wrapped, optimizer = parallel.wrap(accelerator, kind, TrainStep(model), optimizer_factory, cfg, recipe.grad_clip)
     state = ckpt.TrainingState(wrapped, model, processor, optimizer, make_scheduler(raw["optimizer"], cfg),
-                               accelerator, kind, rank, adapter)
+                               accelerator, kind, rank, adapter, data)
     start = 0
     if req.resume_from is not None:
         start = ckpt.load_checkpoint(req.resume_from, state)
@@ -222,7 +239,8 @@ def build_task(req: Request, accelerator, kind: str, samples, bad: BadSamples) -
     if metrics is not None:
         metrics.rewind(start)
     return StageTask(recipe, stage, state, builder, pools, metrics, stage_dir(recipe, stage) / "checkpoints",
-                     req.steps, start, req.resume_from, raw["optimizer"], [state.scheduler])
+                     req.steps, start, req.resume_from, raw["optimizer"], [state.scheduler], data,
+                     stand_ins(builder, recipe.question) if req.streamed else None)
 
 
 def finish(task: StageTask) -> Path:
@@ -231,6 +249,7 @@ def finish(task: StageTask) -> Path:
     done = max(task.step, task.steps)
     if done < cfg.steps and not (task.ckpt_root / runs.step_dir_name(done)).is_dir():
         task.save_checkpoint(done)  # the stage is not finished, and --resume latest continues it from here
+    task.write_bad_samples()
     final = ckpt.save_final(stage_dir(task.recipe, task.stage), task.state, stage=task.stage, step=done,
                             steps=cfg.steps)
     if task.metrics is not None:
@@ -256,9 +275,15 @@ def run_stage(recipe: TrainRecipe, stage: int, *, init_from: str | None = None, 
     accelerator = parallel.make_accelerator(recipe, cfg.grad_accum)
     kind = parallel.strategy(accelerator, recipe)
     bad = BadSamples(recipe.max_bad_fraction)
-    samples, _ = check_sample_files(read_samples(recipe.data), bad)
+    streamed = is_streamed(recipe.data)
+    if streamed:  # a fresh model's tokenizer reads the texts (one pass); images are decoded as training reaches them
+        list_shards(recipe.data)  # no shards: named before any work
+        samples = text_samples(recipe.data)
+    else:
+        samples, _ = check_sample_files(read_samples(recipe.data), bad)
     steps = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     req = plan_request(recipe, stage, init_from, resume, steps, accelerator, kind)
+    req.streamed = streamed
     task = build_task(req, accelerator, kind, samples, bad)
     run_loop(task, steps, desc=f"stage {stage}", progress=progress and accelerator.process_index == 0)
     return finish(task)

@@ -1,10 +1,13 @@
 """The unified-model stage as a task of the one loop (``unigen.training.engine.run_loop``): a step's micro-batches
 of every task, token-normalised losses over micro-batches and processes, the update, metrics and checkpoints.
-Its set-up (start weights, LoRA, parallelism, resume) is ``unigen.training.loop.run_stage``."""
+Its set-up (start weights, LoRA, parallelism, resume) is ``unigen.training.loop.run_stage``. Its samples come
+from the in-memory task pools (``unigen.training.mixture``) or from streamed shards (``unigen.training.streamed``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,9 @@ from unigen.training.lr_schedule import WarmupCosine, lr_at
 from unigen.training.metrics import TrainMetrics
 from unigen.training.mixture import share, step_micro_batches
 from unigen.training.recipe import TASKS, StageConfig, TrainRecipe
+from unigen.training.streamed import StreamedPicks
+
+log = logging.getLogger("unigen.training")
 
 
 def make_optimizer(model, groups: set[str], cfg: StageConfig) -> torch.optim.AdamW:
@@ -46,7 +52,10 @@ def task_weights(counts: torch.Tensor, weighting: str) -> torch.Tensor:
 
     ``token``: every supervised token weighs the same, so an image's 64 codes outweigh a 9-token caption 7:1.
     ``task``: each task's mean token loss, averaged over the tasks present in the step.
+    A step without supervised tokens (streamed data may hold none for the stage) weighs nothing.
     """
+    if not counts.any():
+        return torch.zeros_like(counts)
     if weighting == "token":
         return torch.full_like(counts, 1.0 / float(counts.sum()))
     present = counts > 0
@@ -75,6 +84,8 @@ class StageTask:
     last_good: Path | None = None
     raw_optimizer: torch.optim.Optimizer | None = None  # the optimizer the schedule sets (DeepSpeed wraps it)
     schedulers: list = field(default_factory=list)
+    data: StreamedPicks | None = None  # streamed shards instead of ``pools``
+    stand_ins: dict | None = None  # streamed: a weight-0 row of each task, for a share that lacks it
 
     @property
     def cfg(self) -> StageConfig:
@@ -86,6 +97,8 @@ class StageTask:
 
     def micro_batches(self) -> list[dict]:
         """This process's share of the step's micro-batches."""
+        if self.data is not None:
+            return self.streamed_micro_batches()
         cfg, rank, world = self.cfg, self.state.rank, self.world
         micro = step_micro_batches(self.pools, cfg.mixture, seed=self.recipe.seed, stage=self.stage, step=self.step,
                                    size=cfg.batch_size * world, grad_accum=cfg.grad_accum,
@@ -98,6 +111,20 @@ class StageTask:
                 for p in picks:
                     fill.setdefault(p.task, p)
             batches.append(self.builder.build(share(picks, rank, world), fill))
+        return batches
+
+    def streamed_micro_batches(self) -> list[dict]:
+        """This process's picks from the stream; a task another process has here and this one lacks runs as a
+        stand-in row of weight 0 (and a micro-batch nobody has a sample of runs the stand-in of one task)."""
+        micro = self.data.step_picks(self.step)
+        local = torch.tensor([[any(p.task == t for p in picks) for t in TASKS] for picks in micro], dtype=torch.float64)
+        anywhere = parallel.all_reduce_sum(local.clone(), self.state.accelerator.device)
+        batches = []
+        for picks, here, there in zip(micro, local, anywhere, strict=True):
+            lacking = [t for k, t in enumerate(TASKS) if there[k] and not here[k]]
+            if not there.any():
+                lacking = [self.data.fallback]
+            batches.append(self.builder.build(picks, {t: self.stand_ins[t] for t in lacking}))
         return batches
 
     def accumulate(self, batches: list[dict], scale: torch.Tensor) -> torch.Tensor:
@@ -137,6 +164,10 @@ class StageTask:
         counts = parallel.all_reduce_sum(torch.tensor(local, dtype=torch.float64).sum(0),
                                          self.state.accelerator.device)
         total = float(counts.sum())
+        if not total and self.state.rank == 0:  # streamed data whose tasks the stage's mixture all weighs 0
+            log.warning("stage %d step %d: no sample of the streamed batch trains a task of this stage's mixture %s "
+                        "(%s); this step has nothing to learn from", self.stage, self.step + 1, list(cfg.mixture),
+                        " : ".join(TASKS))
         weights = task_weights(counts, self.recipe.loss_weighting)
         # DDP, FSDP and DeepSpeed average gradients over processes and accelerate divides by the accumulation
         # steps: undo both so the update is the gradient of the step's objective, sum(weights * task losses)
@@ -161,7 +192,15 @@ class StageTask:
         if every and self.step % every == 0 and self.step < until:
             self.save_checkpoint(self.step)
 
+    def write_bad_samples(self) -> None:
+        """Streamed: the samples every process skipped so far, in the run's bad_samples.jsonl (collective)."""
+        if self.data is not None:
+            self.data.gather_bad()
+            if self.state.rank == 0:
+                self.data.bad.write(self.recipe.output_dir)
+
     def save_checkpoint(self, step: int) -> Path:
+        self.write_bad_samples()
         self.last_good = ckpt.save_checkpoint(self.ckpt_root, self.state, stage=self.stage, step=step,
                                               keep_last=self.recipe.keep_last)
         return self.last_good

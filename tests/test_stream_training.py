@@ -1,0 +1,151 @@
+"""A stage trained from streamed shards (WebDataset tars, datasets' parquet files): the stream's order decides the
+samples, two processes train what one does, and a run killed mid-epoch resumes bitwise."""
+
+import json
+
+import pytest
+import torch
+from train_common import cli, kill_in_checkpoint_15, losses, run, weights
+
+from unigen.errors import CheckpointError
+from unigen.shapes import write_dataset
+
+pytest.importorskip("webdataset")
+pytest.importorskip("datasets")
+
+SPLIT = [(0, 7), (7, 16), (16, 27)]  # three shards of unequal size
+LONG = "red " * 600  # more tokens than the smoke model's 512 positions
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict:
+    """24 Shapes samples, a torn image, a caption too long for the model and a text-only line (passed over by
+    stage 1, whose mixture gives text weight 0), as WebDataset tars and as parquet files."""
+    import datasets
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("stream")
+    manifest = write_dataset(root / "shapes", 24, seed=3)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    items = [{"image": (manifest.parent / r["image"]).read_bytes(), "caption": r["caption"], "text": None}
+             for r in rows]
+    items.insert(5, {"image": items[0]["image"][:70], "caption": "a torn image", "text": None})
+    items.insert(11, {"image": items[1]["image"], "caption": LONG, "text": None})
+    items.insert(20, {"image": None, "caption": None, "text": "a red circle and a blue square"})
+    for kind in ("wds", "parquet"):
+        (root / kind).mkdir()
+    for n, (a, b) in enumerate(SPLIT):
+        with wds.TarWriter(str(root / "wds" / f"part-{n}.tar")) as tar:
+            for i in range(a, b):
+                it = items[i]
+                extra = {"png": it["image"], "txt": it["caption"]} if it["text"] is None else \
+                    {"json": json.dumps({"text": it["text"]}).encode()}
+                tar.write({"__key__": f"{i:05d}", **extra})
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "text": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({k: [it[k] if k != "image" or it[k] is None else {"bytes": it[k], "path": None}
+                                            for it in items] for k in ("image", "caption", "text")},
+                                       features=features)
+    for n, (a, b) in enumerate(SPLIT):
+        table.select(range(a, b)).to_parquet(str(root / "parquet" / f"part-{n}.parquet"))
+    return {"wds": root / "wds", "parquet": root / "parquet"}
+
+
+def _picks(kind_dir, rank, world, grad_accum=2, steps=8, state=None):
+    from unigen.data.bad_samples import BadSamples
+    from unigen.data.stream import ShardStream
+    from unigen.training.streamed import StreamedPicks
+
+    stream = ShardStream(kind_dir, 6, seed=3, rank=rank, world=world)
+    picks = StreamedPicks(stream, (1.0, 0.0, 3.0), seed=3, stage=1, grad_accum=grad_accum, caption_dropout=0.3,
+                          bad=BadSamples())
+    if state is not None:
+        picks.load_state_dict(state)
+    first = 0 if state is None else steps // 2
+    return picks, [[[(p.task, p.dropped, p.sample.caption, p.sample.image.tobytes()) for p in mb]
+                    for mb in picks.step_picks(step)] for step in range(first, steps)]
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet"])
+def test_each_process_picks_its_share_of_what_one_process_picks_and_resumes_mid_epoch(shards, kind):
+    one, whole = _picks(shards[kind], 0, 1)
+    (r0, a), (r1, b) = _picks(shards[kind], 0, 2), _picks(shards[kind], 1, 2)
+    assert [[x + y for x, y in zip(sa, sb, strict=True)] for sa, sb in zip(a, b, strict=True)] == whole
+    tasks = [p[0] for step in whole for mb in step for p in mb]
+    assert {"understanding", "generation"} == set(tasks)  # the text-only line never trains in stage 1
+    assert any(p[1] for step in whole for mb in step for p in mb)  # caption dropout drawn per position
+    for picks in (one, r0, r1):
+        picks.gather_bad()
+    reasons = sorted({r["reason"].split(":")[0] for r in one.bad.rows})
+    assert reasons == ["unreadable"]  # no check given here: the long caption is kept; the torn image is not
+    assert sorted(map(json.dumps, r0.bad.rows + r1.bad.rows)) == sorted(map(json.dumps, one.bad.rows))
+    # halfway, mid-epoch: 4 steps x 12 records of 27
+    half, _ = _picks(shards[kind], 0, 1, steps=4)
+    state = json.loads(json.dumps(half.state_dict()))
+    assert state["stream"]["epoch"] == 1 and state["stream"]["offset"] > 0
+    _, rest = _picks(shards[kind], 0, 1, state=state)
+    assert rest == whole[4:]
+
+
+GROUPS = "stage1.groups=[aligner,gen_aligner,gen_embed,gen_head,llm]"
+COMMON = ("--stage", 1, "stage1.steps=4", GROUPS, "max_bad_fraction=0.2")
+
+
+@pytest.fixture(scope="module")
+def one_process(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    run(cli(*COMMON, f"data={shards['wds']}", "--output-dir", out, "stage1.batch_size=8"))
+    return out
+
+
+@pytest.mark.parametrize(("kind", "parallel"), [("wds", "ddp"), ("parquet", "fsdp")])
+def test_two_processes_train_what_one_process_trains_from_the_stream(shards, one_process, tmp_path, kind, parallel):
+    from test_train_resume import TORCHRUN, _same_run
+
+    # FSDP: a share lacking a task another process has runs its weight-0 stand-in (the same modules everywhere)
+    done = run(cli(*COMMON, f"data={shards[kind]}", "--output-dir", tmp_path, "stage1.batch_size=4",
+                   f"parallel={parallel}", launcher=TORCHRUN))
+    assert f"{parallel}, 2 process(es)" in done.stderr
+    _same_run(one_process, tmp_path)  # the parquet shards hold the tars' records: the same run
+    bad = [json.loads(x) for x in (tmp_path / "bad_samples.jsonl").read_text().splitlines()]
+    assert {r["reason"].split(" row: ")[0].split(":")[0] for r in bad} == {"the understanding", "unreadable"}
+
+
+def test_a_streamed_run_killed_mid_epoch_resumes_bitwise(shards, tmp_path):
+    common = ["--stage", "1", f"data={shards['parquet']}", "stage1.steps=20", "stage1.batch_size=4",
+              "max_bad_fraction=0.2"]
+    run(cli("--output-dir", tmp_path / "a", *common))
+    kill_in_checkpoint_15("--output-dir", tmp_path / "b", "--save-every", 5, *common, ready=tmp_path / "in-ckpt-15")
+    ckpts = tmp_path / "b" / "stage1" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step_0000015", "step_0000005", "step_0000010"]
+    position = json.loads((ckpts / "step_0000010" / "data.json").read_text())["stream"]
+    assert position["epoch"] == 1 and position["offset"] > 0  # 40 of 27 records read: mid-epoch, mid-shard
+    run(cli("--output-dir", tmp_path / "b", "--save-every", 5, "--resume", "latest", *common))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    wa, wb = weights(tmp_path / "a" / "stage1" / "final"), weights(tmp_path / "b" / "stage1" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    listed = [(tmp_path / x / "bad_samples.jsonl").read_text() for x in ("a", "b")]
+    assert listed[0] == listed[1] and len(listed[0].splitlines()) >= 4  # each bad record, each epoch
+
+
+def test_a_checkpoint_of_other_data_is_named(tmp_path):
+    from unigen.training.checkpoints import load_data_state
+
+    (tmp_path / "data.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="read streamed shards, but this run reads a manifest; resume with"):
+        load_data_state(tmp_path, None)
+    (tmp_path / "data.json").unlink()
+    with pytest.raises(CheckpointError, match="read a manifest, but this run reads streamed shards"):
+        load_data_state(tmp_path, object())
+
+
+def test_data_names_streamed_shards_by_what_the_path_is(shards, tmp_path):
+    from unigen.data.shards import is_streamed, list_shards
+
+    folder = shards["wds"]
+    assert list_shards(f"{folder}/part-[02].tar") == [folder / "part-0.tar", folder / "part-2.tar"]
+    assert is_streamed(folder) and is_streamed(folder / "part-1.tar") and is_streamed(f"{folder}/*.tar")
+    manifest = folder.parent / "shapes" / "train.jsonl"
+    assert not is_streamed(manifest) and not is_streamed(manifest.parent)  # a manifest; a folder with no shards
+    with pytest.raises(FileNotFoundError, match=r"no shards \(.tar, .parquet, .arrow\) match .*nothing-\*.tar"):
+        list_shards(f"{tmp_path}/nothing-*.tar")
