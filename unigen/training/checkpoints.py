@@ -29,6 +29,7 @@ import torch
 
 import unigen.training.lora as lora
 from unigen.errors import CheckpointError
+from unigen.models.checkpoint import save_model
 from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name, writing
 from unigen.training.parallel import barrier
 
@@ -125,7 +126,6 @@ def adapter_state(model, kind: str) -> dict | None:
 def save_weights(directory: Path, wrapped, model, processor, kind: str, rank: int) -> None:
     state = full_model_state(wrapped, model, kind) if kind == "fsdp" or rank == 0 else None
     if rank == 0:
-        from unigen.models.checkpoint import save_model
 
         save_model(_Weights(state, model.config), directory)
         processor.save_pretrained(directory)

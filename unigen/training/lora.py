@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from unigen.errors import CheckpointError, ConfigError
+from unigen.models.model import UniGenModel
 from unigen.models.param_groups import GROUPS, parameter_groups
 from unigen.runs import load_state_file
 
@@ -290,7 +291,6 @@ def merge(peft_model) -> nn.Module:
 def merge_saved(base: str, adapter_dir: Path) -> nn.Module:
     """A saved adapter folded into a fresh float copy of its base: the merge where the training model cannot merge
     in place (FSDP shards; a QLoRA base is quantized, and the adapters are folded into its float weights)."""
-    from unigen import UniGenModel
 
     return merge(load_adapter(UniGenModel.from_pretrained(base), adapter_dir))
 

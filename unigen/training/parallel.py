@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from unigen.models.param_groups import parameter_groups
+from unigen.models.precision import resolve_amp
+from unigen.runs import resolve_device
 
 log = logging.getLogger("unigen.training")
 
@@ -29,11 +31,9 @@ def make_accelerator(recipe, grad_accum: int):
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
-    from unigen.models.precision import resolve_amp
 
     # accelerate keeps one global state; a new stage (maybe another precision or accumulation) starts it anew
     AcceleratorState._reset_state(reset_partial_state=False)
-    from unigen.runs import resolve_device
 
     # on a machine without CUDA, accelerate only reads torchrun's environment as multi-process with cpu=True
     cpu = resolve_device(recipe.device, auto=("cuda",)).type == "cpu"  # device=cuda without CUDA: named

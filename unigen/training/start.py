@@ -6,11 +6,15 @@ from pathlib import Path
 
 import torch
 
+from unigen.config import UniGenConfig
 from unigen.data.manifest import Sample
 from unigen.errors import CheckpointNotFoundError, ConfigError
 from unigen.models.model import UniGenModel
-from unigen.processor import UniGenProcessor
+from unigen.processor import JANUS_SYSTEM_PROMPT, UniGenProcessor, prompt_format
+from unigen.text_tokenizer import special_token_ids, train_text_tokenizer
 from unigen.training.recipe import TrainRecipe
+from unigen.training.tokenizer.siglip_trainer import load_siglip_into
+from unigen.training.tokenizer.vq_trainer import load_vq_into
 
 
 def stage_dir(recipe: TrainRecipe, stage: int) -> Path:
@@ -19,9 +23,6 @@ def stage_dir(recipe: TrainRecipe, stage: int) -> Path:
 
 def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel, UniGenProcessor]:
     """A new model of the recipe's size with a word-level tokenizer trained on the data's text."""
-    from unigen.config import UniGenConfig
-    from unigen.processor import JANUS_SYSTEM_PROMPT, prompt_format
-    from unigen.text_tokenizer import special_token_ids, train_text_tokenizer
 
     config = UniGenConfig.from_dict(recipe.model)
     config.system_prompt = recipe.system_prompt
@@ -40,11 +41,9 @@ def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel
     torch.manual_seed(recipe.seed)
     model = UniGenModel(config)
     if recipe.vq_from:
-        from unigen.training.tokenizer.vq_trainer import load_vq_into
 
         load_vq_into(model, recipe.vq_from)
     if recipe.siglip_from:
-        from unigen.training.tokenizer.siglip_trainer import load_siglip_into
 
         load_siglip_into(model, recipe.siglip_from)
     return model, UniGenProcessor(tokenizer, config)

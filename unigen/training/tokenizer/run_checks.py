@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from unigen.errors import CheckpointError, ConfigError
+from unigen.models.checkpoint import _load_safetensors
 
 AT_LEAST_ONE = ("steps", "batch_size", "log_every", "eval_every", "save_every", "keep_last")
 
@@ -38,7 +39,6 @@ def read_json_object(path: Path) -> dict:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from unigen.models.checkpoint import _load_safetensors
 
     if not Path(path).is_file():
         raise CheckpointError(f"{path} is missing; the folder holds no trained weights")

@@ -36,6 +36,7 @@ from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
 from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
 from unigen.training.tokenizer.trainer import Trainer
+from unigen.training.tokenizer.vq_trainer import _check_same
 
 log = logging.getLogger("unigen.training.tokenizer")
 
@@ -172,7 +173,6 @@ def load_siglip(directory: str | Path, device="cpu") -> SigLIPEncoder:
 
 def load_siglip_into(model, directory: str | Path) -> None:
     """Put the trained image tower into ``UniGenModel.vision_model``; the architectures must match."""
-    from unigen.training.tokenizer.vq_trainer import _check_same
 
     _check_same(model.config.vision, load_siglip_config(directory).vision, _ARCH_FIELDS, "SigLIP encoder", directory)
     model.vision_model.load_state_dict(_vision_state(Path(directory)))

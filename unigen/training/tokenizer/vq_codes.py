@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from unigen.data.jsonl import read_json_lines
 from unigen.processor import generation_pixels
 from unigen.runs import write_text
+from unigen.training.tokenizer.vq_trainer import load_vq
 
 
 @torch.no_grad()
@@ -23,7 +24,6 @@ def add_vq_codes(manifest: str | Path, vq_dir: str | Path, out: str | Path, batc
                  progress: bool = True) -> Path:
     """Copy ``manifest`` to ``out`` (same folder, so relative image paths still resolve) with ``"codes"`` on
     every caption line; other lines are copied unchanged."""
-    from unigen.training.tokenizer.vq_trainer import load_vq
 
     manifest, out = Path(manifest), Path(out)
     if out.resolve().parent != manifest.resolve().parent:
