@@ -111,7 +111,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temp_fold
                                                                                      monkeypatch):
     out = tmp_path / "run"
     if command == "train":  # the stage's model weights; the first write is the --save-every 1 checkpoint
-        monkeypatch.setattr("unigen.models.checkpoint.save_model", _disk_full)
+        monkeypatch.setattr("unigen.training.checkpoints.save_model", _disk_full)
         argv = ["train", "--config", str(SMOKE), "tensorboard=false", "--stage", "1", f"data={data}",
                 "stage1.steps=2", "stage1.batch_size=2", "--save-every", "1"]
         writing = out / "stage1" / "checkpoints" / "step_0000001"
