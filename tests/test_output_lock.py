@@ -172,6 +172,7 @@ def test_sigterm_during_generate_overwrite_leaves_the_earlier_set_whole(tiny_hf_
     assert "removed 1 image(s) of the earlier run" in err
 
 
+@pytest.mark.slow  # a subprocess per case (~17 s); generate's SIGTERM case runs by default
 def test_sigterm_during_the_swap_waits_for_the_new_set(tiny_hf_janus, tmp_path, capsys):
     """SIGTERM after the swap has begun (one file moved) takes effect once the new set is whole (and a SIGTERM'd
     run, like a Ctrl-C'd one, removes its lock and staging folder)."""
@@ -190,6 +191,7 @@ def test_sigterm_during_the_swap_waits_for_the_new_set(tiny_hf_janus, tmp_path, 
     assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "image_000.png"]
 
 
+@pytest.mark.slow  # a subprocess per case (~17 s); generate's SIGTERM case runs by default
 def test_sigterm_during_edit_overwrite_leaves_the_earlier_outputs(tiny_hf_janus, tmp_path, capsys):
     model, folder = tiny_hf_janus[1], tmp_path / "out"
     sources = []

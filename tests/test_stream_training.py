@@ -98,6 +98,7 @@ def one_process(shards, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # real processes (~40 s each); the in-process share-and-resume test runs by default
 @pytest.mark.parametrize(("kind", "parallel"), [("wds", "ddp"), ("parquet", "fsdp")])
 def test_two_processes_train_what_one_process_trains_from_the_stream(shards, one_process, tmp_path, kind, parallel):
     from test_train_resume import TORCHRUN, _same_run
@@ -111,6 +112,7 @@ def test_two_processes_train_what_one_process_trains_from_the_stream(shards, one
     assert {r["reason"].split(" row: ")[0].split(":")[0] for r in bad} == {"the understanding", "unreadable"}
 
 
+@pytest.mark.slow  # real processes (~40 s each); the in-process share-and-resume test runs by default
 def test_a_streamed_run_killed_mid_epoch_resumes_bitwise(shards, tmp_path):
     common = ["--stage", "1", f"data={shards['parquet']}", "stage1.steps=20", "stage1.batch_size=4",
               "max_bad_fraction=0.2"]
