@@ -108,6 +108,7 @@ def test_inference_never_imports_the_training_packages():
     assert done.stdout.splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow  # a venv without the train extra (~15 s)
 def test_a_training_command_without_the_train_extra_names_the_install(tmp_path):
     # a core install: peft and the rest of the train extra are not there; `unigen merge` needs peft
     code = (f"import sys; sys.modules.update(dict.fromkeys({TRAINING_ONLY!r})); from unigen.cli import main; "
