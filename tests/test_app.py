@@ -149,6 +149,10 @@ BAD_INPUTS = [  # (endpoint, arguments, what the message says)
     ("/generate", {"prompt": PROMPT, "top_k": -3}, "Top-k must be between 0 and 512, got -3"),
     ("/generate", {"prompt": PROMPT, "decoding": "fast"}, "Decoding must be one of sequential, jacobi, zipar"),
     ("/generate", {"prompt": PROMPT, "decoding": "jacobi", "decoding_window": -2}, "Window must be between 0 and"),
+    # control tokens in the text (issue 35): refused with unigen's message, not a bare "Error"
+    ("/generate", {"prompt": "<image_placeholder> a red circle"}, "the prompt must not contain <image_placeholder>"),
+    ("/caption", {"image": "GOOD", "question": "what <begin_of_image> is it?"},
+     "the question must not contain <begin_of_image>"),
     ("/caption", {"image": None, "question": ""}, "Upload an image for the question"),
     ("/edit", {"image": None, "instruction": "make it blue"}, "Upload an image for the edit"),
     ("/edit", {"image": "GOOD", "instruction": " "}, "the instruction is empty; say what to change"),
