@@ -306,8 +306,9 @@ def test_streamed_samples_share_the_manifest_formats_and_errors(tmp_path):
     assert [s.tasks for s in batch] == [["understanding"], ["text"]] and batch[0].turns == [("What?", "red")]
     assert [r["reason"] for r in stream.bad.rows] == [
         "1000 x 2 pixels: aspect ratio 500:1, beyond the bound of 200:1",
-        f"{tmp_path / 's.tar'}:3: 'conversations' must alternate human and gpt turns, starting with human, each "
-        '{"from": ..., "value": "..."}; got int turn(s)']
+        f"{tmp_path / 's.tar'} key d: 'conversations' must alternate human and gpt turns, starting with human, "
+        'each {"from": ..., "value": "..."}; got int turn(s)']
+    assert [r["sample"] for r in stream.bad.rows] == [f"{tmp_path / 's.tar'} key {k}" for k in "cd"]
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "a.tar").write_bytes(b"")
     (tmp_path / "mixed" / "b.parquet").write_bytes(b"")

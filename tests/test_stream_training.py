@@ -2,12 +2,14 @@
 samples, two processes train what one does, and a run killed mid-epoch resumes bitwise."""
 
 import json
+import re
+import threading
 
 import pytest
 import torch
 from train_common import cli, kill_in_checkpoint_15, losses, run, weights
 
-from unigen.errors import CheckpointError
+from unigen.errors import CheckpointError, DataError
 from unigen.shapes import write_dataset
 
 pytest.importorskip("webdataset")
@@ -151,3 +153,199 @@ def test_data_names_streamed_shards_by_what_the_path_is(shards, tmp_path):
     assert not is_streamed(manifest) and not is_streamed(manifest.parent)  # a manifest; a folder with no shards
     with pytest.raises(FileNotFoundError, match=r"no shards \(.tar, .parquet, .arrow\) match .*nothing-\*.tar"):
         list_shards(f"{tmp_path}/nothing-*.tar")
+
+
+# ---- rows named by shard and key, edit records, the run's bad share ------------------------------------------
+
+@pytest.fixture(scope="module")
+def stage_model(shards, tmp_path_factory):
+    """A fresh smoke model (its tokenizer learnt from the shards' texts) and its recipe."""
+    from train_common import recipe
+
+    from unigen.data.stream import text_samples
+    from unigen.training.start import build_fresh
+
+    r = recipe(shards["wds"], tmp_path_factory.mktemp("model"))
+    return r, *build_fresh(r, list(text_samples(shards["wds"])))
+
+
+@pytest.mark.parametrize(("kind", "where"), [("wds", "part-1.tar key 00011"), ("parquet", "part-1.parquet row 4")])
+def test_a_streamed_row_too_long_is_named_by_its_shard_and_key(shards, stage_model, kind, where):
+    from unigen.data.stream import ShardStream
+    from unigen.training.streamed import StreamBatchBuilder, sample_check
+
+    r, model, processor = stage_model
+    check = sample_check(StreamBatchBuilder(model, processor, r.question, r.max_seq_len), (1.0, 0.0, 3.0))
+    stream = ShardStream(shards[kind], 27, check=check)
+    next(iter(stream))
+    where = str(shards[kind] / where)
+    long = [row for row in stream.bad.rows if "max_seq_len" in row["reason"]]
+    assert [row["sample"] for row in long] == [where]
+    assert re.fullmatch(rf"the understanding row: {re.escape(where)}: \d+ tokens do not fit max_seq_len=512; "
+                        r"shorten the text or raise max_seq_len", long[0]["reason"])
+
+
+@pytest.fixture(scope="module")
+def edit_shards(tmp_path_factory) -> dict:
+    """Four Shapes edits as a manifest, as WebDataset tars (KEY.png, KEY.target.png, KEY.json) and as parquet."""
+    import datasets
+    import webdataset as wds
+
+    from unigen.shapes.editing import write_edit_dataset
+
+    root = tmp_path_factory.mktemp("edits")
+    manifest = write_edit_dataset(root / "manifest", 4, seed=5)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    png = {k: [(manifest.parent / r[k]).read_bytes() for r in rows] for k in ("image", "target")}
+    with wds.TarWriter(str(root / "edits.tar")) as tar:
+        for i, r in enumerate(rows):
+            tar.write({"__key__": f"{i:05d}", "png": png["image"][i], "target.png": png["target"][i],
+                       "json": json.dumps({"instruction": r["instruction"]}).encode()})
+    features = datasets.Features({"image": datasets.Image(), "target": datasets.Image(),
+                                  "instruction": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [{"bytes": x, "path": None} for x in png["image"]],
+                                "target": [{"bytes": x, "path": None} for x in png["target"]],
+                                "instruction": [r["instruction"] for r in rows]},
+                               features=features).to_parquet(str(root / "edits.parquet"))
+    return {"manifest": manifest, "wds": root / "edits.tar", "parquet": root / "edits.parquet"}
+
+
+@pytest.mark.parametrize("kind", ["wds", "parquet"])
+def test_streamed_edits_train_the_rows_their_manifest_lines_do(edit_shards, kind, tmp_path):
+    from train_common import recipe
+
+    from unigen.data.bad_samples import BadSamples
+    from unigen.data.manifest import read_samples
+    from unigen.data.stream import ShardStream
+    from unigen.training.batches import BatchBuilder
+    from unigen.training.mixture import Pick
+    from unigen.training.start import build_fresh
+    from unigen.training.streamed import StreamBatchBuilder, StreamedPicks
+
+    samples = read_samples(edit_shards["manifest"])
+    r = recipe(edit_shards["manifest"], tmp_path)
+    model, processor = build_fresh(r, samples)
+    streamed = StreamBatchBuilder(model, processor, r.question)
+    from_manifest = BatchBuilder(model, processor, r.question)
+    for dropout in (0.0, 1.0):  # kept, then every edit dropped to the unconditional row drawn for its position
+        picks = StreamedPicks(ShardStream(edit_shards[kind], 4), (0.0, 0.0, 1.0), seed=3, stage=1, grad_accum=1,
+                              caption_dropout=dropout, bad=BadSamples()).step_picks(0)[0]
+        assert [p.sample.instruction for p in picks] == [s.instruction for s in samples]
+        assert all(p.task == "generation" and p.dropped == bool(dropout) and (p.drop is None) == (not dropout)
+                   for p in picks)
+        got = streamed.build(picks)["generation"]
+        want = from_manifest.build([Pick("generation", s, p.dropped, p.drop) for s, p in zip(samples, picks,
+                                                                                              strict=True)])
+        assert sorted(got) == sorted(want["generation"])
+        assert all(torch.equal(got[k], want["generation"][k]) for k in got if isinstance(got[k], torch.Tensor))
+
+
+def _numbered_tar(path, n, bad) -> None:
+    """``n`` text-only records, those at the positions in ``bad`` malformed (no image, no text)."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as tar:
+        for i in range(n):
+            record = {"conversations": 3} if i in bad else {"text": f"words {i}"}
+            tar.write({"__key__": f"{i:05d}", "json": json.dumps(record).encode()})
+
+
+class _ThreadGather:
+    """all_gather_object for streams run in threads, one per rank (the timeout only ends a failing test)."""
+
+    def __init__(self, world: int):
+        self.slots, self.barrier = [None] * world, threading.Barrier(world, timeout=120)
+
+    def rank(self, rank: int):
+        def gather(value):
+            self.slots[rank] = value
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()
+            return out
+        return gather
+
+
+def _run_ranks(source, batches: int, max_bad: float) -> list:
+    """Two processes' streams (global batch 4) run as threads; each rank's outcome (batches read, or the error)."""
+    from unigen.data.bad_samples import BadSamples
+    from unigen.data.stream import ShardStream
+
+    gather, out = _ThreadGather(2), [None, None]
+
+    def work(rank):
+        stream = ShardStream(source, 4, rank=rank, world=2, bad=BadSamples(max_bad), gather=gather.rank(rank))
+        try:
+            out[rank] = len([b for b, _ in zip(stream, range(batches), strict=False)])
+        except DataError as err:
+            out[rank] = str(err)
+
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_the_bad_share_is_the_runs_summed_over_processes_and_resumes(tmp_path):
+    from unigen.data.bad_samples import BadSamples
+    from unigen.data.stream import ShardStream
+    from unigen.training.streamed import StreamedPicks
+
+    # the first record of every fifth global batch is bad: 5% of the run, but 10% of rank 0's share
+    _numbered_tar(tmp_path / "s.tar", 400, {4 * k for k in range(0, 100, 5)})
+    assert _run_ranks(tmp_path / "s.tar", 100, 0.06) == [100, 100]  # rank 0 alone would stop at 10% > 6%
+    stopped = _run_ranks(tmp_path / "s.tar", 100, 0.04)
+    assert stopped[0] == stopped[1]  # both stop at the same batch, with the same line
+    assert stopped[0].startswith("10 of 200 streamed samples (5.0%) are bad, more than max_bad_fraction=0.04; "
+                                 f"first: {tmp_path / 's.tar'} key 00000: ")
+    # resumed after 120 records (6 bad): the check at 200 counts them (the resume state carries both counts)
+    picks = StreamedPicks(ShardStream(tmp_path / "s.tar", 4, bad=BadSamples(0.04)), (0.0, 1.0, 0.0), seed=0,
+                          stage=1, grad_accum=1, caption_dropout=0.0, bad=BadSamples(0.04))
+    for step in range(30):
+        picks.step_picks(step)
+    picks.gather_bad()
+    state = json.loads(json.dumps(picks.state_dict()))
+    assert state["stream"]["seen"] == 120 and len(state["bad_samples"]) == 6
+    resumed = StreamedPicks(ShardStream(tmp_path / "s.tar", 4, bad=BadSamples(0.04)), (0.0, 1.0, 0.0), seed=0,
+                            stage=1, grad_accum=1, caption_dropout=0.0, bad=BadSamples(0.04))
+    resumed.load_state_dict(state)
+    for step in range(30, 49):
+        resumed.step_picks(step)
+    with pytest.raises(DataError, match=r"^10 of 200 streamed samples \(5.0%\) are bad"):
+        resumed.step_picks(49)
+
+
+TWO_PROCESSES = """
+import sys, torch.distributed as dist
+from unigen.data.bad_samples import BadSamples
+from unigen.data.stream import ShardStream
+from unigen.errors import DataError
+from unigen.training.streamed import gather_objects
+dist.init_process_group("gloo")
+stream = ShardStream(sys.argv[1], 4, rank=dist.get_rank(), world=2, bad=BadSamples(float(sys.argv[2])),
+                     gather=gather_objects)
+try:
+    print(len([b for b, _ in zip(stream, range(100))]))
+except DataError as err:
+    print(err)
+"""
+
+
+@pytest.mark.slow  # two torchrun launches (over a minute on 2 cores); the threaded case above runs by default
+def test_real_processes_sum_the_bad_share(tmp_path):
+    import subprocess
+    import sys
+
+    from train_common import ENV
+
+    _numbered_tar(tmp_path / "s.tar", 400, {4 * k for k in range(0, 100, 5)})
+    (tmp_path / "two.py").write_text(TWO_PROCESSES)
+    for max_bad, want in ((0.06, "100"), (0.04, "10 of 200 streamed samples (5.0%) are bad")):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "--tee", "1", str(tmp_path / "two.py"), str(tmp_path / "s.tar"), str(max_bad)],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [x.split("]:", 1)[1] for x in done.stdout.splitlines() if "]:" in x]
+        assert len(lines) == 2 and all(x.startswith(want) for x in lines), done.stdout

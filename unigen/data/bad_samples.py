@@ -56,11 +56,13 @@ class BadSamples:
         row["reason"] = reason
         self.rows.append(row)
 
-    def check_share(self, total: int, what: str = "samples", rows: list[dict] | None = None) -> None:
+    def check_share(self, total: int, what: str = "samples", rows: list[dict] | None = None,
+                    count: int | None = None) -> None:
         """Stop (one line) when more than ``max_fraction`` of ``total`` samples are bad (``rows``: the bad ones
-        among those ``total``, when the list also holds others; default all)."""
+        among those ``total``, when the list also holds others; default all; ``count``: how many are bad, when
+        ``rows`` holds only the first few)."""
         rows = self.rows if rows is None else rows
-        n = len(rows)
+        n = len(rows) if count is None else count
         if total <= 0 or n / total <= self.max_fraction:
             return
         first = "; ".join(f"{r['sample']}: {r['reason']}" for r in rows[:3])

@@ -35,7 +35,7 @@ __all__ = ["IMAGE_EXTS", "ManifestError", "Record", "Sample", "parse_line", "rea
 
 @dataclass
 class Sample:
-    line: int  # 1-based line in the manifest, for error messages (0: a file of an image folder)
+    line: int  # 1-based line in the manifest, for error messages (0: an image folder's file, a streamed record)
     image: Path | None = None  # streamed samples (unigen.data.stream) hold the decoded PIL image instead
     caption: str | None = None  # caption lines: understanding answer and generation prompt
     turns: list[tuple[str, str]] = field(default_factory=list)  # conversations: (human, gpt) pairs

@@ -2,10 +2,13 @@
 Hugging Face ``datasets`` files (``to_parquet`` output, or the ``.arrow`` files of ``save_to_disk``).
 
 A record becomes a :class:`~unigen.data.manifest.Sample` through the manifest parser, so a shard holds the
-line shapes a manifest does: an image with ``caption``/``text``/``prompt`` or LLaVA ``conversations``, or
-text alone. WebDataset groups a sample's files by key: ``KEY.png`` (any image extension), ``KEY.txt`` (the
-caption) and ``KEY.json`` (any other fields). ``datasets`` rows have an ``image`` column (an ``Image``
-feature, stored as ``{"bytes": ..., "path": ...}``) beside the text columns.
+line shapes a manifest does: an image with ``caption``/``text``/``prompt`` or LLaVA ``conversations``, text
+alone, or an edit (the source ``image``, an ``instruction`` and the ``target`` image). WebDataset groups a
+sample's files by key: ``KEY.png`` (any image extension), ``KEY.target.png`` (an edit's target), ``KEY.txt``
+(the caption) and ``KEY.json`` (any other fields). ``datasets`` rows have an ``image`` column (an ``Image``
+feature, stored as ``{"bytes": ..., "path": ...}``; ``target`` for an edit's target) beside the text columns.
+A record is named in messages by its shard and WebDataset key (``part-0.tar key 00042``) or table row
+(``part-0.parquet row 42``).
 Needs the ``data`` extra (``pip install unigen[data]``: webdataset, datasets with pyarrow).
 """
 
@@ -20,6 +23,9 @@ from unigen.data.manifest import IMAGE_EXTS, ManifestError, Sample, parse_line
 from unigen.errors import DataError, DataNotFoundError
 
 SHARD_SUFFIXES = (".tar", ".parquet", ".arrow")
+IMAGE_FIELDS = ("image", "target")  # a record's encoded images: the image, an edit's target
+SHAPE_FIELDS = ("instruction", "target", "conversations")  # their presence makes a line an edit, a conversation
+KEY = "__where__"  # a raw record's name in messages: its shard and key or row
 
 
 def _glob(pattern: str) -> list[Path]:
@@ -84,10 +90,11 @@ def _tar_records(path: Path) -> Iterator[dict]:
                 raise DataError(f"{path}: {group['__key__']}.json holds a {type(record).__name__}, not an object")
             if "txt" in group:
                 record.setdefault("caption", group["txt"].decode("utf-8"))
-            images = [k for k in group if f".{k}" in IMAGE_EXTS]
-            if images:
-                record["image"] = group[images[0]]
-            yield record
+            for field, prefix in (("image", ""), ("target", "target.")):
+                images = [k for k in group if k.startswith(prefix) and f".{k[len(prefix):]}" in IMAGE_EXTS]
+                if images:
+                    record[field] = group[images[0]]
+            yield {**record, KEY: f"{path} key {group['__key__']}"}
 
 
 def _table_records(path: Path) -> Iterator[dict]:
@@ -96,37 +103,45 @@ def _table_records(path: Path) -> Iterator[dict]:
         batches = _import("pyarrow.parquet").ParquetFile(path).iter_batches(batch_size=256)
     else:  # datasets' save_to_disk writes Arrow IPC streams, read here memory-mapped
         batches = pa.ipc.open_stream(pa.memory_map(str(path)))
+    i = 0
     for batch in batches:
         for row in batch.to_pylist():
-            image = row.get("image")
-            if isinstance(image, dict):  # an Image feature
-                row["image"] = image.get("bytes")
-            yield row
+            for field in IMAGE_FIELDS:
+                if isinstance(row.get(field), dict):  # an Image feature
+                    row[field] = row[field].get("bytes")
+            for field in SHAPE_FIELDS:  # a table has every column: null where this row's shape has no such field
+                if row.get(field, 0) is None:
+                    del row[field]
+            yield {**row, KEY: f"{path} row {i}"}
+            i += 1
 
 
 def read_shard(path: Path) -> Iterator[dict]:
-    """Raw records of one shard in stored order (``"image"``: the encoded image bytes, if any)."""
+    """Raw records of one shard in stored order (``"image"``, ``"target"``: encoded image bytes, if any;
+    ``KEY``: where the record is)."""
     if (problem := file_problem(path)) is not None:
         raise DataError(f"shard {path}: {problem}")
     return _tar_records(path) if path.suffix == ".tar" else _table_records(path)
 
 
-def record_sample(record: dict, where: str, decode: bool = True) -> tuple[Sample | None, str | None]:
-    """A raw record -> (its Sample with the decoded image, None) or (None, why it is a bad sample).
-    ``decode=False``: the text alone is wanted (the image is left undecoded, unchecked)."""
-    data = record.get("image")
-    fields = {k: v for k, v in record.items() if k not in ("image", "file_name")}
-    if data is not None:
+def record_sample(record: dict, decode: bool = True) -> tuple[Sample | None, str | None]:
+    """A raw record -> (its Sample with the decoded images, None) or (None, why it is a bad sample); the sample's
+    ``source`` is where the record is. ``decode=False``: the text alone is wanted (images left undecoded)."""
+    where = record[KEY]
+    fields = {k: v for k, v in record.items() if k not in (KEY, "file_name")}
+    images = {k: fields[k] for k in IMAGE_FIELDS if fields.get(k) is not None}
+    for k, data in images.items():
         if not isinstance(data, bytes):
-            return None, f"the image is a {type(data).__name__}, not encoded image bytes"
-        fields["image"] = where
+            return None, f"the {k} is a {type(data).__name__}, not encoded image bytes"
+        fields[k] = f"{where} {k}"  # the manifest parser wants a name; the decoded image replaces it
     try:
         sample = parse_line(fields, where, Path("."), 0)
     except ManifestError as err:
         return None, str(err)
     sample.source = where
-    if data is not None and decode:
-        sample.image, problem = image_from_bytes(data)
+    for k, data in images.items() if decode else ():
+        image, problem = image_from_bytes(data)
         if problem is not None:
-            return None, problem
+            return None, problem if k == "image" else f"the target: {problem}"
+        setattr(sample, k, image)
     return sample, None

@@ -11,6 +11,12 @@ stream given it back (:meth:`ShardStream.load_state_dict`) continues with the ve
 A bad record (an image beyond the bounds, corrupt, a malformed record, or one the ``check`` given by the trainer
 refuses: codes its VQ could not have made, a row too long) is skipped and listed in the stream's
 :class:`~unigen.data.bad_samples.BadSamples`; the batch is that much smaller on the process that drew it.
+
+``max_bad_fraction`` bounds the bad share of the whole run, not of one process's share: a process may draw all
+the bad records of a run that is fine as a whole. So once the run has decoded 200 records, after each batch
+every process counts the bad records of all processes through ``gather`` (``all_gather_object``; a collective,
+safe here because every process reaches the same batch: the counts decoded are a function of the batch alone)
+and all stop together, with the same message. The counts before a resumed position travel in the state.
 """
 
 from __future__ import annotations
@@ -22,17 +28,18 @@ import torch
 
 from unigen.data.bad_samples import BadSamples
 from unigen.data.manifest import Sample
-from unigen.data.shards import list_shards, read_shard, record_sample
+from unigen.data.shards import KEY, list_shards, read_shard, record_sample
 from unigen.errors import ArgumentError, DataError
 
-MIN_SEEN_FOR_SHARE = 200  # the bad share is checked once this many records were decoded
+MIN_SEEN_FOR_SHARE = 200  # the bad share is checked once the run decoded this many records
 
 
 class ShardStream:
     """Batches of :class:`Sample` (this process's share of each global batch of ``batch_size`` records)."""
 
     def __init__(self, source: str | Path, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
-                 bad: BadSamples | None = None, check: Callable[[Sample], str | None] | None = None):
+                 bad: BadSamples | None = None, check: Callable[[Sample], str | None] | None = None,
+                 gather: Callable[[object], list] | None = None):
         if batch_size < 1 or world < 1 or not 0 <= rank < world or batch_size % world:
             raise ArgumentError(f"a global batch of {batch_size} cannot be split evenly over {world} process(es) "
                                 f"(rank {rank})")
@@ -40,16 +47,22 @@ class ShardStream:
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.bad = BadSamples() if bad is None else bad
         self.check = check  # a decoded sample -> why the trainer cannot use it, or None
+        # every process's value, by rank (torch.distributed.all_gather_object); None: this process's share alone
+        self.gather = gather
         self.position = {"epoch": 0, "shard": 0, "offset": 0}
-        self.seen = 0
+        self.seen = 0  # records this process decoded since it started
+        self.earlier_seen = 0  # records all processes decoded before the resumed position
+        self.earlier_bad: list[dict] = []  # the bad ones among them (given by the trainer, which keeps the list)
 
     def shard_order(self, epoch: int) -> list[Path]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return [self.shards[i] for i in torch.randperm(len(self.shards), generator=gen).tolist()]
 
     def state_dict(self) -> dict:
-        """Where the next batch starts, and what the order depends on (plain ints: any checkpoint holds it)."""
-        return {**self.position, "seed": self.seed, "shards": len(self.shards), "batch_size": self.batch_size}
+        """Where the next batch starts, what the order depends on, and how many records every process decoded
+        (plain ints: any checkpoint holds it)."""
+        return {**self.position, "seed": self.seed, "shards": len(self.shards), "batch_size": self.batch_size,
+                "seen": self.seen_by_all()}
 
     def load_state_dict(self, state: dict) -> None:
         want = {"seed": self.seed, "shards": len(self.shards), "batch_size": self.batch_size}
@@ -58,9 +71,23 @@ class ShardStream:
             raise DataError(f"the streamed data's resume state was saved for {got}, but this run has {want}; the "
                             "order would differ: resume with the same data, seed and global batch size")
         self.position = {k: int(state[k]) for k in ("epoch", "shard", "offset")}
+        self.earlier_seen, self.seen = int(state.get("seen", 0)), 0
 
-    def _records(self) -> Iterator[tuple[dict, dict, str]]:
-        """(position after the record, record, where) from the current position on, epoch after epoch."""
+    def seen_by_all(self) -> int:
+        """Records decoded by every process so far (each decodes its share of every batch: no count is sent)."""
+        return self.earlier_seen + self.seen * (self.world if self.gather is not None else 1)
+
+    def check_bad_share(self) -> None:
+        """Stop when the run's bad share passes ``max_bad_fraction`` (collective when ``gather`` is given)."""
+        parts = [(len(self.bad), self.bad.rows[:3])]
+        if self.gather is not None:
+            parts = self.gather(parts[0])
+        first = self.earlier_bad + [r for _, rows in parts for r in rows]
+        self.bad.check_share(self.seen_by_all(), "streamed samples", rows=first,
+                             count=len(self.earlier_bad) + sum(n for n, _ in parts))
+
+    def _records(self) -> Iterator[tuple[dict, dict]]:
+        """(position after the record, record) from the current position on, epoch after epoch."""
         epoch, shard, offset = self.position["epoch"], self.position["shard"], self.position["offset"]
         while True:
             order, read_any = self.shard_order(epoch), offset > 0 or shard > 0
@@ -69,7 +96,7 @@ class ShardStream:
                     if i < offset:
                         continue  # read past, not decoded: before the resumed position
                     read_any = True
-                    yield {"epoch": epoch, "shard": s, "offset": i + 1}, record, f"{order[s]}:{i}"
+                    yield {"epoch": epoch, "shard": s, "offset": i + 1}, record
                 offset = 0
             if not read_any:
                 raise DataError(f"the {len(order)} shard(s) of the streamed data hold no records")
@@ -83,17 +110,17 @@ class ShardStream:
             batch = [next(records) for _ in range(self.batch_size)]
             samples = []
             for i in range(self.rank * share, (self.rank + 1) * share):
-                _, record, where = batch[i]
-                sample, problem = record_sample(record, where)
+                _, record = batch[i]
+                sample, problem = record_sample(record)
                 if problem is None and self.check is not None:
                     problem = self.check(sample)
                 if problem is None:
                     samples.append((i, sample))
                 else:
-                    self.bad.add(where, problem)
+                    self.bad.add(record[KEY], problem)
             self.seen += share
-            if self.seen >= MIN_SEEN_FOR_SHARE:
-                self.bad.check_share(self.seen, "streamed samples")
+            if self.seen_by_all() >= MIN_SEEN_FOR_SHARE:
+                self.check_bad_share()
             self.position = batch[-1][0]
             yield samples
 
@@ -107,7 +134,7 @@ def text_samples(source: str | Path) -> Iterator[Sample]:
     from tqdm.auto import tqdm
 
     for shard in tqdm(list_shards(source), desc="reading texts", unit="shard", leave=False, mininterval=1.0):
-        for i, record in enumerate(read_shard(shard)):
-            sample, _ = record_sample(record, f"{shard}:{i}", decode=False)
+        for record in read_shard(shard):
+            sample, _ = record_sample(record, decode=False)
             if sample is not None:
                 yield sample

@@ -37,7 +37,8 @@ class TooLongError(SupervisionError):
 
 
 def _where(s: Sample) -> str:
-    return f"manifest line {s.line}"
+    """A manifest line by number; a streamed record (line 0) by its shard and key or row."""
+    return f"manifest line {s.line}" if s.line or not s.source else s.source
 
 
 class BatchBuilder:

@@ -5,7 +5,9 @@ The stream's order decides the samples: step ``s`` trains on the next ``grad_acc
 (a caption line: understanding or generation) and whether its caption is dropped are drawn per position in
 the global batch from (seed, stage, step) alone, so N processes train on what one process would, and a run
 resumed from the stream's position (saved in the checkpoint) continues with the very next batch. A sample whose
-tasks all have weight 0 in the stage's mixture is passed over (it is no bad sample).
+tasks all have weight 0 in the stage's mixture is passed over (it is no bad sample). An edit record (source image,
+instruction, target image) trains in the generation share, as a manifest's edit line does; a dropped one takes
+the unconditional row drawn for its position.
 
 A process whose share of a micro-batch lacks a task that another process's share has runs a stand-in row of
 that task with weight 0 (FSDP needs every process to run the same modules; DDP needs every process to run a
@@ -21,9 +23,19 @@ from unigen.data.bad_samples import BadSamples
 from unigen.data.codes import BadCodes, codes_fit, read_codes
 from unigen.data.manifest import Sample
 from unigen.data.stream import ShardStream
+from unigen.generation.editing import CFG_DROPS
 from unigen.training.batches import BatchBuilder, TooLongError
 from unigen.training.mixture import Pick
 from unigen.training.recipe import TASKS
+
+
+def gather_objects(value) -> list:
+    """Every process's ``value``, by rank (collective; one process: ``[value]``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, value)
+        return parts
+    return [value]
 
 
 def choose_task(sample: Sample, mixture, u: float) -> str | None:
@@ -46,22 +58,26 @@ class StreamBatchBuilder(BatchBuilder):
     def codes_for(self, samples: list[Sample]) -> torch.Tensor:
         return torch.stack([s.codes if s.codes is not None else self._encode(s.vq_image) for s in samples]).long()
 
+    @torch.no_grad()
+    def _codes_of_images(self, images: list) -> torch.Tensor:
+        """Edit sources' codes (Method B's source slots), one image at a time: no cache keyed by file name."""
+        return torch.stack([self._encode(image) for image in images]).long() if images else \
+            torch.zeros(0, dtype=torch.long)
+
     def _encode(self, image) -> torch.Tensor:
         pixels = self.processor.generation_pixels([image]).to(self.model.device, self.model.dtype)
         return self.model.encode_image_tokens(pixels)[0].cpu()
 
 
 def sample_check(builder: BatchBuilder, mixture):
-    """Why a streamed sample cannot train (codes its VQ could not have made, a row too long for max_seq_len, an
-    edit), or None: the checks the in-memory pools get at start-up, made as the stream decodes it."""
+    """Why a streamed sample cannot train (codes its VQ could not have made, a row too long for max_seq_len), or
+    None: the checks the in-memory pools get at start-up, made as the stream decodes it."""
     vq = builder.model.config.vq
     rows = {"understanding": builder.understanding_row, "text": builder.text_row,
             "generation": lambda s: builder.generation_prompt(Pick("generation", s))}
     weighted = [t for t, w in zip(TASKS, mixture, strict=True) if w > 0]  # in TASKS order: one reason each run
 
     def check(s: Sample) -> str | None:
-        if s.instruction is not None:
-            return "an edit line cannot be streamed (its target image is not in the shard); train edits from a manifest"
         try:
             if s.codes is not None:
                 s.codes = read_codes(s.codes, s.source)
@@ -100,13 +116,17 @@ class StreamedPicks:
         self.fallback = next(t for t, w in zip(TASKS, mixture, strict=True) if w > 0)  # no task anywhere: run one
         self._batches = None
         self._sent = 0  # the stream's rows already gathered
+        if stream.gather is None:  # the bad share is the run's: every process's count
+            stream.gather = gather_objects
 
     def step_picks(self, step: int) -> list[list[Pick]]:
         """This process's picks of each micro-batch of step ``step``."""
         if self._batches is None:  # started at the position a resumed run loaded
             self._batches = self.stream.indexed()
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + step)
-        draws = torch.rand((self.grad_accum, self.stream.batch_size, 2), generator=g).tolist()
+        shape = (self.grad_accum, self.stream.batch_size)
+        draws = torch.rand((*shape, 2), generator=g).tolist()
+        drops = torch.randint(len(CFG_DROPS), shape, generator=g).tolist()  # a dropped edit's unconditional row
         micro = []
         for m in range(self.grad_accum):
             picks = []
@@ -114,7 +134,8 @@ class StreamedPicks:
                 task = choose_task(sample, self.mixture, draws[m][i][0])
                 if task is not None:
                     dropped = task == "generation" and draws[m][i][1] < self.caption_dropout
-                    picks.append(Pick(task, sample, dropped))
+                    drop = CFG_DROPS[drops[m][i]] if dropped and sample.instruction is not None else None
+                    picks.append(Pick(task, sample, dropped, drop))
             micro.append(picks)
         return micro
 
@@ -122,11 +143,7 @@ class StreamedPicks:
         """Collective: the rows every process's stream listed since the last call join ``bad``, by rank."""
         new = self.stream.bad.rows[self._sent:]
         self._sent += len(new)
-        parts = [new]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, new)
-        for rows in parts:
+        for rows in gather_objects(new):
             self.bad.rows.extend(rows)
 
     def state_dict(self) -> dict:
@@ -135,3 +152,4 @@ class StreamedPicks:
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
         self.bad.rows = list(state["bad_samples"])
+        self.stream.earlier_bad = list(self.bad.rows)  # they count in the run's bad share
