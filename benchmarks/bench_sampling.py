@@ -28,6 +28,7 @@ import torch
 
 from unigen import UniGenModel
 from unigen.generation.sampling import generate_image_tokens, generate_text
+from unigen.generation.sampling_options import SamplingOptions
 from unigen.testing import TINY_TOKENS as T
 from unigen.testing import make_tiny_hf_janus
 
@@ -125,6 +126,7 @@ def main() -> None:
 
 
 SECTIONS = ("transformers", "decoding", "shapes")
+GUIDED = SamplingOptions(guidance_scale=5.0)  # transformers' default guidance, the comparison's
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -147,7 +149,7 @@ def compare_decoders(args, ours, device, n_tok: int, methods) -> None:
     for n in args.batches:
         ids = prompt_ids(device).repeat(n, 1)
         runs = {method_label(name, opts): (lambda name=name, opts=opts, ids=ids: generate_image_tokens(
-            ours, ids, guidance_scale=5.0, decoding=name, decoding_options=opts,
+            ours, ids, options=SamplingOptions(guidance_scale=5.0, decoding=name, decoding_options=opts),
             generator=torch.Generator(device).manual_seed(0))) for name, opts in methods}
         best, passes = dict.fromkeys(runs, float("inf")), {}
         with torch.no_grad():
@@ -172,7 +174,6 @@ def compare_on_shapes(args, methods) -> None:
     """The shipped checkpoint: fidelity, passes and 1-image wall time of each decoder, same prompts and seeds."""
     from unigen.errors import ArgumentError
     from unigen.generation.pipeline import UniGenPipeline
-    from unigen.generation.sampling_options import SamplingOptions
     from unigen.recipes import recipe_path
     from unigen.shapes.evaluate import evaluate_generation
 
@@ -213,11 +214,11 @@ def compare_with_transformers(args, hf, ours, device, n_tok: int) -> None:
         runs = {
             "transformers": lambda ids=ids, mask=mask: hf.generate(
                 ids, attention_mask=mask, generation_mode="image", do_sample=True, top_k=0, guidance_scale=5.0),
-            "unigen": lambda ids=ids, mask=mask: generate_image_tokens(ours, ids, mask, guidance_scale=5.0),
+            "unigen": lambda ids=ids, mask=mask: generate_image_tokens(ours, ids, mask, options=GUIDED),
         }
         if args.compile:
             runs["unigen+compile"] = lambda ids=ids, mask=mask: generate_image_tokens(
-                ours, ids, mask, guidance_scale=5.0, compile=True)
+                ours, ids, mask, options=GUIDED, compile=True)
         best = dict.fromkeys(runs, float("inf"))
         with torch.no_grad():
             if args.gpu or args.compile:

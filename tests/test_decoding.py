@@ -1,5 +1,7 @@
 """Parallel image decoding (unigen.generation.decoding): Jacobi and ZipAR against sequential decoding on tiny models."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +12,7 @@ from unigen.errors import ArgumentError
 from unigen.generation.decoding.zipar import zipar_steps
 from unigen.generation.pipeline import UniGenPipeline
 from unigen.generation.sampling import generate_image_tokens
+from unigen.generation.sampling_options import SamplingOptions
 from unigen.testing import TINY_TOKENS as T
 from unigen.testing import make_tiny_hf_janus
 
@@ -26,9 +29,16 @@ def prompts():
     return ids, (ids != T.pad).long()
 
 
+def with_options(**kw) -> dict:
+    """generate_image_tokens' keywords, the sampling ones (guidance, temperature, ..., decoding) as its options."""
+    sampling = {f.name for f in fields(SamplingOptions)}
+    return {**{k: v for k, v in kw.items() if k not in sampling},
+            "options": SamplingOptions(**{k: v for k, v in kw.items() if k in sampling})}
+
+
 def sample(model, **kw):
     ids, mask = prompts()
-    return generate_image_tokens(model, ids, mask, guidance_scale=3.0, num_images=2, **kw)
+    return generate_image_tokens(model, ids, mask, num_images=2, **with_options(guidance_scale=3.0, **kw))
 
 
 @pytest.mark.parametrize("window", [1, 3, 16])
@@ -88,7 +98,8 @@ def test_zipar_attends_only_to_drawn_tokens_before_it_in_raster_order(model, mon
 
     monkeypatch.setattr(model.decoder, "extend", spy)
     ids, mask = prompts()
-    generate_image_tokens(model, ids, mask, temperature=0, decoding="zipar", decoding_options={"window": window})
+    generate_image_tokens(model, ids, mask, options=SamplingOptions(temperature=0, decoding="zipar",
+                                                                     decoding_options={"window": window}))
     grid = model.config.vq.grid
     step = zipar_steps(grid, grid, window).flatten()
     prompt_len, place_of_column = ids.shape[1], []
@@ -184,7 +195,7 @@ def test_cli_generate_takes_a_decoding_method_and_prints_the_passes(tiny_hf_janu
 def test_bad_decoding_requests_are_named(model, kw, message):
     ids, mask = prompts()
     with pytest.raises(ArgumentError) as err:
-        generate_image_tokens(model, ids, mask, **kw)
+        generate_image_tokens(model, ids, mask, **with_options(**kw))
     assert message in str(err.value)
 
 
@@ -254,11 +265,11 @@ def test_sampled_jacobi_keeps_the_sampling_distribution(small_codebook):
     model = small_codebook
     vocab = model.config.vq.codebook_size
     prompt = torch.tensor([[T.bos, 20, 21, T.image_start]])
-    jacobi = generate_image_tokens(model, prompt, num_images=DRAWS, guidance_scale=GUIDANCE, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(0), decoding="jacobi",
-                                 decoding_options={"window": 4}).codes
-    sequential = generate_image_tokens(model, prompt, num_images=DRAWS, guidance_scale=GUIDANCE, temperature=1.0,
-                                     generator=torch.Generator().manual_seed(1)).codes
+    jacobi = generate_image_tokens(model, prompt, num_images=DRAWS, generator=torch.Generator().manual_seed(0),
+                                   options=SamplingOptions(guidance_scale=GUIDANCE, temperature=1.0,
+                                                           decoding="jacobi", decoding_options={"window": 4})).codes
+    sequential = generate_image_tokens(model, prompt, num_images=DRAWS, generator=torch.Generator().manual_seed(1),
+                                       options=SamplingOptions(guidance_scale=GUIDANCE, temperature=1.0)).codes
     joint = exact_joint(model, prompt, 3)
     for i, exact in enumerate([joint.sum((1, 2)), joint.sum((0, 2)), joint.sum((0, 1))]):
         assert 0.5 * (histogram(jacobi[:, i], vocab) - exact).abs().sum() < 0.05, i

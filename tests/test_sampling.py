@@ -1,10 +1,13 @@
 """Image-token and text sampling against transformers' Janus generate, on the same tiny random weights."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 
 from unigen import UniGenModel
 from unigen.generation.sampling import CFGSchedule, filter_logits, generate_image_tokens, generate_text
+from unigen.generation.sampling_options import SamplingOptions
 from unigen.testing import TINY_TOKENS as T
 
 
@@ -14,8 +17,15 @@ def models(tiny_hf_janus):
     return hf, UniGenModel.from_pretrained(directory)
 
 
-def image_codes(*args, **kwargs) -> torch.Tensor:
-    return generate_image_tokens(*args, **kwargs).codes
+def with_options(**kw) -> dict:
+    """generate_image_tokens' keywords, the sampling ones (guidance, temperature, ..., decoding) as its options."""
+    sampling = {f.name for f in fields(SamplingOptions)}
+    return {**{k: v for k, v in kw.items() if k not in sampling},
+            "options": SamplingOptions(**{k: v for k, v in kw.items() if k in sampling})}
+
+
+def image_codes(model, *args, **kw) -> torch.Tensor:
+    return generate_image_tokens(model, *args, **with_options(**kw)).codes
 
 
 def prompts():
@@ -171,15 +181,15 @@ def test_bad_arguments_are_named(models):
     with pytest.raises(ValueError, match="num_images must be at least 1, got 0"):
         generate_image_tokens(model, ids, mask, num_images=0)
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
-        generate_image_tokens(model, ids, mask, guidance_scale=-1)
+        generate_image_tokens(model, ids, mask, options=SamplingOptions(guidance_scale=-1))
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
-            generate_image_tokens(model, ids, mask, top_p=bad)
+            generate_image_tokens(model, ids, mask, options=SamplingOptions(top_p=bad))
     for bad in (float("nan"), float("inf")):  # nan < 0 is False: finiteness is checked first
         with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
-            generate_image_tokens(model, ids, mask, guidance_scale=bad)
+            generate_image_tokens(model, ids, mask, options=SamplingOptions(guidance_scale=bad))
         with pytest.raises(ValueError, match="temperature must be a finite number"):
-            generate_image_tokens(model, ids, mask, temperature=bad)
+            generate_image_tokens(model, ids, mask, options=SamplingOptions(temperature=bad))
         with pytest.raises(ValueError, match="temperature must be a finite number"):
             generate_text(model, ids, mask, temperature=bad)
     long_prompt = torch.full((1, 500), 20)
@@ -221,7 +231,7 @@ def test_cutoff_schedule_needs_a_token_index(models):
     ids, mask = prompts()
     for bad in ("cutoff:-3", "cutoff:x", "cutoff"):
         with pytest.raises(ValueError, match="cutoff"):
-            generate_image_tokens(model, ids, mask, cfg_schedule=bad)
+            generate_image_tokens(model, ids, mask, options=SamplingOptions(cfg_schedule=bad))
 
 
 def test_decode_linear_equals_linear_at_every_row_count():

@@ -42,10 +42,90 @@ def guidance_and_temperature(limits: Limits, config) -> tuple[gr.Slider, gr.Slid
             gr.Slider(*limits.temperature, value=config.temperature, step=0.05, label="Temperature (0 = greedy)"))
 
 
+def generate_tab(model: AppModel, run_model: dict) -> None:
+    """Prompt -> images: the ``/generate`` endpoint."""
+    with gr.Tab("Generate", id="generate"):
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPT, scale=4, elem_id="prompt")
+            go = gr.Button("Generate", variant="primary", scale=1, elem_id="generate-button")
+        with gr.Row():
+            num_images = gr.Slider(*model.limits.num_images, value=DEFAULT_NUM_IMAGES, step=1,
+                                   label="Number of images")
+            seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
+        with gr.Accordion("Sampling", open=False):
+            with gr.Row():
+                guidance, temperature = guidance_and_temperature(model.limits, model.config)
+                top_k = gr.Number(0, precision=0, label="Top-k (0 = off)", minimum=model.limits.top_k[0],
+                                  maximum=model.limits.top_k[1])
+                top_p = gr.Slider(*model.limits.top_p, value=1.0, step=0.01, label="Top-p (1 = off)")
+            with gr.Row():
+                decoding = gr.Dropdown(list(DECODING_METHODS), value="sequential", label="Decoding",
+                                       info="jacobi: the same images in fewer passes; zipar: rows in parallel, "
+                                            "an approximation")
+                window = gr.Number(0, precision=0, label="Window (0 = the method's default)",
+                                   minimum=model.limits.window[0], maximum=model.limits.window[1])
+        gallery = gr.Gallery(label="Images", format="png", columns=4, fit_columns=False, elem_id="gallery",
+                             buttons=["download", "fullscreen"])
+        done = gr.Markdown(elem_id="generate-info")
+        files = gr.File(label="PNG files", file_count="multiple", elem_id="downloads")
+        gr.Examples([[EXAMPLE_PROMPT], ["a small blue triangle at the bottom right"]], inputs=[prompt])
+        gr.on([go.click, prompt.submit], model.generate,
+              [prompt, num_images, guidance, temperature, top_k, top_p, seed, decoding, window],
+              [gallery, files, done], api_name="generate", **run_model)
+
+
+def understand_tab(model: AppModel, run_model: dict) -> None:
+    """The chat about images (``/chat``) and one image, one question (``/caption``)."""
+    with gr.Tab("Understand", id="understand"):
+        conversation = gr.State([])
+        chatbot = gr.Chatbot(label="Chat about images", height=360, elem_id="chatbot", buttons=["copy"],
+                             feedback_options=None)
+        box = gr.MultimodalTextbox(placeholder="Attach images and ask (empty: describe the image)",
+                                   file_types=["image"], file_count="multiple", sources=["upload"],
+                                   elem_id="chat-input", show_label=False)
+        reset = gr.Button("New conversation", elem_id="reset")
+        box.submit(model.chat, [box, conversation], [box, chatbot, conversation], api_name="chat",
+                   **run_model)
+        reset.click(lambda: ({"text": "", "files": []}, [], []), None, [box, chatbot, conversation],
+                    api_name="reset", queue=False)
+        with gr.Accordion("One image, one question", open=False):
+            with gr.Row():
+                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
+                                 elem_id="caption-image")
+                with gr.Column():
+                    question = gr.Textbox(label="Question (empty: describe the image)")
+                    ask = gr.Button("Ask", elem_id="caption-button")
+                    answer = gr.Textbox(label="Answer", elem_id="caption-answer", interactive=False)
+            gr.on([ask.click, question.submit], model.caption, [image, question], answer,
+                  api_name="caption", **run_model)
+
+
+def edit_tab(model: AppModel, run_model: dict) -> None:
+    """Source image + instruction -> edited images: the ``/edit`` endpoint."""
+    with gr.Tab("Edit", id="edit"):
+        with gr.Row():
+            source = gr.Image(type="filepath", label="Source image", sources=["upload", "clipboard"],
+                              elem_id="edit-source", height=320)
+            with gr.Column():
+                instruction = gr.Textbox(label="Instruction", placeholder="make it blue", elem_id="instruction")
+                edit_go = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                edit_images = gr.Slider(*model.limits.num_images, value=1, step=1, label="Number of images")
+                edit_seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
+                with gr.Accordion("Sampling", open=False):
+                    edit_guidance, edit_temperature = guidance_and_temperature(model.limits, model.config)
+                    cfg_drop = gr.Dropdown(list(CFG_DROPS), value=DEFAULT_CFG_DROP,
+                                           label="Guidance compares with the prompt without its")
+        edited = gr.Gallery(label="Edited", format="png", columns=4, fit_columns=False, elem_id="edited",
+                            buttons=["download", "fullscreen"])
+        edited_files = gr.File(label="PNG files", file_count="multiple")
+        gr.on([edit_go.click, instruction.submit], model.edit,
+              [source, instruction, edit_images, edit_guidance, edit_temperature, edit_seed, cfg_drop],
+              [edited, edited_files], api_name="edit", **run_model)
+
+
 def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.Blocks:
     """The Blocks app, queued: ``concurrency`` model requests run at a time over all sessions, up to
     ``max_queue`` wait (further ones are refused with a message)."""
-    c = model.config
     # Every event that runs the model: one queue; and unigen.app.requests checks the raw inputs itself, so
     # that a number out of range or an unreadable upload is named in its words, not Gradio's.
     run_model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=concurrency, preprocess=False)
@@ -53,78 +133,9 @@ def build_app(model: AppModel, concurrency: int = 1, max_queue: int = 64) -> gr.
     # CACHE_SWEEP_S, and all of them when the server stops, so a long-running app does not fill the disk
     with gr.Blocks(title="unigen", analytics_enabled=False, delete_cache=(CACHE_SWEEP_S, CACHE_AGE_S)) as app:
         gr.Markdown(f"## unigen: `{model.name}`")
-        with gr.Tab("Generate", id="generate"):
-            with gr.Row():
-                prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPT, scale=4, elem_id="prompt")
-                go = gr.Button("Generate", variant="primary", scale=1, elem_id="generate-button")
-            with gr.Row():
-                num_images = gr.Slider(*model.limits.num_images, value=DEFAULT_NUM_IMAGES, step=1,
-                                       label="Number of images")
-                seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
-            with gr.Accordion("Sampling", open=False):
-                with gr.Row():
-                    guidance, temperature = guidance_and_temperature(model.limits, c)
-                    top_k = gr.Number(0, precision=0, label="Top-k (0 = off)", minimum=model.limits.top_k[0],
-                                      maximum=model.limits.top_k[1])
-                    top_p = gr.Slider(*model.limits.top_p, value=1.0, step=0.01, label="Top-p (1 = off)")
-                with gr.Row():
-                    decoding = gr.Dropdown(list(DECODING_METHODS), value="sequential", label="Decoding",
-                                           info="jacobi: the same images in fewer passes; zipar: rows in parallel, "
-                                                "an approximation")
-                    window = gr.Number(0, precision=0, label="Window (0 = the method's default)",
-                                       minimum=model.limits.window[0], maximum=model.limits.window[1])
-            gallery = gr.Gallery(label="Images", format="png", columns=4, fit_columns=False, elem_id="gallery",
-                                 buttons=["download", "fullscreen"])
-            done = gr.Markdown(elem_id="generate-info")
-            files = gr.File(label="PNG files", file_count="multiple", elem_id="downloads")
-            gr.Examples([[EXAMPLE_PROMPT], ["a small blue triangle at the bottom right"]], inputs=[prompt])
-            gr.on([go.click, prompt.submit], model.generate,
-                  [prompt, num_images, guidance, temperature, top_k, top_p, seed, decoding, window],
-                  [gallery, files, done], api_name="generate", **run_model)
-
-        with gr.Tab("Understand", id="understand"):
-            conversation = gr.State([])
-            chatbot = gr.Chatbot(label="Chat about images", height=360, elem_id="chatbot", buttons=["copy"],
-                                 feedback_options=None)
-            box = gr.MultimodalTextbox(placeholder="Attach images and ask (empty: describe the image)",
-                                       file_types=["image"], file_count="multiple", sources=["upload"],
-                                       elem_id="chat-input", show_label=False)
-            reset = gr.Button("New conversation", elem_id="reset")
-            box.submit(model.chat, [box, conversation], [box, chatbot, conversation], api_name="chat",
-                       **run_model)
-            reset.click(lambda: ({"text": "", "files": []}, [], []), None, [box, chatbot, conversation],
-                        api_name="reset", queue=False)
-            with gr.Accordion("One image, one question", open=False):
-                with gr.Row():
-                    image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
-                                     elem_id="caption-image")
-                    with gr.Column():
-                        question = gr.Textbox(label="Question (empty: describe the image)")
-                        ask = gr.Button("Ask", elem_id="caption-button")
-                        answer = gr.Textbox(label="Answer", elem_id="caption-answer", interactive=False)
-                gr.on([ask.click, question.submit], model.caption, [image, question], answer,
-                      api_name="caption", **run_model)
-
-        with gr.Tab("Edit", id="edit"):
-            with gr.Row():
-                source = gr.Image(type="filepath", label="Source image", sources=["upload", "clipboard"],
-                                  elem_id="edit-source", height=320)
-                with gr.Column():
-                    instruction = gr.Textbox(label="Instruction", placeholder="make it blue", elem_id="instruction")
-                    edit_go = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                    edit_images = gr.Slider(*model.limits.num_images, value=1, step=1, label="Number of images")
-                    edit_seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
-                    with gr.Accordion("Sampling", open=False):
-                        edit_guidance, edit_temperature = guidance_and_temperature(model.limits, c)
-                        cfg_drop = gr.Dropdown(list(CFG_DROPS), value=DEFAULT_CFG_DROP,
-                                               label="Guidance compares with the prompt without its")
-            edited = gr.Gallery(label="Edited", format="png", columns=4, fit_columns=False, elem_id="edited",
-                                buttons=["download", "fullscreen"])
-            edited_files = gr.File(label="PNG files", file_count="multiple")
-            gr.on([edit_go.click, instruction.submit], model.edit,
-                  [source, instruction, edit_images, edit_guidance, edit_temperature, edit_seed, cfg_drop],
-                  [edited, edited_files], api_name="edit", **run_model)
-
+        generate_tab(model, run_model)
+        understand_tab(model, run_model)
+        edit_tab(model, run_model)
         with gr.Tab("About the model", id="about"):
             gr.Markdown(about_markdown(model, concurrency))
     return app.queue(max_size=max_queue, default_concurrency_limit=concurrency)

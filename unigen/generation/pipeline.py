@@ -91,13 +91,9 @@ class UniGenPipeline:
     def _images(self, batch: dict, options: SamplingOptions, num_images: int, generator, progress: bool,
                 **inputs) -> PipelineOutput:
         """Sample, decode and report: the part every image-writing call shares."""
-        options = options.with_defaults(self.model.config)
-        out = generate_image_tokens(
-            self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-            num_images=num_images, guidance_scale=options.guidance_scale, temperature=options.temperature,
-            top_k=options.top_k, top_p=options.top_p, generator=generator, cfg_schedule=options.cfg_schedule,
-            decoding=options.decoding, decoding_options=options.decoding_options, progress=progress, **inputs,
-        )
+        out = generate_image_tokens(self.model, batch["input_ids"].to(self.device),
+                                    batch["attention_mask"].to(self.device), options=options, num_images=num_images,
+                                    generator=generator, progress=progress, **inputs)
         pixels = self.model.decode_image_tokens(out.codes)
         return PipelineOutput(pixels_to_pil(pixels), out.codes, out.decoder_passes)
 

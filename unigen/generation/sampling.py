@@ -46,46 +46,57 @@ def generate_image_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
+    options: SamplingOptions | None = None,
     num_images: int = 1,
-    guidance_scale: float | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    cfg_schedule: CFGSchedule | str | None = None,
     negative_prompt_ids: torch.Tensor | None = None,
     negative_attention_mask: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     negative_pixel_values: torch.Tensor | None = None,
     source_codes: torch.Tensor | None = None,
-    decoding: str = "sequential",
-    decoding_options: dict | None = None,
     compile: bool | None = None,
     progress: bool = False,
 ) -> ImageTokens:
     """Prompts (ending with <begin_of_image>, left padded) -> codes (batch * num_images, n_image_tokens) and the
     number of decoder passes.
 
-    ``guidance_scale`` / ``temperature`` left ``None`` take the checkpoint's (``SamplingOptions.with_defaults``).
-    Images of one prompt are consecutive rows. ``negative_prompt_ids`` (one row, or one per prompt)
-    replace the default unconditional prompt (Emu3 style). ``pixel_values``: images for the image
-    placeholders of the prompts, in reading order (image-conditioned generation, e.g. editing);
+    ``options``: guidance, temperature, top-k/p, CFG schedule and the decoder (``decoding``: ``"sequential"``,
+    one pass per token, ``"jacobi"`` or ``"zipar"``, with ``decoding_options``, see
+    :mod:`unigen.generation.decoding.options`); those left ``None`` take the checkpoint's
+    (``SamplingOptions.with_defaults``). Images of one prompt are consecutive rows. ``negative_prompt_ids`` (one
+    row, or one per prompt) replace the default unconditional prompt (Emu3 style). ``pixel_values``: images for
+    the image placeholders of the prompts, in reading order (image-conditioned generation, e.g. editing);
     ``negative_pixel_values`` the same for the negative prompts. ``source_codes`` (prompts, n_image_tokens):
     each prompt's edit source codes, filling the last slots of its conditional and unconditional rows alike
-    (``unigen.generation.editing``). ``decoding``: ``"sequential"`` (one pass
-    per token), ``"jacobi"`` or ``"zipar"``, with ``decoding_options`` (see :mod:`unigen.generation.decoding.options`).
-    ``compile``: capture the sequential decode step (``None``: where it is faster, see
-    :func:`unigen.generation.decoding.replay.decode_step_for`).
+    (``unigen.generation.editing``). ``compile``: capture the sequential decode step (``None``: where it is
+    faster, see :func:`unigen.generation.decoding.replay.decode_step_for`).
     """
     cfg = model.config
-    n_tokens = cfg.vq.num_tokens
+    sampling = (options or SamplingOptions()).with_defaults(cfg)
+    decoder = decoding_options_for(sampling.decoding, sampling.decoding_options, cfg.vq, compile)
+    _check_request(model, input_ids, num_images, generator, pixel_values is not None
+                   or negative_pixel_values is not None or source_codes is not None, source_codes)
+    n_gen, n_tokens = input_ids.shape[0] * num_images, cfg.vq.num_tokens
+    ids, mask, pixels = _guided_batch(cfg, input_ids, attention_mask, num_images, pixel_values,
+                                      negative_prompt_ids, negative_attention_mask, negative_pixel_values)
+    scales = as_schedule(sampling.cfg_schedule).scales(sampling.guidance_scale, n_tokens)
+    rows = GuidedRows(model, n_gen, scales, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+    if source_codes is not None:  # every row of a prompt, conditional and unconditional, reads its source
+        source_codes = source_codes.repeat_interleave(num_images, 0).repeat(2, 1)
+    zipar = sampling.decoding == "zipar"
+    hidden = rows.prefill(ids, mask, pixels, room=n_tokens + (cfg.vq.grid if zipar else 0), source_codes=source_codes)
+    return ImageTokens(_decode(rows, hidden, sampling.decoding, decoder, cfg.vq.grid, compile, progress), rows.passes)
+
+
+def _check_request(model, input_ids: torch.Tensor, num_images: int, generator, conditioned: bool,
+                   source_codes: torch.Tensor | None) -> None:
+    """What no decoder can serve: the shapes, the context, one generator per image, image conditions on a
+    cross-attention model (``conditioned``: pixel values or source codes were given)."""
+    n_tokens = model.config.vq.num_tokens
     if input_ids.ndim != 2:
         raise ArgumentError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
     if num_images < 1:
         raise ArgumentError(f"num_images must be at least 1, got {num_images}")
-    sampling = SamplingOptions(guidance_scale, temperature, top_k, top_p).with_defaults(cfg)
-    options = decoding_options_for(decoding, decoding_options, cfg.vq, compile)
-    scales = as_schedule(cfg_schedule).scales(sampling.guidance_scale, n_tokens)
     limit = model.decoder.config.max_position_embeddings
     if input_ids.shape[1] + n_tokens > limit:
         raise ArgumentError(
@@ -95,15 +106,20 @@ def generate_image_tokens(
     n_gen = input_ids.shape[0] * num_images
     if isinstance(generator, (list, tuple)) and len(generator) != n_gen:
         raise ArgumentError(f"{len(generator)} generators for {n_gen} images; pass one per image or a single one")
-    if (pixel_values is not None or negative_pixel_values is not None or source_codes is not None) \
-            and model.cross_attn_layers is not None:
+    if conditioned and model.cross_attn_layers is not None:
         raise ArgumentError("image-conditioned generation needs a fusion 'concat' (Method A) model; this "
                             "checkpoint uses cross-attention")
     if source_codes is not None and tuple(source_codes.shape) != (input_ids.shape[0], n_tokens):
         raise ArgumentError(f"source_codes must be (prompts={input_ids.shape[0]}, {n_tokens}); got "
                             f"{tuple(source_codes.shape)}")
 
+
+def _guided_batch(cfg, input_ids, attention_mask, num_images: int, pixel_values, negative_prompt_ids,
+                  negative_attention_mask, negative_pixel_values):
+    """(ids, mask, pixels) of the guided batch: each image's conditional row, then each one's unconditional row
+    (the default one, or its negative prompt), left padded together; the images of both halves in row order."""
     prompts = _rows(input_ids, attention_mask)
+    n_gen = len(prompts) * num_images
     cond = [r for r in prompts for _ in range(num_images)]
     cond_images = [im for im in images_per_row(prompts, pixel_values, cfg) for _ in range(num_images)]
     if negative_prompt_ids is None:
@@ -113,29 +129,24 @@ def generate_image_tokens(
         uncond_images = [None] * n_gen
     else:
         neg = _rows(negative_prompt_ids, negative_attention_mask)
-        if len(neg) not in (1, input_ids.shape[0]):
-            raise ArgumentError(f"{len(neg)} negative prompts for {input_ids.shape[0]} prompts; give 1 or one each")
+        if len(neg) not in (1, len(prompts)):
+            raise ArgumentError(f"{len(neg)} negative prompts for {len(prompts)} prompts; give 1 or one each")
         neg_images = images_per_row(neg, negative_pixel_values, cfg, "negative_pixel_values")
         pick = [0 if len(neg) == 1 else i // num_images for i in range(n_gen)]
         uncond, uncond_images = [neg[j] for j in pick], [neg_images[j] for j in pick]
-    # halves: conditional rows, then unconditional
     ids, mask = left_pad(cond + uncond, cfg.tokens.pad, input_ids.device)
     images = [im for im in cond_images + uncond_images if im is not None]
-    pixels = torch.cat(images) if images else None
+    return ids, mask, torch.cat(images) if images else None
 
-    rows = GuidedRows(model, n_gen, scales, sampling.temperature, top_k, top_p, generator)
-    if source_codes is not None:  # every row of a prompt, conditional and unconditional, reads its source
-        source_codes = source_codes.repeat_interleave(num_images, 0).repeat(2, 1)
-    hidden = rows.prefill(ids, mask, pixels, room=n_tokens + (cfg.vq.grid if decoding == "zipar" else 0),
-                          source_codes=source_codes)
+
+def _decode(rows: GuidedRows, hidden, decoding: str, options, grid: int, compile: bool | None,
+            progress: bool) -> torch.Tensor:
+    """The image tokens of the prefilled rows, by the chosen decoder."""
     if decoding == "jacobi":
-        codes = decode_jacobi(rows, hidden, options.window, progress)
-    elif decoding == "zipar":
-        grid = cfg.vq.grid
-        codes = decode_zipar(rows, hidden, grid, grid, options.resolved_window(grid), progress)
-    else:
-        codes = decode_sequential(rows, hidden, compile, progress)
-    return ImageTokens(codes, rows.passes)
+        return decode_jacobi(rows, hidden, options.window, progress)
+    if decoding == "zipar":
+        return decode_zipar(rows, hidden, grid, grid, options.resolved_window(grid), progress)
+    return decode_sequential(rows, hidden, compile, progress)
 
 
 def decoding_options_for(decoding: str, options: dict | None, vq, compile: bool | None):
