@@ -78,7 +78,7 @@ def understand_tab(model: AppModel, run_model: dict) -> None:
     """The chat about images (``/chat``) and one image, one question (``/caption``)."""
     with gr.Tab("Understand", id="understand"):
         conversation = gr.State([])
-        chatbot = gr.Chatbot(label="Chat about images", height=360, elem_id="chatbot", buttons=["copy"],
+        chatbot = gr.Chatbot(label="Chat about images", height=520, elem_id="chatbot", buttons=["copy"],
                              feedback_options=None)
         box = gr.MultimodalTextbox(placeholder="Attach images and ask (empty: describe the image)",
                                    file_types=["image"], file_count="multiple", sources=["upload"],
