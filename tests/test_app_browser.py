@@ -1,14 +1,11 @@
 """unigen app in a real browser: Debian's headless Chromium, driven by Selenium through Debian's chromedriver
 (nothing is downloaded), against the app over the shipped Shapes checkpoint. It types a prompt, presses
-Generate, sees the images, asks about an uploaded image in the chat, and saves screenshots (to the folder
-named by UNIGEN_APP_SCREENSHOTS as well, for the README's docs/app.png)."""
+Generate, sees the images, asks about an uploaded image in the chat, and keeps screenshots of both in the test's
+tmp folder (docs/app_screenshots.py takes the README's pictures, on fresh pages without error toasts)."""
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from unigen.app import start
 from unigen.generation.pipeline import UniGenPipeline
@@ -24,7 +21,6 @@ pytestmark = pytest.mark.skipif(
 PROMPT = "a large red circle at the top left"
 TRIANGLE = ShapeSpec("blue", "triangle", "small", "bottom right")
 REQUEST_S = 60  # a generous upper bound on a loaded 2-core machine; each wait normally takes a second or two
-SCREENSHOT_COLORS = 64  # the README's copy: a palette PNG stays small
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +50,6 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def save_screenshot(driver, path: Path, name: str) -> None:
-    driver.save_screenshot(str(path))
-    if os.environ.get("UNIGEN_APP_SCREENSHOTS"):
-        folder = Path(os.environ["UNIGEN_APP_SCREENSHOTS"])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.open(path).convert("RGB").quantize(SCREENSHOT_COLORS).save(folder / name, optimize=True)
-
-
 def test_generate_and_chat_in_the_browser(app_url, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -78,7 +66,7 @@ def test_generate_and_chat_in_the_browser(app_url, browser, tmp_path):
               ".filter(i => i.complete && i.naturalWidth > 0).length")
     wait.until(lambda d: d.execute_script(loaded) >= 4)
     wait.until(ec.text_to_be_present_in_element((By.ID, "downloads"), "unigen_seed0"))
-    save_screenshot(browser, tmp_path / "generate.png", "app.png")
+    browser.save_screenshot(str(tmp_path / "generate.png"))
 
     # a bad input is a message on the page, and the page keeps working
     prompt.send_keys(Keys.CONTROL, "a")
@@ -96,4 +84,4 @@ def test_generate_and_chat_in_the_browser(app_url, browser, tmp_path):
     box.send_keys("Describe the image.")
     box.send_keys(Keys.ENTER)
     wait.until(ec.text_to_be_present_in_element((By.ID, "chatbot"), caption(TRIANGLE)))
-    save_screenshot(browser, tmp_path / "chat.png", "app-chat.png")
+    browser.save_screenshot(str(tmp_path / "chat.png"))
