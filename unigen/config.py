@@ -124,7 +124,10 @@ class VQConfig:
 
 @dataclass
 class LLMConfig:
-    """Llama-style decoder (``unigen.models.decoder``): RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+    """Llama-style decoder (``unigen.models.decoder``): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+    The optional parts are what the pretrained families ``llm_from`` reads need (``unigen.models.llm_from``):
+    q/k/v (and o) biases, per-head q/k RMSNorm, a head width of its own and scaled rotary frequencies."""
 
     vocab_size: int = 102400
     hidden_size: int = 2048
@@ -137,16 +140,53 @@ class LLMConfig:
     rope_theta: float = 10000.0
     # unigen's decoder attends through SDPA only; the key stays so that saved config.json files keep loading
     attn_implementation: Literal["sdpa"] = "sdpa"
+    head_dim: int | None = None  # width of one attention head; None: hidden_size / num_heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2, Llama's attention_bias)
+    o_bias: bool = False  # a bias on the output projection (Llama's and Qwen3's attention_bias)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotation (Qwen3)
+    # scaled rotary frequencies as transformers' rope_parameters: {"rope_type": "linear", "factor": 4.0} or
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         _whole("llm", self, "vocab_size hidden_size intermediate_size num_layers num_heads num_kv_heads "
                             "max_position_embeddings")
         _positive("llm", self, "rms_norm_eps rope_theta")
-        _divides("llm", "hidden_size", self.hidden_size, "llm.num_heads", self.num_heads)
         _divides("llm", "num_heads", self.num_heads, "llm.num_kv_heads", self.num_kv_heads)
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError(f"llm.hidden_size / llm.num_heads ({self.hidden_size // self.num_heads}) must be even: "
-                              "rotary embeddings turn pairs of channels")
+        if self.head_dim is None:
+            _divides("llm", "hidden_size", self.hidden_size, "llm.num_heads", self.num_heads)
+        else:
+            _whole("llm", self, "head_dim")
+        if self.head_width % 2:
+            raise ConfigError(f"llm.head_dim ({self.head_width}) must be even: rotary embeddings turn pairs of "
+                              "channels")
+        check_rope_scaling(self.rope_scaling)
+
+    @property
+    def head_width(self) -> int:
+        """The width of one attention head (``head_dim``, or hidden_size / num_heads when it is unset)."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+# rope_type -> the keys it needs (transformers' ROPE_INIT_FUNCTIONS names; the static ones these families use)
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"llm.rope_scaling.rope_type {kind!r} is not supported; supported: "
+                          f"{sorted(ROPE_SCALING_KEYS)}")
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"llm.rope_scaling.{key} must be a number > 0 for rope_type {kind!r}, got {value!r}")
 
 
 # TokenIds field -> the token's text in Janus's tokenizer (and in the tokenizers unigen trains). The one
@@ -180,7 +220,8 @@ class UniGenConfig:
     aligner_depth: int = 2  # MLP SigLIP width -> LLM width
     gen_aligner_depth: int = 2  # MLP VQ embed dim -> LLM width
     gen_head_dim: int = 2048  # hidden width of the generation head
-    prompt_format: Literal["janus-pro", "janus"] = "janus-pro"
+    # janus-pro / janus: DeepSeek's templates; chat-template: the tokenizer's own (an LLM from llm_from)
+    prompt_format: Literal["janus-pro", "janus", "chat-template"] = "janus-pro"
     system_prompt: str | None = None  # understanding prompts; None = the format's (Janus's) system prompt
     fusion: Literal["concat", "cross_attention"] = "concat"
     encoder: Literal["siglip", "patch"] = "siglip"

@@ -19,7 +19,16 @@ from PIL import Image, UnidentifiedImageError
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundError, DataError
 from unigen.models.checkpoint import check_tokenizer_files, load_config
-from unigen.prompts import JANUS_SYSTEM_PROMPT, PromptBuilder, PromptFormat, check_text, left_pad, prompt_format
+from unigen.prompts import (
+    CHAT_TEMPLATE,
+    JANUS_SYSTEM_PROMPT,
+    ChatTemplateFormat,
+    PromptBuilder,
+    PromptFormat,
+    check_text,
+    left_pad,
+    prompt_format,
+)
 from unigen.runs import write_json
 from unigen.text_tokenizer import special_token_ids
 
@@ -158,11 +167,25 @@ class UniGenProcessor:
         self.tokenizer = tokenizer
         self.config = config
         self.prompts = PromptBuilder(self._tokenize, config,
-                                     config.system_prompt if system_prompt is None else system_prompt)
+                                     config.system_prompt if system_prompt is None else system_prompt,
+                                     self._chat_template() if config.prompt_format == CHAT_TEMPLATE else None)
         self.do_normalize = do_normalize
 
+    def _chat_template(self) -> ChatTemplateFormat:
+        """The tokenizer's chat template as a prompt format (a model built on ``llm_from``)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CheckpointError("the checkpoint's prompt_format is 'chat-template' but its tokenizer has no chat "
+                                  "template; save the LLM's tokenizer (with its template) beside the weights")
+
+        def render(messages: list[dict], add_generation_prompt: bool) -> str:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+
+        end = self.tokenizer.convert_ids_to_tokens(self.config.tokens.eos)
+        return ChatTemplateFormat(render, end, text_bos=self.tokenizer.bos_token_id is not None)
+
     @property
-    def format(self) -> PromptFormat:
+    def format(self) -> PromptFormat | ChatTemplateFormat:
         return self.prompts.format
 
     @property

@@ -9,6 +9,7 @@ import torch
 from unigen.config import UniGenConfig
 from unigen.data.manifest import Sample
 from unigen.errors import CheckpointNotFoundError, ConfigError
+from unigen.models.llm_from import apply_llm_config, load_llm_from, load_llm_weights
 from unigen.models.model import UniGenModel
 from unigen.processor import JANUS_SYSTEM_PROMPT, UniGenProcessor, prompt_format
 from unigen.text_tokenizer import special_token_ids, train_text_tokenizer
@@ -22,11 +23,29 @@ def stage_dir(recipe: TrainRecipe, stage: int) -> Path:
 
 
 def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel, UniGenProcessor]:
-    """A new model of the recipe's size with a word-level tokenizer trained on the data's text."""
-
+    """A new model of the recipe's size: the LLM from ``llm_from`` (its sizes, weights and tokenizer) or a fresh
+    decoder with a word-level tokenizer trained on the data's text; SigLIP and VQ from ``siglip_from`` /
+    ``vq_from`` or fresh. The aligners and heads are built at the LLM's width."""
     config = UniGenConfig.from_dict(recipe.model)
     config.system_prompt = recipe.system_prompt
-    # every text a sample carries, edit instructions included (an unseen word would be <unk>)
+    torch.manual_seed(recipe.seed)  # the LLM's added token rows are drawn too
+    llm = load_llm_from(recipe.llm_from) if recipe.llm_from else None
+    if llm is not None:
+        apply_llm_config(config, llm)
+        tokenizer = llm.tokenizer
+    else:
+        tokenizer = train_word_tokenizer(recipe, samples, config)
+    torch.manual_seed(recipe.seed)
+    model = UniGenModel(config)
+    if llm is not None:
+        load_llm_weights(model, llm)
+    load_image_parts(model, recipe)
+    return model, UniGenProcessor(tokenizer, config)
+
+
+def train_word_tokenizer(recipe: TrainRecipe, samples: list[Sample], config: UniGenConfig):
+    """A word-level tokenizer over every text a sample carries; sets ``config.tokens`` from it."""
+    # edit instructions included (an unseen word would be <unk>)
     texts = [t for s in samples
              for t in (s.caption, s.text, s.instruction, *(x for turn in s.turns for x in turn)) if t]
     fmt = prompt_format(config.prompt_format)
@@ -38,15 +57,18 @@ def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel
     if len(tokenizer) > config.llm.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is "
                           f"{config.llm.vocab_size}; raise model.llm.vocab_size")
-    torch.manual_seed(recipe.seed)
-    model = UniGenModel(config)
-    if recipe.vq_from:
+    return tokenizer
 
+
+def load_image_parts(model: UniGenModel, recipe: TrainRecipe) -> None:
+    """``vq_from`` / ``siglip_from`` into the built model; a part whose sizes differ from the recipe's ``model:``
+    is refused in one line naming it. (Hook for the pretrained-encoder loaders of issue 36,
+    ``unigen.models.vision_from.load_siglip_from`` and ``unigen.models.vq_from.load_vq_from``, which read
+    timm, transformers and LlamaGen files and size the config to them before the model is built.)"""
+    if recipe.vq_from:
         load_vq_into(model, recipe.vq_from)
     if recipe.siglip_from:
-
         load_siglip_into(model, recipe.siglip_from)
-    return model, UniGenProcessor(tokenizer, config)
 
 
 def load_pretrained(source, add_cross_attention_every: int | None = None) -> tuple[UniGenModel, UniGenProcessor]:
@@ -65,8 +87,11 @@ def start_source(recipe: TrainRecipe, stage: int, init_from: str | None) -> str 
             raise CheckpointNotFoundError(f"stage {stage} starts from stage {stage - 1}'s final weights, but "
                                           f"{previous} does not exist: train that stage first or pass --init-from DIR")
         source = str(previous)
-    if source is None and not recipe.model:
-        raise ConfigError("no model to train: set init_from (a checkpoint) or a model: section in the recipe")
+    if (init_from or recipe.init_from) and recipe.llm_from:  # (a later stage's start already holds the LLM)
+        raise ConfigError(f"llm_from builds a new model, but init_from starts from {init_from or recipe.init_from}; "
+                          "set one of them")
+    if source is None and not recipe.model and not recipe.llm_from:
+        raise ConfigError("no model to train: set init_from (a checkpoint), llm_from or a model: section in the recipe")
     return source
 
 

@@ -1,0 +1,268 @@
+"""``llm_from``: a transformers causal LM (Llama, Mistral, Qwen2, Qwen3) as unigen's decoder.
+
+Tiny random models of each family are built with transformers, saved with a tiny offline tokenizer, loaded back
+by ``unigen.models.llm_from`` and compared with transformers' own forward: logits on left-padded text, through
+a KV cache, and 32 greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unigen.config import UniGenConfig
+from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from unigen.generation.sampling import generate_text
+from unigen.models.decoder import positions_from_mask
+from unigen.models.llm_from import apply_llm_config, load_llm_from, load_llm_weights
+from unigen.models.model import UniGenModel
+from unigen.processor import UniGenProcessor
+from unigen.prompts import left_pad
+from unigen.shapes import write_dataset
+from unigen.training import load_recipe, run_stage
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ("a red blue green circle square triangle at the top bottom left right of in image what is this picture "
+         "describe there are two one small large").split()
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, rms_norm_eps=1e-6)
+FAMILIES = {
+    # Llama 3.2-style: llama3 rope scaling, a BOS, its own chat template, attention biases (attention_bias)
+    "llama": ("LlamaForCausalLM", dict(attention_bias=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), "llama3"),
+    # Mistral: linear rope scaling, a sliding window, no chat template (the janus-pro roles are added)
+    "mistral": ("MistralForCausalLM", dict(sliding_window=128, rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), None),
+    # Qwen2.5-style: q/k/v biases, tied embeddings, no BOS, ChatML
+    "qwen2": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 1000000.0}), "chatml"),
+    # Qwen3: per-head q/k RMSNorm, head_dim 32 with 4 heads of a width-64 model
+    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 1000000.0}), "chatml"),
+}
+
+
+def tiny_tokenizer(template: str | None):
+    """A tokenizer built offline with the family's special tokens and chat template: word-level for Llama and
+    Mistral, byte-level BPE for Qwen (transformers rebuilds a Qwen tokenizer as byte-level BPE from its files)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                           "<|eot_id|>"],
+                "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None: ["<s>", "</s>"]}[template]
+    if template == "chatml":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator([" ".join(WORDS)] * 4, trainer=trainers.BpeTrainer(
+            vocab_size=300, special_tokens=specials, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    else:
+        vocab = {t: i for i, t in enumerate(["<unk>", *specials, *WORDS, "\n", ":", "?", "."])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+        bos = specials[0]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None if template == "chatml" else specials[0],
+                                   eos_token=specials[0] if template == "chatml" else specials[1],
+                                   unk_token=None if template == "chatml" else "<unk>",
+                                   additional_special_tokens=specials[2:] if template else None)
+    if template:
+        fast.chat_template = {"llama3": LLAMA3, "chatml": CHATML}[template]
+    return fast
+
+
+def save_family(family: str, directory, seed: int = 0):
+    """A tiny random model of ``family`` and its tokenizer saved in ``directory``; returns the model."""
+    arch, extra, template = FAMILIES[family]
+    tokenizer = tiny_tokenizer(template)
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(vocab_size=len(tokenizer), **SMALL, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():  # random norms and biases, so that every weight the loader maps is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return model
+
+
+def unified(llm) -> UniGenModel:
+    """A smoke-sized unified model around the loaded LLM."""
+    config = UniGenConfig.from_name("smoke")
+    apply_llm_config(config, llm)
+    torch.manual_seed(1)
+    model = UniGenModel(config)
+    load_llm_weights(model, llm)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    hf = save_family(request.param, directory)
+    torch.manual_seed(2)
+    llm = load_llm_from(str(directory))
+    return request.param, hf, unified(llm), UniGenProcessor(llm.tokenizer, unified_config(llm))
+
+
+def unified_config(llm) -> UniGenConfig:
+    config = UniGenConfig.from_name("smoke")
+    apply_llm_config(config, llm)
+    return config
+
+
+def text_rows(processor, texts):
+    rows = [processor.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    return left_pad(rows, processor.tokens.pad)
+
+
+@torch.no_grad()
+def test_logits_match_transformers_with_left_padding(family):
+    name, hf, model, processor = family
+    ids, mask = text_rows(processor, ["a red circle at the top left of the image",
+                                      "what is in this picture ?", "two small blue square"])
+    vocab = hf.config.vocab_size
+    ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    ours = model(input_ids=ids, attention_mask=mask).logits[..., :vocab]
+    real = mask.bool()
+    assert (ours[real] - ref[real]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_cached_decoding_matches_transformers(family):
+    """Prefill a left-padded batch, then decode token by token through the KV cache: each step's logits are
+    transformers' full-sequence logits at that position."""
+    name, hf, model, processor = family
+    ids, mask = text_rows(processor, ["describe the picture", "there are two large green triangle in the image"])
+    extra = torch.tensor([[3, 9, 12, 7], [5, 6, 7, 8]]) + 4
+    full, full_mask = torch.cat([ids, extra], 1), torch.cat([mask, torch.ones_like(extra)], 1)
+    ref = hf(input_ids=full, attention_mask=full_mask, position_ids=positions_from_mask(full_mask)).logits
+    vocab = hf.config.vocab_size
+    cache = model.decoder.new_cache(2, full.shape[1])
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]
+    steps = [out]
+    for i in range(extra.shape[1] - 1):
+        steps.append(model(input_ids=extra[:, i : i + 1], past_key_values=cache).logits)
+    ours = torch.cat(steps, 1)[..., :vocab]
+    assert (ours - ref[:, ids.shape[1] - 1 : -1]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_greedy_generation_is_transformers(family):
+    name, hf, model, processor = family
+    ids, mask = text_rows(processor, ["a red circle at the", "what is this"])
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                      pad_token_id=processor.tokens.pad)[:, ids.shape[1]:]
+    ours = generate_text(model, ids, mask, max_new_tokens=32, eos_token_id=-1)
+    assert ref.tolist() == ours
+
+
+# ---- text stays text: a unified model trained around a frozen LLM answers text prompts as the LLM did ------
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shapes"), 12, seed=3)
+
+
+@torch.no_grad()
+def assert_text_stays_text(hf, final):
+    """The trained checkpoint (saved, loaded back) gives the source LLM's logits (<= 1e-5) and 32 greedy tokens
+    on text-only prompts built by its own processor (the chat template) and on plain text."""
+    model = UniGenModel.from_pretrained(final).eval()
+    processor = UniGenProcessor.from_pretrained(final, config=model.config)
+    chat = processor.chat_inputs([{"role": "user", "content": "what is in this picture?"}])
+    assert chat["pixel_values"] is None
+    plain = text_rows(processor, ["a large red circle at the top"])
+    for ids, mask in ((chat["input_ids"], chat["attention_mask"]), plain):
+        vocab = hf.config.vocab_size
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        assert (model(input_ids=ids, attention_mask=mask).logits[..., :vocab] - ref).abs().max() <= 1e-5
+        hf.generation_config.eos_token_id = None
+        greedy = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                             pad_token_id=processor.tokens.pad)[:, ids.shape[1]:]
+        assert generate_text(model, ids, mask, max_new_tokens=32, eos_token_id=-1) == greedy.tolist()
+
+
+def test_method_a_stage_one_on_a_frozen_llm_keeps_its_text(shapes_data, tmp_path):
+    """`unigen train --config train/shapes.yaml data=... llm_from=PATH`: the Shapes-sized SigLIP and VQ, the LLM's
+    sizes, prompts in its chat template; stage I trains the aligners and heads only."""
+    from unigen.cli import main
+
+    hf = save_family("qwen2", tmp_path / "llm")
+    rc = main(["train", "--config", "train/shapes.yaml", f"data={shapes_data}", f"llm_from={tmp_path / 'llm'}",
+               "--output-dir", str(tmp_path / "run"), "--stage", "1", "stage1.steps=2", "stage1.batch_size=2",
+               "tensorboard=false"])
+    assert rc == 0
+    final = tmp_path / "run" / "stage1" / "final"
+    config = UniGenConfig.load(final)
+    assert (config.prompt_format, config.llm.hidden_size, config.llm.qkv_bias) == ("chat-template", 64, True)
+    assert config.vision.width == UniGenConfig.from_name("shapes").vision.width  # the recipe's own SigLIP
+    assert_text_stays_text(hf, final)
+    trained = UniGenModel.from_pretrained(final)
+    assert trained.aligner.layers[0].weight.shape[0] == 64  # the aligners and heads are sized to the LLM
+
+
+def test_method_b_on_a_frozen_llm_keeps_its_text(shapes_data, tmp_path):
+    """Method B (cross-attention blocks, their gates open) over a frozen Qwen3: text-only prompts are the LLM's."""
+    hf = save_family("qwen3", tmp_path / "llm")
+    r = load_recipe("train/shapes-crossattn.yaml", [f"data={shapes_data}", f"llm_from={tmp_path / 'llm'}",
+                                                     f"output_dir={tmp_path / 'run'}", "stage1.steps=2",
+                                                     "stage1.batch_size=2", "tensorboard=false"])
+    final = run_stage(r, 1, progress=False)
+    assert UniGenConfig.load(final).fusion == "cross_attention"
+    assert_text_stays_text(hf, final)
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------------
+
+
+def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        load_llm_from(str(tmp_path))
+    assert str(err.value) == (f"llm_from={tmp_path}: architecture GPT2LMHeadModel is not supported; supported: "
+                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")
+
+
+def test_a_hub_id_offline_says_to_download_it_first(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointNotFoundError) as err:
+        load_llm_from("nobody-here/no-such-llm")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("llm_from=nobody-here/no-such-llm is not a local folder")
+    assert "download it first (`hf download nobody-here/no-such-llm --local-dir DIR`)" in message
+
+
+def test_weights_of_another_vocabulary_name_the_part(tmp_path):
+    """A config.json whose vocab_size disagrees with the saved embedding is one line naming llm_from."""
+    import json
+
+    save_family("llama", tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["vocab_size"] += 7
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_llm_from(str(tmp_path))
+    assert str(err.value).startswith(f"llm_from={tmp_path}: its weights do not load as its config.json describes")
+    assert "\n" not in str(err.value)
+
+
+def test_llm_from_beside_init_from_is_refused(tmp_path):
+    from unigen.training.start import start_source
+
+    r = load_recipe("train/smoke.yaml", ["data=x.jsonl", f"llm_from={tmp_path}", f"init_from={tmp_path}"])
+    with pytest.raises(ConfigError, match="llm_from builds a new model, but init_from starts from"):
+        start_source(r, 1, None)
