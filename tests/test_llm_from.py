@@ -167,6 +167,34 @@ def test_greedy_generation_is_transformers(family):
     assert ref.tolist() == ours
 
 
+def test_prompts_follow_the_chat_template_token_for_token(tmp_path):
+    """A dialogue's pieces (prompts unsupervised, replies supervised up to the end-of-turn token) are the
+    template's rendering of the conversation, tokenized in one pass; a generation prompt is the template's reply
+    slot then <begin_of_image>; an LLM without a template gets the janus-pro roles and ends replies with its EOS."""
+    save_family("qwen2", tmp_path / "qwen2")
+    llm = load_llm_from(str(tmp_path / "qwen2"))
+    processor, tok = UniGenProcessor(llm.tokenizer, unified_config(llm)), llm.tokenizer
+    turns = ["what is this?", "a red circle", "and the square?", "it is blue"]
+    segments = processor.prompts.dialogue(turns)
+    messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    joined = "".join(processor.format.pieces(turns))
+    assert rendered == joined + "\n"
+    assert [i for ids, _ in segments for i in ids] == tok(joined, add_special_tokens=False).input_ids
+    assert [supervised for _, supervised in segments] == [False, True, False, True]
+    assert tok.decode(segments[1][0]) == "a red circle<|im_end|>" and segments[1][0][-1] == processor.tokens.eos
+    slot = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(processor.prompts.generation("what is this?")) == slot + "<begin_of_image>"
+    assert llm.tokens.eos == tok.convert_tokens_to_ids("<|im_end|>")
+
+    save_family("mistral", tmp_path / "mistral")
+    plain = load_llm_from(str(tmp_path / "mistral"))
+    processor = UniGenProcessor(plain.tokenizer, unified_config(plain))
+    assert plain.prompt_format == "janus-pro"
+    reply = processor.prompts.dialogue(["what is this?", "a red circle"])[1][0]
+    assert plain.tokenizer.decode(reply) == "a red circle </s>"
+
+
 # ---- text stays text: a unified model trained around a frozen LLM answers text prompts as the LLM did ------
 
 

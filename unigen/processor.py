@@ -9,6 +9,7 @@ Prompts are built by ``unigen.prompts`` (the processor's ``prompts``), the one b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundErro
 from unigen.models.checkpoint import check_tokenizer_files, load_config
 from unigen.prompts import (
     CHAT_TEMPLATE,
+    EOS_TEXT,
     JANUS_SYSTEM_PROMPT,
     ChatTemplateFormat,
     PromptBuilder,
@@ -168,8 +170,19 @@ class UniGenProcessor:
         self.config = config
         self.prompts = PromptBuilder(self._tokenize, config,
                                      config.system_prompt if system_prompt is None else system_prompt,
-                                     self._chat_template() if config.prompt_format == CHAT_TEMPLATE else None)
+                                     self._tokenizer_format())
         self.do_normalize = do_normalize
+
+    def _tokenizer_format(self) -> PromptFormat | ChatTemplateFormat | None:
+        """The prompt format where it depends on the tokenizer (None: the named format as it is): the chat
+        template's, or DeepSeek's with the tokenizer's own EOS ending replies (an LLM from ``llm_from`` without a
+        template has no ``<｜end▁of▁sentence｜>``)."""
+        if self.config.prompt_format == CHAT_TEMPLATE:
+            return self._chat_template()
+        if EOS_TEXT in self.tokenizer.get_vocab():
+            return None
+        return dataclasses.replace(prompt_format(self.config.prompt_format),
+                                   sep2=self.tokenizer.convert_ids_to_tokens(self.config.tokens.eos))
 
     def _chat_template(self) -> ChatTemplateFormat:
         """The tokenizer's chat template as a prompt format (a model built on ``llm_from``)."""

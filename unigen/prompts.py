@@ -199,13 +199,11 @@ class ChatTemplateFormat:
         return self.render([message, ""], system)
 
 
-def prompt_format(name: str, chat: ChatTemplateFormat | None = None) -> PromptFormat | ChatTemplateFormat:
-    """The named format; ``chat-template`` is the tokenizer's (``chat``: the processor builds it)."""
+def prompt_format(name: str) -> PromptFormat:
+    """A named DeepSeek format (``chat-template`` is the tokenizer's: ``UniGenProcessor`` builds it)."""
     if name == CHAT_TEMPLATE:
-        if chat is None:
-            raise ConfigError("prompt_format 'chat-template' needs the model's tokenizer with its chat template; "
-                              "load the processor saved with the checkpoint")
-        return chat
+        raise ConfigError("prompt_format 'chat-template' is the tokenizer's chat template; build prompts through "
+                          "the processor saved with the checkpoint (UniGenProcessor.from_pretrained)")
     if name not in PROMPT_FORMATS:
         raise ConfigError(f"unknown prompt_format {name!r}; known: {sorted([*PROMPT_FORMATS, CHAT_TEMPLATE])}")
     return PROMPT_FORMATS[name]
@@ -353,11 +351,13 @@ class PromptBuilder:
     text to ids without BOS (``UniGenProcessor`` passes its tokenizer)."""
 
     def __init__(self, tokenize: Callable[[str], list[int]], config: UniGenConfig, system_prompt: str | None,
-                 chat: ChatTemplateFormat | None = None):
+                 fmt: PromptFormat | ChatTemplateFormat | None = None):
+        """``fmt``: the format when it depends on the tokenizer (``UniGenProcessor`` passes it), else the
+        config's named one."""
         self.tokenize = tokenize
         self.config = config
         self.tokens = config.tokens
-        self.format = prompt_format(config.prompt_format, chat)
+        self.format = fmt if fmt is not None else prompt_format(config.prompt_format)
         self.system_prompt = system_prompt
 
     def encode(self, text: str) -> list[int]:
