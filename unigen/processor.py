@@ -179,7 +179,7 @@ class UniGenProcessor:
         template has no ``<｜end▁of▁sentence｜>``)."""
         if self.config.prompt_format == CHAT_TEMPLATE:
             return self._chat_template()
-        if EOS_TEXT in self.tokenizer.get_vocab():
+        if self.tokenizer is None or EOS_TEXT in self.tokenizer.get_vocab():  # (image-only processors have none)
             return None
         return dataclasses.replace(prompt_format(self.config.prompt_format),
                                    sep2=self.tokenizer.convert_ids_to_tokens(self.config.tokens.eos))

@@ -205,7 +205,7 @@ def prompt_format(name: str) -> PromptFormat:
         raise ConfigError("prompt_format 'chat-template' is the tokenizer's chat template; build prompts through "
                           "the processor saved with the checkpoint (UniGenProcessor.from_pretrained)")
     if name not in PROMPT_FORMATS:
-        raise ConfigError(f"unknown prompt_format {name!r}; known: {sorted([*PROMPT_FORMATS, CHAT_TEMPLATE])}")
+        raise ConfigError(f"unknown prompt_format {name!r}; known: {sorted(PROMPT_FORMATS)}")
     return PROMPT_FORMATS[name]
 
 
