@@ -46,7 +46,7 @@ class SigLIPConfig:
     image_size: int = 384
     patch_size: int = 16
     width: int = 1024
-    depth: int = 24  # blocks actually built (official select_layer=-1 keeps all of them)
+    depth: int = 24  # blocks of the source encoder (official select_layer=-1 keeps all of them)
     num_heads: int = 16
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
@@ -54,9 +54,18 @@ class SigLIPConfig:
     # "conv": a small conv stem in its place (unigen.models.model.ConvStem), for encoders trained from scratch on
     # little data; same token grid.
     stem: Literal["patch", "conv"] = "patch"
+    # As Janus's ``select_layer``: the feature is the output of this block, after the final LayerNorm; -1 the last
+    # block, -2 the one before, or a positive count of blocks. Only the blocks up to it are built (``kept_depth``).
+    select_layer: int = -1
+    # The MLP's GELU: exact (Janus's and timm's SigLIP) or the tanh approximation (transformers' SigLIP and
+    # Siglip2, ``hidden_act: gelu_pytorch_tanh``); the two differ by up to ~1e-3 per activation.
+    mlp_act: Literal["gelu", "gelu_tanh"] = "gelu"
 
     def __post_init__(self):
         _whole("vision", self, "image_size patch_size width depth num_heads")
+        if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int) or self.select_layer == 0:
+            raise ConfigError(f"vision.select_layer must be a non-zero whole number (-1 the last block, -2 the one "
+                              f"before, or a block count); got {self.select_layer!r}")
         _positive("vision", self, "mlp_ratio layer_norm_eps")
         if self.patch_size > self.image_size:
             raise ConfigError(f"vision.patch_size ({self.patch_size}) must not exceed vision.image_size "
@@ -66,6 +75,15 @@ class SigLIPConfig:
     @property
     def num_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def kept_depth(self) -> int:
+        """Blocks the encoder builds: those up to ``select_layer`` (as Janus's ``create_siglip_vit``). Checked here,
+        not in ``__post_init__``: with ``siglip_from`` the depth is the source's, not the recipe's."""
+        if not -self.depth <= self.select_layer <= self.depth:
+            raise ConfigError(f"vision.select_layer must be -1 (the last block), -2, ... down to -{self.depth}, or a "
+                              f"block count 1..{self.depth} (vision.depth); got {self.select_layer}")
+        return self.depth + self.select_layer + 1 if self.select_layer < 0 else self.select_layer
 
 
 @dataclass
