@@ -252,6 +252,92 @@ def test_method_b_on_a_frozen_llm_keeps_its_text(shapes_data, tmp_path):
     assert_text_stays_text(hf, final)
 
 
+# ---- the three keys and the shipped recipes on tiny parts -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_parts(tmp_path_factory):
+    """A tiny timm SigLIP (Janus's architecture) and a tiny unigen VQ, saved as siglip_from / vq_from read them."""
+    import timm
+    from timm.models import save_for_hf
+
+    from unigen.config import VQConfig
+    from unigen.models.vq import VQModel
+    from unigen.training.tokenizer.vq_trainer import save_vq
+
+    torch.manual_seed(0)
+    siglip = timm.create_model("vit_large_patch16_siglip_384", pretrained=False, embed_dim=48, depth=2, num_heads=2,
+                               img_size=32, patch_size=8).eval()
+    siglip_dir = tmp_path_factory.mktemp("siglip")
+    save_for_hf(siglip, str(siglip_dir), safe_serialization=True)
+    vq = VQModel(VQConfig(image_size=32, codebook_size=48, embed_dim=4, base_channels=32, channel_mult=(1, 1, 2),
+                          num_res_blocks=1, z_channels=32)).eval()
+    vq_dir = save_vq(vq, tmp_path_factory.mktemp("vq"))
+    return siglip, siglip_dir, vq, vq_dir
+
+
+def test_the_three_keys_build_a_model_sized_to_its_parts(image_parts, shapes_data, tmp_path):
+    from unigen.data.manifest import read_samples
+    from unigen.training.start import build_fresh
+
+    siglip, siglip_dir, vq, vq_dir = image_parts
+    save_family("qwen3", tmp_path / "llm")
+    r = load_recipe("train/smoke.yaml", [f"data={shapes_data}", f"output_dir={tmp_path / 'run'}",
+                                         f"llm_from={tmp_path / 'llm'}", f"siglip_from={siglip_dir}",
+                                         f"vq_from={vq_dir}"])
+    model, processor = build_fresh(r, read_samples(shapes_data))
+    c = model.config
+    assert (c.vision.width, c.vq.codebook_size, c.llm.head_dim, c.llm.qk_norm) == (48, 48, 32, True)
+    assert model.aligner.layers[0].weight.shape == (64, 48) and model.gen_head.vision_head.weight.shape[0] == 48
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.vision_model(x), siglip.forward_features(x))
+        assert torch.equal(model.encode_image_tokens(x), vq.encode(x))
+    assert processor.format.adds_bos is False  # the LLM's chat template
+
+
+def test_janus_pretrained_parts_recipe_runs_its_three_stages(image_parts, shapes_data, tmp_path):
+    """Stage I trains only the aligners and heads, II adds the LLM, III the SigLIP encoder; the VQ never trains."""
+    from train_common import changed_groups, weights
+
+    _, siglip_dir, _, vq_dir = image_parts
+    save_family("llama", tmp_path / "llm")
+    steps = [f"stage{n}.{k}" for n in (1, 2, 3) for k in ("steps=1", "batch_size=4", "grad_accum=1",
+                                                          "warmup_steps=0", "mixture=[1, 0, 1]")]
+    r = load_recipe("train/janus-pretrained-parts.yaml", [
+        f"data={shapes_data}", f"output_dir={tmp_path / 'run'}", f"llm_from={tmp_path / 'llm'}",
+        f"siglip_from={siglip_dir}", f"vq_from={vq_dir}", "bf16=false", "tensorboard=false", *steps])
+    finals = [run_stage(r, n, progress=False) for n in (1, 2, 3)]
+    heads = {"aligner", "gen_aligner", "gen_embed", "gen_head"}
+    for n, expected in ((2, heads | {"llm"}), (3, heads | {"llm", "vision_encoder"})):
+        trained, frozen = changed_groups(weights(finals[n - 2]), weights(finals[n - 1]))
+        assert trained == expected and "vq" in frozen, n
+    assert UniGenConfig.load(finals[2]).vision.width == 48
+
+
+def test_llama32_vision_recipe_keeps_the_llm_text(image_parts, shapes_data, tmp_path):
+    _, siglip_dir, _, vq_dir = image_parts
+    hf = save_family("qwen2", tmp_path / "llm")
+    steps = [f"stage1.{k}" for k in ("steps=2", "batch_size=2", "grad_accum=1", "warmup_steps=0")]
+    r = load_recipe("train/llama32-vision.yaml", [
+        f"data={shapes_data}", f"output_dir={tmp_path / 'run'}", f"llm_from={tmp_path / 'llm'}",
+        f"siglip_from={siglip_dir}", f"vq_from={vq_dir}", "bf16=false", "tensorboard=false",
+        "model.cross_attention_every=1", *steps])
+    final = run_stage(r, 1, progress=False)
+    assert UniGenModel.from_pretrained(final).cross_attn_layers is not None
+    assert_text_stays_text(hf, final)
+
+
+def test_siglip_from_with_the_patch_encoder_is_refused(image_parts, tmp_path):
+    from unigen.training.start import load_image_parts
+
+    r = load_recipe("train/smoke.yaml", ["data=x.jsonl", f"siglip_from={image_parts[1]}"])
+    config = UniGenConfig.from_name("smoke")
+    config.encoder = "patch"
+    with pytest.raises(ConfigError, match="the recipe's model.encoder is 'patch'; a SigLIP encoder needs encoder"):
+        load_image_parts(r, config)
+
+
 # ---- bad inputs -----------------------------------------------------------------------------------------
 
 

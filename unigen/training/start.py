@@ -11,11 +11,11 @@ from unigen.data.manifest import Sample
 from unigen.errors import CheckpointNotFoundError, ConfigError
 from unigen.models.llm_from import apply_llm_config, load_llm_from, load_llm_weights
 from unigen.models.model import UniGenModel
+from unigen.models.vision_from import load_siglip_from
+from unigen.models.vq_from import load_vq_from
 from unigen.processor import JANUS_SYSTEM_PROMPT, UniGenProcessor, prompt_format
 from unigen.text_tokenizer import special_token_ids, train_text_tokenizer
 from unigen.training.recipe import TrainRecipe
-from unigen.training.tokenizer.siglip_trainer import load_siglip_into
-from unigen.training.tokenizer.vq_trainer import load_vq_into
 
 
 def stage_dir(recipe: TrainRecipe, stage: int) -> Path:
@@ -23,9 +23,9 @@ def stage_dir(recipe: TrainRecipe, stage: int) -> Path:
 
 
 def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel, UniGenProcessor]:
-    """A new model of the recipe's size: the LLM from ``llm_from`` (its sizes, weights and tokenizer) or a fresh
-    decoder with a word-level tokenizer trained on the data's text; SigLIP and VQ from ``siglip_from`` /
-    ``vq_from`` or fresh. The aligners and heads are built at the LLM's width."""
+    """A new model: each part from its ``*_from`` key (its own sizes and weights) or fresh at the recipe's
+    ``model:`` sizes. ``llm_from`` brings the tokenizer too; otherwise a word-level one is trained on the data's
+    text. The aligners, the generation embedding and the heads are built to the parts' widths."""
     config = UniGenConfig.from_dict(recipe.model)
     config.system_prompt = recipe.system_prompt
     torch.manual_seed(recipe.seed)  # the LLM's added token rows are drawn too
@@ -35,12 +35,28 @@ def build_fresh(recipe: TrainRecipe, samples: list[Sample]) -> tuple[UniGenModel
         tokenizer = llm.tokenizer
     else:
         tokenizer = train_word_tokenizer(recipe, samples, config)
+    parts = load_image_parts(recipe, config)
     torch.manual_seed(recipe.seed)
     model = UniGenModel(config)
     if llm is not None:
         load_llm_weights(model, llm)
-    load_image_parts(model, recipe)
+    for name, part in parts.items():  # built from the part's own config, so the weights fit exactly
+        getattr(model, name).load_state_dict(part.state_dict())
     return model, UniGenProcessor(tokenizer, config)
+
+
+def load_image_parts(recipe: TrainRecipe, config: UniGenConfig) -> dict[str, torch.nn.Module]:
+    """``siglip_from`` / ``vq_from`` read before the model is built; each part's sizes replace the recipe's
+    ``model.vision`` / ``model.vq`` (``vision.select_layer`` is the recipe's). Returns the modules by attribute."""
+    parts = {}
+    if recipe.siglip_from:
+        if config.encoder != "siglip":
+            raise ConfigError(f"siglip_from={recipe.siglip_from}: the recipe's model.encoder is {config.encoder!r}; "
+                              "a SigLIP encoder needs encoder: siglip")
+        parts["vision_model"], config.vision = load_siglip_from(recipe.siglip_from, config.vision)
+    if recipe.vq_from:
+        parts["gen_vision_model"], config.vq = load_vq_from(recipe.vq_from, config.vq)
+    return parts
 
 
 def train_word_tokenizer(recipe: TrainRecipe, samples: list[Sample], config: UniGenConfig):
@@ -58,17 +74,6 @@ def train_word_tokenizer(recipe: TrainRecipe, samples: list[Sample], config: Uni
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is "
                           f"{config.llm.vocab_size}; raise model.llm.vocab_size")
     return tokenizer
-
-
-def load_image_parts(model: UniGenModel, recipe: TrainRecipe) -> None:
-    """``vq_from`` / ``siglip_from`` into the built model; a part whose sizes differ from the recipe's ``model:``
-    is refused in one line naming it. (Hook for the pretrained-encoder loaders of issue 36,
-    ``unigen.models.vision_from.load_siglip_from`` and ``unigen.models.vq_from.load_vq_from``, which read
-    timm, transformers and LlamaGen files and size the config to them before the model is built.)"""
-    if recipe.vq_from:
-        load_vq_into(model, recipe.vq_from)
-    if recipe.siglip_from:
-        load_siglip_into(model, recipe.siglip_from)
 
 
 def load_pretrained(source, add_cross_attention_every: int | None = None) -> tuple[UniGenModel, UniGenProcessor]:
