@@ -6,6 +6,8 @@ a KV cache, and 32 greedy tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from unigen.shapes import write_dataset
 from unigen.training import load_recipe, run_stage
 
 transformers = pytest.importorskip("transformers")
+TRAIN = Path(__file__).parent.parent / "train"
 
 WORDS = ("a red blue green circle square triangle at the top bottom left right of in image what is this picture "
          "describe there are two one small large").split()
@@ -228,7 +231,7 @@ def test_method_a_stage_one_on_a_frozen_llm_keeps_its_text(shapes_data, tmp_path
     from unigen.cli import main
 
     hf = save_family("qwen2", tmp_path / "llm")
-    rc = main(["train", "--config", "train/shapes.yaml", f"data={shapes_data}", f"llm_from={tmp_path / 'llm'}",
+    rc = main(["train", "--config", str(TRAIN / "shapes.yaml"), f"data={shapes_data}", f"llm_from={tmp_path / 'llm'}",
                "--output-dir", str(tmp_path / "run"), "--stage", "1", "stage1.steps=2", "stage1.batch_size=2",
                "tensorboard=false"])
     assert rc == 0
@@ -244,7 +247,7 @@ def test_method_a_stage_one_on_a_frozen_llm_keeps_its_text(shapes_data, tmp_path
 def test_method_b_on_a_frozen_llm_keeps_its_text(shapes_data, tmp_path):
     """Method B (cross-attention blocks, their gates open) over a frozen Qwen3: text-only prompts are the LLM's."""
     hf = save_family("qwen3", tmp_path / "llm")
-    r = load_recipe("train/shapes-crossattn.yaml", [f"data={shapes_data}", f"llm_from={tmp_path / 'llm'}",
+    r = load_recipe(TRAIN / "shapes-crossattn.yaml", [f"data={shapes_data}", f"llm_from={tmp_path / 'llm'}",
                                                      f"output_dir={tmp_path / 'run'}", "stage1.steps=2",
                                                      "stage1.batch_size=2", "tensorboard=false"])
     final = run_stage(r, 1, progress=False)
@@ -282,7 +285,7 @@ def test_the_three_keys_build_a_model_sized_to_its_parts(image_parts, shapes_dat
 
     siglip, siglip_dir, vq, vq_dir = image_parts
     save_family("qwen3", tmp_path / "llm")
-    r = load_recipe("train/smoke.yaml", [f"data={shapes_data}", f"output_dir={tmp_path / 'run'}",
+    r = load_recipe(TRAIN / "smoke.yaml", [f"data={shapes_data}", f"output_dir={tmp_path / 'run'}",
                                          f"llm_from={tmp_path / 'llm'}", f"siglip_from={siglip_dir}",
                                          f"vq_from={vq_dir}"])
     model, processor = build_fresh(r, read_samples(shapes_data))
@@ -304,7 +307,7 @@ def test_janus_pretrained_parts_recipe_runs_its_three_stages(image_parts, shapes
     save_family("llama", tmp_path / "llm")
     steps = [f"stage{n}.{k}" for n in (1, 2, 3) for k in ("steps=1", "batch_size=4", "grad_accum=1",
                                                           "warmup_steps=0", "mixture=[1, 0, 1]")]
-    r = load_recipe("train/janus-pretrained-parts.yaml", [
+    r = load_recipe(TRAIN / "janus-pretrained-parts.yaml", [
         f"data={shapes_data}", f"output_dir={tmp_path / 'run'}", f"llm_from={tmp_path / 'llm'}",
         f"siglip_from={siglip_dir}", f"vq_from={vq_dir}", "bf16=false", "tensorboard=false", *steps])
     finals = [run_stage(r, n, progress=False) for n in (1, 2, 3)]
@@ -319,7 +322,7 @@ def test_llama32_vision_recipe_keeps_the_llm_text(image_parts, shapes_data, tmp_
     _, siglip_dir, _, vq_dir = image_parts
     hf = save_family("qwen2", tmp_path / "llm")
     steps = [f"stage1.{k}" for k in ("steps=2", "batch_size=2", "grad_accum=1", "warmup_steps=0")]
-    r = load_recipe("train/llama32-vision.yaml", [
+    r = load_recipe(TRAIN / "llama32-vision.yaml", [
         f"data={shapes_data}", f"output_dir={tmp_path / 'run'}", f"llm_from={tmp_path / 'llm'}",
         f"siglip_from={siglip_dir}", f"vq_from={vq_dir}", "bf16=false", "tensorboard=false",
         "model.cross_attention_every=1", *steps])
@@ -331,7 +334,7 @@ def test_llama32_vision_recipe_keeps_the_llm_text(image_parts, shapes_data, tmp_
 def test_siglip_from_with_the_patch_encoder_is_refused(image_parts, tmp_path):
     from unigen.training.start import load_image_parts
 
-    r = load_recipe("train/smoke.yaml", ["data=x.jsonl", f"siglip_from={image_parts[1]}"])
+    r = load_recipe(TRAIN / "smoke.yaml", ["data=x.jsonl", f"siglip_from={image_parts[1]}"])
     config = UniGenConfig.from_name("smoke")
     config.encoder = "patch"
     with pytest.raises(ConfigError, match="the recipe's model.encoder is 'patch'; a SigLIP encoder needs encoder"):
@@ -377,6 +380,6 @@ def test_weights_of_another_vocabulary_name_the_part(tmp_path):
 def test_llm_from_beside_init_from_is_refused(tmp_path):
     from unigen.training.start import start_source
 
-    r = load_recipe("train/smoke.yaml", ["data=x.jsonl", f"llm_from={tmp_path}", f"init_from={tmp_path}"])
+    r = load_recipe(TRAIN / "smoke.yaml", ["data=x.jsonl", f"llm_from={tmp_path}", f"init_from={tmp_path}"])
     with pytest.raises(ConfigError, match="llm_from builds a new model, but init_from starts from"):
         start_source(r, 1, None)
