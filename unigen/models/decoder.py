@@ -4,7 +4,8 @@ RMSNorm, rotary positions, grouped-query attention through ``scaled_dot_product_
 feed-forward, in the arithmetic of transformers' ``LlamaModel`` (the parity tests compare the two). q|k|v
 and gate|up are fused parameters (one matmul each); checkpoints still hold DeepSeek's separate
 ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` keys (``unigen.models.checkpoint`` splits and
-joins them at the file boundary).
+joins them at the file boundary). What the pretrained families of ``llm_from`` differ by is configuration
+(``LLMConfig``): q/k/v and o biases, per-head q/k RMSNorm, a head width of its own, scaled rotary frequencies.
 
 One forward serves every use:
   * no cache: a whole (left-padded) sequence, causal; training, with optional gradient checkpointing;

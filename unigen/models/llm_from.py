@@ -144,9 +144,9 @@ def unigen_state(hf_state: dict[str, torch.Tensor], config: LLMConfig) -> dict[s
     from unigen.models.checkpoint import fused_state_dict
 
     state = {f"language_model.{k}": v for k, v in hf_state.items() if "rotary_emb" not in k}
-    if "language_model.lm_head.weight" not in state:  # a tied head is saved once, as the embedding
-        state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
-    state = {k: v.clone() for k, v in state.items()}  # untie: the two rows tables train apart
+    embed, head = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+    if head not in state or state[head].data_ptr() == state[embed].data_ptr():  # tied: untie, they train apart
+        state[head] = state[embed].clone()
     return fused_state_dict(state, config)
 
 
