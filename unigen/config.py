@@ -46,7 +46,7 @@ class SigLIPConfig:
     image_size: int = 384
     patch_size: int = 16
     width: int = 1024
-    depth: int = 24  # blocks actually built (official select_layer=-1 keeps all of them)
+    depth: int = 24  # blocks of the source encoder (official select_layer=-1 keeps all of them)
     num_heads: int = 16
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
@@ -54,9 +54,18 @@ class SigLIPConfig:
     # "conv": a small conv stem in its place (unigen.models.model.ConvStem), for encoders trained from scratch on
     # little data; same token grid.
     stem: Literal["patch", "conv"] = "patch"
+    # As Janus's ``select_layer``: the feature is the output of this block, after the final LayerNorm; -1 the last
+    # block, -2 the one before, or a positive count of blocks. Only the blocks up to it are built (``kept_depth``).
+    select_layer: int = -1
+    # The MLP's GELU: exact (Janus's and timm's SigLIP) or the tanh approximation (transformers' SigLIP and
+    # Siglip2, ``hidden_act: gelu_pytorch_tanh``); the two differ by up to ~1e-3 per activation.
+    mlp_act: Literal["gelu", "gelu_tanh"] = "gelu"
 
     def __post_init__(self):
         _whole("vision", self, "image_size patch_size width depth num_heads")
+        if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int) or self.select_layer == 0:
+            raise ConfigError(f"vision.select_layer must be a non-zero whole number (-1 the last block, -2 the one "
+                              f"before, or a block count); got {self.select_layer!r}")
         _positive("vision", self, "mlp_ratio layer_norm_eps")
         if self.patch_size > self.image_size:
             raise ConfigError(f"vision.patch_size ({self.patch_size}) must not exceed vision.image_size "
@@ -66,6 +75,15 @@ class SigLIPConfig:
     @property
     def num_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def kept_depth(self) -> int:
+        """Blocks the encoder builds: those up to ``select_layer`` (as Janus's ``create_siglip_vit``). Checked here,
+        not in ``__post_init__``: with ``siglip_from`` the depth is the source's, not the recipe's."""
+        if not -self.depth <= self.select_layer <= self.depth:
+            raise ConfigError(f"vision.select_layer must be -1 (the last block), -2, ... down to -{self.depth}, or a "
+                              f"block count 1..{self.depth} (vision.depth); got {self.select_layer}")
+        return self.depth + self.select_layer + 1 if self.select_layer < 0 else self.select_layer
 
 
 @dataclass
@@ -124,7 +142,10 @@ class VQConfig:
 
 @dataclass
 class LLMConfig:
-    """Llama-style decoder (``unigen.models.decoder``): RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+    """Llama-style decoder (``unigen.models.decoder``): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+    The optional parts are what the pretrained families ``llm_from`` reads need (``unigen.models.llm_from``):
+    q/k/v (and o) biases, per-head q/k RMSNorm, a head width of its own and scaled rotary frequencies."""
 
     vocab_size: int = 102400
     hidden_size: int = 2048
@@ -137,16 +158,53 @@ class LLMConfig:
     rope_theta: float = 10000.0
     # unigen's decoder attends through SDPA only; the key stays so that saved config.json files keep loading
     attn_implementation: Literal["sdpa"] = "sdpa"
+    head_dim: int | None = None  # width of one attention head; None: hidden_size / num_heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2, Llama's attention_bias)
+    o_bias: bool = False  # a bias on the output projection (Llama's and Qwen3's attention_bias)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotation (Qwen3)
+    # scaled rotary frequencies as transformers' rope_parameters: {"rope_type": "linear", "factor": 4.0} or
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         _whole("llm", self, "vocab_size hidden_size intermediate_size num_layers num_heads num_kv_heads "
                             "max_position_embeddings")
         _positive("llm", self, "rms_norm_eps rope_theta")
-        _divides("llm", "hidden_size", self.hidden_size, "llm.num_heads", self.num_heads)
         _divides("llm", "num_heads", self.num_heads, "llm.num_kv_heads", self.num_kv_heads)
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError(f"llm.hidden_size / llm.num_heads ({self.hidden_size // self.num_heads}) must be even: "
-                              "rotary embeddings turn pairs of channels")
+        if self.head_dim is None:
+            _divides("llm", "hidden_size", self.hidden_size, "llm.num_heads", self.num_heads)
+        else:
+            _whole("llm", self, "head_dim")
+        if self.head_width % 2:
+            raise ConfigError(f"llm.head_dim ({self.head_width}) must be even: rotary embeddings turn pairs of "
+                              "channels")
+        check_rope_scaling(self.rope_scaling)
+
+    @property
+    def head_width(self) -> int:
+        """The width of one attention head (``head_dim``, or hidden_size / num_heads when it is unset)."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+# rope_type -> the keys it needs (transformers' ROPE_INIT_FUNCTIONS names; the static ones these families use)
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"llm.rope_scaling.rope_type {kind!r} is not supported; supported: "
+                          f"{sorted(ROPE_SCALING_KEYS)}")
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"llm.rope_scaling.{key} must be a number > 0 for rope_type {kind!r}, got {value!r}")
 
 
 # TokenIds field -> the token's text in Janus's tokenizer (and in the tokenizers unigen trains). The one
@@ -180,7 +238,8 @@ class UniGenConfig:
     aligner_depth: int = 2  # MLP SigLIP width -> LLM width
     gen_aligner_depth: int = 2  # MLP VQ embed dim -> LLM width
     gen_head_dim: int = 2048  # hidden width of the generation head
-    prompt_format: Literal["janus-pro", "janus"] = "janus-pro"
+    # janus-pro / janus: DeepSeek's templates; chat-template: the tokenizer's own (an LLM from llm_from)
+    prompt_format: Literal["janus-pro", "janus", "chat-template"] = "janus-pro"
     system_prompt: str | None = None  # understanding prompts; None = the format's (Janus's) system prompt
     fusion: Literal["concat", "cross_attention"] = "concat"
     encoder: Literal["siglip", "patch"] = "siglip"

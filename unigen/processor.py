@@ -9,6 +9,7 @@ Prompts are built by ``unigen.prompts`` (the processor's ``prompts``), the one b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,17 @@ from PIL import Image, UnidentifiedImageError
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundError, DataError
 from unigen.models.checkpoint import check_tokenizer_files, load_config
-from unigen.prompts import JANUS_SYSTEM_PROMPT, PromptBuilder, PromptFormat, check_text, left_pad, prompt_format
+from unigen.prompts import (
+    CHAT_TEMPLATE,
+    EOS_TEXT,
+    JANUS_SYSTEM_PROMPT,
+    ChatTemplateFormat,
+    PromptBuilder,
+    PromptFormat,
+    check_text,
+    left_pad,
+    prompt_format,
+)
 from unigen.runs import write_json
 from unigen.text_tokenizer import special_token_ids
 
@@ -158,11 +169,36 @@ class UniGenProcessor:
         self.tokenizer = tokenizer
         self.config = config
         self.prompts = PromptBuilder(self._tokenize, config,
-                                     config.system_prompt if system_prompt is None else system_prompt)
+                                     config.system_prompt if system_prompt is None else system_prompt,
+                                     self._tokenizer_format())
         self.do_normalize = do_normalize
 
+    def _tokenizer_format(self) -> PromptFormat | ChatTemplateFormat | None:
+        """The prompt format where it depends on the tokenizer (None: the named format as it is): the chat
+        template's, or DeepSeek's with the tokenizer's own EOS ending replies (an LLM from ``llm_from`` without a
+        template has no ``<｜end▁of▁sentence｜>``)."""
+        if self.config.prompt_format == CHAT_TEMPLATE:
+            return self._chat_template()
+        if self.tokenizer is None or EOS_TEXT in self.tokenizer.get_vocab():  # (image-only processors have none)
+            return None
+        return dataclasses.replace(prompt_format(self.config.prompt_format),
+                                   sep2=self.tokenizer.convert_ids_to_tokens(self.config.tokens.eos))
+
+    def _chat_template(self) -> ChatTemplateFormat:
+        """The tokenizer's chat template as a prompt format (a model built on ``llm_from``)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CheckpointError("the checkpoint's prompt_format is 'chat-template' but its tokenizer has no chat "
+                                  "template; save the LLM's tokenizer (with its template) beside the weights")
+
+        def render(messages: list[dict], add_generation_prompt: bool) -> str:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+
+        end = self.tokenizer.convert_ids_to_tokens(self.config.tokens.eos)
+        return ChatTemplateFormat(render, end, text_bos=self.tokenizer.bos_token_id is not None)
+
     @property
-    def format(self) -> PromptFormat:
+    def format(self) -> PromptFormat | ChatTemplateFormat:
         return self.prompts.format
 
     @property

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -95,6 +96,8 @@ class PromptFormat:
     system: str = JANUS_SYSTEM_PROMPT
     sep: str = "\n\n"
     sep2: str = EOS_TEXT
+    adds_bos: ClassVar[bool] = True  # PromptBuilder.encode puts the BOS in front of a rendered prompt
+    text_bos: ClassVar[bool] = True  # a plain-text row starts with the BOS
 
     def pieces(self, messages: list[str], system: str | None = None) -> list[str]:
         """The rendered text cut before each assistant message: [prompt, reply, prompt, reply, ..., prompt]; every
@@ -130,9 +133,77 @@ PROMPT_FORMATS = {
     "janus-pro": PromptFormat("<|User|>", "<|Assistant|>"),
     "janus": PromptFormat("User", "Assistant"),  # Janus-1.3B's scripts pass these role names
 }
+CHAT_TEMPLATE = "chat-template"  # the prompt_format of a model whose LLM came with a chat template (llm_from)
+
+
+@dataclass(frozen=True)
+class ChatTemplateFormat:
+    """The LLM's own chat template (``prompt_format: chat-template``, a model built on ``llm_from``): the same
+    pieces as :class:`PromptFormat`, rendered by the tokenizer's template. A prompt piece ends with the
+    template's generation prompt, a reply piece with the reply's end-of-turn token (``end_of_turn``, the
+    model's EOS); whatever the template writes after it opens the next prompt piece. The template writes any
+    BOS itself. No system prompt: the template's default (none, or its own)."""
+
+    render_chat: Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+    end_of_turn: str
+    text_bos: bool = True  # the tokenizer has a BOS: a plain-text row starts with it
+    user: str = "user"
+    assistant: str = "assistant"
+    adds_bos: ClassVar[bool] = False
+
+    def pieces(self, messages: list[str], system: str | None = None) -> list[str]:
+        """[prompt, reply, prompt, reply, ..., prompt] as :meth:`PromptFormat.pieces` cuts them."""
+        chat = [{"role": "system", "content": system}] if system else []
+        out, done = [], ""
+        for i, message in enumerate(messages):
+            message = message.strip()
+            if i % 2 == 0:
+                chat.append({"role": "user", "content": message})
+                continue
+            done = self._extend(out, done, self.render_chat(chat, True))
+            if message:
+                chat.append({"role": "assistant", "content": message})
+                reply = self._tail(done, self.render_chat(chat, False))
+                cut = reply.find(self.end_of_turn, reply.find(message) + len(message))
+                reply = reply if cut < 0 else reply[: cut + len(self.end_of_turn)]
+                out.append(reply)
+                done += reply
+            else:
+                out.append("")
+        if len(messages) % 2:  # ends with a user turn (no reply slot)
+            self._extend(out, done, self.render_chat(chat, False))
+        return out
+
+    def _tail(self, done: str, text: str) -> str:
+        if not text.startswith(done):
+            raise ConfigError("the LLM's chat template does not render a conversation as the continuation of its "
+                              "earlier turns, so training and inference prompts would differ; use prompt_format "
+                              "janus-pro (add <|User|> and <|Assistant|> to the tokenizer)")
+        return text[len(done):]
+
+    def _extend(self, out: list[str], done: str, text: str) -> str:
+        """The prompt piece from ``done`` to ``text`` (joined to a trailing reply piece's remainder)."""
+        out.append(self._tail(done, text))
+        return text
+
+    def render(self, messages: list[str], system: str | None = None) -> str:
+        return "".join(self.pieces(messages, system))
+
+    def understanding(self, question: str, system: str | None = None) -> str:
+        return self.render([f"{IMAGE_TAG}\n{question}", ""], system)
+
+    def generation(self, prompt: str) -> str:
+        return self.render([prompt, ""]) + IMAGE_START_TAG
+
+    def text(self, message: str, system: str | None = None) -> str:
+        return self.render([message, ""], system)
 
 
 def prompt_format(name: str) -> PromptFormat:
+    """A named DeepSeek format (``chat-template`` is the tokenizer's: ``UniGenProcessor`` builds it)."""
+    if name == CHAT_TEMPLATE:
+        raise ConfigError("prompt_format 'chat-template' is the tokenizer's chat template; build prompts through "
+                          "the processor saved with the checkpoint (UniGenProcessor.from_pretrained)")
     if name not in PROMPT_FORMATS:
         raise ConfigError(f"unknown prompt_format {name!r}; known: {sorted(PROMPT_FORMATS)}")
     return PROMPT_FORMATS[name]
@@ -279,17 +350,20 @@ class PromptBuilder:
     """The ids of every prompt, from the checkpoint's format, system prompt and special ids; ``tokenize`` maps
     text to ids without BOS (``UniGenProcessor`` passes its tokenizer)."""
 
-    def __init__(self, tokenize: Callable[[str], list[int]], config: UniGenConfig, system_prompt: str | None):
+    def __init__(self, tokenize: Callable[[str], list[int]], config: UniGenConfig, system_prompt: str | None,
+                 fmt: PromptFormat | ChatTemplateFormat | None = None):
+        """``fmt``: the format when it depends on the tokenizer (``UniGenProcessor`` passes it), else the
+        config's named one."""
         self.tokenize = tokenize
         self.config = config
         self.tokens = config.tokens
-        self.format = prompt_format(config.prompt_format)
+        self.format = fmt if fmt is not None else prompt_format(config.prompt_format)
         self.system_prompt = system_prompt
 
     def encode(self, text: str) -> list[int]:
         """Token ids with exactly one leading BOS (the Janus tokenizer adds it; we add it ourselves so
-        that a tokenizer without a BOS post-processor gives the same ids)."""
-        return [self.tokens.bos, *self.tokenize(text)]
+        that a tokenizer without a BOS post-processor gives the same ids). A chat template writes its own."""
+        return [self.tokens.bos, *self.tokenize(text)] if self.format.adds_bos else self.tokenize(text)
 
     def expand_images(self, ids: list[int]) -> list[int]:
         """Each placeholder -> <begin_of_image> + placeholders + <end_of_image> (the official add_image_token)."""
@@ -331,6 +405,8 @@ class PromptBuilder:
     def text(self, text: str) -> list[Segment]:
         """Plain text (the text task): BOS unsupervised, then every token and EOS supervised."""
         ids = self.tokenize(text)
+        if not self.format.text_bos:  # an LLM without a BOS (Qwen): its first token is the context
+            return [(ids[:1], False), ([*ids[1:], self.tokens.eos] if ids else [], True)]
         return [([self.tokens.bos], False), ([*ids, self.tokens.eos] if ids else [], True)]
 
     def generation(self, prompt: str) -> list[int]:

@@ -311,12 +311,13 @@ def official_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torc
 
 # unigen's decoder keeps q|k|v and gate|up as one weight each; files keep DeepSeek's separate projections
 _FUSED = {"self_attn.qkv_proj.weight": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+          "self_attn.qkv_proj.bias": ("self_attn", ("q_proj", "k_proj", "v_proj")),  # llm.qkv_bias (Qwen2)
           "mlp.gate_up_proj.weight": ("mlp", ("gate_proj", "up_proj"))}
 
 
 def _fused_sizes(llm: LLMConfig, fused: str) -> list[int]:
     if fused.startswith("self_attn"):
-        head_dim = llm.hidden_size // llm.num_heads
+        head_dim = llm.head_width
         return [llm.num_heads * head_dim, llm.num_kv_heads * head_dim, llm.num_kv_heads * head_dim]
     return [llm.intermediate_size, llm.intermediate_size]
 
@@ -331,8 +332,9 @@ def official_state_dict(state: dict[str, torch.Tensor], llm: LLMConfig) -> dict[
             continue
         owner, parts = _FUSED[fused]
         prefix = key[: -len(fused)]
+        kind = fused.rsplit(".", 1)[1]  # weight or bias
         for part, piece in zip(parts, value.split(_fused_sizes(llm, fused)), strict=True):
-            out[f"{prefix}{owner}.{part}.weight"] = piece.contiguous()
+            out[f"{prefix}{owner}.{part}.{kind}"] = piece.contiguous()
     return out
 
 
@@ -341,10 +343,11 @@ def fused_state_dict(state: dict[str, torch.Tensor], llm: LLMConfig) -> dict[str
     parts are not all present is left out, so that the strict load names what is missing."""
     out = dict(state)
     for fused, (owner, parts) in _FUSED.items():
-        first = f".{owner}.{parts[0]}.weight"
+        kind = fused.rsplit(".", 1)[1]  # weight or bias
+        first = f".{owner}.{parts[0]}.{kind}"
         for key in [k for k in state if k.endswith(first)]:
             prefix = key[: -len(first)]
-            names = [f"{prefix}.{owner}.{part}.weight" for part in parts]
+            names = [f"{prefix}.{owner}.{part}.{kind}" for part in parts]
             if all(n in state for n in names):
                 out[f"{prefix}.{fused}"] = torch.cat([out.pop(n) for n in names])
     return out

@@ -4,7 +4,8 @@ RMSNorm, rotary positions, grouped-query attention through ``scaled_dot_product_
 feed-forward, in the arithmetic of transformers' ``LlamaModel`` (the parity tests compare the two). q|k|v
 and gate|up are fused parameters (one matmul each); checkpoints still hold DeepSeek's separate
 ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` keys (``unigen.models.checkpoint`` splits and
-joins them at the file boundary).
+joins them at the file boundary). What the pretrained families of ``llm_from`` differ by is configuration
+(``LLMConfig``): q/k/v and o biases, per-head q/k RMSNorm, a head width of its own, scaled rotary frequencies.
 
 One forward serves every use:
   * no cache: a whole (left-padded) sequence, causal; training, with optional gradient checkpointing;
@@ -18,6 +19,7 @@ the backbone blocks they are placed at.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,17 +74,39 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                  scaling: dict | None = None):
     """cos and sign-folded sin (see ``rotate``) for (batch, n) positions -> two (batch, n, 1, head_dim) tensors.
 
     Each entry is one float32 product then cos/sin, as in transformers' default rotary embedding."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    inv_freq = rotary_frequencies(head_dim, theta, scaling, positions.device)
     freqs = positions[..., None].float() * inv_freq
     angles = torch.cat([freqs, freqs], dim=-1)
     sin = angles.sin()
     half = head_dim // 2
     signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     return angles.cos().to(dtype)[:, :, None], signed_sin.to(dtype)[:, :, None]
+
+
+def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies, scaled as transformers' ``ROPE_INIT_FUNCTIONS`` do for the static types
+    (``unigen.config.ROPE_SCALING_KEYS``): "linear" divides them all by the factor, "llama3" divides the low
+    ones and blends the middle band (Llama 3.1 / 3.2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    old_len = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -124,8 +148,7 @@ class KVCache:
         # cache and the attention stay in fp32 there; the weights (the bulk of the bytes read) stay bf16.
         if dtype == torch.bfloat16 and not native_bf16(device):
             dtype = torch.float32
-        head_dim = config.hidden_size // config.num_heads
-        shape = (config.num_layers, batch, config.num_kv_heads, max_len, head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_width)
         return cls(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device),
                    key_bias=torch.full((batch, config.num_kv_heads, max_len), float("-inf"), dtype=dtype,
                                        device=device),
@@ -164,12 +187,15 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        if cfg.num_heads % cfg.num_kv_heads or (cfg.head_dim is None and cfg.hidden_size % cfg.num_heads):
             raise ValueError(f"hidden_size {cfg.hidden_size} / num_heads {cfg.num_heads} / num_kv_heads "
                              f"{cfg.num_kv_heads} do not divide")
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_width
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3 normalises each head of q and k before the rotation
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
@@ -178,6 +204,8 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         qk, v = project(self.qkv_proj, x).view(b, n, h + 2 * kv, d).split([h + kv, kv], dim=2)
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
         qk = rotate(qk, *rope)
         q, k = qk[:, :, :h], qk[:, :, h:]
         if cache is None:
@@ -270,7 +298,7 @@ class Decoder(nn.Module):
 
     @property
     def head_dim(self) -> int:
-        return self.config.hidden_size // self.config.num_heads
+        return self.config.head_width
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight
@@ -347,7 +375,7 @@ class Decoder(nn.Module):
         return out
 
     def _blocks(self, x, position_ids, mask, cache, cross, cross_mask, sees) -> torch.Tensor:
-        rope = rotary_tables(position_ids, self.head_dim, self.config.rope_theta, x.dtype)
+        rope = rotary_tables(position_ids, self.head_dim, self.config.rope_theta, x.dtype, self.config.rope_scaling)
         blocks = cross.blocks if cross is not None else {}
         if sees is not None:
             sees = sees.to(x.dtype)

@@ -83,20 +83,26 @@ class ConvStem(nn.Sequential):
 
 
 class SigLIPEncoder(nn.Module):
-    """timm ViT with SigLIP's shape: no class token; final LayerNorm output is the feature."""
+    """timm ViT with SigLIP's shape: no class token; the final LayerNorm of the ``select_layer`` block's output is
+    the feature (Janus builds only the blocks up to it: ``cfg.kept_depth``)."""
+
+    MLP_ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh")}
 
     def __init__(self, cfg: SigLIPConfig):
         super().__init__()
         if cfg.stem not in ("patch", "conv"):
             raise ConfigError(f"unknown vision.stem {cfg.stem!r}; expected 'patch' (SigLIP's) or 'conv'")
+        if cfg.mlp_act not in self.MLP_ACTIVATIONS:
+            raise ConfigError(f"unknown vision.mlp_act {cfg.mlp_act!r}; expected one of {sorted(self.MLP_ACTIVATIONS)}")
         self.config = cfg
         self.vision_tower = VisionTransformer(
             img_size=cfg.image_size,
             patch_size=cfg.patch_size,
             embed_dim=cfg.width,
-            depth=cfg.depth,
+            depth=cfg.kept_depth,
             num_heads=cfg.num_heads,
             mlp_ratio=cfg.mlp_ratio,
+            act_layer=self.MLP_ACTIVATIONS[cfg.mlp_act],
             class_token=False,
             global_pool="",  # the MAP head is unused by Janus; its checkpoint weights are ignored
             num_classes=0,

@@ -83,6 +83,8 @@ class TrainRecipe:
     # edits read the source's VQ codes too (UniGenConfig.edit_source_codes): true/false sets it on the start
     # (a checkpoint or a fresh model), unset keeps what the start has
     edit_source_codes: bool | None = None
+    # ---- pretrained parts of a fresh model (docs/PRETRAINED.md); a part without one keeps model:'s config
+    llm_from: str | None = None  # a transformers causal LM (Llama, Mistral, Qwen2, Qwen3): folder or hub id
     vq_from: str | None = None  # a trained VQ tokenizer (unigen train-vq out_dir)
     siglip_from: str | None = None  # a trained SigLIP encoder (unigen train-siglip out_dir)
     tokenizer_vocab: int = 512  # word-level text tokenizer trained on the data for a fresh model
