@@ -373,3 +373,23 @@ def test_select_layer_out_of_range_names_the_blocks(timm_siglip):
     with pytest.raises(ConfigError, match=r"^siglip_from=\S+: vision.select_layer must be -1 \(the last block\), -2, "
                                           r"\.\.\. down to -3, or a block count 1\.\.3 \(vision.depth\); got -4$"):
         load_siglip_from(directory, dataclasses.replace(SigLIPConfig(depth=8), select_layer=-4))
+
+
+def test_a_selected_layer_survives_save_and_load(timm_siglip, tmp_path):
+    """A model built around a loaded encoder saves ``select_layer`` with the source's depth and loads back the
+    same blocks."""
+    from unigen.config import UniGenConfig
+    from unigen.models.model import UniGenModel
+
+    _, directory = timm_siglip
+    encoder, vision = load_siglip_from(directory, recipe(-2))
+    config = dataclasses.replace(UniGenConfig.from_name("smoke"), vision=vision)
+    model = UniGenModel(config)
+    model.vision_model.load_state_dict(encoder.state_dict())
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["vision"]
+    assert (saved["depth"], saved["select_layer"]) == (3, -2)
+    again = UniGenModel.from_pretrained(tmp_path)
+    x = pixels(seed=7)
+    with torch.no_grad():
+        assert torch.equal(again.vision_model(x), encoder(x))

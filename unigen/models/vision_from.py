@@ -32,7 +32,6 @@ from unigen.config_io import build_config
 from unigen.errors import CheckpointError, UniGenError
 from unigen.models.checkpoint import (
     _load_safetensors,
-    detect_layout,
     load_state,
     read_checkpoint,
     resolve_checkpoint_dir,
@@ -76,7 +75,6 @@ def is_unified_checkpoint(raw: dict) -> bool:
 def read_unified_part(directory: Path, prefix: str):
     """(the whole checkpoint's config, the weights under ``prefix`` without it): the Janus key mapping is
     ``checkpoint.read_checkpoint``'s, so a Janus part loads here exactly as in a whole model."""
-    detect_layout(directory)  # its errors (a broken config.json) name the file
     config, state = read_checkpoint(directory)
     return config, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -184,6 +182,9 @@ def _read_timm(directory: Path, raw: dict) -> tuple[SigLIPConfig, dict]:
     if model.num_prefix_tokens:
         raise CheckpointError(f"timm architecture {raw['architecture']!r} has {model.num_prefix_tokens} class / "
                               "register token(s); unigen's encoder, like SigLIP, has none")
+    if not isinstance(model.norm, nn.LayerNorm):  # e.g. global_pool="avg": the norm comes after the pool (fc_norm)
+        raise CheckpointError(f"timm model {raw['architecture']!r} has no LayerNorm after its last block "
+                              f"({type(model.norm).__name__}); unigen's encoder, like SigLIP, ends with one")
     (size, size_w), (patch, patch_w) = model.patch_embed.img_size, model.patch_embed.patch_size
     if size != size_w or patch != patch_w:
         raise CheckpointError(f"timm model {raw['architecture']!r} reads {size}x{size_w} images in {patch}x{patch_w} "
