@@ -92,6 +92,9 @@ def tokenizer_config(recipe: TrainRecipe, name: str, images: str):
                           f"folder: OUTPUT_DIR/{name}; --resume; the recipe's overwrite); drop it")
     if not images:
         raise ConfigError(f"tokenizers.{name}: no images to train on; set data=PATH or tokenizers.images=PATH")
+    if not Path(images).expanduser().exists():  # named now, not after the other tokenizer's minutes
+        raise ConfigError(f"tokenizers.{name}: its images {images} do not exist; set tokenizers.images=PATH (a JSONL "
+                          "manifest or a folder of images; default: data)")
     path = spec.pop("config", None)
     shape = config_to_dict(getattr(UniGenConfig.from_dict(recipe.model), part))
     values = {**spec, part: shape, "data": images, "out_dir": str(Path(recipe.output_dir) / name),
@@ -110,8 +113,6 @@ def check_sources(recipe: TrainRecipe) -> None:
         if given:
             raise ConfigError(f"{name}_from={given} and tokenizers.{name} both give the run its {TOKENIZERS[name][2]}; "
                               f"drop one of them (tokenizers.{name}=null keeps {name}_from)")
-    if not recipe.data:
-        raise ConfigError("data is empty: set data=PATH (a JSONL manifest or an imagefolder with metadata.jsonl)")
 
 
 def manifest_file(data: str) -> Path | None:
@@ -127,6 +128,8 @@ def make_plan(recipe: TrainRecipe) -> RunPlan:
     check_sources(recipe)
     steps, out = recipe.tokenizers, Path(recipe.output_dir)
     configs = {name: tokenizer_config(recipe, name, steps.images or recipe.data) for name in steps.names}
+    if not recipe.data:
+        raise ConfigError("data is empty: set data=PATH (a JSONL manifest or an imagefolder with metadata.jsonl)")
     started_with = {"recipe": config_to_dict(recipe), **{n: config_to_dict(c) for n, c in configs.items()}}
     points = {f"{name}_from": str(out / name) for name in configs}
     vq = points.get("vq_from", recipe.vq_from)
@@ -145,12 +148,14 @@ def _flat(value, prefix: str = "") -> dict:
 
 
 def _what_trains(started_with: dict) -> dict:
+    """``started_with`` flat (``stage2.lr``, ``tokenizers.vq.lr``), without how the run is kept: the tokenizer
+    steps as their trainers were configured, whether from the recipe or the files it names."""
     plain = json.loads(json.dumps(started_with))  # tuples as lists, as run.json reads back
-    kept = {}
-    for part, values in plain.items():
-        skip = BOOKKEEPING["recipe" if part == "recipe" else "tokenizer"]
-        kept[part] = {k: v for k, v in values.items() if k not in skip}
-    return _flat(kept)
+    recipe = {k: v for k, v in plain.pop("recipe").items() if k not in BOOKKEEPING["recipe"]}
+    section = {k: v for k, v in (recipe.pop("tokenizers") or {}).items() if k in ("images", "codes")}
+    trainers = {name: {k: v for k, v in cfg.items() if k not in BOOKKEEPING["tokenizer"]}
+                for name, cfg in plain.items()}
+    return _flat({**recipe, "tokenizers": {**section, **trainers}})
 
 
 def check_same_recipe(plan: RunPlan) -> None:
