@@ -172,14 +172,14 @@ def kill_at(recipe, data, out, where: str) -> None:
     assert killed.wait() == -signal.SIGKILL
 
 
-# slow: an interrupted and a resumed run of every step in subprocesses, ~40 s each on 2 busy cores
+# slow: a killed and a resumed whole run in subprocesses, over a minute each on 2 shared cores
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["vq:4", "stage2:4"])
 def test_a_run_killed_in_a_step_resumes_to_the_uninterrupted_runs_results(where, recipe, data, whole_run, tmp_path):
     out = tmp_path / "run"
     kill_at(recipe, data, out, where)
     folder = out / where.split(":")[0]
-    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_0000002"]
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir() if p.name[0] != ".") == ["step_0000002"]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and folder not in p.parents}
     done = run(train(recipe, data, out, "--resume", "latest"))
     if where.startswith("stage2"):  # the steps done before it are kept, not trained again
