@@ -190,7 +190,7 @@ def test_a_run_killed_in_a_step_resumes_to_the_uninterrupted_runs_results(where,
     assert_same(outputs(out), outputs(whole_run))
 
 
-def test_a_whole_runs_recipe_is_checked_before_anything_trains(recipe, data, tmp_path):
+def test_a_whole_runs_recipe_is_checked_before_anything_trains(recipe, data, tmp_path, capsys, monkeypatch):
     from unigen.config import UniGenConfig
 
     def plan(*overrides):
@@ -215,3 +215,14 @@ def test_a_whole_runs_recipe_is_checked_before_anything_trains(recipe, data, tmp
     assert whole.codes == (data, tmp_path / "run" / "codes" / "train.jsonl")
     assert whole.tokenizers["siglip"].vision == UniGenConfig.from_dict(whole.recipe.model).vision  # the model's shape
     assert not (tmp_path / "run").exists()
+    # a later stage alone needs the tokenizer steps done; under a launcher they cannot run
+    assert unigen(*train(recipe, data, tmp_path / "run", "--stage", 2)[3:]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'run' / 'vq'} is not complete: this run's tokenizer steps come before stage 1; run from "
+        "stage 1 (with --resume latest to keep what is done)")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert unigen(*train(recipe, data, tmp_path / "run")[3:]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: VQ tokenizer trains in one process: run this recipe without a launcher until its tokenizer steps are "
+        "done (e.g. with --max-steps 1), then --resume latest under it")
+    assert not (tmp_path / "run").exists()  # nothing written: no run.json, no folder

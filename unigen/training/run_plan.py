@@ -257,29 +257,40 @@ def plan_steps(plan: RunPlan, stages: list[tuple[int, str | None]], max_steps: i
                      for i, (s, r) in enumerate(stages)]
 
 
+def keep_complete(steps: list[Step]) -> list[Step]:
+    """``--resume latest``: the steps still to run; the complete ones are kept as they are."""
+    done = [s for s in steps if s.complete()]
+    for step in done:
+        log.info("%s already complete (%s); --resume latest keeps it", step.label, step.folders[0])
+    return [s for s in steps if s not in done]
+
+
+def clear_earlier_run(plan: RunPlan, steps: list[Step]) -> None:
+    """A fresh run: an earlier run's output in a step's folder is refused, or deleted under overwrite=true (so a
+    later ``--resume latest`` never takes an earlier run's step for this run's)."""
+    for folder in (f for s in steps for f in s.folders if f.exists() and any(f.iterdir())):
+        if not plan.recipe.overwrite:
+            raise OutputExistsError(f"{folder} holds an earlier run's output: pass --resume latest to continue "
+                                    "that run (complete steps are kept), overwrite=true to train it again, or "
+                                    "another --output-dir")
+        log.warning("overwrite=true: deleting the earlier run's %s", folder)
+        shutil.rmtree(folder)
+
+
 def start(plan: RunPlan, steps: list[Step], resume: str | None) -> list[Step]:
-    """Checks and the run file, before anything trains; returns the steps left to run. A fresh run refuses an
-    earlier run's outputs (overwrite=true deletes them); ``--resume latest`` keeps the complete steps."""
+    """Checks and the run file, before anything trains; returns the steps left to run."""
     runs.setup_logging()
     starts_the_run = any(not s.name.startswith("stage") for s in steps)  # not a later stage alone
-    if runs.normalize_resume(resume) == runs.LATEST:
+    latest = runs.normalize_resume(resume) == runs.LATEST
+    if latest:
         check_same_recipe(plan)
-        done = [s for s in steps if s.complete()]
-        for step in done:
-            log.info("%s already complete (%s); --resume latest keeps it", step.label, step.folders[0])
-        steps = [s for s in steps if s not in done]
-    elif resume is None:
-        for folder in (f for s in steps for f in s.folders if f.exists() and any(f.iterdir())):
-            if not plan.recipe.overwrite:
-                raise OutputExistsError(f"{folder} holds an earlier run's output: pass --resume latest to continue "
-                                        "that run (complete steps are kept), overwrite=true to train it again, or "
-                                        "another --output-dir")
-            log.warning("overwrite=true: deleting the earlier run's %s", folder)
-            shutil.rmtree(folder)
+        steps = keep_complete(steps)
     pre = [s for s in steps if not s.name.startswith("stage")]
     if pre and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"{pre[0].label} trains in one process: run this recipe without a launcher until its "
                           "tokenizer steps are done (e.g. with --max-steps 1), then --resume latest under it")
+    if resume is None:
+        clear_earlier_run(plan, steps)
     if starts_the_run and (resume is None or not (plan.out / RUN_FILE).is_file()):
         runs.write_json(plan.out / RUN_FILE, plan.started_with)
     return steps
