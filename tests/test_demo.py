@@ -24,12 +24,17 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     assert side_by_side or {"VQ tokenizer", "SigLIP encoder"} <= timings
     if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
         assert side_by_side
-    assert (tmp_path / "siglip" / "model.safetensors").is_file() and (tmp_path / "vq" / "model.safetensors").is_file()
-    assert (tmp_path / "model" / "stage3" / "final" / "config.json").is_file()
+    # the demo is train/from-scratch.yaml's whole run, each step in its folder of model/
+    run = tmp_path / "model"
+    assert (run / "siglip" / "model.safetensors").is_file() and (run / "vq" / "model.safetensors").is_file()
+    assert (run / "stage3" / "final" / "config.json").is_file()
+    assert {"VQ codes", "caption eval", "generation eval"} <= timings
+    stage_data = json.loads((run / "stage1" / "recipe.json").read_text())
+    assert stage_data["data"] == str(run / "codes" / "train.jsonl") and stage_data["vq_from"] == str(run / "vq")
     assert len(list((tmp_path / "images").glob("gen_*.png"))) == 8 + 4
     config = json.loads((tmp_path / "model" / "stage3" / "final" / "config.json").read_text())
     assert config["vq"]["channel_mult"] == [1, 1, 2, 2] and config["vision"]["depth"] == 2
-    assert json.loads((tmp_path / "vq" / "config.json").read_text())["channel_mult"] == [1, 1, 2, 2]
+    assert json.loads((run / "vq" / "config.json").read_text())["channel_mult"] == [1, 1, 2, 2]
     # the recipe's sampling defaults travel in the checkpoint and are recorded with the scores
     assert config["guidance_scale"] == 2.0 and config["temperature"] == 0.4
     assert scores["guidance_scale"] == 2.0 and scores["temperature"] == 0.4

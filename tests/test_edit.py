@@ -342,5 +342,5 @@ def test_demo_trains_and_scores_edits(tmp_path):
     assert {k: v["n"] for k, v in scores["scores"].items()} == {"captioning": 3, "generation": 3, "edit": 3}
     assert "edit data" in scores["timings_s"] and "edit eval" in scores["timings_s"]
     assert "Edits of held-out images" in page.read_text() and len(list((tmp_path / "images").glob("edit_*"))) == 6
-    lines = (tmp_path / "data" / "train-codes-edit.jsonl").read_text().splitlines()
+    lines = (tmp_path / "model" / "codes" / "train-edit.jsonl").read_text().splitlines()
     assert sum('"instruction"' in x for x in lines) == 100 and len(lines) == 200

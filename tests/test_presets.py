@@ -97,4 +97,4 @@ def test_the_demo_trains_its_tokenizers_in_the_recipes_shape(recipe, tmp_path):
     vq, siglip = tokenizer_configs(cfg, loaded, tmp_path / "m.jsonl")
     assert (vq.vq, siglip.vision) == (model.vq, model.vision)
     assert vq.vq.codebook_size == 256 and siglip.vision.stem == ("patch" if "small" in recipe else "conv")
-    assert vq.out_dir == str(tmp_path / "vq") and siglip.data == str(tmp_path / "m.jsonl")
+    assert vq.out_dir == str(tmp_path / "model" / "vq") and siglip.data == str(tmp_path / "m.jsonl")

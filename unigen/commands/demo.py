@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=d.threads,
                    help="CPU threads (default 2); with 2 or more the VQ tokenizer and the SigLIP encoder train side "
                    "by side in two processes (1: one after the other, bitwise repeatable)")
-    p.add_argument("--config", default=d.recipe, type=resolve, help="training recipe (default train/shapes.yaml)")
+    p.add_argument("--config", default=d.recipe, type=resolve,
+                   help="training recipe (default train/from-scratch.yaml; without a tokenizers: section the Shapes "
+                   "tokenizers are trained)")
     p.add_argument("--recipe", action=DeprecatedFlag, new="--config", dest="config", type=resolve)
     p.add_argument("--vq-from", default=None, help="reuse this trained VQ tokenizer instead of training one")
     p.add_argument("--siglip-from", default=None, help="reuse this trained SigLIP encoder instead of training one")

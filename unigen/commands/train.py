@@ -8,7 +8,8 @@ from unigen.commands._training import add_run_arguments, hold_run_folder
 from unigen.generation.sampling_options import positive_int
 from unigen.recipes import resolve
 
-HELP = "Train a unified model through the three Janus stages (I adaptors+heads, II +LLM, III +SigLIP)."
+HELP = ("Train a unified model through the three Janus stages (I adaptors+heads, II +LLM, III +SigLIP); a recipe "
+        "with tokenizers: trains its VQ tokenizer and SigLIP encoder first (docs/TRAINING.md).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,10 +57,24 @@ def run(args: argparse.Namespace) -> int:
         values["save_every"] = args.save_every
     recipe = load_recipe(args.config, args.overrides, **values)
     stages = plan(args.stage, args.resume)
+    if recipe.tokenizers is not None:
+        return run_whole(recipe, stages, args)
     with hold_run_folder(recipe.output_dir):
         for i, (stage, resume) in enumerate(stages):
             # run_stage keeps a finished stage under --resume latest, and refuses to replace one without it
             final = run_stage(recipe, stage, init_from=args.init_from if i == 0 else None, resume=resume,
                               max_steps=args.max_steps)
             print(final)
+    return 0
+
+
+def run_whole(recipe, stages: list[tuple[int, str | None]], args: argparse.Namespace) -> int:
+    """A recipe with ``tokenizers:``: its tokenizers, their codes, then the stages (unigen.training.run_plan)."""
+    from unigen.training.run_plan import make_plan, plan_steps, run_steps, start
+
+    whole = make_plan(recipe)  # every check before the lock: a refused run makes no folder
+    steps = plan_steps(whole, stages, args.max_steps, args.init_from)
+    with hold_run_folder(recipe.output_dir):
+        for output in run_steps(start(whole, steps, args.resume)):
+            print(output)
     return 0

@@ -1,4 +1,5 @@
-"""The Shapes demo: data -> visual tokenizers -> three training stages -> samples, captions, scores.
+"""The Shapes demo: data -> train/from-scratch.yaml's whole run (visual tokenizers, VQ codes, three stages, in
+``OUTPUT_DIR/model``, unigen.training.run_plan) -> samples, captions, scores.
 
 Everything is trained from scratch on this machine; ``demo_out/index.html`` shows the result.
 """
@@ -6,7 +7,7 @@ Everything is trained from scratch on this machine; ``demo_out/index.html`` show
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +19,10 @@ DEMO_PROMPTS = ["a large red circle at the top left", "a small blue square at th
                 "a large yellow triangle at the bottom", "a small green diamond at the right",
                 "a large purple square at the bottom right", "a small white circle at the top",
                 "a large cyan diamond at the left", "a small orange triangle at the bottom left"]
+
+# the tokenizer steps of a recipe that names none (train/shapes.yaml and the like)
+SHAPES_TOKENIZERS = {"vq": {"config": "tokenizers/vq-shapes.yaml"},
+                     "siglip": {"config": "tokenizers/siglip-shapes.yaml"}}
 
 
 @dataclass
@@ -33,7 +38,7 @@ class DemoConfig:
     n_eval: int = 200
     seed: int = 0
     threads: int = 2
-    recipe: str = str(recipe_path("train/shapes.yaml"))
+    recipe: str = str(recipe_path("train/from-scratch.yaml"))  # a recipe without tokenizers: gets SHAPES_TOKENIZERS
     vq_from: str | None = None  # a trained VQ tokenizer to reuse instead of training one
     siglip_from: str | None = None  # a trained SigLIP encoder to reuse instead of training one
     overrides: tuple[str, ...] = ()  # recipe key=value overrides
@@ -78,85 +83,73 @@ def _fit_batch_to_data(tokenizer_cfg, n_images: int, name: str) -> None:
         tokenizer_cfg.batch_size = n_train
 
 
-def tokenizer_configs(cfg: DemoConfig, recipe, manifest: Path):
-    """The VQ and SigLIP trainer configs the demo trains (``None`` for one it reuses): tokenizers/*.yaml with the
-    recipe's ``model.vq`` / ``model.vision`` over them, so the tokenizers have the shape the model loads."""
-    from unigen.config_io import load_config
-    from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig
-    from unigen.training.tokenizer.vq_trainer import VQTrainConfig
+def demo_tokenizers(cfg: DemoConfig, steps, images: Path):
+    """The run's ``tokenizers:`` with the demo's flags: the recipe's steps (the Shapes tokenizers for a recipe
+    without any), ``--vq-steps`` / ``--siglip-steps`` long with one evaluation and checkpoint at the end, none
+    for a tokenizer ``--vq-from`` / ``--siglip-from`` reuses."""
+    from unigen.training.recipe import TokenizerSteps
 
-    out = Path(cfg.out_dir)
-    vq_cfg = sig_cfg = None
-    if cfg.vq_from is None:
-        vq_cfg = load_config(VQTrainConfig, recipe_path("tokenizers/vq-shapes.yaml"),
-                             [f"data={manifest}", "overwrite=true", f"out_dir={out / 'vq'}", f"steps={cfg.vq_steps}",
-                              f"ae_warmup_steps={cfg.vq_warmup_steps}", f"eval_every={cfg.vq_steps}",
-                              f"save_every={cfg.vq_steps}"], vq=recipe.model.get("vq", {}))
-    if cfg.siglip_from is None:
-        sig_cfg = load_config(SigLIPTrainConfig, recipe_path("tokenizers/siglip-shapes.yaml"),
-                              [f"data={manifest}", "overwrite=true", f"out_dir={out / 'siglip'}",
-                               f"steps={cfg.siglip_steps}", f"eval_every={cfg.siglip_steps}",
-                               f"save_every={cfg.siglip_steps}"], vision=recipe.model.get("vision", {}))
-    for name, tokenizer_cfg in (("VQ", vq_cfg), ("SigLIP", sig_cfg)):
-        if tokenizer_cfg is not None:
-            _fit_batch_to_data(tokenizer_cfg, cfg.n_train, name)
-    return vq_cfg, sig_cfg
+    steps = steps or TokenizerSteps(**SHAPES_TOKENIZERS)
+    once = {"vq": {"steps": cfg.vq_steps, "ae_warmup_steps": cfg.vq_warmup_steps, "eval_every": cfg.vq_steps,
+                   "save_every": cfg.vq_steps},
+            "siglip": {"steps": cfg.siglip_steps, "eval_every": cfg.siglip_steps, "save_every": cfg.siglip_steps}}
+    reused = {"vq": cfg.vq_from, "siglip": cfg.siglip_from}
+    return replace(steps, images=str(images), **{
+        name: None if reused[name] else {**(getattr(steps, name) or SHAPES_TOKENIZERS[name]), **once[name]}
+        for name in once})
+
+
+def demo_plan(cfg: DemoConfig, recipe, images: Path):
+    """The demo's whole run (unigen.training.run_plan) in ``OUTPUT_DIR/model``: the recipe with the demo's
+    tokenizer steps, which train on ``images`` in the recipe's model shape."""
+    from unigen.training.run_plan import make_plan
+
+    reused = {f"{name}_from": path for name, path in (("vq", cfg.vq_from), ("siglip", cfg.siglip_from)) if path}
+    recipe = replace(recipe, output_dir=str(Path(cfg.out_dir) / "model"), data=recipe.data or str(images),
+                                 tokenizers=demo_tokenizers(cfg, recipe.tokenizers, images), **reused)
+    whole = make_plan(recipe)
+    for name, tokenizer_cfg in whole.tokenizers.items():
+        _fit_batch_to_data(tokenizer_cfg, cfg.n_train, {"vq": "VQ", "siglip": "SigLIP"}[name])
+    return whole
+
+
+def tokenizer_configs(cfg: DemoConfig, recipe, manifest: Path):
+    """The VQ and SigLIP trainer configs the demo trains (``None`` for one it reuses), in the shape of the
+    recipe's ``model.vq`` / ``model.vision``, so the model loads them as trained."""
+    whole = demo_plan(cfg, recipe, manifest)
+    return whole.tokenizers.get("vq"), whole.tokenizers.get("siglip")
 
 
 def run_demo(cfg: DemoConfig) -> Path:
     from unigen.generation.pipeline import UniGenPipeline
-    from unigen.runs import resolve_device, write_json, write_text
+    from unigen.runs import write_json, write_text
     from unigen.shapes.data import write_dataset
     from unigen.shapes.evaluate import evaluate_captions, evaluate_edits, evaluate_generation
     from unigen.shapes.metrics import format_table
     from unigen.shapes.report import write_report
-    from unigen.training import load_recipe, run_stage
-    from unigen.training.tokenizer.side_by_side import train_side_by_side
-    from unigen.training.tokenizer.siglip_trainer import train_siglip
-    from unigen.training.tokenizer.vq_trainer import train_vq
+    from unigen.training import load_recipe
+    from unigen.training.run_plan import plan_steps, run_steps, start
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     timings: dict[str, float] = {}
     manifest = _timed(timings, "data", lambda: write_dataset(out / "data", cfg.n_train, seed=cfg.seed + 1))
-    vq_dir, siglip_dir = cfg.vq_from or out / "vq", cfg.siglip_from or out / "siglip"
-    coded_manifest = manifest.with_name("train-codes.jsonl")  # written by add_vq_codes below
-    training_manifest = coded_manifest
+    training_manifest = manifest
     if "edit" in cfg.tasks:  # the edit triples join the caption lines in one manifest (same folder)
         from unigen.shapes.editing import write_edit_dataset
 
         # independent targets: at the demo's budget they scored higher than minimal edits (docs/EXPERIMENTS.md)
         edits = _timed(timings, "edit data", lambda: write_edit_dataset(out / "data", cfg.n_train, seed=cfg.seed + 2,
                                                                         minimal=False))
-        training_manifest = manifest.with_name("train-codes-edit.jsonl")
+        training_manifest = manifest.with_name("train-edit.jsonl")
+        write_text(training_manifest, manifest.read_text() + edits.read_text())
     steps = [f"stage{i + 1}.steps={n}" for i, n in enumerate(cfg.stage_steps or ())]
-    recipe = load_recipe(cfg.recipe, [f"data={training_manifest}", f"output_dir={out / 'model'}", f"vq_from={vq_dir}",
-                                      f"siglip_from={siglip_dir}", f"seed={cfg.seed}", "overwrite=true", *steps,
+    recipe = load_recipe(cfg.recipe, [f"data={training_manifest}", f"seed={cfg.seed}", "overwrite=true", *steps,
                                       *cfg.overrides])
-    # loaded before any training, so a bad recipe fails at once
-    vq_cfg, sig_cfg = tokenizer_configs(cfg, recipe, manifest)
-    side_by_side = (vq_cfg is not None and sig_cfg is not None and cfg.threads >= 2
-                    and resolve_device(vq_cfg.device, ("cuda",)).type == "cpu"
-                    and resolve_device(sig_cfg.device, ("cuda",)).type == "cpu")
-    if side_by_side:
-        # neither trainer fills two cores: the encoder trains in a second process (see side_by_side.py)
-        seconds = _timed(timings, "VQ tokenizer + SigLIP encoder, side by side",
-                         lambda: train_side_by_side(vq_cfg, sig_cfg, cfg.threads))
-        print(f"[demo] (the SigLIP encoder was done after {seconds:.0f} s)", flush=True)
-    else:
-        if vq_cfg:
-            _timed(timings, "VQ tokenizer", lambda: train_vq(vq_cfg))
-        if sig_cfg:
-            _timed(timings, "SigLIP encoder", lambda: train_siglip(sig_cfg))
-    from unigen.training.tokenizer.vq_codes import add_vq_codes
-
-    # the VQ is frozen from here on: encode every training image once instead of once per stage
-    _timed(timings, "VQ codes", lambda: add_vq_codes(manifest, vq_dir, coded_manifest))
-    if "edit" in cfg.tasks:
-        write_text(training_manifest, coded_manifest.read_text() + edits.read_text())
-    final = None
-    for stage in (1, 2, 3):
-        final = _timed(timings, f"stage {stage}", lambda stage=stage: run_stage(recipe, stage, resume=None))
+    # planned before any training, so a bad recipe fails at once; the tokenizers train on the caption lines
+    whole = demo_plan(cfg, recipe, manifest)
+    run = start(whole, plan_steps(whole, [(1, None), (2, None), (3, None)]), resume=None)
+    final = run_steps(run, timed=lambda label, fn: _timed(timings, label, fn))[-1]
     pipe = UniGenPipeline.from_pretrained(final)
     scores, cap_items, gen_items, edit_items = {}, [], [], []
     if "caption" in cfg.tasks:

@@ -70,6 +70,37 @@ class StageConfig:
                               "targets); train it with `unigen train-vq`")
 
 
+# ---- a whole run: the visual tokenizers as steps before the stages (unigen.training.run_plan) ----
+@dataclass
+class TokenizerSteps:
+    """``tokenizers:`` in a recipe: train the VQ tokenizer and the SigLIP encoder as the run's first steps (in
+    ``OUTPUT_DIR/vq`` and ``OUTPUT_DIR/siglip``), then pre-extract the VQ codes of ``data`` (``OUTPUT_DIR/codes``)
+    for the stages. A step is a tokenizer recipe, ``{config: tokenizers/vq-shapes.yaml, steps: 1000, ...}`` (any
+    of its keys, over the file's), or null for none; its shape is the model's (``model.vq`` / ``model.vision``)."""
+
+    vq: dict | str | None = None
+    siglip: dict | str | None = None
+    images: str = ""  # what the tokenizers train on (a manifest or an image folder); "": the recipe's data
+    # both on the CPU with 2 or more threads: in two processes at once (faster, but the one that finishes second
+    # is not bitwise repeatable: unigen.training.tokenizer.side_by_side)
+    side_by_side: bool = True
+    codes: bool = True  # pre-extract the VQ codes of a JSONL manifest once, instead of encoding them every step
+
+    def __post_init__(self):
+        for name in ("vq", "siglip"):
+            step = getattr(self, name)
+            if isinstance(step, str):  # a path alone: its recipe as it is
+                setattr(self, name, {"config": step})
+            elif step is not None and not isinstance(step, dict):
+                raise ConfigError(f"tokenizers.{name} must be a tokenizer recipe path or a mapping of its keys, "
+                                  f"got {step!r}")
+
+    @property
+    def names(self) -> list[str]:
+        """The tokenizers this run trains."""
+        return [name for name in ("vq", "siglip") if getattr(self, name) is not None]
+
+
 @dataclass
 class TrainRecipe:
     data: str = ""  # JSONL manifest or an imagefolder with metadata.jsonl
@@ -107,6 +138,7 @@ class TrainRecipe:
     stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-4))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(lr=4e-5))
+    tokenizers: TokenizerSteps | None = None  # the visual tokenizers as the run's first steps (TokenizerSteps)
 
     def __post_init__(self):
         for n in (1, 2, 3):  # unset stage choices take the Janus recipe's
@@ -114,6 +146,8 @@ class TrainRecipe:
             stage.groups = list(STAGE_GROUPS[n]) if stage.groups is None else list(stage.groups)
             stage.mixture = MIXTURES[n] if stage.mixture is None else tuple(stage.mixture)
             stage.validate(f"stage{n}")
+        if isinstance(self.tokenizers, dict):  # from YAML or a `tokenizers.vq.steps=100` override
+            self.tokenizers = build_config(TokenizerSteps, self.tokenizers, "tokenizers")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if not 0.0 <= self.caption_dropout <= 1.0:
