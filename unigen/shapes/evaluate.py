@@ -3,6 +3,8 @@
 Items are drawn uniformly from the 576 combinations with a fixed seed (spec: at least 200 each).
 Evaluation images use render seeds disjoint from ``write_dataset``'s training seeds. Items are rendered, run and
 scored a batch at a time (a running total of the scores), so any ``n`` runs in the memory of one batch.
+Images are rendered in the classic style by default: the shipped checkpoints' README scores are measured on it;
+``style="spec"`` renders the spec's whole range (what a user's own renderer may draw).
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ def _add(total: dict | None, part: dict) -> dict:
 
 
 def evaluate_captions(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, question: str | None = None,
-                      max_new_tokens: int = 24, keep: bool = True) -> tuple[dict, list[dict]]:
+                      max_new_tokens: int = 24, keep: bool = True, style: str = "classic") -> tuple[dict, list[dict]]:
     """Caption ``n`` fresh renders (greedy); return (scores, per-item records). Items are rendered, captioned and
     scored a batch at a time, so memory does not grow with ``n`` unless ``keep`` asks for the records."""
     specs = sample_specs(n, seed + EVAL_SEED_OFFSET)
     scores, records = None, []
     for start in _streamed(n, batch_size, "captioning"):
         batch = specs[start : start + batch_size]
-        images = [render(s, seed=[seed + EVAL_SEED_OFFSET, i]).pil() for i, s in enumerate(batch, start)]
+        images = [render(s, seed=[seed + EVAL_SEED_OFFSET, i], style=style).pil() for i, s in enumerate(batch, start)]
         out = pipe.caption(images, question=question, max_new_tokens=max_new_tokens)
         texts = [out] if isinstance(out, str) else list(out)
         scores = _add(scores, caption_accuracy(zip(batch, texts, strict=True)))
