@@ -72,8 +72,8 @@ class Detection:
     box: tuple[float, float, float, float] | None = None  # the fitted shape's box x1, y1, x2, y2 (continuous)
 
 
-def to_rgb_array(image) -> np.ndarray:
-    """Any image -> (64, 64, 3) float32 in 0..255.
+def to_rgb_array(image, resize: bool = True) -> np.ndarray:
+    """Any image -> (64, 64, 3) float32 in 0..255 (its own size when not ``resize``).
 
     Accepts a PIL image, or an array / tensor HWC or CHW: uint8 0..255; floats are read as -1..1 when
     some are below 0, as 0..255 when some are above 1.5, else as 0..1. Other sizes are resized to 64x64.
@@ -94,7 +94,7 @@ def to_rgb_array(image) -> np.ndarray:
         if not is_uint8:
             low, high = arr.min(), arr.max()
             arr = np.clip((arr + 1) * 127.5 if low < 0 else arr if high > 1.5 else arr * 255.0, 0, 255)
-    if arr.shape[:2] != (CANVAS, CANVAS):
+    if resize and arr.shape[:2] != (CANVAS, CANVAS):
         img = Image.fromarray(np.rint(arr).astype(np.uint8), "RGB")
         arr = np.asarray(img.resize((CANVAS, CANVAS), Image.Resampling.BOX), dtype=np.float32)
     return arr
@@ -140,9 +140,9 @@ def _box3_max(x: np.ndarray) -> float:
 def shape_moments(c: np.ndarray) -> tuple[float, float]:
     """(q, t) of a brightness map ``c`` (see module doc)."""
     mass = float(c.sum())
-    grid = np.arange(c.shape[0]) + 0.5
-    cx, cy = float(c.sum(0) @ grid) / mass, float(c.sum(1) @ grid) / mass
-    z = (grid[None, :] - cx) + 1j * (grid[:, None] - cy)
+    xs, ys = np.arange(c.shape[1]) + 0.5, np.arange(c.shape[0]) + 0.5
+    cx, cy = float(c.sum(0) @ xs) / mass, float(c.sum(1) @ ys) / mass
+    z = (xs[None, :] - cx) + 1j * (ys[:, None] - cy)
     z3 = z * z * z
     q = 60 * float((c * z3 * z).sum().real) / mass**3
     t = float((c * z3).sum().imag) / mass**2.5 / TRIANGLE_T
