@@ -222,3 +222,50 @@ def test_word_level_tokenizer_writes_and_reads_every_box(tmp_path):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert unk not in ids, text
         assert parse_box(tok.decode(ids)) == (value, 0, 1000, value)
+
+
+class _ScenePipe:
+    """Stands in for a pipeline: draws a right scene for every prompt it knows (its ``right`` categories), a
+    black image for the others."""
+
+    def __init__(self, right: set[str]):
+        self.right, self.rng = right, np.random.default_rng(0)
+        self.prompts = {p.text: p for c in CATEGORIES for p in sample_prompts(c, 4, 4 * 1_000_003 + 5)}
+
+    def __call__(self, texts, options=None, generator=None):
+        from types import SimpleNamespace
+
+        images = []
+        for text in texts:
+            prompt = self.prompts[text]
+            if prompt.category in self.right:
+                images.append(render_scene(scene_for(prompt, self.rng, 128, 64), seed=len(images)).image)
+            else:
+                images.append(np.zeros((64, 64, 3), np.uint8))
+        return SimpleNamespace(images=images)
+
+
+def test_evaluate_scenes_scores_each_category_and_the_mean():
+    from unigen.shapes.evaluate import evaluate_scenes
+    from unigen.shapes.metrics import format_scene_table
+
+    scores, records = evaluate_scenes(_ScenePipe({"counting", "relation", "colors"}), n=4, seed=5, batch_size=3)
+    assert scores["per_category"] == {"single_object": 0.0, "two_objects": 0.0, "counting": 1.0, "colors": 1.0,
+                                      "relation": 1.0, "color_attribution": 0.0}
+    assert scores["overall"] == 0.5 and scores["n"] == 4 and len(records) == 24
+    row = "| scenes | 4 | 50.0 | 0.0 | 0.0 | 100.0 | 100.0 | 100.0 | 0.0 |"
+    assert format_scene_table(scores).splitlines()[2] == row
+
+
+def test_cli_eval_shapes_task_scenes(tiny_hf_janus, tmp_path, capsys):
+    import json
+
+    from unigen.cli import main
+
+    assert main(["eval", "shapes", "--model", str(tiny_hf_janus[1]), "--task", "scenes", "--n", "1", "--json",
+                 str(tmp_path / "s.json"), "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["scenes"]["n"] == 1 and tuple(result["scenes"]["per_category"]) == CATEGORIES
+    assert "captioning" not in result  # only the task asked for
+    out = capsys.readouterr().out
+    assert "| scenes | 1 |" in out and "| captioning |" not in out

@@ -87,3 +87,30 @@ def evaluate_edits(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, opti
         if keep:
             records += list(zip(batch, sources, outputs, strict=True))
     return scores, records
+
+
+def evaluate_scenes(pipe, n: int = 100, seed: int = 0, batch_size: int = 16, options: SamplingOptions | None = None,
+                    keep: bool = True) -> tuple[dict, list]:
+    """Scene fidelity (v2, the GenEval analogue): ``n`` prompts of each of the six categories (the spec: at least
+    100), one image each, read by ``scene_checker.read_scene`` at the size the model draws and judged by
+    ``categories.judge``. Returns ({"n", "per_category": {category: share}, "overall": their mean}, [(prompt, image,
+    right)] if ``keep``)."""
+    from unigen.shapes.categories import CATEGORIES, judge, sample_prompts
+    from unigen.shapes.scene_checker import read_scene
+
+    options = options or SamplingOptions()
+    generator = torch.Generator().manual_seed(seed)
+    per_category, records = {}, []
+    for category in CATEGORIES:
+        prompts, right = sample_prompts(category, n, seed + 4 * EVAL_SEED_OFFSET), 0
+        for start in _streamed(n, batch_size, category):
+            batch = prompts[start : start + batch_size]
+            images = pipe([p.text for p in batch], options=options, generator=generator).images
+            for prompt, image in zip(batch, images, strict=True):
+                found = read_scene(image)
+                ok = judge(prompt, found.specs, [found.centre(i) for i in range(len(found.objects))])
+                right += ok
+                if keep:
+                    records.append((prompt, image, ok))
+        per_category[category] = right / n
+    return {"n": n, "per_category": per_category, "overall": sum(per_category.values()) / len(CATEGORIES)}, records
