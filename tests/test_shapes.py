@@ -8,7 +8,8 @@ from collections import Counter, deque
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
+from shapes_second_renderer import draw_v1
 
 from unigen.shapes import (
     COLORS,
@@ -32,6 +33,7 @@ from unigen.shapes import (
 )
 from unigen.shapes.checker import components
 from unigen.shapes.data import load_images
+from unigen.shapes.render import SPEC_SAMPLES
 
 COMBOS = all_combinations()
 IDEAL_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5}
@@ -161,6 +163,35 @@ def test_render_sizes_and_offsets_vary_within_the_ranges():
     assert min(offsets) == -4 and max(offsets) == 4
 
 
+def test_spec_style_follows_the_spec_and_covers_its_range():
+    """The training data's style: lit pixels inside the size's range and 4 px of the cell centre, sub-pixel
+    geometry, both extreme sides of each size, triangles wider or taller than high, hard and soft edges."""
+    sides, offsets, levels, aspects = Counter(), Counter(), set(), Counter()
+    for seed in (0, 1):
+        for i, spec in enumerate(COMBOS):
+            r = render(spec, seed=(seed, i), style="spec")
+            assert nonzero_bbox(r.image) == r.bbox, spec
+            assert_follows_spec(r.image, spec)
+            assert all(abs(a - b) <= 12 for a, b in zip(r.rgb, COLORS[spec.color]))
+            x1, y1, x2, y2 = r.box  # the geometric box and the lit pixels' box: hard-edged tips light less
+            lit = (r.bbox[0], r.bbox[1], r.bbox[2] + 1, r.bbox[3] + 1)
+            assert all(abs(a - b) < 2 for a, b in zip(r.box, lit)), (r.box, r.bbox)
+            x0, _, x1_, _ = r.bbox
+            sides[spec.size, x1_ - x0 + 1] += 1
+            offsets[round(2 * (r.center[0] - POSITIONS[spec.position][0])) / 2] += 1
+            levels |= set(np.unique(r.image.max(-1) / max(r.rgb)).round(3).tolist())
+            if spec.shape == "triangle":
+                aspects[np.sign(round((x2 - x1) - (y2 - y1), 1))] += 1
+    assert {s for (name, s) in sides if name == "small"} == set(range(14, 19))
+    assert {s for (name, s) in sides if name == "large"} == set(range(28, 35))
+    assert min(offsets) <= -3.5 and max(offsets) >= 3.5 and len(offsets) >= 15  # half-pixel steps
+    assert len(levels) > 50 and aspects[1] > 20 and aspects[-1] > 20
+    assert render(COMBOS[0], 3, style="spec").image.tobytes() == render(COMBOS[0], 3, style="spec").image.tobytes()
+    with pytest.raises(ValueError, match="unknown render style 'fancy'"):
+        render(COMBOS[0], 3, style="fancy")
+    assert SPEC_SAMPLES[0] == 1 and SPEC_SAMPLES[-1] >= 8  # hard edges up to fine anti-aliasing
+
+
 def test_render_is_deterministic_by_seed():
     spec = ShapeSpec("purple", "triangle", "large", "center")
     a, b = render(spec, seed=7), render(spec, seed=7)
@@ -192,7 +223,7 @@ def test_write_dataset_is_byte_identical_by_seed(tmp_path):
     assert records[0]["image"] == "val/000000.png"
     for i, (path, text) in enumerate(read_manifest(m1)):
         spec = parse_caption(text)
-        assert np.array_equal(np.asarray(Image.open(path)), render(spec, seed=[3, i]).image)
+        assert np.array_equal(np.asarray(Image.open(path)), render(spec, seed=[3, i], style="spec").image)
         assert check(Image.open(path)) == spec
 
     mc = write_dataset(tmp_path / "conv", 3, seed=3, conversations=True)
@@ -201,6 +232,10 @@ def test_write_dataset_is_byte_identical_by_seed(tmp_path):
     assert record["conversations"] == [{"from": "human", "value": "<image>\nDescribe the image."},
                                        {"from": "gpt", "value": records[0]["caption"]}]
     assert [t for _, t in read_manifest(mc)] == [r["caption"] for r in records[:3]]
+    # the classic look stays reachable (the shipped checkpoints were trained on it)
+    classic = write_dataset(tmp_path / "classic", 2, seed=3, style="classic")
+    assert np.array_equal(np.asarray(Image.open(classic.parent / "train" / "000001.png")),
+                          render(sample_specs(2, seed=3)[1], seed=[3, 1]).image)
 
 
 # --- checker ----------------------------------------------------------------------------------------------
@@ -215,12 +250,30 @@ def test_checker_reads_every_combination_of_our_renderer(antialias):
     assert wrong_detections(cases) == []
 
 
+def test_checker_reads_every_combination_of_the_spec_style():
+    cases = [(render(s, seed=(seed, i), style="spec").image, s) for seed in (0, 1) for i, s in enumerate(COMBOS)]
+    assert wrong_detections(cases) == []
+
+
 def test_checker_reads_every_combination_of_an_independent_renderer():
     rng = np.random.default_rng(0)
     cases = [(other_render(s, rng), s) for _ in range(2) for s in COMBOS]
     for image, spec in cases:
         assert_follows_spec(image, spec)
     assert wrong_detections(cases) == []
+
+
+# The second renderer (tests/shapes_second_renderer.py: PIL polygons drawn 3-6x larger, shrunk by a box,
+# bilinear or Hamming filter) has edges and placements of its own. Share of its images the checker must read
+# right, all four attributes and one object: 1.0 was measured on these 1152 images; the bar leaves 0.5%.
+SECOND_RENDERER_SHARE = 0.995
+
+
+def test_checker_reads_the_second_renderer():
+    cases = [(draw_v1(s.color, s.shape, s.size, s.position, seed=1000 * seed + i), s)
+             for seed in (0, 1) for i, s in enumerate(COMBOS)]
+    wrong = wrong_detections(cases)
+    assert 1 - len(wrong) / len(cases) >= SECOND_RENDERER_SHARE, wrong[:5]
 
 
 def test_checker_survives_blur_noise_and_resampling():
@@ -260,6 +313,137 @@ def test_checker_inputs_empty_images_and_counting():
     assert check(noisy) == spec
     two = np.maximum(r.image, render(ShapeSpec("white", "square", "small", "top right"), seed=0).image)
     assert detect(two).n_objects == 2
+
+
+# --- the stricter reading: what a person would not call the named shape or colour -----------------------------
+
+SUPER = 4
+
+
+def drawn(paint, rgb=(40, 200, 210)) -> np.ndarray:
+    """A 64x64 image of what ``paint(draw, s)`` draws at 4x (``s`` scales a 64-px coordinate), box-downsampled."""
+    big = Image.new("L", (64 * SUPER, 64 * SUPER), 0)
+    paint(ImageDraw.Draw(big), lambda v: v * SUPER)
+    cover = np.asarray(big.resize((64, 64), Image.Resampling.BOX), dtype=np.float32) / 255
+    return np.rint(cover[..., None] * np.array(rgb)).astype(np.uint8)
+
+
+def hook(d, s):  # a J: a thick stem with a curl at its foot (the demo report's "large cyan diamond")
+    d.line([(s(36), s(18)), (s(36), s(38))], fill=255, width=s(8))
+    d.arc([s(18), s(28), s(40), s(48)], 0, 180, fill=255, width=s(8))
+
+
+def blob(d, s):  # four overlapping discs
+    for cx, cy, r in ((30, 30, 10), (40, 26, 7), (26, 40, 8), (38, 40, 5)):
+        d.ellipse([s(cx - r), s(cy - r), s(cx + r), s(cy + r)], fill=255)
+
+
+def crescent(d, s):
+    d.ellipse([s(17), s(17), s(47), s(47)], fill=255)
+    d.ellipse([s(27), s(13), s(53), s(41)], fill=0)
+
+
+def notched_square(d, s):  # a quarter cut out: an L
+    d.rectangle([s(17), s(17), s(47), s(47)], fill=255)
+    d.rectangle([s(32), s(17), s(47), s(32)], fill=0)
+
+
+def bitten_square(d, s):  # a square with a bite from one side (the shipped model's worst "white square")
+    d.rectangle([s(18), s(18), s(46), s(46)], fill=255)
+    d.ellipse([s(36), s(26), s(52), s(40)], fill=0)
+
+
+def notched_diamond(d, s):  # V cuts into both tips: a bow tie
+    d.polygon([(s(32), s(16)), (s(48), s(32)), (s(32), s(48)), (s(16), s(32))], fill=255)
+    d.polygon([(s(32), s(24)), (s(40), s(16)), (s(24), s(16))], fill=0)
+    d.polygon([(s(32), s(38)), (s(40), s(48)), (s(24), s(48))], fill=0)
+
+
+def stretched_square(d, s):  # a 36 x 20 rectangle
+    d.rectangle([s(14), s(22), s(50), s(42)], fill=255)
+
+
+def stretched_circle(d, s):
+    d.ellipse([s(14), s(22), s(50), s(42)], fill=255)
+
+
+def stretched_diamond(d, s):
+    d.polygon([(s(32), s(22)), (s(50), s(32)), (s(32), s(42)), (s(14), s(32))], fill=255)
+
+
+def touching_squares(d, s):
+    d.rectangle([s(18), s(25), s(32), s(39)], fill=255)
+    d.rectangle([s(32), s(25), s(46), s(39)], fill=255)
+
+
+def touching_circle_and_square(d, s):
+    d.ellipse([s(16), s(24), s(32), s(40)], fill=255)
+    d.rectangle([s(31), s(26), s(45), s(40)], fill=255)
+
+
+def touching_diamonds(d, s):
+    for x in (16, 32):
+        d.polygon([(s(x + 8), s(24)), (s(x + 16), s(32)), (s(x + 8), s(40)), (s(x), s(32))], fill=255)
+
+
+def touching_triangles(d, s):
+    for x in (16, 32):
+        d.polygon([(s(x + 8), s(24)), (s(x + 16), s(40)), (s(x), s(40))], fill=255)
+
+
+DEFORMED = (hook, blob, crescent, notched_square, bitten_square, notched_diamond, stretched_square,
+            stretched_circle, stretched_diamond, touching_squares, touching_circle_and_square, touching_diamonds,
+            touching_triangles)
+
+
+@pytest.mark.parametrize("paint", DEFORMED, ids=lambda f: f.__name__)
+def test_checker_names_no_shape_for_a_deformed_object(paint):
+    for rgb in ((40, 200, 210), (235, 235, 235)):
+        image = drawn(paint, rgb)
+        found = detect(image)
+        assert found.n_objects == 1 and found.spec.shape is None, (found.spec, found.fit)
+        # nor when a blur softens it (the fit allows for blur only as much as the edges show)
+        assert detect(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1))).spec.shape is None
+
+
+def test_checker_keeps_reading_the_undeformed_shapes_drawn_the_same_way():
+    """The deformed objects' clean siblings, drawn by the same code, are read right: it is the deformation."""
+    def square(d, s): d.rectangle([s(17), s(17), s(47), s(47)], fill=255)  # noqa: E704
+    def circle(d, s): d.ellipse([s(17), s(17), s(47), s(47)], fill=255)  # noqa: E704
+    def diamond(d, s): d.polygon([(s(32), s(16)), (s(48), s(32)), (s(32), s(48)), (s(16), s(32))], fill=255)  # noqa: E704
+    def triangle(d, s): d.polygon([(s(32), s(17)), (s(47), s(47)), (s(17), s(47))], fill=255)  # noqa: E704
+    for paint in (square, circle, diamond, triangle):
+        assert detect(drawn(paint)).spec == ShapeSpec("cyan", paint.__name__, "large", "center")
+
+
+def test_checker_names_no_colour_between_two_palette_entries():
+    spec = ShapeSpec("red", "circle", "large", "center")
+    coverage = render(spec, seed=0, color_jitter=False).image.max(-1, keepdims=True) / 220
+    paint = lambda rgb: np.rint(coverage * np.array(rgb)).astype(np.uint8)  # noqa: E731
+    names, read = list(COLORS), {}
+    for i, a in enumerate(names):
+        assert check(paint(COLORS[a])).color == a
+        for b in names[i + 1:]:
+            read[a, b] = check(paint((np.array(COLORS[a]) + np.array(COLORS[b])) / 2)).color
+    # neither of the two; none at all but where halfway is a shade of a third colour: (130, 60, 130) is a dark
+    # purple, (225, 125, 40) an orange, (40, 130, 140) a dark cyan
+    third = {("red", "blue"): "purple", ("red", "yellow"): "orange", ("green", "blue"): "cyan"}
+    assert {pair: name for pair, name in read.items() if name is not None} == third
+    # pink-magenta is not purple (the demo report's "purple circle"), nor is magenta red (one of the shipped model's
+    # "red" squares), nor are grey, brown, pink or olive anything
+    for rgb in ((230, 60, 190), (200, 40, 160), (191, 40, 121), (128, 128, 128), (120, 70, 30), (250, 160, 180),
+                (140, 160, 45)):
+        assert check(paint(rgb)).color is None, rgb
+    # a shade of a palette colour is still it: the spec's +-12 jitter, darker and lighter
+    for rgb, name in (((232, 52, 28), "red"), ((130, 52, 170), "purple"), ((48, 96, 255), "blue"),
+                      ((226, 227, 80), "yellow")):
+        assert check(paint(rgb)).color == name
+
+
+def test_checker_names_no_size_for_an_object_of_two_sizes():
+    def bar(d, s): d.polygon([(s(32), s(24)), (s(48), s(40)), (s(16), s(40))], fill=255)  # noqa: E704
+    found = detect(drawn(bar))  # a 32 x 16 triangle: large across, small up
+    assert found.spec.size is None
 
 
 def test_components_match_a_flood_fill():

@@ -19,6 +19,7 @@ ROLE_TOKENS = ["<|User|>", "<|Assistant|>"]
 SPECIALS = [PAD, *(SPECIAL_TOKEN_TEXT[k] for k in ("bos", "eos", "cfg_pad", "image_start", "image_end", "image")),
             *ROLE_TOKENS]
 PROMPT_PUNCTUATION = ": . , ? ! ' \" ( ) -"
+BOX_WORDS = "[ ] 0 1 2 3 4 5 6 7 8 9"  # a word-level tokenizer splits numbers into digits: boxes never <unk>
 KINDS = ("bpe", "wordlevel")
 
 TINY_SENTENCES = (
@@ -37,7 +38,9 @@ def train_text_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
 
     ``kind="bpe"``: byte-level BPE for open text (round-trips any string); ``"wordlevel"``: one id per
     word, for closed worlds such as Shapes, where every caption word should be a single token (it drops
-    newlines and maps unseen words to ``<unk>``)."""
+    newlines and maps unseen words to ``<unk>``; numbers are split into digits, each a word it always knows, so
+    that any box ``[x1, y1, x2, y2]`` is written and read back: decoded, a number's digits come out space-separated,
+    which ``unigen.shapes.boxes.parse_box`` reads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,14 +52,16 @@ def train_text_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     elif kind == "wordlevel":
         tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+                                                     pre_tokenizers.Digits(individual_digits=True)])
         tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
         trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + ["<unk>"],
                                             show_progress=False)
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}; known: {list(KINDS)}")
-    # prompt templates use these even when the corpus (captions) does not
-    tok.train_from_iterator(itertools.chain(texts, [PROMPT_PUNCTUATION]), trainer=trainer)
+    # prompt templates and boxes use these even when the corpus (captions) does not
+    always = [PROMPT_PUNCTUATION] + ([BOX_WORDS] if kind == "wordlevel" else [])  # byte-level BPE has them all
+    tok.train_from_iterator(itertools.chain(texts, always), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,

@@ -8,17 +8,17 @@ from pathlib import Path
 from unigen.commands._common import add_model_arguments, check_writable_file, load_pipeline
 from unigen.generation.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 
-HELP = ("Evaluate a model on an embedded world (shapes): caption accuracy, generation prompt fidelity and edit "
-        "accuracy.")
-TASKS = ("captions", "generation", "edit")
-RESULT_NAMES = {"captioning", "generation", "edit"}  # the keys of the scores in an eval result file
+HELP = ("Evaluate a model on an embedded world (shapes): caption accuracy, generation prompt fidelity, edit "
+        "accuracy and scene fidelity.")
+TASKS = ("captions", "generation", "edit", "scenes")
+RESULT_NAMES = {"captioning", "generation", "edit", "scenes"}  # the keys of the scores in an eval result file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("world", choices=["shapes"], help="the world to evaluate on (see docs/)")
     add_model_arguments(p)
     p.add_argument("--n", type=positive_int, default=200,
-                   help="items per task, drawn uniformly from the 576 (default 200)")
+                   help="items per task, drawn uniformly from the 576 (default 200); scenes: prompts per category")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for the items and for sampling (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward batch (default 16)")
     add_image_sampling_arguments(p, schedule=False)
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from unigen.generation.editing import DEFAULT_CFG_DROP
     from unigen.processor import check_text
     from unigen.runs import write_json
-    from unigen.shapes.evaluate import evaluate_captions, evaluate_edits, evaluate_generation
-    from unigen.shapes.metrics import format_table
+    from unigen.shapes.evaluate import evaluate_captions, evaluate_edits, evaluate_generation, evaluate_scenes
+    from unigen.shapes.metrics import format_scene_table, format_table
 
     options = options_from_args(args)  # every flag and the destination checked before any work
     tasks = [t for t in (args.task or ["captions", "generation"]) if t not in args.skip]
@@ -85,12 +85,18 @@ def run(args: argparse.Namespace) -> int:
     if "edit" in tasks:
         results["edit"], _ = evaluate_edits(pipe, args.n, args.seed, args.batch_size, options=options,
                                             cfg_drop=args.cfg_drop, keep=False)
-    print(format_table(results))
+    if "scenes" in tasks:
+        results["scenes"], _ = evaluate_scenes(pipe, args.n, args.seed, args.batch_size, options=options, keep=False)
+    v1 = {k: v for k, v in results.items() if k != "scenes"}
+    if v1:
+        print(format_table(v1))
+    if "scenes" in results:
+        print(format_scene_table(results["scenes"]))
     if "edit" in results:
         edit = results["edit"]
         print(f"edit: changed attribute {edit['changed']:.3f}, kept attributes {edit['kept']:.3f}; by instruction: "
               + ", ".join(f"{a} {r['overall']:.3f} (n={r['n']})" for a, r in edit["by_instruction"].items()))
-    if "generation" in results or "edit" in results:
+    if results.keys() & {"generation", "edit", "scenes"}:
         print(f"images: guidance scale {options.guidance_scale:g}, temperature {options.temperature:g}")
     if args.json:
         write_json(args.json, {"model": str(args.model), "n": args.n, "seed": args.seed,

@@ -1,7 +1,9 @@
 """The Shapes world: an offline image-and-caption world whose captions a program can check.
 
 See docs/shapes-world.md. world (tables, ShapeSpec, captions), render, data (PNG + JSONL),
-checker (image -> ShapeSpec), captions (text -> ShapeSpec), metrics.
+checker (image -> ShapeSpec), captions (text -> ShapeSpec), metrics. v2 scenes: geometry (the shapes as coverage),
+scenes (canvas, placement, captions), categories (the six prompt categories and their judges), boxes (0-1000 text,
+COCO lines), scene_checker (image of any size -> objects and boxes).
 """
 
 from unigen.shapes.captions import parse_caption

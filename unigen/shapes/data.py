@@ -1,8 +1,9 @@
 """Write a Shapes-world dataset: PNGs plus a JSONL manifest, byte-identical for the same seed.
 
 Layout: ``out_dir/{split}.jsonl`` and ``out_dir/{split}/000000.png`` ...; image paths in the manifest are
-relative to the manifest. Records: ``{"image", "caption"}``, or with ``conversations=True``
-``{"image", "conversations": [human "<image>\\nDescribe the image.", gpt caption]}``.
+relative to the manifest. Images are drawn in the spec's whole range (``render(style="spec")``); ``style="classic"``
+gives the look the shipped checkpoints were trained on. Records: ``{"image", "caption"}``, or with
+``conversations=True`` ``{"image", "conversations": [human "<image>\\nDescribe the image.", gpt caption]}``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def item_seed(seed: int, index: int) -> list[int]:
 
 def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", *,
                   conversations: bool = False, antialias: bool = True, color_jitter: bool = True,
-                  progress: bool | None = None) -> Path:
+                  style: str = "spec", progress: bool | None = None) -> Path:
     """Render ``n`` images of specs drawn uniformly from the 576 (``sample_specs(n, seed)``); return the
     manifest path. ``progress`` None shows a bar from 1000 images on."""
     out_dir = Path(out_dir)
@@ -40,7 +41,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", 
     with manifest.open("w") as f:
         for i, spec in enumerate(tqdm(specs, desc=f"shapes {split}", disable=not show)):
             rel = f"{split}/{i:06d}.png"
-            r = render(spec, item_seed(seed, i), antialias=antialias, color_jitter=color_jitter)
+            r = render(spec, item_seed(seed, i), antialias=antialias, color_jitter=color_jitter, style=style)
             r.pil().save(out_dir / rel, format="PNG")
             text = caption(spec)
             if conversations:

@@ -117,5 +117,15 @@ def format_table(results: Mapping[str, dict] | dict, markdown: bool = True) -> s
     return "\n".join(line(row) for row in [header, *rows])
 
 
+def format_scene_table(result: dict) -> str:
+    """The GenEval-style row of a scene evaluation (``evaluate.evaluate_scenes``): n, the mean, each category."""
+    names = list(result["per_category"])
+    header = ["", "n", "overall", *names]
+    row = ["scenes", str(result["n"]), f"{100 * result['overall']:.1f}",
+           *(f"{100 * result['per_category'][k]:.1f}" for k in names)]
+    md = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    return "\n".join([md(header), "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|", md(row)])
+
+
 def dump_json(results: dict, path: str | Path) -> None:
     write_text(Path(path), json.dumps(results, indent=2, sort_keys=True) + "\n")
