@@ -435,13 +435,8 @@ class VQTrainer(Trainer):
     def load_weights(self, path: Path) -> None:
         self.model.load_state_dict(read_weights(path / "model.safetensors"))
 
-    def batches_position(self) -> tuple[int, int]:
-        """(epoch, batch) of the next step."""
-        return divmod(self.step, len(self.train_set) // self.cfg.batch_size)
-
     def extra_state(self) -> dict:
-        state = {"data_position": list(self.batches_position()),
-                 "usage_counts": self.usage.counts.clone(), "z_buffer": self.z_buffer.clone()}
+        state = {"usage_counts": self.usage.counts.clone(), "z_buffer": self.z_buffer.clone()}
         if self.disc is not None:
             state["disc"] = self.disc.state_dict()
             state["disc_optimizer"] = self.optimizers["disc"].state_dict()
