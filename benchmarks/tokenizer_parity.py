@@ -2,6 +2,8 @@
 
     python benchmarks/tokenizer_parity.py --ref /tmp/ref      # /tmp/ref: a checkout of the tree to compare with
 
+The reference may predate the December layout change (the trainers in ``unigen/tokenizer_training/``).
+
 Each tree trains a small VQ (LR warm-up + cosine, autoencoder warm-up + k-means, dead-code re-seeding) and a
 small SigLIP on the same images, one thread, the same seed, in its own process (PYTHONPATH picks the tree).
 Prints both loss curves side by side and whether every saved weight is ``torch.equal``; exits 1 if not.
@@ -33,7 +35,7 @@ TRAIN = """
 import json, sys, torch
 torch.set_num_threads(1)
 from unigen.config_io import load_config
-from unigen.training.tokenizer.{module} import {config} as Config, {fn} as train
+from {package}.{module} import {config} as Config, {fn} as train
 train(load_config(Config, **json.loads(sys.argv[1])))
 """
 
@@ -54,7 +56,9 @@ def train(tree: Path, kind: str, values: dict, out: Path) -> Path:
     module, config, fn = {"vq": ("vq_trainer", "VQTrainConfig", "train_vq"),
                           "siglip": ("siglip_trainer", "SigLIPTrainConfig", "train_siglip")}[kind]
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    code = TRAIN.format(module=module, config=config, fn=fn)
+    package = "unigen.tokenizer_training" if (tree / "unigen" / "tokenizer_training").is_dir() else \
+        "unigen.training.tokenizer"
+    code = TRAIN.format(package=package, module=module, config=config, fn=fn)
     subprocess.run([sys.executable, "-c", code, json.dumps({**values, "out_dir": str(out)})], env=env, check=True,
                    capture_output=True)
     return out
