@@ -10,6 +10,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +23,48 @@ from unigen.data.sampler import batch_loader
 from unigen.errors import CheckpointError, ConfigError
 from unigen.models.precision import resolve_amp
 from unigen.training.engine import check_finite, clip_gradients, make_scheduler, run_loop
+from unigen.training.tokenizer.run_checks import check_run_numbers
 
 log = logging.getLogger("unigen.training.tokenizer")
+
+
+@dataclass
+class TokenizerRunConfig:
+    """What both tokenizer trainers' configs hold: data, the optimisation they share and the run's bookkeeping.
+    ``VQTrainConfig`` and ``SigLIPTrainConfig`` add their model and losses, and their own defaults."""
+
+    # data: a JSONL manifest {"image": path relative to the manifest, "caption": ...}; the VQ also takes a folder
+    data: str = ""
+    val_data: str | None = None  # default: hold out ``val_size`` of ``data``
+    val_size: int = 256
+    cache_images: bool = True
+    max_bad_fraction: float = 0.05  # skipped images (listed in bad_samples.jsonl) above this share stop the run
+    num_workers: int = 0
+    out_dir: str = "runs/tokenizer"
+    # optimisation
+    steps: int = 10_000
+    batch_size: int = 32
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # or "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    amp: bool | str = False  # bf16 autocast: true, false, or "auto" (native bf16 only: CUDA, avx512_bf16/AMX)
+    # bookkeeping
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 20
+    eval_every: int = 500
+    save_every: int = 1000
+    keep_last: int = 2
+    tensorboard: bool = False
+    resume: str | None = None  # "latest" (newest under out_dir/checkpoints; "auto" also works) or a checkpoint folder
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
+
+    def __post_init__(self):
+        check_run_numbers(self)
 
 
 class Trainer:
