@@ -189,9 +189,10 @@ class Trainer:
         if trained_on != len(self.train_set):
             raise CheckpointError(f"cannot resume from {path}: it was trained on {trained_on} {self.what}, "
                                   f"the data now has {len(self.train_set)} (the data order would differ)")
+        optimizer, task = ckpt.read_optimizer(path), ckpt.read_task_state(path)  # checked before anything changes
         self.load_weights(path)
-        self.optimizer.load_state_dict(ckpt.read_optimizer(path))
-        self.load_extra_state(ckpt.read_task_state(path), path)
+        self.optimizer.load_state_dict(optimizer)
+        self.load_extra_state(task, path)
         ckpt.restore_rng(path, rank=0)
         self.step = progress["step"]
         self.last_good = path
