@@ -2,6 +2,8 @@
 
     python benchmarks/tokenizer_parity.py --ref /tmp/ref      # /tmp/ref: a checkout of the tree to compare with
 
+The reference may predate the December layout change (the trainers in ``unigen/tokenizer_training/``).
+
 Each tree trains a small VQ (LR warm-up + cosine, autoencoder warm-up + k-means, dead-code re-seeding) and a
 small SigLIP on the same images, one thread, the same seed, in its own process (PYTHONPATH picks the tree).
 Prints both loss curves side by side and whether every saved weight is ``torch.equal``; exits 1 if not.
@@ -30,10 +32,11 @@ VQ = dict(COMMON, lr=3e-3, ae_warmup_steps=4, kmeans_batches=2, kmeans_iters=3, 
 SIGLIP = dict(COMMON, lr=3e-3, embed_dim=32, vision=dict(image_size=16, patch_size=8, width=32, depth=1, num_heads=2),
               text=dict(width=32, depth=1, num_heads=2, max_len=8))
 TRAIN = """
-import json, sys, torch
+import json, sys, torch, unigen
+print(unigen.__file__, flush=True)
 torch.set_num_threads(1)
 from unigen.config_io import load_config
-from unigen.training.tokenizer.{module} import {config} as Config, {fn} as train
+from {package}.{module} import {config} as Config, {fn} as train
 train(load_config(Config, **json.loads(sys.argv[1])))
 """
 
@@ -54,9 +57,18 @@ def train(tree: Path, kind: str, values: dict, out: Path) -> Path:
     module, config, fn = {"vq": ("vq_trainer", "VQTrainConfig", "train_vq"),
                           "siglip": ("siglip_trainer", "SigLIPTrainConfig", "train_siglip")}[kind]
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    code = TRAIN.format(module=module, config=config, fn=fn)
-    subprocess.run([sys.executable, "-c", code, json.dumps({**values, "out_dir": str(out)})], env=env, check=True,
-                   capture_output=True)
+    package = "unigen.tokenizer_training" if (tree / "unigen" / "tokenizer_training").is_dir() else \
+        "unigen.training.tokenizer"
+    code = TRAIN.format(package=package, module=module, config=config, fn=fn)
+    # cwd: ``python -c`` puts the working folder before PYTHONPATH, so run from elsewhere the other tree would
+    # import this one
+    done = subprocess.run([sys.executable, "-c", code, json.dumps({**values, "out_dir": str(out)})], env=env,
+                          cwd=tree, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"training the {kind} in {tree} failed:\n{done.stderr[-3000:]}")
+    imported = Path(done.stdout.splitlines()[0]).resolve()
+    if not imported.is_relative_to(tree.resolve()):
+        sys.exit(f"the {kind} run meant for {tree} imported unigen from {imported}")
     return out
 
 

@@ -197,7 +197,7 @@ def _run_checkpoint(env: Env, name: str) -> Path:
 def _vq_state(env: Env) -> Path:
     vq = env.copy_vq()
     ckpt = vq / "checkpoints" / "step_0000001"
-    plant_pickle(ckpt / "training_state.pt", env.marker)
+    plant_pickle(ckpt / "optimizer.pt", env.marker)
     return ckpt
 
 
@@ -408,14 +408,14 @@ CASES = [
      r"2 of 10 training images \(20\.0%\) are bad, more than max_bad_fraction=0\.1", 1),
     ("train-vq-resume-pickled-state", lambda e: ["train-vq", f"data={e.data}", f"out_dir={e.tmp / 'vq'}",
                                                   f"resume={_vq_state(e)}", *VQ_SMALL], 1,
-     r"training_state\.pt holds more than tensors", 1),
+     r"optimizer\.pt holds more than tensors", 1),
     ("train-siglip-negative-steps", lambda e: ["train-siglip", f"data={e.data}", "steps=-1"], 1,
      r"steps must be >= 1, got -1", 1),
     ("train-siglip-zero-batch", lambda e: ["train-siglip", f"data={e.data}", "batch_size=0"], 1,
      r"batch_size must be >= 1, got 0", 1),
     ("train-siglip-resume-not-a-checkpoint", lambda e: ["train-siglip", f"data={e.data}", f"resume={e.tmp}",
                                                         f"out_dir={e.tmp / 's'}"], 1,
-     r"is not a checkpoint folder \(no training_state\.pt", 1),
+     r"is not a checkpoint folder \(no progress\.json", 1),
     # merge: the adapter is checked at the door, before the base loads
     ("merge-truncated-adapter", lambda e: ["merge", e.model, _adapter(e, "truncated"), e.tmp / "merged"], 1,
      r"adapter_model\.safetensors could not be read as safetensors .*truncated or damaged", 1),
@@ -543,7 +543,7 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path, capsys, monkeyp
 def test_training_state_files_load_without_running_code(finished_run, vq_run):
     """Defect 1: every file a resume reads loads with ``weights_only=True`` (RNG and optimizer state included)."""
     files = sorted(finished_run.rglob("*.pt")) + sorted(vq_run.rglob("*.pt"))
-    assert {p.name for p in files} >= {"optimizer.pt", "scheduler.pt", "rng_0.pt", "training_state.pt"}
+    assert {p.name for p in files} >= {"optimizer.pt", "rng_0.pt", "task.pt"}
     for path in files:
         torch.load(path, weights_only=True)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from unigen.config import LLMConfig, VQConfig
 from unigen.config_io import load_config
 from unigen.data.image_dataset import to_pixels
-from unigen.errors import DataError
+from unigen.errors import CheckpointError, DataError
 from unigen.training.tokenizer import losses
 from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, SigLIPTrainer, load_siglip, load_siglip_into
 from unigen.training.tokenizer.vq_trainer import VQTrainConfig, VQTrainer, load_vq, load_vq_into
@@ -146,6 +146,26 @@ def test_resume_across_the_warmup_matches_uninterrupted(tmp_path):
     ckpt = tmp_path / "a" / "checkpoints" / "step_0000002"  # saved before the k-means init ran
     resumed = VQTrainer(vq_config(tmp_path, data, out_dir=str(tmp_path / "b"), resume=str(ckpt), **kw))
     assert [h["loss"] for h in resumed.train()] == full[2:]
+
+
+def test_checkpoints_are_in_the_stages_layout_and_the_earlier_one_is_refused_in_one_line(tmp_path):
+    data = write_images(tmp_path, 12)  # 3 batches of 4 per epoch
+    VQTrainer(vq_config(tmp_path, data, steps=2, save_every=2)).train()
+    ckpt = tmp_path / "vq" / "checkpoints" / "step_0000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "optimizer.pt",
+                                                      "progress.json", "rng_0.pt", "task.pt", "train_config.json"]
+    progress = json.loads((ckpt / "progress.json").read_text())
+    assert progress == {"step": 2, "data": {"epoch": 0, "batch": 2, "train_size": 12}}
+    old = tmp_path / "old" / "checkpoints" / "step_0000002"  # what the tokenizers wrote before the one layout
+    old.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "train_config.json"):
+        (old / name).write_bytes((ckpt / name).read_bytes())
+    torch.save({"step": 2, "optimizer": torch.load(ckpt / "optimizer.pt", weights_only=True)},
+               old / "training_state.pt")
+    message = r"step_0000002 is a tokenizer checkpoint in unigen's earlier layout \(training_state\.pt\)"
+    for resume, out in ((str(old), "fresh"), ("latest", "old")):
+        with pytest.raises(CheckpointError, match=message):
+            VQTrainer(vq_config(tmp_path, data, steps=4, out_dir=str(tmp_path / out), resume=resume))
 
 
 def test_weight_decay_applies(tmp_path):

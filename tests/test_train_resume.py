@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from train_common import ENV, cli, kill_in_checkpoint_15, losses, run, weights
 
 from unigen.shapes import write_dataset
@@ -23,6 +24,10 @@ def test_sigkill_and_resume_gives_the_same_losses(data, tmp_path):
     kill_in_checkpoint_15("--output-dir", tmp_path / "b", "--save-every", 5, *common, ready=tmp_path / "in-ckpt-15")
     ckpts = tmp_path / "b" / "stage1" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step_0000015", "step_0000005", "step_0000010"]
+    assert sorted(p.name for p in (ckpts / "step_0000010").iterdir()) == ["model", "optimizer.pt", "progress.json",
+                                                                         "rng_0.pt"]
+    # a checkpoint of the earlier layout also held the schedule, which is a function of the step: it resumes the same
+    torch.save({"last_epoch": 10}, ckpts / "step_0000010" / "scheduler.pt")
     run(cli("--output-dir", tmp_path / "b", "--save-every", 5, "--resume", "latest", *common))
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))  # the killed run's extra rows dropped

@@ -1,16 +1,27 @@
-"""Resumable checkpoints: ``stageN/checkpoints/step_XXXXXXX`` holds
+"""The one checkpoint layout of every unigen trainer (the stages and both tokenizers), its writer and reader.
 
-  model/               the weights + tokenizer in our layout (``UniGenPipeline.from_pretrained`` reads it)
-  adapter/             instead of model/ in a LoRA stage: the PEFT adapter + base.json (the frozen base's source)
-  optimizer.pt         optimizer state (gathered in full under FSDP)     | DeepSpeed: accelerate's
-  scheduler.pt         learning-rate schedule                           | save_state files instead
+``.../checkpoints/step_XXXXXXX`` holds
+
+  the weights          a stage: model/ (weights + tokenizer in our layout, ``UniGenPipeline.from_pretrained`` reads
+                       it), or adapter/ in a LoRA stage (the PEFT adapter + base.json, the frozen base's source);
+                       a tokenizer: model.safetensors + config.json (+ tokenizer.json), what ``load_vq`` /
+                       ``load_siglip`` read, and train_config.json
+  optimizer.pt         optimizer state (gathered in full under FSDP)     | DeepSpeed: accelerate's save_state
+                                                                         | files (accelerate/) instead
   rng_<rank>.pt        every RNG of every process
-  progress.json        stage and step: the data position (in-memory pools: batches are a function of the step)
-  data.json            streamed data only: the stream's position and the samples skipped so far
+  progress.json        the step, the stage (a stage), and the data position: a tokenizer's epoch and batch (and
+                       how many images they index); a stage's in-memory batches are a function of the step
+  task.pt              what a task adds, if anything (the VQ: its code-usage window, encoder-output buffer and
+                       discriminator)
+  data.json            a stage on streamed data: the stream's position and the samples skipped so far
 
-Every process writes into ``.tmp-step_XXXXXXX`` and rank 0 renames it when all are done, so a folder under
-its real name is always complete; the oldest beyond ``keep_last`` are deleted. ``stageN/final`` is written
-the same way, with ``trained.json`` saying how many of the stage's steps it holds: a stage cut short by
+No learning-rate schedule is saved: ``WarmupCosine`` is a function of the step and is set from it before every
+step (a ``scheduler.pt`` of an earlier stage checkpoint is ignored). A tokenizer checkpoint of the earlier layout
+(``training_state.pt``) is refused in one line.
+
+Every process writes into ``.tmp-step_XXXXXXX`` and rank 0 renames it when all are done (``publish``), so a
+folder under its real name is always complete; the oldest beyond ``keep_last`` are deleted. ``stageN/final`` is
+written the same way, with ``trained.json`` saying how many of the stage's steps it holds: a stage cut short by
 ``--max-steps`` is not finished, and ``--resume latest`` continues it. A LoRA stage also writes ``stageN/adapter``
 (the adapter alone) and its ``final`` is the merged model.
 
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,10 +45,90 @@ from unigen.models.checkpoint import save_model
 from unigen.runs import checkpoint_dirs, load_state_file, prune, rng_state, set_rng_state, step_dir_name, writing
 from unigen.training.parallel import barrier
 
-__all__ = ["Adapter", "TrainingState", "checkpoint_dirs", "is_complete", "load_checkpoint", "read_progress",
-           "rng_state", "save_checkpoint", "save_final", "set_rng_state"]
+__all__ = ["Adapter", "TrainingState", "checkpoint_dirs", "is_complete", "load_checkpoint", "publish",
+           "read_optimizer", "read_progress", "read_task_state", "restore_rng", "rng_state", "save_checkpoint",
+           "save_final", "set_rng_state", "write_state"]
+OPTIMIZER, PROGRESS, TASK_STATE = "optimizer.pt", "progress.json", "task.pt"
 TRAINED = "trained.json"  # in stageN/final: {"stage", "step", "steps"}
 DATA = "data.json"  # in a checkpoint of a stage trained from streamed data
+OLD_TOKENIZER_STATE = "training_state.pt"  # a tokenizer checkpoint's one state file before this layout
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_{rank}.pt"
+
+
+# ---- the layout: writer and reader of every trainer --------------------------------------------------------
+
+def publish(root: Path, step: int, write: Callable[[Path], None], *, keep_last: int, rank: int = 0) -> Path:
+    """``write(tmp)`` on every process into ``root/.tmp-step_XXXXXXX``; then rank 0 renames it ``step_XXXXXXX``
+    and deletes the oldest beyond ``keep_last``: a checkpoint folder is complete or absent."""
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
+        tmp.mkdir(parents=True)
+    barrier()
+    with writing(final, tmp):
+        write(tmp)
+        _publish(tmp, final, rank)
+    if rank == 0:
+        prune(root, keep_last)
+    return final
+
+
+def write_state(tmp: Path, *, rank: int, progress: dict, optimizer: dict | None, task: dict | None = None) -> None:
+    """The training state beside the weights: this process's RNG; on rank 0 the ``optimizer`` state (None where
+    accelerate saved it), what the ``task`` adds and ``progress`` (the step and the data position)."""
+    torch.save(rng_state(), tmp / rng_file(rank))
+    if rank == 0:
+        if optimizer is not None:
+            torch.save(optimizer, tmp / OPTIMIZER)
+        if task:
+            torch.save(task, tmp / TASK_STATE)
+        (tmp / PROGRESS).write_text(json.dumps(progress) + "\n")
+
+
+def refuse_old_layout(path: Path) -> None:
+    if (path / OLD_TOKENIZER_STATE).is_file() and not (path / PROGRESS).is_file():
+        raise CheckpointError(f"{path} is a tokenizer checkpoint in unigen's earlier layout ({OLD_TOKENIZER_STATE}), "
+                              "which this version does not resume: start the run again with overwrite=true, or "
+                              "finish it with the unigen version that wrote it")
+
+
+def read_progress(path: Path, fields: tuple[str, ...] = ("stage", "step")) -> dict:
+    """``progress.json`` of a checkpoint, its ``fields`` checked as integers (a stage's: stage and step)."""
+    progress = path / PROGRESS
+    if not progress.is_file():
+        refuse_old_layout(path)
+        raise CheckpointError(f"{path} is not a training checkpoint (no {PROGRESS}); pass 'latest' or a "
+                              ".../checkpoints/step_XXXXXXX folder")
+    try:
+        info = json.loads(progress.read_text())
+        if "stage" in fields and "stage" not in info:
+            raise CheckpointError(f"{path} is a tokenizer's checkpoint, not a stage's; pass a "
+                                  "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder")
+        return {**info, **{name: int(info[name]) for name in fields}}
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{progress} is damaged ({type(err).__name__}: {err}); resume from another "
+                              "checkpoint") from err
+
+
+def read_optimizer(path: Path) -> dict:
+    return load_state_file(path / OPTIMIZER)
+
+
+def read_task_state(path: Path) -> dict:
+    return load_state_file(path / TASK_STATE) if (path / TASK_STATE).is_file() else {}
+
+
+def restore_rng(path: Path, rank: int) -> None:
+    rng = path / rng_file(rank)
+    if rng.is_file():  # a run resumed on more processes than it was saved with keeps fresh RNG on the new ones
+        set_rng_state(load_state_file(rng))
+
+
+# ---- a stage's checkpoints ---------------------------------------------------------------------------------
 
 
 class Adapter(NamedTuple):
@@ -178,19 +270,8 @@ def save_final(out: Path, state: TrainingState, *, stage: int, step: int, steps:
 
 
 def save_checkpoint(root: Path, state: TrainingState, *, stage: int, step: int, keep_last: int) -> Path:
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
-    rank = state.rank
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    with writing(final, tmp):
-        _write_checkpoint(tmp, state, stage, step)
-        _publish(tmp, final, rank)
-    if rank == 0:
-        prune(root, keep_last)
-    return final
+    return publish(root, step, lambda tmp: _write_checkpoint(tmp, state, stage, step), keep_last=keep_last,
+                   rank=state.rank)
 
 
 def _write_checkpoint(tmp: Path, state: TrainingState, stage: int, step: int) -> None:
@@ -201,18 +282,14 @@ def _write_checkpoint(tmp: Path, state: TrainingState, stage: int, step: int) ->
             lora.save_adapter(state.adapter.peft_model, tmp / "adapter", state.adapter.base, weights)
     else:
         save_weights(tmp / "model", state.wrapped, state.model, state.processor, kind, rank)
+    optim = None
     if kind == "deepspeed":
         state.accelerator.save_state(str(tmp / "accelerate"))
     else:
-        optim = _optimizer_state(state.wrapped, state.optimizer, kind)
-        if rank == 0:
-            torch.save(optim, tmp / "optimizer.pt")
-            torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
-    if rank == 0:
-        (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
-        if state.data is not None:
-            (tmp / DATA).write_text(json.dumps(state.data.state_dict()) + "\n")
+        optim = _optimizer_state(state.wrapped, state.optimizer, kind)  # collective under FSDP
+    write_state(tmp, rank=rank, progress={"stage": stage, "step": step}, optimizer=optim)
+    if rank == 0 and state.data is not None:
+        (tmp / DATA).write_text(json.dumps(state.data.state_dict()) + "\n")
 
 
 def _optimizer_state(wrapped, optimizer, kind: str):
@@ -224,26 +301,13 @@ def _optimizer_state(wrapped, optimizer, kind: str):
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def read_progress(path: Path) -> dict:
-    progress = path / "progress.json"
-    if not progress.is_file():
-        raise CheckpointError(f"{path} is not a training checkpoint (no progress.json); pass 'latest' or a "
-                              "OUTPUT_DIR/stageN/checkpoints/step_XXXXXXX folder")
-    try:
-        info = json.loads(progress.read_text())
-        return {"stage": int(info["stage"]), "step": int(info["step"])}
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{progress} is damaged ({type(err).__name__}: {err}); resume from another "
-                              "checkpoint") from err
-
-
 def load_checkpoint(path: Path, state: TrainingState) -> int:
-    """Restore optimizer, schedule and RNG in place (the weights were built from ``path/model``); returns
+    """Restore optimizer, RNG and the schedule's step in place (the weights were built from ``path/model``); returns
     the step to continue from."""
     if state.kind == "deepspeed":
         state.accelerator.load_state(str(path / "accelerate"))
     else:
-        optim = load_state_file(path / "optimizer.pt")
+        optim = read_optimizer(path)
         if state.kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -251,10 +315,7 @@ def load_checkpoint(path: Path, state: TrainingState) -> int:
                                      options=StateDictOptions(full_state_dict=True))
         else:
             state.optimizer.load_state_dict(optim)
-        load_state_file(path / "scheduler.pt")  # checked; the schedule is a function of the step
-    rng = path / f"rng_{state.rank}.pt"
-    if rng.is_file():  # a run resumed on more processes than it was saved with keeps fresh RNG on the new ones
-        set_rng_state(load_state_file(rng))
+    restore_rng(path, state.rank)
     step = int(read_progress(path)["step"])
     load_data_state(path, state.data)
     state.scheduler.set_step(step)

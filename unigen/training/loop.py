@@ -29,11 +29,11 @@ from unigen.errors import ArgumentError, ConfigError, OutputExistsError
 from unigen.models.param_groups import set_trainable, stage_groups
 from unigen.runs import setup_logging
 from unigen.training.batches import BatchBuilder
-from unigen.training.engine import run_loop
+from unigen.training.engine import make_scheduler, run_loop
 from unigen.training.metrics import TrainMetrics
 from unigen.training.mixture import check_mixture, task_pools
 from unigen.training.recipe import TASKS, TrainRecipe
-from unigen.training.stage import StageTask, make_optimizer, make_scheduler, task_weights
+from unigen.training.stage import StageTask, make_optimizer, task_weights
 from unigen.training.start import load_pretrained, load_start, lora_base, stage_dir, start_source
 from unigen.training.step import TrainStep
 from unigen.training.streamed import StreamBatchBuilder, StreamedPicks, sample_check, stand_ins

@@ -19,7 +19,7 @@ import unigen.training.parallel as parallel
 from unigen.models.param_groups import parameter_groups
 from unigen.training.batches import BatchBuilder
 from unigen.training.engine import make_adamw, nan_message
-from unigen.training.lr_schedule import WarmupCosine, lr_at
+from unigen.training.lr_schedule import lr_at
 from unigen.training.metrics import TrainMetrics
 from unigen.training.mixture import share, step_micro_batches
 from unigen.training.recipe import TASKS, StageConfig, TrainRecipe
@@ -38,12 +38,6 @@ def make_optimizer(model, groups: set[str], cfg: StageConfig) -> torch.optim.Ada
     if not param_groups:
         raise ValueError(f"stage trains nothing: groups {sorted(groups)} have no parameters in this model")
     return make_adamw(param_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer, cfg: StageConfig) -> WarmupCosine:
-    """Linear warm-up then cosine decay to ``min_lr_ratio``; each group keeps its multiplier."""
-    return WarmupCosine(optimizer, warmup=cfg.warmup_steps, total=cfg.steps, schedule="cosine",
-                        min_ratio=cfg.min_lr_ratio)
 
 
 def task_weights(counts: torch.Tensor, weighting: str) -> torch.Tensor:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from unigen.errors import CheckpointError, ConfigError
+from unigen.config_io import build_config
+from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from unigen.models.checkpoint import _load_safetensors
 
 AT_LEAST_ONE = ("steps", "batch_size", "log_every", "eval_every", "save_every", "keep_last")
@@ -36,6 +37,17 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object of config keys, got {type(raw).__name__}")
     return raw
+
+
+def read_tokenizer_config(directory: str | Path, model_type: str, config_class, what: str, written_by: str):
+    """``config.json`` of a trained tokenizer folder as ``config_class``; its ``model_type`` must match."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path} not found: pass a folder written by {written_by}")
+    raw = read_json_object(path)
+    if raw.pop("model_type", None) != model_type:
+        raise CheckpointError(f"{path} is not {what} (model_type must be {model_type!r})")
+    return build_config(config_class, raw, str(path))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

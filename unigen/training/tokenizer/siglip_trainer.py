@@ -25,17 +25,17 @@ from torch import nn
 
 from unigen import runs
 from unigen.config import SigLIPConfig
-from unigen.config_io import build_config, config_to_dict
+from unigen.config_io import config_to_dict
 from unigen.data.image_dataset import ImageDataset, to_pixels
 from unigen.data.manifest import read_records
 from unigen.data.sampler import holdout_size, split_holdout
-from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from unigen.errors import ConfigError
 from unigen.models.model import SigLIPEncoder
 from unigen.models.siglip import SigLIPDualEncoder, SigLIPTowersConfig, TextTower, TextTowerConfig
 from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
-from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
-from unigen.training.tokenizer.trainer import Trainer
+from unigen.training.tokenizer.run_checks import read_tokenizer_config, read_weights
+from unigen.training.tokenizer.trainer import TokenizerRunConfig, Trainer
 from unigen.training.tokenizer.vq_trainer import _check_same
 
 log = logging.getLogger("unigen.training.tokenizer")
@@ -49,46 +49,18 @@ def _small_vit() -> SigLIPConfig:
 
 
 @dataclass
-class SigLIPTrainConfig:
+class SigLIPTrainConfig(TokenizerRunConfig):
     vision: SigLIPConfig = field(default_factory=_small_vit)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 256
-    # data: a JSONL manifest {"image": path relative to the manifest, "caption": "..."}
-    data: str = ""
-    val_data: str | None = None  # default: hold out ``val_size`` pairs of ``data``
-    val_size: int = 256
-    text_key: str | None = None  # default: the first of caption / text / prompt
-    cache_images: bool = True
-    max_bad_fraction: float = 0.05  # skipped images (listed in bad_samples.jsonl) above this share stop the run
-    num_workers: int = 0
+    text_key: str | None = None  # the caption's key in ``data``; default: the first of caption / text / prompt
     out_dir: str = "runs/siglip"
-    # optimisation
-    steps: int = 10_000
     batch_size: int = 128
     lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05
     warmup_steps: int = 200
-    lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    amp: bool | str = False  # bf16 autocast: true, false, or "auto" (native bf16 only: CUDA, avx512_bf16/AMX)
     logit_scale_init: float = math.log(10.0)
     logit_bias_init: float = -10.0
     same_text_positive: bool = True
-    # bookkeeping
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 20
-    eval_every: int = 500
-    save_every: int = 1000
-    keep_last: int = 2
-    tensorboard: bool = False
-    resume: str | None = None  # "latest" (newest under out_dir/checkpoints; "auto" also works) or a checkpoint folder
-    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
-
-    def __post_init__(self):
-        check_run_numbers(self)
 
     def towers(self) -> SigLIPTowersConfig:
         return SigLIPTowersConfig(self.vision, self.text, self.embed_dim)
@@ -139,13 +111,8 @@ def save_siglip(model: SigLIPDualEncoder, tokenizer, directory: str | Path) -> P
 
 
 def load_siglip_config(directory: str | Path) -> SigLIPTowersConfig:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{path} not found: pass a folder written by unigen train-siglip")
-    raw = read_json_object(path)
-    if raw.pop("model_type", None) != SIGLIP_MODEL_TYPE:
-        raise CheckpointError(f"{path} is not a trained SigLIP config (model_type must be {SIGLIP_MODEL_TYPE!r})")
-    return build_config(SigLIPTowersConfig, raw, str(path))
+    return read_tokenizer_config(directory, SIGLIP_MODEL_TYPE, SigLIPTowersConfig, "a trained SigLIP config",
+                                 "unigen train-siglip")
 
 
 def load_siglip_dual(directory: str | Path, device="cpu"):

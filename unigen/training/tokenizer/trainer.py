@@ -1,8 +1,8 @@
 """The single-process task base of the tokenizer trainers (``VQTrainer``, ``SigLIPTrainer``): set-up (resume,
-data, bad-file report), checkpoints in ``OUTPUT_DIR/checkpoints/step_XXXXXXX`` (written by
-``runs.save_checkpoint_dir``: complete or absent) plus the final weights in ``OUTPUT_DIR``, the metrics log and the
-cadences (log, eval, save), all around ``unigen.training.engine.run_loop``. A task gives the model(s), its data
-and step, its evaluation, and any extra state a checkpoint must carry."""
+data, bad-file report), checkpoints in ``OUTPUT_DIR/checkpoints/step_XXXXXXX`` (the stages' layout, written and read
+by ``unigen.training.checkpoints``: complete or absent) plus the final weights in ``OUTPUT_DIR``, the metrics log
+and the cadences (log, eval, save), all around ``unigen.training.engine.run_loop``. A task gives the model(s), its
+data and step, its evaluation, and any extra state a checkpoint must carry."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import unigen.training.checkpoints as ckpt
 from unigen import runs
 from unigen.config_io import config_to_dict
 from unigen.data.image_dataset import write_bad_images
@@ -21,10 +23,48 @@ from unigen.data.sampler import batch_loader
 from unigen.errors import CheckpointError, ConfigError
 from unigen.models.precision import resolve_amp
 from unigen.training.engine import check_finite, clip_gradients, make_scheduler, run_loop
+from unigen.training.tokenizer.run_checks import check_run_numbers
 
 log = logging.getLogger("unigen.training.tokenizer")
 
-STATE_FILE = "training_state.pt"  # optimizer, data position, RNG, task state: tensors and plain values
+
+@dataclass
+class TokenizerRunConfig:
+    """What both tokenizer trainers' configs hold: data, the optimisation they share and the run's bookkeeping.
+    ``VQTrainConfig`` and ``SigLIPTrainConfig`` add their model and losses, and their own defaults."""
+
+    # data: a JSONL manifest {"image": path relative to the manifest, "caption": ...}; the VQ also takes a folder
+    data: str = ""
+    val_data: str | None = None  # default: hold out ``val_size`` of ``data``
+    val_size: int = 256
+    cache_images: bool = True
+    max_bad_fraction: float = 0.05  # skipped images (listed in bad_samples.jsonl) above this share stop the run
+    num_workers: int = 0
+    out_dir: str = "runs/tokenizer"
+    # optimisation
+    steps: int = 10_000
+    batch_size: int = 32
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # or "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    amp: bool | str = False  # bf16 autocast: true, false, or "auto" (native bf16 only: CUDA, avx512_bf16/AMX)
+    # bookkeeping
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 20
+    eval_every: int = 500
+    save_every: int = 1000
+    keep_last: int = 2
+    tensorboard: bool = False
+    resume: str | None = None  # "latest" (newest under out_dir/checkpoints; "auto" also works) or a checkpoint folder
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
+
+    def __post_init__(self):
+        check_run_numbers(self)
 
 
 class Trainer:
@@ -46,7 +86,9 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         # before anything is read or written: a fresh run must not mix with (or replace) an earlier one
-        resume = runs.resolve_resume(cfg.resume, self.ckpt_root, overwrite=cfg.overwrite, marker=STATE_FILE,
+        if runs.normalize_resume(cfg.resume) not in (None, runs.LATEST):
+            ckpt.refuse_old_layout(Path(cfg.resume))
+        resume = runs.resolve_resume(cfg.resume, self.ckpt_root, overwrite=cfg.overwrite, marker=ckpt.PROGRESS,
                                      remove=False)
         self.device = runs.resolve_device(cfg.device, auto=("cuda",))
         self.amp = resolve_amp(cfg.amp, self.device)
@@ -124,28 +166,35 @@ class Trainer:
         self.metrics.close()
 
     # -- checkpoints
+    def batches_position(self) -> tuple[int, int]:
+        """(epoch, batch) of the next step."""
+        return divmod(self.step, len(self.train_set) // self.cfg.batch_size)
+
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "train_size": len(self.train_set), "optimizer": self.optimizer.state_dict(),
-                 **self.extra_state(), "rng": runs.rng_state()}
+        epoch, batch = self.batches_position()
+        progress = {"step": self.step, "data": {"epoch": epoch, "batch": batch, "train_size": len(self.train_set)}}
 
         def write(tmp: Path) -> None:
             self.save_weights(tmp)
-            torch.save(state, tmp / STATE_FILE)
             runs.write_json(tmp / "train_config.json", config_to_dict(self.cfg))
+            ckpt.write_state(tmp, rank=0, progress=progress, optimizer=self.optimizer.state_dict(),
+                             task=self.extra_state())
 
-        self.last_good = runs.save_checkpoint_dir(self.ckpt_root, self.step, write, self.cfg.keep_last)
+        self.last_good = ckpt.publish(self.ckpt_root, self.step, write, keep_last=self.cfg.keep_last)
         return self.last_good
 
     def load_checkpoint(self, path: Path) -> None:
-        state = runs.load_state_file(path / STATE_FILE)
-        if state["train_size"] != len(self.train_set):
-            raise CheckpointError(f"cannot resume from {path}: it was trained on {state['train_size']} {self.what}, "
+        progress = ckpt.read_progress(path, fields=("step",))
+        trained_on = (progress.get("data") or {}).get("train_size")
+        if trained_on != len(self.train_set):
+            raise CheckpointError(f"cannot resume from {path}: it was trained on {trained_on} {self.what}, "
                                   f"the data now has {len(self.train_set)} (the data order would differ)")
+        optimizer, task = ckpt.read_optimizer(path), ckpt.read_task_state(path)  # checked before anything changes
         self.load_weights(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.load_extra_state(state, path)
-        runs.set_rng_state(state["rng"])
-        self.step = int(state["step"])
+        self.optimizer.load_state_dict(optimizer)
+        self.load_extra_state(task, path)
+        ckpt.restore_rng(path, rank=0)
+        self.step = progress["step"]
         self.last_good = path
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)

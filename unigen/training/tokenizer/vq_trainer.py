@@ -22,11 +22,11 @@ from safetensors.torch import save_file
 
 from unigen import runs
 from unigen.config import VQConfig
-from unigen.config_io import build_config, config_to_dict
+from unigen.config_io import config_to_dict
 from unigen.data.image_dataset import ImageDataset, to_pixels, to_uint8
 from unigen.data.manifest import read_records
 from unigen.data.sampler import holdout_size, split_holdout
-from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from unigen.errors import CheckpointError, ConfigError
 from unigen.models.vq import VQModel
 from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
@@ -37,37 +37,19 @@ from unigen.training.tokenizer.losses import (
     hinge_g_loss,
     load_vgg16_features,
 )
-from unigen.training.tokenizer.run_checks import check_run_numbers, read_json_object, read_weights
-from unigen.training.tokenizer.trainer import Trainer
+from unigen.training.tokenizer.run_checks import read_tokenizer_config, read_weights
+from unigen.training.tokenizer.trainer import TokenizerRunConfig, Trainer
 
 log = logging.getLogger("unigen.training.tokenizer")
 
 
 @dataclass
-class VQTrainConfig:
+class VQTrainConfig(TokenizerRunConfig):
     vq: VQConfig = field(default_factory=VQConfig)
-    # data: a folder of images or a JSONL manifest {"image": path relative to the manifest}
-    data: str = ""
-    val_data: str | None = None  # default: hold out ``val_size`` images of ``data``
-    val_size: int = 256
-    cache_images: bool = True
-    max_bad_fraction: float = 0.05  # skipped images (listed in bad_samples.jsonl) above this share stop the run
-    num_workers: int = 0
     random_flip: bool = False
     out_dir: str = "runs/vq"
-    # optimisation
     steps: int = 20_000
-    batch_size: int = 32
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"  # or "constant"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    # bf16 autocast: true, false, or "auto" (where bf16 is native: CUDA, avx512_bf16/AMX CPUs); the quantizer
-    # always runs in fp32
-    amp: bool | str = False
+    # the quantizer always runs in fp32, whatever ``amp`` says
     # losses
     recon_loss: str = "l2"  # or "l1"
     recon_weight: float = 1.0
@@ -93,20 +75,10 @@ class VQTrainConfig:
     ae_warmup_steps: int = 0
     kmeans_batches: int = 16
     kmeans_iters: int = 20
-    # bookkeeping
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 20
-    eval_every: int = 500
-    save_every: int = 1000
-    keep_last: int = 2
-    sample_images: int = 8
-    tensorboard: bool = False
-    resume: str | None = None  # "latest" (newest under out_dir/checkpoints; "auto" also works) or a checkpoint folder
-    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
+    sample_images: int = 8  # originals over reconstructions at every evaluation
 
     def __post_init__(self):
-        check_run_numbers(self)
+        super().__post_init__()
         if self.recon_loss not in ("l1", "l2"):
             raise ConfigError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
         if self.ae_warmup_steps < 0 or self.ae_warmup_steps >= max(1, self.steps):
@@ -139,13 +111,8 @@ def save_vq(vq: VQModel, directory: str | Path) -> Path:
 
 
 def load_vq_config(directory: str | Path) -> VQConfig:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{path} not found: pass a folder written by save_vq / unigen train-vq")
-    raw = read_json_object(path)
-    if raw.pop("model_type", None) != VQ_MODEL_TYPE:
-        raise CheckpointError(f"{path} is not a VQ tokenizer config (model_type must be {VQ_MODEL_TYPE!r})")
-    return build_config(VQConfig, raw, str(path))
+    return read_tokenizer_config(directory, VQ_MODEL_TYPE, VQConfig, "a VQ tokenizer config",
+                                 "save_vq / unigen train-vq")
 
 
 def load_vq(directory: str | Path, device: str | torch.device = "cpu") -> VQModel:
@@ -435,13 +402,8 @@ class VQTrainer(Trainer):
     def load_weights(self, path: Path) -> None:
         self.model.load_state_dict(read_weights(path / "model.safetensors"))
 
-    def batches_position(self) -> tuple[int, int]:
-        """(epoch, batch) of the next step."""
-        return divmod(self.step, len(self.train_set) // self.cfg.batch_size)
-
     def extra_state(self) -> dict:
-        state = {"data_position": list(self.batches_position()),
-                 "usage_counts": self.usage.counts.clone(), "z_buffer": self.z_buffer.clone()}
+        state = {"usage_counts": self.usage.counts.clone(), "z_buffer": self.z_buffer.clone()}
         if self.disc is not None:
             state["disc"] = self.disc.state_dict()
             state["disc_optimizer"] = self.optimizers["disc"].state_dict()
