@@ -39,23 +39,16 @@ STEPS = ("vq", "siglip", "stage1", "stage2", "stage3")
 # touches argv[1] and waits to be killed, so the kill falls mid-step at a known point
 STOP_AT_CHECKPOINT = """
 import pathlib, sys, time
-from unigen import runs
 from unigen.training import checkpoints
 folder, step = sys.argv[2].split(":")
 def stop():
     pathlib.Path(sys.argv[1]).touch()
     time.sleep(600)
-save_tokenizer = runs.save_checkpoint_dir
-def save(root, n, write, keep_last):
-    if root.parent.name == folder and n == int(step):
-        stop()
-    return save_tokenizer(root, n, write, keep_last)
-runs.save_checkpoint_dir = save
-publish_stage = checkpoints._publish
+publish_checkpoint = checkpoints._publish  # every trainer's checkpoints go through it
 def publish(tmp, final, rank):
     if final.parent.parent.name == folder and final.name == f"step_{int(step):07d}":
         stop()
-    publish_stage(tmp, final, rank)
+    publish_checkpoint(tmp, final, rank)
 checkpoints._publish = publish
 from unigen.cli import main
 sys.exit(main(sys.argv[3:]))

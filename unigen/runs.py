@@ -108,20 +108,6 @@ def writing(target: Path, tmp: Path | None = None) -> Iterator[None]:
         raise
 
 
-def save_checkpoint_dir(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
-    """``write(tmp_dir)`` then rename to ``root/step_XXXXXXX``: a checkpoint folder is complete or absent."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=root))
-    with writing(final, tmp):
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    prune(root, keep_last)
-    return final
-
-
 def remove_partial_writes(root: Path) -> None:
     """What a killed run was writing (``.tmp-*`` folders) goes; it never had a real name."""
     if Path(root).is_dir():

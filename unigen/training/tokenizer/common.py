@@ -14,7 +14,6 @@ from unigen.runs import (
     checkpoint_dirs,
     resolve_device,
     rng_state,
-    save_checkpoint_dir,
     set_rng_state,
     setup_logging,
     write_json,
@@ -22,7 +21,7 @@ from unigen.runs import (
 from unigen.training.lr_schedule import lr_at
 
 __all__ = ["MetricsLog", "atomic_write", "checkpoint_dirs", "lr_at", "param_groups", "resolve_device", "rng_state",
-           "save_checkpoint_dir", "set_rng_state", "setup_logging", "write_json"]
+           "set_rng_state", "setup_logging", "write_json"]
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: Callable[[str, nn.Parameter], bool] | None = None):

@@ -15,6 +15,7 @@ runs.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 import traceback
 
@@ -26,8 +27,13 @@ from unigen.training.tokenizer.vq_trainer import VQTrainConfig, train_vq
 
 def _siglip_worker(cfg: SigLIPTrainConfig, threads: int, all_threads: int, vq_done, report) -> None:
     torch.set_num_threads(threads)
+    parent = os.getppid()
 
     def take_all_threads() -> None:
+        # a parent killed outright (SIGKILL) cannot stop this process; a resumed run would then train the encoder
+        # in the same folder at the same time, so the encoder stops as soon as its parent is gone
+        if os.getppid() != parent:
+            os._exit(1)  # nobody is left to report to; a half-written checkpoint is a .tmp folder resume removes
         if vq_done.is_set() and torch.get_num_threads() != all_threads:
             torch.set_num_threads(all_threads)
 
