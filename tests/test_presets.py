@@ -94,6 +94,7 @@ def test_the_demo_trains_its_tokenizers_in_the_recipes_shape(recipe, tmp_path):
     cfg = DemoConfig(out_dir=str(tmp_path), recipe=str(REPO / recipe), n_train=5000)
     loaded = load_recipe(cfg.recipe, ["model.vq.codebook_size=256"])
     model = UniGenConfig.from_dict(loaded.model)
+    (tmp_path / "m.jsonl").touch()  # the run plan checks that the tokenizers' images exist
     vq, siglip = tokenizer_configs(cfg, loaded, tmp_path / "m.jsonl")
     assert (vq.vq, siglip.vision) == (model.vq, model.vision)
     assert vq.vq.codebook_size == 256 and siglip.vision.stem == ("patch" if "small" in recipe else "conv")
