@@ -132,6 +132,7 @@ def test_merged_model_equals_base_plus_adapter_in_every_forward_path(base, tmp_p
         assert torch.allclose(stock_out[path], lora_out[path], atol=1e-5, rtol=0), path
 
 
+@pytest.mark.slow  # a killed and a resumed subprocess (~25 s); the full-model SIGKILL test runs by default
 def test_sigkill_and_resume_in_a_lora_stage_gives_the_same_losses(data, base, tmp_path):
     common = [f"data={data}", "stage2.steps=20", "stage2.batch_size=4", LORA]
     run_stage(recipe(data, tmp_path / "a", *common), 2, init_from=str(base), progress=False)

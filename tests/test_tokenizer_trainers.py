@@ -431,6 +431,7 @@ def test_side_by_side_encoder_takes_every_thread_once_the_vq_is_done(monkeypatch
     assert receive.recv() is None  # reported success
 
 
+@pytest.mark.slow  # two spawned trainers (~16 s); the side-by-side success test runs by default
 def test_side_by_side_reports_a_failed_encoder_and_stops_it_when_the_vq_fails(tmp_path):
     import multiprocessing
 

@@ -36,6 +36,7 @@ def test_sigkill_and_resume_gives_the_same_losses(data, tmp_path):
     assert kept == ["step_0000020", "step_0000025"]  # keep_last=2, and no half-written .tmp-* folder
 
 
+@pytest.mark.slow  # three training subprocesses (~70 s); test_run_plan's fast whole run checks the same refusal
 def test_a_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_path):
     common = ["--stage", "1", f"data={data}", "stage1.steps=2", "--save-every", 1, "--output-dir", tmp_path]
     run(cli(*common))
@@ -85,6 +86,7 @@ def test_two_process_fsdp_equals_one_process(data, one_process, tmp_path):
     _same_run(one_process, tmp_path)
 
 
+@pytest.mark.slow  # a second 2-process launch (~40 s); the torchrun FSDP = 1-process test runs by default
 def test_accelerate_launch_with_the_shipped_fsdp_config(data, one_process, tmp_path):
     from train_common import REPO
 
