@@ -54,8 +54,10 @@ def errors(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
 
 
-@pytest.mark.parametrize("argv", [VQ, pytest.param(SIGLIP, marks=pytest.mark.slow)],  # the same lock path; ~12 s each
-                         ids=["train-vq", "train-siglip"])
+# slow: a holder subprocess and a training run per case (~17 s each); the lock's refusal, its PID and a killed
+# holder are tested by default in test_output_lock, and the stage's copy of this test below runs by default
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [VQ, SIGLIP], ids=["train-vq", "train-siglip"])
 def test_a_second_tokenizer_run_on_a_held_folder_refuses_and_the_first_result_stays(argv, data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*argv, f"data={data}", "--output-dir", str(out)]) == 0  # the first run's result
