@@ -384,6 +384,7 @@ def test_amp_auto_uses_bf16_only_where_it_is_native(tmp_path, monkeypatch):
         VQTrainer(vq_config(tmp_path, data, amp="bf16", overwrite=True))
 
 
+@pytest.mark.slow  # both trainers twice (~20 s); test_demo's end-to-end run trains side by side by default
 def test_side_by_side_trains_what_each_trainer_would_alone(tmp_path):
     import multiprocessing
 
