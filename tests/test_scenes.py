@@ -161,13 +161,14 @@ def test_scene_checker_boxes_on_clean_renders():
             match = [o for o in found.objects if o.spec == spec]
             assert len(match) == 1, (spec, found.specs)
             ious.append(iou(match[0].box, box))
-    # the fitted boxes against the drawn geometry: measured, 1 object in ~700 (a small hard-edged triangle) at
-    # 0.897, every other one >= 0.9
+    # a small hard-edged triangle's fitted box can fall just under 0.9 (its corners are a pixel or two), so the
+    # bar is a share above 0.9 and a floor for every box (the measured shares: docs/EXPERIMENTS.md)
     assert min(ious) >= 0.85 and np.mean(np.array(ious) >= 0.9) >= 0.99, sorted(ious)[:5]
 
 
 # Share of the second renderer's scenes (tests/shapes_second_renderer.py) read exactly (every object's four
-# attributes, nothing more): 1.0 measured on these 200; the bar leaves 1.5%.
+# attributes, nothing more). Its edges are not ours, so a few misses are allowed rather than none; the measured
+# share is in docs/EXPERIMENTS.md.
 SECOND_RENDERER_SCENE_SHARE = 0.985
 
 

@@ -265,7 +265,8 @@ def test_checker_reads_every_combination_of_an_independent_renderer():
 
 # The second renderer (tests/shapes_second_renderer.py: PIL polygons drawn 3-6x larger, shrunk by a box,
 # bilinear or Hamming filter) has edges and placements of its own. Share of its images the checker must read
-# right, all four attributes and one object: 1.0 was measured on these 1152 images; the bar leaves 0.5%.
+# right, all four attributes and one object. Its edges are not ours, so a few misses are allowed rather than
+# none; the measured share is in docs/EXPERIMENTS.md.
 SECOND_RENDERER_SHARE = 0.995
 
 
