@@ -34,6 +34,7 @@ from unigen.training import checkpoints as ckpt
 from unigen.training.loop import run_stage
 from unigen.training.recipe import TrainRecipe
 from unigen.training.start import stage_dir
+from unigen.training.tokenizer.run_checks import read_json_object
 from unigen.training.tokenizer.side_by_side import train_side_by_side
 from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, train_siglip
 from unigen.training.tokenizer.vq_codes import add_vq_codes
@@ -163,7 +164,7 @@ def check_same_recipe(plan: RunPlan) -> None:
     path = plan.out / RUN_FILE
     if not path.is_file():
         return
-    then, now = _what_trains(json.loads(path.read_text())), _what_trains(plan.started_with)
+    then, now = _what_trains(read_json_object(path)), _what_trains(plan.started_with)
     changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
     if changed:
         key = changed[0]
