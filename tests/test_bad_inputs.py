@@ -429,6 +429,8 @@ CASES = [
     ("demo-negative-seed", lambda e: ["demo", "--seed", "-1", "--output-dir", e.tmp / "d"], 2, r"a seed must be in", 1),
     ("demo-zero-stage-steps", lambda e: ["demo", "--stage-steps", "1", "0", "1", "--output-dir", e.tmp / "d"], 2,
      r"--stage-steps: must be at least 1", 1),
+    ("demo-unknown-render-style", lambda e: ["demo", "--render-style", "fancy", "--output-dir", e.tmp / "d"], 2,
+     r"--render-style: invalid choice: 'fancy'", 1),
 ]
 
 

@@ -236,6 +236,13 @@ def test_write_dataset_is_byte_identical_by_seed(tmp_path):
     classic = write_dataset(tmp_path / "classic", 2, seed=3, style="classic")
     assert np.array_equal(np.asarray(Image.open(classic.parent / "train" / "000001.png")),
                           render(sample_specs(2, seed=3)[1], seed=[3, 1]).image)
+    # mixed: the two renderers item by item (even items spec, odd items classic)
+    mixed = write_dataset(tmp_path / "mixed", 4, seed=3, style="mixed")
+    for i, spec in enumerate(sample_specs(4, seed=3)):
+        look = render(spec, seed=[3, i], style=("spec", "classic")[i % 2]).image
+        assert np.array_equal(np.asarray(Image.open(mixed.parent / "train" / f"{i:06d}.png")), look)
+    with pytest.raises(ValueError, match="unknown dataset style 'fancy'"):
+        write_dataset(tmp_path / "bad", 1, seed=3, style="fancy")
 
 
 # --- checker ----------------------------------------------------------------------------------------------

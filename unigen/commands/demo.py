@@ -22,6 +22,7 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from unigen.shapes.data import DATASET_STYLES
     from unigen.shapes.demo import DEMO_TASKS, DemoConfig
 
     d = DemoConfig()
@@ -53,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=_tasks, default=d.tasks,
                    help=f"comma-separated tasks to train and score, of {','.join(DEMO_TASKS)} (default "
                    f"{','.join(d.tasks)}); edit adds --n-train Shapes edit triples to the training data")
+    p.add_argument("--render-style", choices=DATASET_STYLES, default=d.render_style,
+                   help=f"how the training images are drawn: the spec's whole range, the classic look, or both "
+                   f"alternating (default {d.render_style})")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. stage2.lr=5e-4; the tokenizers "
                    "are trained in the recipe's model.vq / model.vision shape, e.g. model.vq.codebook_size=256")
 
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                         vq_warmup_steps=args.vq_warmup_steps, siglip_steps=args.siglip_steps,
                         stage_steps=stage_steps, n_eval=args.n_eval,
                         seed=args.seed, threads=args.threads, recipe=args.config, vq_from=args.vq_from,
-                        siglip_from=args.siglip_from, overrides=tuple(args.overrides), tasks=args.tasks)
+                        siglip_from=args.siglip_from, overrides=tuple(args.overrides), tasks=args.tasks,
+                        render_style=args.render_style)
     with hold_output_dir(config.out_dir, "--output-dir"):  # checked flags first: a refused run makes no folder
         run_demo(config)
     return 0

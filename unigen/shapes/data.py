@@ -2,8 +2,10 @@
 
 Layout: ``out_dir/{split}.jsonl`` and ``out_dir/{split}/000000.png`` ...; image paths in the manifest are
 relative to the manifest. Images are drawn in the spec's whole range (``render(style="spec")``); ``style="classic"``
-gives the look the shipped checkpoints were trained on. Records: ``{"image", "caption"}``, or with
-``conversations=True`` ``{"image", "conversations": [human "<image>\\nDescribe the image.", gpt caption]}``.
+gives the look the shipped checkpoints were trained on; ``style="mixed"`` alternates the two renderers item by item,
+so that a model learns the world rather than one renderer's pixel habits (the demo trains on it).
+Records: ``{"image", "caption"}``, or with ``conversations=True``
+``{"image", "conversations": [human "<image>\\nDescribe the image.", gpt caption]}``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from unigen.shapes.render import render
 from unigen.shapes.world import ShapeSpec, caption, sample_specs
 
 PROMPT = "<image>\nDescribe the image."
+DATASET_STYLES = ("spec", "classic", "mixed")
 
 
 def item_seed(seed: int, index: int) -> list[int]:
@@ -33,6 +36,8 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", 
                   style: str = "spec", progress: bool | None = None) -> Path:
     """Render ``n`` images of specs drawn uniformly from the 576 (``sample_specs(n, seed)``); return the
     manifest path. ``progress`` None shows a bar from 1000 images on."""
+    if style not in DATASET_STYLES:
+        raise ValueError(f"unknown dataset style {style!r}; known: {list(DATASET_STYLES)}")
     out_dir = Path(out_dir)
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     manifest = out_dir / f"{split}.jsonl"
@@ -41,7 +46,8 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", 
     with manifest.open("w") as f:
         for i, spec in enumerate(tqdm(specs, desc=f"shapes {split}", disable=not show)):
             rel = f"{split}/{i:06d}.png"
-            r = render(spec, item_seed(seed, i), antialias=antialias, color_jitter=color_jitter, style=style)
+            look = ("spec", "classic")[i % 2] if style == "mixed" else style
+            r = render(spec, item_seed(seed, i), antialias=antialias, color_jitter=color_jitter, style=look)
             r.pil().save(out_dir / rel, format="PNG")
             text = caption(spec)
             if conversations:

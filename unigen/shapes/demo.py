@@ -45,11 +45,17 @@ class DemoConfig:
     # what the model is trained on and scored for: captions and generation come from the caption lines; "edit"
     # adds as many edit triples (unigen.shapes.editing), which train in the generation share of the mixture
     tasks: tuple[str, ...] = ("caption", "generation")
+    # how the training images are drawn (unigen.shapes.data.DATASET_STYLES): both renderers, so that the model
+    # reads and draws the world, not one renderer's look
+    render_style: str = "mixed"
 
     def __post_init__(self):
         # checked here, before minutes of data and tokenizer work, and in the demo's own flag names
         from unigen.errors import ArgumentError
+        from unigen.shapes.data import DATASET_STYLES
 
+        if self.render_style not in DATASET_STYLES:
+            raise ArgumentError(f"--render-style must be one of {list(DATASET_STYLES)}, got {self.render_style!r}")
         unknown = sorted(set(self.tasks) - set(DEMO_TASKS))
         if unknown or not self.tasks:
             raise ArgumentError(f"--tasks: unknown or no task(s) {unknown}; choose from {list(DEMO_TASKS)}")
@@ -133,7 +139,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     timings: dict[str, float] = {}
-    manifest = _timed(timings, "data", lambda: write_dataset(out / "data", cfg.n_train, seed=cfg.seed + 1))
+    manifest = _timed(timings, "data", lambda: write_dataset(out / "data", cfg.n_train, seed=cfg.seed + 1,
+                                                                   style=cfg.render_style))
     training_manifest = manifest
     if "edit" in cfg.tasks:  # the edit triples join the caption lines in one manifest (same folder)
         from unigen.shapes.editing import write_edit_dataset
