@@ -149,3 +149,21 @@ def add_scene_words(checkpoint: str | Path, vocab_size: int | None = None) -> li
     vocab.update({word: first + i for i, word in enumerate(added)})
     write_text(path, json.dumps(tokenizer, ensure_ascii=False, indent=2) + "\n")
     return added
+
+
+def write_training_mix(out_dir: str | Path, n_scenes: int, n_v1: int, n_edits: int, seed: int) -> Path:
+    """train/shapes-scenes.yaml's data: scene lines (``n_scenes`` of each kind) beside v1 lines so that v1 keeps
+    its scores: ``n_v1`` caption lines (text-to-image, and understanding under the recipe's question), ``n_v1``
+    "Describe the image." conversations, ``n_edits`` edit triples. Returns ``out_dir/mixed.jsonl``, their lines
+    in one file (each part keeps its own manifest beside it)."""
+    from unigen.shapes.data import write_dataset
+    from unigen.shapes.editing import write_edit_dataset
+
+    out_dir = Path(out_dir)
+    parts = [write_scene_dataset(out_dir, n_scenes, seed), write_dataset(out_dir, n_v1, seed + 1, split="v1"),
+             write_dataset(out_dir, n_v1, seed + 2, split="v1-describe", conversations=True)]
+    if n_edits:
+        parts.append(write_edit_dataset(out_dir, n_edits, seed + 3))
+    mixed = out_dir / "mixed.jsonl"
+    write_text(mixed, "".join(p.read_text() for p in parts))
+    return mixed
