@@ -177,7 +177,9 @@ def test_eval_cli_runs_the_box_tasks_on_a_tiny_random_model(tiny_hf_janus, tmp_p
 def test_eval_cli_refuses_a_canvas_outside_the_spec(capsys):
     from unigen.cli import main
 
-    assert main(["eval", "shapes", "--model", "x", "--task", "grounding", "--canvas", "100x64"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "shapes", "--model", "x", "--task", "grounding", "--canvas", "100x64"])
+    assert exit_.value.code == 2
     assert "each one of (64, 128, 192, 256); got '100x64'" in capsys.readouterr().err
 
 
