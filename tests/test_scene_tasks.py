@@ -228,8 +228,8 @@ def test_scene_data_lines_are_right_and_repeatable(scene_data, tmp_path):
 def test_training_images_are_not_the_evaluation_images(scene_data):
     # the writer's streams start with TRAIN_TAG, the evaluators' are single integers: a writer seeded like an
     # evaluation would repeat its first scenes exactly
-    train = {(scene_data.parent / json.loads(line)["image"]).read_bytes() for line in scene_data.read_text().splitlines()}
-    train = {np.asarray(Image.open(__import__("io").BytesIO(b))).tobytes() for b in train}
+    images = [scene_data.parent / json.loads(line)["image"] for line in scene_data.read_text().splitlines()]
+    train = {np.asarray(Image.open(path)).tobytes() for path in images}
     for task in TASKS:
         for seed in (0, task_seed(task, 0)):
             assert not {item.rendered.image.tobytes() for item in sample_items(task, 2, seed)} & train
