@@ -16,6 +16,7 @@ from PIL import Image
 
 from unigen.prompts import PROMPT_QUESTION
 from unigen.shapes.boxes import box_text, iou, parse_box
+from unigen.shapes.categories import CATEGORIES
 from unigen.shapes.scene_checker import read_scene
 from unigen.shapes.scene_data import KINDS, add_scene_words, scene_texts, write_scene_dataset
 from unigen.shapes.scene_eval import evaluate_box_task, format_task_table, task_seed
@@ -157,16 +158,18 @@ def test_eval_cli_runs_the_box_tasks_on_a_tiny_random_model(tiny_hf_janus, tmp_p
 
     out = tmp_path / "scores.json"
     assert main(["eval", "shapes", "--model", str(tiny_hf_janus[1]), "--task", "grounding", "--task", "referring",
-                 "--task", "placed", "--n", "1", "--canvas", "128x64", "--json", str(out), "--report",
-                 str(tmp_path / "report"), "--device", "cpu"]) == 0
+                 "--task", "placed", "--task", "scenes", "--n", "1", "--canvas", "128x64", "--json", str(out),
+                 "--report", str(tmp_path / "report"), "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
     for task in TASKS:
         assert result[task]["n"] == 1 and tuple(result[task]["per_category"]) == GROUPS
         assert result[task]["overall"] == pytest.approx(np.mean(list(result[task]["per_category"].values())))
-    assert "captioning" not in result and "scenes" not in result
+    assert "captioning" not in result and tuple(result["scenes"]["per_category"]) == CATEGORIES
     printed = capsys.readouterr().out
-    assert "| grounding | 1 |" in printed and "| placed | 1 |" in printed
+    assert "| grounding | 1 |" in printed and "| placed | 1 |" in printed and "| scenes | 1 |" in printed
     page = (tmp_path / "report" / "index.html").read_text()
+    for category in CATEGORIES:  # the scene categories' examples too
+        assert f"<h3>scenes: {category}</h3>" in page and f"images/scenes_{category}_00.png" in page
     for task in TASKS:  # an example image of every category of every task
         for group in GROUPS:
             assert f"<h3>{task}: {group}</h3>" in page
