@@ -83,6 +83,31 @@ def source_slots(config: UniGenConfig) -> int:
     return config.vq.num_tokens if config.edit_source_codes else 0
 
 
+# ---- task texts: what a user turn asks for grounding, referring and placed generation -------------------
+# (MM1.5-style boxes ``[x1, y1, x2, y2]`` in 0-1000 text, unigen.shapes.boxes; the Shapes scenes and the COCO
+# converter write their lines with these, the evaluators ask with them)
+
+
+# The recipe question of a caption line whose caption is a generation prompt (a partial description: "two red
+# circles"): asked this instead of "Describe the image.", the captioner learns partial answers only for it.
+PROMPT_QUESTION = "Write a generation prompt for the image."
+
+
+def grounding_question(name: str) -> str:
+    """Ask where the one object called ``name`` is; the answer is its box text."""
+    return f"where is the {name}?"
+
+
+def referring_question(box: str) -> str:
+    """Ask what is in the box ``box`` (its text); the answer names the object."""
+    return f"what is at {box}?"
+
+
+def placed_prompt(objects: Sequence[tuple[str, str]]) -> str:
+    """A generation prompt that puts each (description, box text) where its box says, joined by `` and ``."""
+    return " and ".join(f"{description} in {box}" for description, box in objects)
+
+
 # ---- the template ---------------------------------------------------------------------------------
 
 

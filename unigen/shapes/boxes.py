@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from unigen.prompts import grounding_question, referring_question
+
 SCALE = 1000
 _BOX = re.compile(r"\[\s*(\d[\d ]*)\s*,\s*(\d[\d ]*)\s*,\s*(\d[\d ]*)\s*,\s*(\d[\d ]*)\s*\]")
 
@@ -75,7 +77,12 @@ def coco_grounding_lines(coco: dict) -> list[dict]:
         image = images[a["image_id"]]
         box = coco_box_text(a["bbox"], image["width"], image["height"])
         name = names[a["category_id"]]
-        for question, answer in ((f"where is the {name}?", box), (f"what is at {box}?", name)):
-            lines.append({"image": image["file_name"], "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+        for question, answer in ((grounding_question(name), box), (referring_question(box), name)):
+            lines.append(question_line(image["file_name"], question, answer))
     return lines
+
+
+def question_line(image: str, question: str, answer: str) -> dict:
+    """A manifest line of one question about ``image`` and its answer (LLaVA style: understanding only)."""
+    return {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                              {"from": "gpt", "value": answer}]}
