@@ -10,8 +10,8 @@ from unigen.generation.sampling_options import add_image_sampling_arguments, opt
 
 HELP = ("Evaluate a model on an embedded world (shapes): caption accuracy, generation prompt fidelity, edit "
         "accuracy and scene fidelity.")
-TASKS = ("captions", "generation", "edit", "scenes")
-RESULT_NAMES = {"captioning", "generation", "edit", "scenes"}  # the keys of the scores in an eval result file
+TASKS = ("captions", "generation", "edit", "scenes", "chat")
+RESULT_NAMES = {"captioning", "generation", "edit", "scenes", "chat"}  # the keys of the scores in an eval result file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(v1))
     if "scenes" in results:
         print(format_scene_table(results["scenes"]))
+    if "chat" in tasks:  # held-out phrasings, 2-4 turns: unigen.shapes.chat_eval
+        from unigen.shapes.chat_eval import evaluate_chat, format_chat_table
+
+        results["chat"], _ = evaluate_chat(pipe, args.n, args.seed, keep=False)
+        print(format_chat_table(results["chat"]))
     if "edit" in results:
         edit = results["edit"]
         print(f"edit: changed attribute {edit['changed']:.3f}, kept attributes {edit['kept']:.3f}; by instruction: "
