@@ -14,7 +14,13 @@ from unigen.shapes import write_dataset
 from unigen.shapes.chat_eval import carried_over, evaluate_chat, judge_turn, score_turns
 from unigen.shapes.checker import check
 from unigen.shapes.conversations import (
-    HELD_OUT, KINDS, TRAINING, conversation_rng, draw_conversation, image_seed, write_conversation_dataset,
+    HELD_OUT,
+    KINDS,
+    TRAINING,
+    conversation_rng,
+    draw_conversation,
+    image_seed,
+    write_conversation_dataset,
 )
 from unigen.shapes.render import render
 from unigen.shapes.world import ShapeSpec, caption
