@@ -35,10 +35,8 @@ GREEN = ShapeSpec("green", "square", "large", "bottom left")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("chat")
     chat = write_conversation_dataset(out, 12, seed=5)
-    captions = write_dataset(out, 8, seed=5)
-    mixed = out / "mixed.jsonl"
-    mixed.write_text(captions.read_text() + chat.read_text())
-    return chat, mixed
+    (out / "mixed.jsonl").write_text(write_dataset(out, 8, seed=5).read_text() + chat.read_text())
+    return chat, out / "mixed.jsonl"
 
 
 @pytest.fixture(scope="module")
