@@ -171,3 +171,18 @@ def test_evaluate_chat_runs_on_a_tiny_random_model(trained, tmp_path, capsys):
     assert rc == 0 and "chat: turns right" in capsys.readouterr().out
     saved = json.loads((tmp_path / "s.json").read_text())["chat"]
     assert saved["turns"]["n"] == len(records) and set(saved["by_kind"]) == set(KINDS)
+
+
+def test_a_multi_image_row_is_the_pipelines_chat_prompt_token_for_token(data, trained):
+    """The trainer's row for a conversation holds, before its last answer, exactly the ids ``UniGenPipeline.chat``
+    sends for the same conversation (images in the messages that show them)."""
+    model, processor = trained
+    s = next(s for s in read_samples(data[0]) if len(s.images) > 1)
+    images = iter(s.images)
+    messages = []
+    for (question, answer), shown in zip(s.turns, s.turn_images, strict=True):
+        messages += [{"role": "user", "content": question, "images": [next(images) for _ in range(shown)]},
+                     {"role": "assistant", "content": answer}]
+    prompt = processor.chat_inputs(messages[:-1])["input_ids"][0].tolist()
+    ids, _ = BatchBuilder(model, processor, "Describe the image.").understanding_row(s)
+    assert ids[: len(prompt)] == prompt and len(ids) > len(prompt)
