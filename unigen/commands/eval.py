@@ -10,7 +10,7 @@ from unigen.commands._common import add_model_arguments, check_writable_file, lo
 from unigen.generation.sampling_options import add_image_sampling_arguments, options_from_args, positive_int, seed_int
 
 HELP = ("Evaluate a model on an embedded world (shapes): caption accuracy, generation prompt fidelity, edit "
-        "accuracy, scene fidelity and the scene box tasks (grounding, referring, placed generation).")
+        "accuracy, scene fidelity, the scene box tasks (grounding, referring, placed generation) and chat.")
 BOX_TASKS = ("grounding", "referring", "placed")  # unigen.shapes.scene_tasks.TASKS
 
 
@@ -118,6 +118,10 @@ def print_results(results: dict, options) -> None:
         print(format_table(v1))
     if "scenes" in results:
         print(format_scene_table(results["scenes"]))
+    if "chat" in results:
+        from unigen.shapes.chat_eval import format_chat_table
+
+        print(format_chat_table(results["chat"]))
     boxes = {k: v for k, v in results.items() if k in BOX_TASKS}
     if boxes:
         print(format_task_table(boxes))
@@ -157,6 +161,12 @@ def _scenes(pipe, args, options, keep):
     return evaluate_scenes(pipe, args.n, args.seed, args.batch_size, options=options, keep=keep)
 
 
+def _chat(pipe, args, options, keep):  # held-out phrasings, 2-4 turns: unigen.shapes.chat_eval
+    from unigen.shapes.chat_eval import evaluate_chat
+
+    return evaluate_chat(pipe, args.n, args.seed, keep=False)
+
+
 def _box_task(task):
     def run_task(pipe, args, options, keep):
         from unigen.shapes.scene_eval import evaluate_box_task
@@ -168,7 +178,7 @@ def _box_task(task):
 
 # a task is one entry: its --task name -> (the key of its scores in the result, its runner)
 TASK_RUNNERS = {"captions": ("captioning", _captions), "generation": ("generation", _generation),
-                "edit": ("edit", _edit), "scenes": ("scenes", _scenes),
+                "edit": ("edit", _edit), "scenes": ("scenes", _scenes), "chat": ("chat", _chat),
                 **{task: (task, _box_task(task)) for task in BOX_TASKS}}
 TASKS = tuple(TASK_RUNNERS)
 RESULT_NAMES = {key for key, _ in TASK_RUNNERS.values()}  # the keys of the scores in an eval result file

@@ -16,7 +16,7 @@ from unigen.data.manifest import Sample
 
 def _problem(s: Sample) -> tuple[str, object] | None:
     """(reason, file) of the first thing wrong with ``s``'s files, or ``None``. Reads its codes into ``s.codes``."""
-    for path in (s.image, s.target):
+    for path in (*(s.images or [s.image]), s.target):
         if path is not None and (problem := image_problem(path)) is not None:
             return problem, path
     if s.codes is not None:

@@ -6,6 +6,8 @@ Line shapes (paths relative to the manifest's folder, or absolute; ``~`` is expa
                                                         the caption)
   {"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
                                                         understanding (LLaVA style; every gpt turn is supervised)
+  {"image": ["a.png", "b.png"], "conversations": [...]}  several images: one <image> tag per image, in the human
+                                                        turn that shows it (each goes in front of that turn's text)
   {"text": "..."}                                       text-only
   {"image": SRC, "instruction": "make it blue", "target": TGT}
                                                         edit: source (understanding path) + instruction -> target
@@ -46,6 +48,13 @@ class Sample:
     instruction: str | None = None  # edit lines
     target: Path | None = None  # edit lines: the edited image
     source: str = ""  # "manifest.jsonl:12" (or the image's path): where the sample came from, for messages
+    images: list[Path] = field(default_factory=list)  # a multi-image conversation's images (``image`` is the first)
+    turn_images: list[int] = field(default_factory=list)  # its images per turn; empty: one, before the first question
+
+    @property
+    def understanding_images(self) -> list:
+        """The images of the understanding row, in the order they are shown."""
+        return self.images or [self.image]
 
     @property
     def vq_image(self) -> Path | None:
@@ -115,11 +124,26 @@ def _turns(conv, where: str) -> list[tuple[str, str]]:
     return turns
 
 
+def _multi_image_conversation(record: dict, names: list, where: str, root: Path, line: int) -> Sample:
+    """A conversation line whose ``image`` lists several files, each shown by an ``<image>`` tag of a human turn."""
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ManifestError(f"{where}: 'image' must be a file name or a non-empty list of file names; got {names!r}")
+    turns = _turns(record["conversations"], where)
+    counts = [turn["value"].count("<image>") for turn in record["conversations"][0::2]]
+    if sum(counts) != len(names):
+        raise ManifestError(f"{where}: 'image' lists {len(names)} file(s) but the human turns hold {sum(counts)} "
+                            "<image> tag(s); give one tag per image, in the turn that shows it")
+    paths = [_path(root, n) for n in names]
+    return Sample(line, image=paths[0], turns=turns, source=where, images=paths, turn_images=counts)
+
+
 def parse_line(record, where: str, root: Path, line: int, text_key: str | None = None) -> Sample:
     """One manifest line -> a :class:`Sample` (``text_key``: the only key that names the caption)."""
     if not isinstance(record, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
     image = record.get("image", record.get("file_name"))
+    if isinstance(image, list) and "conversations" in record and text_key is None:
+        return _multi_image_conversation(record, image, where, root, line)
     if image is None and "text" in record:
         return Sample(line, text=_string(record, "text", where), source=where)
     if not isinstance(image, str) or not image:

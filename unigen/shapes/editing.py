@@ -115,7 +115,12 @@ def instruction_words() -> list[str]:
 
 def add_instruction_words(checkpoint: str | Path, vocab_size: int | None = None) -> list[str]:
     """Add the instruction words a checkpoint's word-level tokenizer lacks (one trained on captions knows
-    "a", "the", "to" but not "make", "turn", "into", "move"): new ids after the last one, within the model's
+    "a", "the", "to" but not "make", "turn", "into", "move"), as :func:`add_words`."""
+    return add_words(checkpoint, instruction_words(), vocab_size)
+
+
+def add_words(checkpoint: str | Path, words, vocab_size: int | None = None) -> list[str]:
+    """Add the ``words`` a checkpoint's word-level tokenizer lacks: new ids after the last one, within the model's
     ``vocab_size`` (their embedding rows exist, untrained). Rewrites ``tokenizer.json``; returns the added words."""
     from unigen.errors import CheckpointError
 
@@ -125,7 +130,7 @@ def add_instruction_words(checkpoint: str | Path, vocab_size: int | None = None)
     if model.get("type") != "WordLevel":
         raise CheckpointError(f"{path} is a {model.get('type')} tokenizer; only word-level vocabularies are extended")
     vocab = model["vocab"]
-    added = [w for w in instruction_words() if w not in vocab]
+    added = [w for w in dict.fromkeys(words) if w not in vocab]
     next_id = max(vocab.values()) + 1
     if vocab_size is not None and next_id + len(added) > vocab_size:
         raise CheckpointError(f"{path}: {len(added)} new words do not fit the model's vocab_size {vocab_size}")

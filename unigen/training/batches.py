@@ -66,10 +66,11 @@ class BatchBuilder:
 
     def understanding_row(self, s: Sample) -> tuple[list[int], list[int]]:
         """The chat template's turns, the image in front of the first question (as a chat message with one image
-        and no tag); every answer supervised."""
+        and no tag), or a multi-image line's images in front of the turns that show them; every answer supervised."""
         turns = s.turns or [(self.question, s.caption)]
-        texts = [x for i, (question, answer) in enumerate(turns)
-                 for x in (with_image_tags(question, 1) if i == 0 else question, answer)]
+        shown = s.turn_images or [1] + [0] * (len(turns) - 1)  # a multi-image line's images go in their turns
+        texts = [x for (question, answer), n in zip(turns, shown, strict=True)
+                 for x in (with_image_tags(question, n), answer)]
         segments = self.processor.prompts.dialogue(texts)
         for (ids, _), (_, answer) in zip(segments[1::2], turns, strict=True):
             if len(ids) < 2:  # nothing before the EOS
@@ -131,7 +132,7 @@ class BatchBuilder:
 
     def understanding(self, samples: list[Sample]) -> dict:
         batch = self._right_pad([self.understanding_row(s) for s in samples])
-        batch["pixel_values"] = self._understanding_pixels([s.image for s in samples])
+        batch["pixel_values"] = self._understanding_pixels([i for s in samples for i in s.understanding_images])
         return batch
 
     def _understanding_pixels(self, images: list) -> torch.Tensor:
