@@ -200,9 +200,9 @@ def test_a_cca_stage_contrasts_prompts(data, start, tmp_path):
 
 
 def test_the_reference_gets_no_gradient_and_stays_unchanged(data, start, tmp_path):
-    from unigen.training.preference_stage import PairBatches, PreferenceStep, Row, mismatches  # noqa: F401
     from unigen.training.batches import BatchBuilder
     from unigen.training.mixture import Pick
+    from unigen.training.preference_stage import PairBatches, PreferenceStep, Row
     from unigen.training.start import load_pretrained
 
     model, processor = load_pretrained(start)
@@ -214,7 +214,7 @@ def test_the_reference_gets_no_gradient_and_stays_unchanged(data, start, tmp_pat
     rows += [Row(Pick("understanding", s)) for s in samples if s.question is not None][:2]
     batch = PairBatches(BatchBuilder(model, processor, "Describe the image.")).build(rows, "dpo")
     step = PreferenceStep(model, "dpo", PreferenceSettings(), reference=reference)
-    assert not any(True for _ in step.parameters() if _ is None) and list(step.children()) == [model]
+    assert list(step.children()) == [model]  # the reference is no submodule: no wrapper syncs or trains it
     out = step(batch)
     out[0].backward()
     assert out[1:3].abs().sum().item() == 0.0  # policy == reference: every reward 0
@@ -247,3 +247,60 @@ def test_with_lora_the_reference_is_the_base_with_adapters_off(data, start, tmp_
         with step.reference() as reference:
             got, _ = scores(reference, "generation", batch)
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(policy, want, atol=1e-3)
+
+
+# ---- unigen pairs -----------------------------------------------------------------------------------------
+
+JUDGE = '''
+import numpy as np
+
+def brightness(prompt, image):
+    return float(np.asarray(image.convert("L"), dtype=np.float64).mean())
+'''
+
+
+def test_pairs_are_ordered_by_the_judge_and_hold_the_sampled_codes(start, tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from unigen.cli import main
+    from unigen.models.model import UniGenModel
+    from unigen.processor import pixels_to_pil
+
+    (tmp_path / "my_judge.py").write_text(JUDGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "pairs"
+    common = ["pairs", "--model", str(start), "--shapes", "3", "--k", "3", "--temperature", "1", "--output-dir"]
+    assert main([*common, str(out), "--judge", "my_judge:brightness"]) == 0
+    assert "3 pairs from 3 prompts x 3 images" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    model = UniGenModel.from_pretrained(start)
+    for line in lines:
+        assert line["chosen_score"] > line["rejected_score"]
+        for side in ("chosen", "rejected"):
+            saved = Image.open(out / line[side])
+            assert line[f"{side}_score"] == pytest.approx(np.asarray(saved.convert("L"), dtype=np.float64).mean())
+            # the codes are the sampler's: decoding them gives the saved image (to a unit of rounding: the
+            # sampler decoded a batch of three)
+            decoded = pixels_to_pil(model.decode_image_tokens(torch.tensor([line[f"{side}_codes"]])))[0]
+            assert np.abs(np.asarray(decoded, dtype=int) - np.asarray(saved.convert("RGB"), dtype=int)).max() <= 1
+    samples, _ = check_sample_files(read_samples(out / "pairs.jsonl"))
+    assert len(check_codes(samples, 64, 64, BadSamples())) == 3
+    # the Shapes checker as the judge: an untrained model's images may all read alike, which gives no pair
+    assert main([*common, str(tmp_path / "shapes"), "--judge", "shapes"]) == 0
+    said = capsys.readouterr().out
+    n = len((tmp_path / "shapes" / "pairs.jsonl").read_text().splitlines())
+    assert f"{n} pairs from 3 prompts x 3 images" in said and f"{3 - n} prompt(s) gave no pair" in said
+    assert main([*common, str(out)]) == 1  # pairs.jsonl exists: refused without --overwrite
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+
+
+def test_cca_takes_the_next_differing_prompt_of_the_micro_batch():
+    from unigen.data.manifest import Sample
+    from unigen.training.mixture import Pick
+    from unigen.training.preference_stage import mismatches
+
+    a, a2, b = Sample(1, caption="a"), Sample(2, caption="a"), Sample(3, caption="b")
+    rows = mismatches([Pick("generation", s) for s in (a, a2, b)])
+    assert [r.other for r in rows] == [b, b, a]
+    assert [r.other for r in mismatches([Pick("generation", a), Pick("generation", a2)])] == [None, None]
