@@ -304,3 +304,23 @@ def test_cca_takes_the_next_differing_prompt_of_the_micro_batch():
     rows = mismatches([Pick("generation", s) for s in (a, a2, b)])
     assert [r.other for r in rows] == [b, b, a]
     assert [r.other for r in mismatches([Pick("generation", a), Pick("generation", a2)])] == [None, None]
+
+
+@pytest.mark.slow  # three training subprocesses, two of them 2-process launches (~2 min)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_dpo_stage_on_two_processes_equals_one(data, start, tmp_path, parallel):
+    from test_train_resume import TORCHRUN
+    from train_common import cli, run
+
+    pairs = write_pairs(data, tmp_path / "pairs.jsonl", 64, codes_at=(1,))
+    common = ["--stage", 2, "--init-from", start, f"data={pairs}", "stage2.objective=dpo", "stage2.steps=4",
+              "stage2.preference.sft_weight=0.1", "stage2.groups=[aligner,gen_aligner,gen_embed,gen_head,llm]"]
+    run(cli(*common, "--output-dir", tmp_path / "one", "stage2.batch_size=4"))
+    run(cli(*common, "--output-dir", tmp_path / "two", "stage2.batch_size=2", f"parallel={parallel}",
+            launcher=TORCHRUN))
+    one, two = ([r for r in metrics(tmp_path / x) if r["stage"] == 2] for x in ("one", "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for key in ("loss", "reward_chosen", "reward_rejected", "accuracy", "nll_chosen"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
+    wa, wb = (weights(tmp_path / x / "stage2" / "final") for x in ("one", "two"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5

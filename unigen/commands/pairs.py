@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from unigen.output_lock import hold_output_dir
+    from unigen.runs import write_text
+
     if args.k < 2:
         raise ArgumentError(f"--k must be at least 2 (a pair needs two images), got {args.k}")
     out = args.output_dir
@@ -95,25 +98,24 @@ def run(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"{out / PAIRS} exists; pass --overwrite to replace it, or another --output-dir")
     judge, prompts = load_judge(args.judge), read_prompts(args)
     pipe, options = load_pipeline(args), options_from_args(args)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    lines, ties = [], 0
-    for i, prompt in enumerate(tqdm(prompts, desc="pairs", unit="prompt")):
-        drawn = pipe(prompt, num_images_per_prompt=args.k, options=options,
-                     generator=torch.Generator().manual_seed(args.seed + i))
-        scores = [float(judge(prompt, image)) for image in drawn.images]
-        pair = pair_of(scores)
-        if pair is None:
-            ties += 1
-            continue
-        line = {"prompt": prompt}
-        for side, j in zip(("chosen", "rejected"), pair, strict=True):
-            name = f"images/{i:05d}_{side}.png"
-            drawn.images[j].save(out / name)
-            line |= {side: name, f"{side}_codes": drawn.tokens[j].tolist(), f"{side}_score": scores[j]}
-        lines.append(line)
-    tmp = out / f".{PAIRS}.tmp"
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    tmp.replace(out / PAIRS)
+    with hold_output_dir(out, "--output-dir"):
+        (out / "images").mkdir(exist_ok=True)
+        lines, ties = [], 0
+        for i, prompt in enumerate(tqdm(prompts, desc="pairs", unit="prompt")):
+            drawn = pipe(prompt, num_images_per_prompt=args.k, options=options,
+                         generator=torch.Generator().manual_seed(args.seed + i))
+            scores = [float(judge(prompt, image)) for image in drawn.images]
+            pair = pair_of(scores)
+            if pair is None:
+                ties += 1
+                continue
+            line = {"prompt": prompt}
+            for side, j in zip(("chosen", "rejected"), pair, strict=True):
+                name = f"images/{i:05d}_{side}.png"
+                drawn.images[j].save(out / name)
+                line |= {side: name, f"{side}_codes": drawn.tokens[j].tolist(), f"{side}_score": scores[j]}
+            lines.append(line)
+        write_text(out / PAIRS, "".join(json.dumps(x) + "\n" for x in lines))  # whole or not at all
     print(f"{len(lines)} pairs from {len(prompts)} prompts x {args.k} images in {out / PAIRS}; {ties} prompt(s) gave "
           f"no pair (all {args.k} images judged the same)")
     return 0
