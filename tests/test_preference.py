@@ -315,9 +315,9 @@ def test_a_dpo_stage_on_two_processes_equals_one(data, start, tmp_path, parallel
     pairs = write_pairs(data, tmp_path / "pairs.jsonl", 64, codes_at=(1,))
     common = ["--stage", 2, "--init-from", start, f"data={pairs}", "stage2.objective=dpo", "stage2.steps=4",
               "stage2.preference.sft_weight=0.1", "stage2.groups=[aligner,gen_aligner,gen_embed,gen_head,llm]"]
-    run(cli(*common, "--output-dir", tmp_path / "one", "stage2.batch_size=4"))
+    run(cli(*common, "--output-dir", tmp_path / "one", "stage2.batch_size=4"), timeout=900)
     run(cli(*common, "--output-dir", tmp_path / "two", "stage2.batch_size=2", f"parallel={parallel}",
-            launcher=TORCHRUN))
+            launcher=TORCHRUN), timeout=900)
     one, two = ([r for r in metrics(tmp_path / x) if r["stage"] == 2] for x in ("one", "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     for key in ("loss", "reward_chosen", "reward_rejected", "accuracy", "nll_chosen"):
