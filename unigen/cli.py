@@ -15,7 +15,7 @@ import os
 import sys
 
 COMMANDS: tuple[str, ...] = ("demo", "generate", "caption", "eval", "train", "train_vq", "train_siglip", "chat",
-                             "edit", "merge", "app")
+                             "edit", "merge", "app", "pairs")
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "UNIGEN_DEBUG"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130

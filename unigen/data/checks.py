@@ -11,19 +11,21 @@ from tqdm.auto import tqdm
 from unigen.data.bad_samples import BadSamples
 from unigen.data.codes import BadCodes, codes_fit, read_codes
 from unigen.data.images import image_problem
-from unigen.data.manifest import Sample
+from unigen.data.manifest import CODE_FIELDS, Sample
 
 
 def _problem(s: Sample) -> tuple[str, object] | None:
     """(reason, file) of the first thing wrong with ``s``'s files, or ``None``. Reads its codes into ``s.codes``."""
-    for path in (*(s.images or [s.image]), s.target):
+    pair_images = (s.chosen, s.rejected) if isinstance(s.chosen, Path) else ()  # an answer pair's are texts
+    for path in (*(s.images or [s.image]), s.target, *pair_images):
         if path is not None and (problem := image_problem(path)) is not None:
             return problem, path
-    if s.codes is not None:
-        try:
-            s.codes = read_codes(s.codes, s.source)
-        except BadCodes as err:
-            return str(err), s.codes
+    for key in CODE_FIELDS:
+        if (codes := getattr(s, key)) is not None:
+            try:
+                setattr(s, key, read_codes(codes, s.source))
+            except BadCodes as err:
+                return str(err), codes
     return None
 
 
@@ -51,11 +53,12 @@ def check_codes(samples: list[Sample], num_tokens: int, codebook_size: int, bad:
     total = len(samples) + len(bad) if total is None else total
     good = []
     for s in samples:
-        given = s.codes
         try:
-            if s.codes is not None:
-                s.codes = read_codes(s.codes, s.source)
-                codes_fit(s.codes, num_tokens, codebook_size, s.source or f"line {s.line}")
+            for key in CODE_FIELDS:
+                if (given := getattr(s, key)) is not None:
+                    setattr(s, key, read_codes(given, s.source))
+                    what = s.source or f"line {s.line}"
+                    codes_fit(getattr(s, key), num_tokens, codebook_size, what if key == "codes" else f"{what} {key}")
         except BadCodes as err:
             bad.add(s.source, str(err), file=given if isinstance(given, Path) else None, line=s.line)
             continue

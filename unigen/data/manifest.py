@@ -12,6 +12,11 @@ Line shapes (paths relative to the manifest's folder, or absolute; ``~`` is expa
   {"image": SRC, "instruction": "make it blue", "target": TGT}
                                                         edit: source (understanding path) + instruction -> target
   {"image": "a.png"}                                    an image alone: for the VQ trainer
+  {"prompt": "...", "chosen": A, "rejected": B}         an image pair: preference stages (docs/PREFERENCE.md);
+                                                        optional "chosen_codes" / "rejected_codes": the VQ codes
+                                                        the sampler drew, scored instead of a re-encoding
+  {"image": ..., "question": "...", "chosen": "...", "rejected": "..."}
+                                                        an answer pair: preference stages
 imagefolder: ``metadata.jsonl`` lines {"file_name": ..., "text": ...} next to the images.
 Optional ``"codes"`` on caption lines: pre-extracted VQ codes for generation, a list of ints or a ``.npy``
 / ``.pt`` file (checked by ``unigen.data.codes`` before training); on edit lines, the target's codes.
@@ -31,8 +36,11 @@ from unigen.errors import DataError, DataNotFoundError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEXT_KEYS = ("caption", "text", "prompt")  # what names an image's caption, first found wins
+IMAGE_PAIR, ANSWER_PAIR = "image_pair", "answer_pair"  # the tasks of preference lines
+CODE_FIELDS = ("codes", "chosen_codes", "rejected_codes")  # a sample's pre-extracted VQ codes, each checked alike
 
-__all__ = ["IMAGE_EXTS", "ManifestError", "Record", "Sample", "parse_line", "read_records", "read_samples"]
+__all__ = ["ANSWER_PAIR", "CODE_FIELDS", "IMAGE_EXTS", "IMAGE_PAIR", "ManifestError", "Record", "Sample", "parse_line",
+           "read_records", "read_samples"]
 
 
 @dataclass
@@ -50,11 +58,22 @@ class Sample:
     source: str = ""  # "manifest.jsonl:12" (or the image's path): where the sample came from, for messages
     images: list[Path] = field(default_factory=list)  # a multi-image conversation's images (``image`` is the first)
     turn_images: list[int] = field(default_factory=list)  # its images per turn; empty: one, before the first question
+    # preference pairs: an image pair (``caption`` holds its prompt, ``chosen``/``rejected`` are image files,
+    # with optional codes read like ``codes``) or an answer pair (``image``, ``question``, two answer texts)
+    chosen: Path | str | None = None
+    rejected: Path | str | None = None
+    chosen_codes: list[int] | Path | torch.Tensor | None = None
+    rejected_codes: list[int] | Path | torch.Tensor | None = None
+    question: str | None = None
 
     @property
     def understanding_images(self) -> list:
         """The images of the understanding row, in the order they are shown."""
         return self.images or [self.image]
+
+    @property
+    def is_pair(self) -> bool:
+        return self.chosen is not None
 
     @property
     def vq_image(self) -> Path | None:
@@ -68,6 +87,8 @@ class Sample:
 
     @property
     def tasks(self) -> list[str]:
+        if self.is_pair:  # preference stages only (unigen.training.preference_stage); no SFT pool holds them
+            return [IMAGE_PAIR if self.question is None else ANSWER_PAIR]
         if self.instruction is not None:
             return ["generation"]
         if self.text is not None:
@@ -96,15 +117,40 @@ def _path(root: Path, name: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _codes(record: dict, where: str, root: Path):
-    codes = record.get("codes")
+def _codes(record: dict, where: str, root: Path, key: str = "codes"):
+    codes = record.get(key)
     if codes is None:
         return None
     if isinstance(codes, str) and codes:
         return _path(root, codes)
     if not isinstance(codes, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
-        raise ManifestError(f"{where}: 'codes' must be a list of ints or a .npy/.pt file name")
+        raise ManifestError(f"{where}: '{key}' must be a list of ints or a .npy/.pt file name")
     return codes
+
+
+def _pair(record: dict, where: str, root: Path, line: int) -> Sample:
+    """A preference line: an image pair (``prompt``) or an answer pair (``image`` + ``question``)."""
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise ManifestError(f"{where}: a preference line needs 'chosen' and 'rejected'; '{key}' is missing (got "
+                                f"keys {sorted(record)})")
+    chosen, rejected = _string(record, "chosen", where), _string(record, "rejected", where)
+    if "image" in record and "question" in record:
+        if chosen.strip() == rejected.strip():
+            raise ManifestError(f"{where}: 'chosen' and 'rejected' are the same answer {chosen!r}; a pair compares "
+                                "two different answers")
+        return Sample(line, image=_path(root, _string(record, "image", where)), chosen=chosen, rejected=rejected,
+                      question=_string(record, "question", where), source=where)
+    if "prompt" not in record or "image" in record:
+        raise ManifestError(f"{where}: a preference line needs 'prompt' (an image pair) or 'image' and 'question' (an "
+                            f"answer pair) beside 'chosen' and 'rejected'; got keys {sorted(record)}")
+    chosen_path, rejected_path = _path(root, chosen), _path(root, rejected)
+    if chosen_path.resolve() == rejected_path.resolve():
+        raise ManifestError(f"{where}: 'chosen' and 'rejected' name the same image {chosen}; a pair compares two "
+                            "different images")
+    return Sample(line, caption=_string(record, "prompt", where), chosen=chosen_path, rejected=rejected_path,
+                  chosen_codes=_codes(record, where, root, "chosen_codes"),
+                  rejected_codes=_codes(record, where, root, "rejected_codes"), source=where)
 
 
 def _turns(conv, where: str) -> list[tuple[str, str]]:
@@ -141,6 +187,8 @@ def parse_line(record, where: str, root: Path, line: int, text_key: str | None =
     """One manifest line -> a :class:`Sample` (``text_key``: the only key that names the caption)."""
     if not isinstance(record, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "chosen" in record or "rejected" in record:
+        return _pair(record, where, root, line)
     image = record.get("image", record.get("file_name"))
     if isinstance(image, list) and "conversations" in record and text_key is None:
         return _multi_image_conversation(record, image, where, root, line)

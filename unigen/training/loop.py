@@ -32,6 +32,7 @@ from unigen.training.batches import BatchBuilder
 from unigen.training.engine import make_scheduler, run_loop
 from unigen.training.metrics import TrainMetrics
 from unigen.training.mixture import check_mixture, task_pools
+from unigen.training.preference_stage import PreferenceTask, preference_pools, preference_step
 from unigen.training.recipe import TASKS, TrainRecipe
 from unigen.training.stage import StageTask, make_optimizer, task_weights
 from unigen.training.start import load_pretrained, load_start, lora_base, stage_dir, start_source
@@ -181,9 +182,11 @@ def plan_request(recipe, stage, init_from, resume, steps, accelerator, kind) -> 
     return req
 
 
-def usable_pools(samples, bad: BadSamples, builder: BatchBuilder) -> dict:
+def usable_pools(samples, bad: BadSamples, builder: BatchBuilder, objective: str = "sft") -> dict:
     """The task pools without the samples the model cannot use: codes its VQ could not have made, rows too long
     for max_seq_len. They join ``bad`` (the run's bad-samples file); too many of them stop the run."""
+    if objective != "sft":
+        return preference_pools(samples, bad, builder, objective)
     read = len(samples) + len(bad)  # the samples the manifest holds: those already set aside had bad files
     vq = builder.model.config.vq
     pools = builder.skip_unfit(task_pools(check_codes(samples, vq.num_tokens, vq.codebook_size, bad, read)), bad)
@@ -207,7 +210,7 @@ def build_task(req: Request, accelerator, kind: str, samples, bad: BadSamples) -
     model, processor = load_model(req, accelerator, samples)
     builder = (StreamBatchBuilder if req.streamed else BatchBuilder)(model, processor, recipe.question,
                                                                      recipe.max_seq_len)
-    pools = {} if req.streamed else usable_pools(samples, bad, builder)
+    pools = {} if req.streamed else usable_pools(samples, bad, builder, cfg.objective)
     groups, adapter = choose_trainable(req, model, kind)
     data = open_stream(req, builder, rank, world, bad) if req.streamed else None
     # streamed: any task may come, so each task the mixture weighs must reach a trained group
@@ -222,7 +225,8 @@ def build_task(req: Request, accelerator, kind: str, samples, bad: BadSamples) -
         raw["optimizer"] = make_optimizer(model, groups, cfg)
         return raw["optimizer"]
 
-    wrapped, optimizer = parallel.wrap(accelerator, kind, TrainStep(model), optimizer_factory, cfg, recipe.grad_clip)
+    step = TrainStep(model) if cfg.objective == "sft" else preference_step(req, model, adapter, accelerator.device)
+    wrapped, optimizer = parallel.wrap(accelerator, kind, step, optimizer_factory, cfg, recipe.grad_clip)
     state = ckpt.TrainingState(wrapped, model, processor, optimizer, make_scheduler(raw["optimizer"], cfg),
                                accelerator, kind, rank, adapter, data)
     start = 0
@@ -238,9 +242,10 @@ def build_task(req: Request, accelerator, kind: str, samples, bad: BadSamples) -
     metrics = TrainMetrics(Path(recipe.output_dir), stage, recipe.tensorboard) if rank == 0 else None
     if metrics is not None:
         metrics.rewind(start)
-    return StageTask(recipe, stage, state, builder, pools, metrics, stage_dir(recipe, stage) / "checkpoints",
-                     req.steps, start, req.resume_from, raw["optimizer"], [state.scheduler], data,
-                     stand_ins(builder, recipe.question) if req.streamed else None)
+    task = StageTask if cfg.objective == "sft" else PreferenceTask
+    return task(recipe, stage, state, builder, pools, metrics, stage_dir(recipe, stage) / "checkpoints",
+                req.steps, start, req.resume_from, raw["optimizer"], [state.scheduler], data,
+                stand_ins(builder, recipe.question) if req.streamed else None)
 
 
 def finish(task: StageTask) -> Path:

@@ -27,3 +27,13 @@ class TrainMetrics:
 
     def close(self) -> None:
         self.log.close()
+
+
+def preference_row(sums: dict[str, float], pairs: float) -> dict[str, float]:
+    """A preference step's logged values from its sums over ``pairs`` pairs (``preference_stage.STATS``): the loss,
+    the mean chosen and rejected rewards (``beta * (log pi - log ref)``), their margin, the share of pairs whose
+    chosen reward is the larger (accuracy) and the chosen tokens' mean NLL."""
+    chosen, rejected = sums["chosen_reward"] / pairs, sums["rejected_reward"] / pairs
+    return {"loss": sums["loss"] / pairs, "reward_chosen": chosen, "reward_rejected": rejected,
+            "reward_margin": chosen - rejected, "accuracy": sums["correct"] / pairs, "nll_chosen": sums["sft"] / pairs,
+            "pairs": int(pairs)}

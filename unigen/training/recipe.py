@@ -9,6 +9,7 @@ from unigen.config_io import build_config, load_config
 from unigen.errors import ConfigError
 from unigen.models.param_groups import GROUPS
 from unigen.training.lora import LoraSettings
+from unigen.training.preference import OBJECTIVES, PreferenceSettings
 
 TASKS = ("understanding", "text", "generation")  # the order of a mixture
 # Janus recipe: I adaptors and heads; II + the LLM; III + the SigLIP encoder. The VQ never trains.
@@ -37,8 +38,13 @@ class StageConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW's
     # LoRA adapters (training.lora.LoraSettings): only adapters and lora.modules_to_save train, whatever groups says
     lora: LoraSettings | None = None
+    # sft: next-token loss on the data; dpo: preference pairs against the stage's start (docs/PREFERENCE.md);
+    # cca: each image under its own prompt against another sample's prompt
+    objective: str = "sft"
+    preference: PreferenceSettings | None = None  # dpo / cca options (unset: PreferenceSettings' defaults)
 
     def validate(self, where: str) -> None:
+        self._validate_objective(where)
         if isinstance(self.lora, dict):  # from YAML or a `stage2.lora.r=8` override
             self.lora = build_config(LoraSettings, self.lora, f"{where}.lora")
         if self.lora is not None:
@@ -68,6 +74,19 @@ class StageConfig:
         if "vq" in self.groups:
             raise ConfigError(f"{where}.groups: the VQ tokenizer stays frozen here (its codes are the generation "
                               "targets); train it with `unigen train-vq`")
+
+    def _validate_objective(self, where: str) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"{where}.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if isinstance(self.preference, dict):  # from YAML or a `stage2.preference.beta=0.5` override
+            self.preference = build_config(PreferenceSettings, self.preference, f"{where}.preference")
+        if self.objective == "sft":
+            if self.preference is not None:
+                raise ConfigError(f"{where}.preference is set, but {where}.objective is sft; set objective: dpo or "
+                                  "cca, or drop the preference section")
+            return
+        self.preference = self.preference or PreferenceSettings()
+        self.preference.validate(f"{where}.preference", self.objective)
 
 
 # ---- a whole run: the visual tokenizers as steps before the stages (unigen.training.run_plan) ----

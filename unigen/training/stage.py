@@ -124,7 +124,7 @@ class StageTask:
     def accumulate(self, batches: list[dict], scale: torch.Tensor) -> torch.Tensor:
         """Forward and backward of every micro-batch; the summed task losses of all processes."""
         s, device = self.state, self.state.accelerator.device
-        sums = torch.zeros(len(TASKS), dtype=torch.float64)
+        sums = torch.zeros(len(scale), dtype=torch.float64)  # a task's loss each (a preference stage: its STATS)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with _sync_context(s.accelerator, s.wrapped, s.kind, last):
@@ -149,10 +149,15 @@ class StageTask:
         s.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    def lr_row(self) -> dict[str, float]:
+        """The step's learning rate and each parameter group's (set by the schedule before the step)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, "cosine", cfg.min_lr_ratio)
+        return {"lr": lr, **{f"lr_{g['name']}": g["lr"] for g in self.raw_optimizer.param_groups}}
+
     def train_step(self) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
-        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, "cosine", cfg.min_lr_ratio)
-        group_lrs = {f"lr_{g['name']}": g["lr"] for g in self.raw_optimizer.param_groups}
+        lrs = self.lr_row()
         batches = self.micro_batches()
         local = [[b["tokens"] if (b := mb.get(t)) else 0 for t in TASKS] for mb in batches]
         counts = parallel.all_reduce_sum(torch.tensor(local, dtype=torch.float64).sum(0),
@@ -169,9 +174,9 @@ class StageTask:
         sums = self.accumulate(batches, scale)
         grad_norm = self.apply_update()
         seconds = time.perf_counter() - t0
-        row = {"loss": float((sums * weights).sum()), "lr": lr}
+        row = {"loss": float((sums * weights).sum()), "lr": lrs.pop("lr")}
         row.update({f"loss_{t}": float(sums[k] / counts[k]) for k, t in enumerate(TASKS) if counts[k]})
-        row.update(group_lrs)
+        row.update(lrs)
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         row.update({"tokens": int(total), "tokens_per_s": total / seconds,
