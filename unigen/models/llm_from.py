@@ -1,13 +1,13 @@
 """``llm_from``: a pretrained transformers causal LM (a folder or a hub id) as a unified model's decoder.
 
 The families most small LLMs belong to load: Llama (Llama 2/3, SmolLM, DeepSeek-LLM, TinyLlama), Mistral,
-Qwen2/2.5 and Qwen3, and the mixture-of-experts ones Qwen2-MoE, OLMoE and Mixtral (``llm.moe``). transformers' ``from_pretrained`` reads the files (it knows every format and dtype);
-this module maps its config to an :class:`LLMConfig` and its weights to unigen's key names, and makes the
-LLM's tokenizer the model's: Janus's image tokens (and its role tokens where the LLM has no chat template)
-are added as special tokens, and the embedding and the head grow by their rows with transformers'
-``resize_token_embeddings`` (new rows drawn around the mean of the old ones, so the text distribution
-barely moves). A tied head is loaded as a copy of the embedding: Janus keeps the head untied, and a shared
-parameter would not survive FSDP's per-module sharding.
+Qwen2/2.5 and Qwen3, and the mixture-of-experts ones Qwen2-MoE, OLMoE and Mixtral (``llm.moe``). transformers'
+``from_pretrained`` reads the files (it knows every format and dtype); this module maps its config to an
+:class:`LLMConfig` and its weights to unigen's key names, and makes the LLM's tokenizer the model's: Janus's
+image tokens (and its role tokens where the LLM has no chat template) are added as special tokens, and the
+embedding and the head grow by their rows with transformers' ``resize_token_embeddings`` (new rows drawn around
+the mean of the old ones, so the text distribution barely moves). A tied head is loaded as a copy of the
+embedding: Janus keeps the head untied, and a shared parameter would not survive FSDP's per-module sharding.
 """
 
 from __future__ import annotations
