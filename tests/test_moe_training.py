@@ -39,7 +39,7 @@ def test_the_moe_columns_are_logged(one_process):
 
 def test_two_process_fsdp_moe_with_gradient_checkpointing_equals_one_process(data, one_process, tmp_path):
     done = run(cli("--stage", 1, f"data={data}", "stage1.steps=4", GROUPS, MOE, "--output-dir", tmp_path,
-                   "stage1.batch_size=4", "parallel=fsdp", "grad_checkpointing=true", launcher=TORCHRUN))
+                   "stage1.batch_size=4", "parallel=fsdp", "grad_checkpointing=true", launcher=TORCHRUN), timeout=600)
     assert "fsdp, 2 process(es)" in done.stderr
     _same_run(one_process, tmp_path)
 
