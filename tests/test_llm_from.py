@@ -351,7 +351,8 @@ def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_llm_from(str(tmp_path))
     assert str(err.value) == (f"llm_from={tmp_path}: architecture GPT2LMHeadModel is not supported; supported: "
-                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")
+                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                              "Qwen2MoeForCausalLM, OlmoeForCausalLM, MixtralForCausalLM")
 
 
 def test_a_hub_id_offline_says_to_download_it_first(monkeypatch):

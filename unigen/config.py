@@ -141,6 +141,63 @@ class VQConfig:
 
 
 @dataclass
+class MoEConfig:
+    """A mixture-of-experts feed-forward (``unigen.models.moe``, docs/MOE.md): ``num_experts`` SwiGLU experts of
+    width ``expert_size``, ``top_k`` of them per token, routed without drops; optional always-on shared experts
+    (one SwiGLU of ``num_shared_experts * expert_size``, or ``shared_expert_size``), optionally behind a sigmoid gate
+    (Qwen2-MoE). Layer ``i`` is MoE when ``i >= first_dense``, ``(i + 1) % every_n == 0`` and ``i`` is not in
+    ``dense_layers``; the other layers keep the dense ``intermediate_size`` feed-forward."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_size: int | None = None  # None: llm.intermediate_size (what upcycling a dense model needs)
+    num_shared_experts: int = 0
+    shared_expert_size: int | None = None  # None: num_shared_experts * expert_size
+    shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared experts' output (Qwen2-MoE)
+    every_n: int = 1  # as Qwen2-MoE's decoder_sparse_step
+    first_dense: int = 0  # the first layers stay dense (DeepSeek-MoE's first_k_dense_replace)
+    dense_layers: list[int] = field(default_factory=list)  # as Qwen2-MoE's mlp_only_layers
+    # softmax_topk: softmax over all experts, then the top k (Mixtral, Qwen2-MoE, OLMoE); topk_softmax: the top k
+    # logits, then a softmax over them (its weights always sum to 1)
+    router: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    # softmax_topk: divide the k weights by their sum (Mixtral; Qwen2-MoE's and OLMoE's norm_topk_prob)
+    normalize_top_k: bool = True
+    aux_loss_weight: float = 0.01  # load-balancing loss (Switch Transformer's, per sequence) in the training loss
+    z_loss_weight: float = 0.0  # router z-loss (ST-MoE): mean logsumexp(router logits) ** 2
+    # a stage started from a dense checkpoint: every expert a copy of the dense feed-forward, the router at zero
+    # and the shared experts' output at zero, so the model computes what the dense one did (unigen.models.moe)
+    upcycle_from_dense: bool = False
+
+    def __post_init__(self):
+        _whole("llm.moe", self, "num_experts top_k every_n")
+        _whole("llm.moe", self, "num_shared_experts first_dense", low=0)
+        for name in ("expert_size", "shared_expert_size"):
+            if getattr(self, name) is not None:
+                _whole("llm.moe", self, name)
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"llm.moe.top_k ({self.top_k}) must not exceed llm.moe.num_experts "
+                              f"({self.num_experts}): a token cannot go to more experts than there are")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ConfigError("llm.moe.shared_expert_gate needs shared experts: set llm.moe.num_shared_experts >= 1 "
+                              "or drop the gate")
+        if self.shared_expert_size is not None and not self.num_shared_experts:
+            raise ConfigError("llm.moe.shared_expert_size needs llm.moe.num_shared_experts >= 1")
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ConfigError(f"llm.moe.{name} must be a number >= 0, got {value!r}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_dense and (layer + 1) % self.every_n == 0 and layer not in self.dense_layers
+
+    def widths(self, dense: int) -> tuple[int, int]:
+        """(one routed expert's width, the shared experts' width; 0: none) for a model of dense width ``dense``."""
+        expert = self.expert_size or dense
+        shared = self.shared_expert_size or self.num_shared_experts * expert
+        return expert, shared
+
+
+@dataclass
 class LLMConfig:
     """Llama-style decoder (``unigen.models.decoder``): RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
@@ -165,8 +222,13 @@ class LLMConfig:
     # scaled rotary frequencies as transformers' rope_parameters: {"rope_type": "linear", "factor": 4.0} or
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     rope_scaling: dict | None = None
+    # where qk_norm normalises: each head (Qwen3) or the whole q and k projections (OLMoE)
+    qk_norm_scope: Literal["head", "all"] = "head"
+    moe: MoEConfig | None = None  # None: every layer a dense SwiGLU
 
     def __post_init__(self):
+        if isinstance(self.moe, dict):  # from config.json or a recipe's model: section
+            self.moe = build_config(MoEConfig, self.moe, "llm.moe")
         _whole("llm", self, "vocab_size hidden_size intermediate_size num_layers num_heads num_kv_heads "
                             "max_position_embeddings")
         _positive("llm", self, "rms_norm_eps rope_theta")
@@ -278,6 +340,10 @@ class UniGenConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model_type"] = "unigen"
+        # a dense model's config.json stays as it was before these keys existed
+        for key, default in (("moe", None), ("qk_norm_scope", "head")):
+            if d["llm"][key] == default:
+                del d["llm"][key]
         return d
 
     @classmethod

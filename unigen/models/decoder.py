@@ -28,36 +28,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from unigen.config import LLMConfig
+from unigen.models.feed_forward import MLP, SKINNY_ROWS, linear, project  # noqa: F401 - their old import path
+from unigen.models.moe import Experts, MoEFeedForward, checkpoint_contexts
 from unigen.models.precision import native_bf16
-
-SKINNY_ROWS = 64  # up to this many rows, linear()'s weight-on-the-left product is the faster one on CPU
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with the few-row products of decode steps computed as ``weight @ x.T`` on CPU.
-
-    MKL computes ``weight @ x.T`` much faster than ``x @ weight.T`` when x has few rows, and its even-column
-    kernels read a streamed weight faster, so an odd row count gets its last row repeated (docs/PERFORMANCE.md).
-    From a few hundred rows on, in bfloat16 and on GPUs the usual form is as fast or faster.
-    """
-    if not x.is_cpu or x.dtype != torch.float32:
-        return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
-    if rows > SKINNY_ROWS:
-        return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    if rows % 2:
-        flat = torch.cat([flat, flat[-1:]])
-    out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
-    return out[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
-
-
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x`` through a linear layer: :func:`linear` for a plain ``nn.Linear``; a wrapped layer (PEFT's LoRA
-    layers) through its own forward, so that an adapter attached by the stock ``PeftModel`` is applied."""
-    if type(layer) is nn.Linear:
-        return linear(x, layer.weight, layer.bias)
-    return layer(x)
 
 
 class RMSNorm(nn.Module):
@@ -193,9 +166,12 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_width
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        # Qwen3 normalises each head of q and k before the rotation
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # Qwen3 normalises each head of q and k before the rotation, OLMoE the whole q and k projections
+        self.qk_norm_all = cfg.qk_norm_scope == "all"
+        q_width, k_width = (self.n_heads * self.head_dim, self.n_kv * self.head_dim) if self.qk_norm_all else (
+            self.head_dim, self.head_dim)
+        self.q_norm = RMSNorm(q_width, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
@@ -204,7 +180,10 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         qk, v = project(self.qkv_proj, x).view(b, n, h + 2 * kv, d).split([h + kv, kv], dim=2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_all:
+            q, k = self.q_norm(qk[:, :, :h].flatten(2)), self.k_norm(qk[:, :, h:].flatten(2))
+            qk = torch.cat([q.view(b, n, h, d), k.view(b, n, kv, d)], dim=2)
+        elif self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
         qk = rotate(qk, *rope)
         q, k = qk[:, :, :h], qk[:, :, h:]
@@ -251,26 +230,16 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     return out.view(b, 1, h, d)
 
 
-class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate|up as one matmul."""
-
-    def __init__(self, width: int, intermediate: int):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(width, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)
-        return project(self.down_proj, F.silu(gate) * up)
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.moe is not None and cfg.moe.is_moe_layer(index):
+            self.mlp = MoEFeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.moe)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
@@ -292,7 +261,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # recompute each block's activations in the backward pass
 
@@ -383,7 +352,7 @@ class Decoder(nn.Module):
             if str(i) in blocks:
                 x = blocks[str(i)](x, cross.state.keys[str(i)], cross.state.values[str(i)], cross_mask, sees)
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False, context_fn=checkpoint_contexts)
             else:
                 x = layer(x, rope, mask, cache, i)
         last = str(len(self.layers))
@@ -434,6 +403,9 @@ class CausalLM(nn.Module):
         for module in self.modules():  # transformers' Llama initialisation
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=init_std)
+            elif isinstance(module, Experts):
+                for p in module.parameters():
+                    nn.init.normal_(p, std=init_std)
 
     @property
     def config(self) -> LLMConfig:

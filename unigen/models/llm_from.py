@@ -1,13 +1,13 @@
 """``llm_from``: a pretrained transformers causal LM (a folder or a hub id) as a unified model's decoder.
 
 The families most small LLMs belong to load: Llama (Llama 2/3, SmolLM, DeepSeek-LLM, TinyLlama), Mistral,
-Qwen2/2.5 and Qwen3. transformers' ``from_pretrained`` reads the files (it knows every format and dtype);
-this module maps its config to an :class:`LLMConfig` and its weights to unigen's key names, and makes the
-LLM's tokenizer the model's: Janus's image tokens (and its role tokens where the LLM has no chat template)
-are added as special tokens, and the embedding and the head grow by their rows with transformers'
-``resize_token_embeddings`` (new rows drawn around the mean of the old ones, so the text distribution
-barely moves). A tied head is loaded as a copy of the embedding: Janus keeps the head untied, and a shared
-parameter would not survive FSDP's per-module sharding.
+Qwen2/2.5 and Qwen3, and the mixture-of-experts ones Qwen2-MoE, OLMoE and Mixtral (``llm.moe``). transformers'
+``from_pretrained`` reads the files (it knows every format and dtype); this module maps its config to an
+:class:`LLMConfig` and its weights to unigen's key names, and makes the LLM's tokenizer the model's: Janus's
+image tokens (and its role tokens where the LLM has no chat template) are added as special tokens, and the
+embedding and the head grow by their rows with transformers' ``resize_token_embeddings`` (new rows drawn around
+the mean of the old ones, so the text distribution barely moves). A tied head is loaded as a copy of the
+embedding: Janus keeps the head untied, and a shared parameter would not survive FSDP's per-module sharding.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from unigen.config import ROPE_SCALING_KEYS, SPECIAL_TOKEN_TEXT, LLMConfig, TokenIds
+from unigen.config import ROPE_SCALING_KEYS, SPECIAL_TOKEN_TEXT, LLMConfig, MoEConfig, TokenIds
 from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
 # config.json "architectures" -> model_type; every other architecture is refused by name
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3"}
+             "Qwen3ForCausalLM": "qwen3", "Qwen2MoeForCausalLM": "qwen2_moe", "OlmoeForCausalLM": "olmoe",
+             "MixtralForCausalLM": "mixtral"}
 ROLE_TOKENS = ("<|User|>", "<|Assistant|>")  # the janus-pro format's roles, for an LLM without a chat template
 ADDED_TOKENS = tuple(SPECIAL_TOKEN_TEXT[k] for k in ("image_start", "image_end", "image", "cfg_pad"))
 LLM_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -77,7 +78,8 @@ def llm_config_from(hf_config, source: str) -> LLMConfig:
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     positions = hf_config.max_position_embeddings
-    window = getattr(hf_config, "sliding_window", None) if SUPPORTED[arch] == "mistral" else None
+    family = SUPPORTED[arch]
+    window = getattr(hf_config, "sliding_window", None) if family in ("mistral", "mixtral") else None
     if window:  # unigen attends over everything: exact up to the window, so positions stop there
         positions = min(positions, window)
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
@@ -88,14 +90,40 @@ def llm_config_from(hf_config, source: str) -> LLMConfig:
                           f"{sorted(ROPE_SCALING_KEYS)}")
     scaling = None if kind == "default" else {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING_KEYS[kind]}}
     bias = bool(getattr(hf_config, "attention_bias", False))
+    qkv_bias = bias or family == "qwen2" or (family == "qwen2_moe" and bool(getattr(hf_config, "qkv_bias", True)))
     return LLMConfig(
         vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size, num_layers=hf_config.num_hidden_layers, num_heads=heads,
         num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads, max_position_embeddings=positions,
         rms_norm_eps=hf_config.rms_norm_eps, rope_theta=float(theta),
         head_dim=None if head_dim * heads == hf_config.hidden_size else head_dim,
-        qkv_bias=bias or SUPPORTED[arch] == "qwen2", o_bias=bias, qk_norm=SUPPORTED[arch] == "qwen3",
-        rope_scaling=scaling)
+        qkv_bias=qkv_bias, o_bias=bias,
+        qk_norm=family in ("qwen3", "olmoe"), qk_norm_scope="all" if family == "olmoe" else "head",
+        rope_scaling=scaling, moe=moe_config_from(hf_config, family, source))
+
+
+def moe_config_from(hf_config, family: str, source: str) -> MoEConfig | None:
+    """The MoE part of a Qwen2-MoE, OLMoE or Mixtral config (None for a dense family). All three take the softmax
+    over every expert, then the top k; Mixtral always renormalises those, the others as ``norm_topk_prob`` says."""
+    if family not in ("qwen2_moe", "olmoe", "mixtral"):
+        return None
+    if getattr(hf_config, "clip_qkv", None) is not None:
+        raise ConfigError(f"llm_from={source}: clip_qkv (clamping q, k and v) is not supported")
+    if getattr(hf_config, "router_jitter_noise", None):
+        raise ConfigError(f"llm_from={source}: router_jitter_noise is not supported; set it to 0 in its config.json")
+    aux = float(getattr(hf_config, "router_aux_loss_coef", 0.01) or 0.0)
+    common = dict(num_experts=hf_config.num_experts if family != "mixtral" else hf_config.num_local_experts,
+                  top_k=hf_config.num_experts_per_tok, router="softmax_topk", aux_loss_weight=aux,
+                  normalize_top_k=family == "mixtral" or bool(hf_config.norm_topk_prob))
+    if family != "qwen2_moe":  # every layer routed, experts of intermediate_size
+        return MoEConfig(**common, expert_size=hf_config.intermediate_size)
+    shared = hf_config.shared_expert_intermediate_size
+    if not shared:
+        raise ConfigError(f"llm_from={source}: a Qwen2-MoE layer always has a gated shared expert, but "
+                          f"shared_expert_intermediate_size is {shared!r}")
+    return MoEConfig(**common, expert_size=hf_config.moe_intermediate_size, num_shared_experts=1,
+                     shared_expert_size=shared, shared_expert_gate=True, every_n=hf_config.decoder_sparse_step,
+                     dense_layers=list(hf_config.mlp_only_layers or []))
 
 
 def grow_tokenizer(tokenizer) -> str:
@@ -144,6 +172,9 @@ def unigen_state(hf_state: dict[str, torch.Tensor], config: LLMConfig) -> dict[s
     from unigen.models.checkpoint import fused_state_dict
 
     state = {f"language_model.{k}": v for k, v in hf_state.items() if "rotary_emb" not in k}
+    for key in [k for k in state if k.endswith(".shared_expert.gate_proj.weight")]:  # Qwen2-MoE: gate|up fused
+        up = key.replace(".gate_proj.", ".up_proj.")
+        state[key.replace(".gate_proj.", ".gate_up_proj.")] = torch.cat([state.pop(key), state.pop(up)])
     embed, head = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
     if head not in state or state[head].data_ptr() == state[embed].data_ptr():  # tied: untie, they train apart
         state[head] = state[embed].clone()

@@ -21,7 +21,7 @@ class TrainMetrics:
 
     def write(self, step: int, row: dict) -> None:
         row = {"step": step, "stage": self.stage, **row}
-        scalars = {f"stage{self.stage}/{key.replace('lr_', 'lr/')}": value for key, value in row.items()
+        scalars = {f"stage{self.stage}/{_board_name(key)}": value for key, value in row.items()
                    if key not in ("step", "stage") and isinstance(value, int | float)}
         self.log.append(row, scalars, step)
 
@@ -37,3 +37,7 @@ def preference_row(sums: dict[str, float], pairs: float) -> dict[str, float]:
     return {"loss": sums["loss"] / pairs, "reward_chosen": chosen, "reward_rejected": rejected,
             "reward_margin": chosen - rejected, "accuracy": sums["correct"] / pairs, "nll_chosen": sums["sft"] / pairs,
             "pairs": int(pairs)}
+
+def _board_name(key: str) -> str:
+    """TensorBoard groups ``lr_*`` and the MoE columns (``moe_load_l0_e3`` -> ``moe/load_l0_e3``)."""
+    return key.replace("lr_", "lr/").replace("moe_", "moe/", 1)

@@ -16,6 +16,7 @@ import torch
 
 import unigen.training.checkpoints as ckpt
 import unigen.training.parallel as parallel
+from unigen.models.moe import moe_metrics
 from unigen.models.param_groups import parameter_groups
 from unigen.training.batches import BatchBuilder
 from unigen.training.engine import make_adamw, nan_message
@@ -179,6 +180,7 @@ class StageTask:
         row.update(lrs)
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        row.update(moe_metrics(self.state.model))
         row.update({"tokens": int(total), "tokens_per_s": total / seconds,
                     "samples_per_s": cfg.batch_size * self.world * cfg.grad_accum / seconds})
         return row

@@ -11,6 +11,7 @@ from unigen.data.manifest import Sample
 from unigen.errors import CheckpointNotFoundError, ConfigError
 from unigen.models.llm_from import apply_llm_config, load_llm_from, load_llm_weights
 from unigen.models.model import UniGenModel
+from unigen.models.moe import upcycle_start
 from unigen.models.vision_from import load_siglip_from
 from unigen.models.vq_from import load_vq_from
 from unigen.processor import JANUS_SYSTEM_PROMPT, UniGenProcessor, prompt_format
@@ -108,6 +109,7 @@ def load_start(recipe: TrainRecipe, stage: int, samples, init_from: str | None):
         if recipe.add_cross_attention_every is not None:
             torch.manual_seed(recipe.seed)  # the blocks it adds draw from the global RNG
         model, processor = load_pretrained(source, recipe.add_cross_attention_every)
+    upcycle_start(model, recipe.model, source)  # model.llm.moe.upcycle_from_dense: a dense start becomes MoE
     if recipe.edit_source_codes is not None:  # a prompt layout, no weights: the config is all it changes
         model.config.edit_source_codes = recipe.edit_source_codes
     return model, processor

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unigen.models.moe import moe_layers, router_losses
 from unigen.training.batches import IGNORE
 from unigen.training.recipe import TASKS
 
@@ -18,6 +19,7 @@ class TrainStep(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.moe = bool(moe_layers(model))
 
     def forward(self, batch: dict[str, dict]) -> torch.Tensor:
         """(3,) summed losses in ``TASKS`` order (0 for an absent task); each task's weight applied."""
@@ -30,6 +32,8 @@ class TrainStep(nn.Module):
                 continue
             b = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
             loss = getattr(self, task)(b)
+            if self.moe:  # the routers' balance and z losses, per supervised token like the task's own
+                loss = loss + router_losses(self.model, b["attention_mask"], _supervised_per_row(b))
             out.append(loss * b["weight"])
         return torch.stack(out)
 
@@ -58,3 +62,10 @@ class TrainStep(nn.Module):
         logits = self.model.image_logits(b["input_ids"], b["codes"], b["attention_mask"], b.get("pixel_values"),
                                          b.get("source_codes"), b.get("source_rows"))
         return F.cross_entropy(logits.flatten(0, 1).float(), b["codes"].flatten(), reduction="sum")
+
+
+def _supervised_per_row(b: dict) -> torch.Tensor:
+    if "targets" in b:
+        return (b["targets"] != IGNORE).sum(1).float()
+    codes = b["codes"]
+    return torch.full((codes.shape[0],), float(codes.shape[1]), device=codes.device)
