@@ -38,6 +38,7 @@ def preference_row(sums: dict[str, float], pairs: float) -> dict[str, float]:
             "reward_margin": chosen - rejected, "accuracy": sums["correct"] / pairs, "nll_chosen": sums["sft"] / pairs,
             "pairs": int(pairs)}
 
+
 def _board_name(key: str) -> str:
     """TensorBoard groups ``lr_*`` and the MoE columns (``moe_load_l0_e3`` -> ``moe/load_l0_e3``)."""
     return key.replace("lr_", "lr/").replace("moe_", "moe/", 1)
