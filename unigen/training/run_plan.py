@@ -26,7 +26,7 @@ import torch
 from unigen import runs
 from unigen.config import UniGenConfig
 from unigen.config_io import config_to_dict, load_config
-from unigen.data.jsonl import read_json_lines
+from unigen.data.jsonl import read_json_lines, read_json_object
 from unigen.data.shards import is_streamed
 from unigen.errors import ArgumentError, ConfigError, OutputExistsError
 from unigen.recipes import resolve
@@ -34,7 +34,6 @@ from unigen.training import checkpoints as ckpt
 from unigen.training.loop import run_stage
 from unigen.training.recipe import TrainRecipe
 from unigen.training.start import stage_dir
-from unigen.training.tokenizer.run_checks import read_json_object
 from unigen.training.tokenizer.side_by_side import train_side_by_side
 from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, train_siglip
 from unigen.training.tokenizer.vq_codes import add_vq_codes
