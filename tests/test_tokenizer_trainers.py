@@ -155,7 +155,7 @@ def test_checkpoints_are_in_the_stages_layout_and_the_earlier_one_is_refused_in_
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "optimizer.pt",
                                                       "progress.json", "rng_0.pt", "task.pt", "train_config.json"]
     progress = json.loads((ckpt / "progress.json").read_text())
-    assert progress == {"step": 2, "data": {"epoch": 0, "batch": 2, "train_size": 12}}
+    assert progress == {"step": 2, "data": {"epoch": 0, "batch": 2, "train_size": 12, "global_batch": 4}}
     old = tmp_path / "old" / "checkpoints" / "step_0000002"  # what the tokenizers wrote before the one layout
     old.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", "train_config.json"):
