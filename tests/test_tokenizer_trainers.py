@@ -414,8 +414,9 @@ def test_side_by_side_encoder_takes_every_thread_once_the_vq_is_done(monkeypatch
 
     threads_per_step = []
 
-    def fake_train_siglip(cfg, bar_position, before_step):
-        for step in range(4):
+    def fake_train_siglip(cfg, bar_position, before_step, max_steps):
+        assert max_steps == 4  # the run's --max-steps reaches the encoder's process
+        for step in range(max_steps):
             if step == 2:
                 vq_done.set()
             before_step()
@@ -425,7 +426,7 @@ def test_side_by_side_encoder_takes_every_thread_once_the_vq_is_done(monkeypatch
     vq_done, (receive, send) = multiprocessing.Event(), multiprocessing.Pipe(duplex=False)
     before = torch.get_num_threads()
     try:
-        side_by_side._siglip_worker(None, 1, 2, vq_done, send)
+        side_by_side._siglip_worker(None, 1, 2, vq_done, send, 4)
     finally:
         torch.set_num_threads(before)
     assert threads_per_step == [1, 1, 2, 2]
