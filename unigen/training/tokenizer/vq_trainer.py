@@ -320,7 +320,7 @@ class VQTrainer(Trainer):
         """
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        n = min(len(self.train_set), cfg.kmeans_batches * cfg.batch_size)
+        n = min(len(self.train_set), cfg.kmeans_batches * cfg.batch_size * self.world)  # global batches
         index = torch.randperm(len(self.train_set), generator=gen)[:n].tolist()
         self.model.eval()
         feats = []
