@@ -208,14 +208,39 @@ def test_a_whole_runs_recipe_is_checked_before_anything_trains(recipe, data, tmp
     assert whole.codes == (data, tmp_path / "run" / "codes" / "train.jsonl")
     assert whole.tokenizers["siglip"].vision == UniGenConfig.from_dict(whole.recipe.model).vision  # the model's shape
     assert not (tmp_path / "run").exists()
-    # a later stage alone needs the tokenizer steps done; under a launcher they cannot run
+    # a later stage alone needs the tokenizer steps done; under a launcher a discriminator cannot train
     assert unigen(*train(recipe, data, tmp_path / "run", "--stage", 2)[3:]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path / 'run' / 'vq'} is not complete: this run's tokenizer steps come before stage 1; run from "
         "stage 1 (with --resume latest to keep what is done)")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert unigen(*train(recipe, data, tmp_path / "run")[3:]) == 1
+    assert unigen(*train(recipe, data, tmp_path / "run", "tokenizers.vq.disc_weight=0.1")[3:]) == 1
     assert capsys.readouterr().err.strip() == (
-        "error: VQ tokenizer trains in one process: run this recipe without a launcher until its tokenizer steps are "
-        "done (e.g. with --max-steps 1), then --resume latest under it")
+        "error: tokenizers.vq.disc_weight=0.1: the PatchGAN discriminator trains in one process (its BatchNorm would "
+        "normalise each process's share of the batch); run this recipe without a launcher until its VQ step is "
+        "done, then --resume latest under it")
     assert not (tmp_path / "run").exists()  # nothing written: no run.json, no folder
+
+
+def max_steps_run(recipe, data, out, caplog) -> None:
+    """``--max-steps 2`` over a fresh run: the VQ stops at its step 2, and the run with it."""
+    caplog.set_level(logging.WARNING, logger="unigen.training")
+    assert unigen(*train(recipe, data, out, "--max-steps", 2)[3:]) == 0
+    assert sorted(p.name for p in (out / "vq" / "checkpoints").iterdir()) == ["step_0000002"]
+    assert not (out / "vq" / "model.safetensors").exists()  # not a finished tokenizer: no later step may use it
+    assert not (out / "siglip").exists() and not (out / "codes").exists() and not (out / "stage1").exists()
+    assert [r.getMessage() for r in caplog.records if "--max-steps" in r.getMessage()] == [
+        "VQ tokenizer stopped at --max-steps before its end; --resume latest continues it, then the steps after it "
+        "(they need it whole)"]
+
+
+def test_max_steps_cuts_the_tokenizer_steps_too(recipe, data, tmp_path, caplog):
+    max_steps_run(recipe, data, tmp_path / "run", caplog)
+
+
+@pytest.mark.slow  # a whole run after the cut one (~1 min); the cut alone runs by default
+def test_a_run_cut_by_max_steps_resumes_to_the_uninterrupted_runs_results(recipe, data, whole_run, tmp_path, caplog):
+    out = tmp_path / "run"
+    max_steps_run(recipe, data, out, caplog)
+    assert unigen(*train(recipe, data, out, "--resume", "latest")[3:]) == 0
+    assert_same(outputs(out), outputs(whole_run))

@@ -155,7 +155,7 @@ def test_checkpoints_are_in_the_stages_layout_and_the_earlier_one_is_refused_in_
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "optimizer.pt",
                                                       "progress.json", "rng_0.pt", "task.pt", "train_config.json"]
     progress = json.loads((ckpt / "progress.json").read_text())
-    assert progress == {"step": 2, "data": {"epoch": 0, "batch": 2, "train_size": 12}}
+    assert progress == {"step": 2, "data": {"epoch": 0, "batch": 2, "train_size": 12, "global_batch": 4}}
     old = tmp_path / "old" / "checkpoints" / "step_0000002"  # what the tokenizers wrote before the one layout
     old.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", "train_config.json"):
@@ -414,8 +414,9 @@ def test_side_by_side_encoder_takes_every_thread_once_the_vq_is_done(monkeypatch
 
     threads_per_step = []
 
-    def fake_train_siglip(cfg, bar_position, before_step):
-        for step in range(4):
+    def fake_train_siglip(cfg, bar_position, before_step, max_steps):
+        assert max_steps == 4  # the run's --max-steps reaches the encoder's process
+        for step in range(max_steps):
             if step == 2:
                 vq_done.set()
             before_step()
@@ -425,7 +426,7 @@ def test_side_by_side_encoder_takes_every_thread_once_the_vq_is_done(monkeypatch
     vq_done, (receive, send) = multiprocessing.Event(), multiprocessing.Pipe(duplex=False)
     before = torch.get_num_threads()
     try:
-        side_by_side._siglip_worker(None, 1, 2, vq_done, send)
+        side_by_side._siglip_worker(None, 1, 2, vq_done, send, 4)
     finally:
         torch.set_num_threads(before)
     assert threads_per_step == [1, 1, 2, 2]

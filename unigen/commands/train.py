@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", type=int, choices=[1, 2, 3], action="append",
                    help="stage to run (repeatable; default: 1, 2 and 3 in order)")
     p.add_argument("--max-steps", type=positive_int, default=None,
-                   help="stop each stage after N steps; the stage is not finished, and --resume latest continues it")
+                   help="stop each stage (and each tokenizer of a whole run) after N steps; it is not finished, and "
+                        "--resume latest continues it")
     p.add_argument("--save-every", type=int, default=None, help="resumable checkpoint every N steps (0: none)")
     p.add_argument("--init-from", default=None,
                    help="checkpoint to start the first stage run from (default: the recipe's init_from, or the "

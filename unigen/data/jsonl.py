@@ -1,5 +1,6 @@
 """The one JSON-lines reader: manifests (written by people: every bad line is an error naming it) and run logs
-(written by unigen: a torn last line, cut short by a full disk or a kill, is dropped with a warning)."""
+(written by unigen: a torn last line, cut short by a full disk or a kill, is dropped with a warning); and
+``read_json_object``, for the JSON files unigen writes (configs, run.json)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from unigen.errors import ConfigError, DataError
+from unigen.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger("unigen.data")
 
@@ -48,3 +49,16 @@ def read_json_lines(path: Path, *, run_log: bool = False) -> list[tuple[int, Any
                               "log") from err
         rows.append((n, value))
     return rows
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file unigen wrote that must hold one object (a config, run.json): damaged, it is one
+    :class:`CheckpointError` line naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the folder is damaged: train or copy it "
+                              "again") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of config keys, got {type(raw).__name__}")
+    return raw

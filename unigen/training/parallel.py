@@ -27,18 +27,23 @@ from unigen.runs import resolve_device
 log = logging.getLogger("unigen.training")
 
 
-def make_accelerator(recipe, grad_accum: int):
+def launched() -> bool:
+    """Started by a launcher (torchrun, ``accelerate launch``) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start_processes(device: str, bf16, grad_accum: int = 1):
+    """This process's ``Accelerator``: its device, and the process group of a launched run."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
-
 
     # accelerate keeps one global state; a new stage (maybe another precision or accumulation) starts it anew
     AcceleratorState._reset_state(reset_partial_state=False)
 
     # on a machine without CUDA, accelerate only reads torchrun's environment as multi-process with cpu=True
-    cpu = resolve_device(recipe.device, auto=("cuda",)).type == "cpu"  # device=cuda without CUDA: named
+    cpu = resolve_device(device, auto=("cuda",)).type == "cpu"  # device=cuda without CUDA: named
     # "auto": bf16 only where it is native; an AVX2-only CPU emulates it at several times the fp32 cost
-    bf16 = resolve_amp(recipe.bf16, torch.device("cpu" if cpu else "cuda"), key="bf16")
+    bf16 = resolve_amp(bf16, torch.device("cpu" if cpu else "cuda"), key="bf16")
     return Accelerator(
         cpu=cpu,
         mixed_precision="bf16" if bf16 else "no",
@@ -47,8 +52,12 @@ def make_accelerator(recipe, grad_accum: int):
     )
 
 
-def strategy(accelerator, recipe) -> str:
-    """``single``, ``ddp``, ``fsdp`` or ``deepspeed``."""
+def make_accelerator(recipe, grad_accum: int):
+    return start_processes(recipe.device, recipe.bf16, grad_accum)
+
+
+def strategy(accelerator, recipe=None) -> str:
+    """``single``, ``ddp``, ``fsdp`` or ``deepspeed`` (``recipe.parallel=fsdp`` asks for FSDP under torchrun)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
@@ -63,7 +72,7 @@ def strategy(accelerator, recipe) -> str:
         if os.environ.get("FSDP_VERSION", "1") != "2":
             raise ValueError("unigen shards with FSDP2: set fsdp_version: 2 in the accelerate config")
         return "fsdp"
-    if recipe.parallel == "fsdp":
+    if recipe is not None and recipe.parallel == "fsdp":
         return "fsdp"
     return "ddp" if accelerator.num_processes > 1 else "single"
 
@@ -151,3 +160,79 @@ def all_reduce_sum(x: torch.Tensor, device) -> torch.Tensor:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+# ---- data parallel by hand: for tasks that call their model in pieces (the tokenizers) --------------------------
+
+def process_group_size() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def average_gradients(params, loss: torch.Tensor) -> float:
+    """DDP's arithmetic without its wrapper: every gradient of ``params`` and the ``loss`` averaged over the
+    processes in one all-reduce; returns the averaged loss. A tokenizer task calls its model in pieces (encoder,
+    quantizer, decoder, a discriminator frozen for the generator's loss), so there is no one ``forward`` for DDP to
+    hook. A parameter without a gradient keeps none (AdamW then skips it, as in one process)."""
+    _, world = process_group_size()
+    if world == 1:
+        return loss.item()
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.detach().reshape(1).float()])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[-1].item()
+
+
+def average(values: dict[str, float], device) -> dict[str, float]:
+    """``values`` averaged over the processes (every process passes the same keys)."""
+    _, world = process_group_size()
+    if world == 1:
+        return values
+    summed = all_reduce_sum(torch.tensor(list(values.values()), dtype=torch.float64), device)
+    return dict(zip(values, (summed / world).tolist(), strict=True))
+
+
+class _GatherRows(torch.autograd.Function):
+    """All processes' rows in rank order; backward sends each process the gradient every loss gives its rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = process_group_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.rows = slice(rank * x.shape[0], (rank + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)  # gloo has no reduce-scatter: sum everything, keep this process's rows
+        return grad[ctx.rows]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The global batch's rows of ``x`` (every process holds as many), this process's carrying their gradient."""
+    return x if process_group_size()[1] == 1 else _GatherRows.apply(x)
+
+
+def gather_objects(items: list) -> list:
+    """The global batch's ``items`` (picklable: captions), in rank order."""
+    _, world = process_group_size()
+    if world == 1:
+        return items
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> None:
+    """``tensor`` as rank 0 holds it, on every process (in place)."""
+    if process_group_size()[1] > 1:
+        torch.distributed.broadcast(tensor, src=0)

@@ -7,7 +7,9 @@ then the three stages, each step in its own folder of ``OUTPUT_DIR``, later step
     OUTPUT_DIR/stage1..3           the stages (``unigen.training.loop.run_stage``), from vq + siglip, on the codes
 
 Every step knows when it is complete, so ``--resume latest`` keeps finished steps as they are and the interrupted
-one continues from its last checkpoint. A recipe without ``tokenizers:`` is a run of the stages alone.
+one continues from its last checkpoint. ``--max-steps`` cuts every step, the tokenizers too: a tokenizer cut short
+ends the call (what follows needs it whole). Under a launcher every step trains data-parallel, the tokenizers one
+after the other; rank 0 writes the run's files. A recipe without ``tokenizers:`` is a run of the stages alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,15 +27,15 @@ import torch
 from unigen import runs
 from unigen.config import UniGenConfig
 from unigen.config_io import config_to_dict, load_config
-from unigen.data.jsonl import read_json_lines
+from unigen.data.jsonl import read_json_lines, read_json_object
 from unigen.data.shards import is_streamed
 from unigen.errors import ArgumentError, ConfigError, OutputExistsError
 from unigen.recipes import resolve
 from unigen.training import checkpoints as ckpt
+from unigen.training import parallel
 from unigen.training.loop import run_stage
 from unigen.training.recipe import TrainRecipe
 from unigen.training.start import stage_dir
-from unigen.training.tokenizer.run_checks import read_json_object
 from unigen.training.tokenizer.side_by_side import train_side_by_side
 from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, train_siglip
 from unigen.training.tokenizer.vq_codes import add_vq_codes
@@ -179,38 +180,49 @@ def tokenizer_complete(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() and (folder / "train_config.json").is_file()
 
 
-def _train_tokenizer(cfg, name: str) -> Path:
-    return TOKENIZERS[name][3](cfg)
+def _train_tokenizer(cfg, name: str, max_steps: int | None) -> Path:
+    return TOKENIZERS[name][3](cfg, max_steps=max_steps)
 
 
-def _train_side_by_side(plan: RunPlan) -> Path:
-    seconds = train_side_by_side(plan.tokenizers["vq"], plan.tokenizers["siglip"], torch.get_num_threads())
+def _train_side_by_side(plan: RunPlan, max_steps: int | None) -> Path:
+    seconds = train_side_by_side(plan.tokenizers["vq"], plan.tokenizers["siglip"], torch.get_num_threads(),
+                                 max_steps)
     log.info("the SigLIP encoder was done after %.0f s", seconds)
     return plan.out
 
 
 def side_by_side(plan: RunPlan, names: list[str]) -> bool:
-    """Both tokenizers train, on the CPU, with threads to share: in two processes at once (side_by_side.py)."""
+    """Both tokenizers train, on the CPU, with threads to share: in two processes at once (side_by_side.py). Not
+    under a launcher: there each trains on all its processes, one after the other."""
     return (plan.recipe.tokenizers.side_by_side and names == ["vq", "siglip"] and torch.get_num_threads() >= 2
+            and not parallel.launched()
             and all(runs.resolve_device(c.device, ("cuda",)).type == "cpu" for c in plan.tokenizers.values()))
 
 
-def tokenizer_steps(plan: RunPlan, resume: str | None) -> list[Step]:
+def tokenizer_steps(plan: RunPlan, resume: str | None, max_steps: int | None = None) -> list[Step]:
     for cfg in plan.tokenizers.values():
         cfg.resume = resume  # "latest": each trainer continues its newest checkpoint, if any
     names = list(plan.tokenizers)
     if side_by_side(plan, names) and not (resume and any(tokenizer_complete(plan.out / n) for n in names)):
         folders = tuple(plan.out / n for n in names)
         return [Step("vq+siglip", "VQ tokenizer + SigLIP encoder, side by side", folders,
-                     lambda: _train_side_by_side(plan), lambda: all(map(tokenizer_complete, folders)))]
+                     lambda: _train_side_by_side(plan, max_steps), lambda: all(map(tokenizer_complete, folders)))]
     return [Step(name, TOKENIZERS[name][2], (plan.out / name,),
-                 lambda name=name: _train_tokenizer(plan.tokenizers[name], name),
+                 lambda name=name: _train_tokenizer(plan.tokenizers[name], name, max_steps),
                  lambda name=name: tokenizer_complete(plan.out / name)) for name in names]
 
 
 def write_codes(source: Path, vq_dir: Path, out: Path) -> Path:
     """``source`` with every caption line's VQ codes, as ``out`` in the run's folder: its file names made
-    absolute (``add_vq_codes`` writes beside the manifest it reads, so the copy it reads is in ``out``'s folder)."""
+    absolute (``add_vq_codes`` writes beside the manifest it reads, so the copy it reads is in ``out``'s folder).
+    Rank 0 writes it; the other processes wait for it."""
+    if parallel.process_group_size()[0] == 0:
+        _write_codes(source, vq_dir, out)
+    parallel.barrier()
+    return out
+
+
+def _write_codes(source: Path, vq_dir: Path, out: Path) -> None:
     lines = []
     for _, record in read_json_lines(source):
         for key in (*IMAGE_KEYS, "codes"):
@@ -221,7 +233,6 @@ def write_codes(source: Path, vq_dir: Path, out: Path) -> Path:
     runs.write_text(listing, "".join(lines))
     add_vq_codes(listing, vq_dir, out)
     listing.unlink()
-    return out
 
 
 def codes_step(plan: RunPlan) -> Step:
@@ -247,7 +258,7 @@ def plan_steps(plan: RunPlan, stages: list[tuple[int, str | None]], max_steps: i
         raise ArgumentError(f"--init-from {init_from} starts stage 1 from a checkpoint with its own tokenizers, but "
                             f"this recipe trains them (tokenizers.{next(iter(plan.tokenizers))}); drop one of them")
     if stages[0][0] == 1 and resume in (None, runs.LATEST):
-        before = tokenizer_steps(plan, resume) + ([codes_step(plan)] if plan.codes else [])
+        before = tokenizer_steps(plan, resume, max_steps) + ([codes_step(plan)] if plan.codes else [])
     else:
         needed = tokenizer_steps(plan, runs.LATEST) + ([codes_step(plan)] if plan.codes else [])
         missing = [s for s in needed if not s.complete()]
@@ -266,16 +277,17 @@ def keep_complete(steps: list[Step]) -> list[Step]:
     return [s for s in steps if s not in done]
 
 
-def clear_earlier_run(plan: RunPlan, steps: list[Step]) -> None:
-    """A fresh run: an earlier run's output in a step's folder is refused, or deleted under overwrite=true (so a
-    later ``--resume latest`` never takes an earlier run's step for this run's)."""
+def clear_earlier_run(plan: RunPlan, steps: list[Step], rank: int = 0) -> None:
+    """A fresh run: an earlier run's output in a step's folder is refused (by every process), or deleted under
+    overwrite=true by rank 0 (so a later ``--resume latest`` never takes an earlier run's step for this run's)."""
     for folder in (f for s in steps for f in s.folders if f.exists() and any(f.iterdir())):
         if not plan.recipe.overwrite:
             raise OutputExistsError(f"{folder} holds an earlier run's output: pass --resume latest to continue "
                                     "that run (complete steps are kept), overwrite=true to train it again, or "
                                     "another --output-dir")
-        log.warning("overwrite=true: deleting the earlier run's %s", folder)
-        shutil.rmtree(folder)
+        if rank == 0:
+            log.warning("overwrite=true: deleting the earlier run's %s", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def start(plan: RunPlan, steps: list[Step], resume: str | None) -> list[Step]:
@@ -286,15 +298,25 @@ def start(plan: RunPlan, steps: list[Step], resume: str | None) -> list[Step]:
     if latest:
         check_same_recipe(plan)
         steps = keep_complete(steps)
-    pre = [s for s in steps if not s.name.startswith("stage")]
-    if pre and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"{pre[0].label} trains in one process: run this recipe without a launcher until its "
-                          "tokenizer steps are done (e.g. with --max-steps 1), then --resume latest under it")
+    if parallel.launched():
+        check_launch(plan, steps)
+        parallel.start_processes(plan.recipe.device, bf16=False)  # the process group the steps below share
+    rank = parallel.process_group_size()[0]
     if resume is None:
-        clear_earlier_run(plan, steps)
-    if starts_the_run and (resume is None or not (plan.out / RUN_FILE).is_file()):
+        clear_earlier_run(plan, steps, rank)
+    if rank == 0 and starts_the_run and (resume is None or not (plan.out / RUN_FILE).is_file()):
         runs.write_json(plan.out / RUN_FILE, plan.started_with)
+    parallel.barrier()
     return steps
+
+
+def check_launch(plan: RunPlan, steps: list[Step]) -> None:
+    """What a launched run cannot train, named before anything is written."""
+    vq = plan.tokenizers.get("vq")
+    if vq is not None and vq.disc_weight > 0 and any(s.name == "vq" for s in steps):
+        raise ConfigError(f"tokenizers.vq.disc_weight={vq.disc_weight}: the PatchGAN discriminator trains in one "
+                          "process (its BatchNorm would normalise each process's share of the batch); run this "
+                          "recipe without a launcher until its VQ step is done, then --resume latest under it")
 
 
 def run_steps(steps: list[Step], timed: Callable[[str, Callable[[], object]], object] | None = None) -> list:
@@ -304,4 +326,8 @@ def run_steps(steps: list[Step], timed: Callable[[str, Callable[[], object]], ob
         t0 = time.perf_counter()
         outputs.append(timed(step.label, step.run) if timed else step.run())
         log.info("%s done in %.0f s: %s", step.label, time.perf_counter() - t0, step.folders[0])
+        if not step.name.startswith("stage") and not step.complete():
+            log.warning("%s stopped at --max-steps before its end; --resume latest continues it, then the steps "
+                        "after it (they need it whole)", step.label)
+            break
     return outputs

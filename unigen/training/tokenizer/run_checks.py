@@ -3,12 +3,12 @@ and the files a trained tokenizer folder holds."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from unigen.config_io import build_config
+from unigen.data.jsonl import read_json_object
 from unigen.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from unigen.models.checkpoint import _load_safetensors
 
@@ -26,17 +26,6 @@ def check_run_numbers(cfg) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise ConfigError(f"lr must be > 0, got {cfg.lr}")
-
-
-def read_json_object(path: Path) -> dict:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the folder is damaged: train or copy it "
-                              "again") from err
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object of config keys, got {type(raw).__name__}")
-    return raw
 
 
 def read_tokenizer_config(directory: str | Path, model_type: str, config_class, what: str, written_by: str):

@@ -25,7 +25,7 @@ from unigen.training.tokenizer.siglip_trainer import SigLIPTrainConfig, train_si
 from unigen.training.tokenizer.vq_trainer import VQTrainConfig, train_vq
 
 
-def _siglip_worker(cfg: SigLIPTrainConfig, threads: int, all_threads: int, vq_done, report) -> None:
+def _siglip_worker(cfg: SigLIPTrainConfig, threads: int, all_threads: int, vq_done, report, max_steps) -> None:
     torch.set_num_threads(threads)
     parent = os.getppid()
 
@@ -38,22 +38,26 @@ def _siglip_worker(cfg: SigLIPTrainConfig, threads: int, all_threads: int, vq_do
             torch.set_num_threads(all_threads)
 
     try:
-        train_siglip(cfg, bar_position=1, before_step=take_all_threads)  # the VQ's progress bar keeps line 0
+        # the VQ's progress bar keeps line 0
+        train_siglip(cfg, bar_position=1, before_step=take_all_threads, max_steps=max_steps)
     except BaseException:
         report.send(traceback.format_exc())
         raise SystemExit(1) from None  # the parent prints the traceback, once
     report.send(None)
 
 
-def train_side_by_side(vq_cfg: VQTrainConfig, siglip_cfg: SigLIPTrainConfig, threads: int) -> float:
-    """Train both (``threads`` >= 2 CPU threads in all); returns the seconds the SigLIP encoder took."""
+def train_side_by_side(vq_cfg: VQTrainConfig, siglip_cfg: SigLIPTrainConfig, threads: int,
+                       max_steps: int | None = None) -> float:
+    """Train both (``threads`` >= 2 CPU threads in all; each stops at ``max_steps``, if given); returns the
+    seconds the SigLIP encoder took."""
     if threads < 2:
         raise ValueError(f"training side by side needs threads >= 2, got {threads}; train one after the other")
     ctx = mp.get_context("spawn")  # not fork: a forked child would inherit this process's thread pools mid-use
     receive, send = ctx.Pipe(duplex=False)
     vq_done = ctx.Event()
     side = threads // 2
-    proc = ctx.Process(target=_siglip_worker, args=(siglip_cfg, side, threads, vq_done, send), name="train-siglip")
+    proc = ctx.Process(target=_siglip_worker, args=(siglip_cfg, side, threads, vq_done, send, max_steps),
+                       name="train-siglip")
     start = time.perf_counter()
     proc.start()
     send.close()  # this process keeps only the receiving end: EOF there means the worker is gone
@@ -67,7 +71,7 @@ def train_side_by_side(vq_cfg: VQTrainConfig, siglip_cfg: SigLIPTrainConfig, thr
 
     try:
         torch.set_num_threads(threads - side)
-        train_vq(vq_cfg, before_step=take_all_threads)
+        train_vq(vq_cfg, before_step=take_all_threads, max_steps=max_steps)
         vq_done.set()  # the encoder, if still training, takes every thread from its next step
         try:
             error = receive.recv()  # None once it has saved the encoder; waits for it if it is still training

@@ -32,6 +32,7 @@ from unigen.data.sampler import holdout_size, split_holdout
 from unigen.errors import ConfigError
 from unigen.models.model import SigLIPEncoder
 from unigen.models.siglip import SigLIPDualEncoder, SigLIPTowersConfig, TextTower, TextTowerConfig
+from unigen.training import parallel
 from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
 from unigen.training.tokenizer.run_checks import read_tokenizer_config, read_weights
@@ -67,7 +68,8 @@ class SigLIPTrainConfig(TokenizerRunConfig):
 
 
 def sigmoid_loss(logits: torch.Tensor, positive: torch.Tensor | None = None) -> torch.Tensor:
-    """SigLIP loss; ``positive`` (B, B) bool marks matching pairs (default: the diagonal)."""
+    """SigLIP loss; ``positive`` (B, B) bool marks matching pairs (default: the diagonal). Over the rows of some
+    of the images only (b, B), it is that share of the loss times B / b."""
     if positive is None:
         positive = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
     labels = positive.to(logits.dtype) * 2 - 1
@@ -221,14 +223,18 @@ class SigLIPTrainer(Trainer):
         images, captions = next(self.batches)
         x = to_pixels(images).to(self.device, non_blocking=True)
         ids, mask = tokenize(self.tokenizer, captions, cfg.text.max_len)
-        positive = None
+        # this process's images against every caption of the global batch: its rows of the loss, scaled (by
+        # sigmoid_loss) so that their mean over the processes is the global batch's loss
+        texts = parallel.gather_objects(captions)
+        positive = torch.zeros(len(captions), len(texts), dtype=torch.bool)
+        positive[range(len(captions)), range(self.rank * len(captions), (self.rank + 1) * len(captions))] = True
         if cfg.same_text_positive:
-            positive = torch.tensor([[a == b for b in captions] for a in captions], device=self.device)
+            positive |= torch.tensor([[a == b for b in texts] for a in captions])
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
             img = self.model.encode_image(x)
             txt = self.model.encode_text(ids.to(self.device), mask.to(self.device))
-        logits = self.model.logits(img.float(), txt.float())
-        loss = sigmoid_loss(logits, positive)
+        logits = self.model.logits(img.float(), parallel.gather_rows(txt.float()))
+        loss = sigmoid_loss(logits, positive.to(self.device))
         gn = self.update(loss, self.model)
         return {"loss": loss.item(), "lr": lr, "grad_norm": gn, "t": self.model.logit_scale.exp().item(),
                 "b": self.model.logit_bias.item()}
@@ -257,13 +263,11 @@ def _millions(module: nn.Module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
 
 
-def train_siglip(cfg: SigLIPTrainConfig, bar_position: int = 0,
-                 before_step: Callable[[], None] | None = None) -> Path:
-    """Train as configured; returns the output folder (``load_siglip`` / ``load_siglip_into`` read it)."""
-    trainer = SigLIPTrainer(cfg)
-    trainer.train(bar_position=bar_position, before_step=before_step)
-    trainer.close()
-    return trainer.out_dir
+def train_siglip(cfg: SigLIPTrainConfig, bar_position: int = 0, before_step: Callable[[], None] | None = None,
+                 max_steps: int | None = None) -> Path:
+    """Train as configured (``max_steps``: stop there, resumable); returns the output folder (``load_siglip`` /
+    ``load_siglip_into`` read it)."""
+    return SigLIPTrainer(cfg).run(max_steps, bar_position=bar_position, before_step=before_step)
 
 
 __all__ = ["SigLIPDualEncoder", "SigLIPTowersConfig", "SigLIPTrainConfig", "SigLIPTrainer", "TextTower",

@@ -28,6 +28,7 @@ from unigen.data.manifest import read_records
 from unigen.data.sampler import holdout_size, split_holdout
 from unigen.errors import CheckpointError, ConfigError
 from unigen.models.vq import VQModel
+from unigen.training import parallel
 from unigen.training.engine import make_adamw
 from unigen.training.tokenizer.common import param_groups
 from unigen.training.tokenizer.losses import (
@@ -146,7 +147,9 @@ class CodebookUsage:
         self.counts = torch.zeros(codebook_size, dtype=torch.long)
 
     def update(self, codes: torch.Tensor) -> None:
-        self.counts += torch.bincount(codes.flatten().cpu(), minlength=self.counts.numel())
+        """Count the global batch's ``codes`` (this process's, summed over the processes)."""
+        counts = torch.bincount(codes.flatten(), minlength=self.counts.numel())
+        self.counts += parallel.all_reduce_sum(counts, codes.device)
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -227,8 +230,9 @@ class VQTrainer(Trainer):
                      "points)", self.step, info["codes_with_points"], cfg.vq.codebook_size)
         images, _ = next(self.batches)
         x = to_pixels(images)
-        if cfg.random_flip:
-            flip = torch.rand(x.shape[0]) < 0.5
+        if cfg.random_flip:  # drawn for the global batch on every process: their RNGs stay as one process's
+            rows = slice(self.rank * x.shape[0], (self.rank + 1) * x.shape[0])
+            flip = (torch.rand(x.shape[0] * self.world) < 0.5)[rows]
             x[flip] = x[flip].flip(-1)
         x = x.to(self.device, non_blocking=True)
         lr = self.schedulers[0].current()
@@ -279,7 +283,9 @@ class VQTrainer(Trainer):
         return d.item()
 
     def _remember(self, h: torch.Tensor) -> None:
-        """Keep a random sample of recent (normalised) encoder outputs to re-seed dead codes from."""
+        """Keep a random sample of recent (normalised) encoder outputs to re-seed dead codes from: the global
+        batch's, so every process re-seeds the same codes with the same points."""
+        h = parallel.gather_rows(h)
         z = F.normalize(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1).cpu()
         keep = min(len(z), max(1, self.cfg.z_buffer_size // 16))
         z = z[torch.randperm(len(z))[:keep]]
@@ -314,7 +320,7 @@ class VQTrainer(Trainer):
         """
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        n = min(len(self.train_set), cfg.kmeans_batches * cfg.batch_size)
+        n = min(len(self.train_set), cfg.kmeans_batches * cfg.batch_size * self.world)  # global batches
         index = torch.randperm(len(self.train_set), generator=gen)[:n].tolist()
         self.model.eval()
         feats = []
@@ -335,6 +341,7 @@ class VQTrainer(Trainer):
         weight = self.model.quantize.embedding.weight
         # the lookup normalises, but the gradient a code gets scales with 1/|e|: keep the initial norm
         weight.copy_(centres.to(weight) * weight.norm(dim=1).mean())
+        parallel.broadcast_from_main(weight)  # float sums may differ in the last bit between processes' threads
         state = self.optimizer.state.get(weight, {})
         for key in ("exp_avg", "exp_avg_sq"):  # moments from before the init would drag the codes away
             if key in state:
@@ -402,6 +409,12 @@ class VQTrainer(Trainer):
     def load_weights(self, path: Path) -> None:
         self.model.load_state_dict(read_weights(path / "model.safetensors"))
 
+    def check_launch(self) -> None:
+        if self.cfg.disc_weight > 0:
+            raise ConfigError(f"disc_weight={self.cfg.disc_weight}: the PatchGAN discriminator trains in one process "
+                              "(its BatchNorm would normalise each process's share of the batch, not the batch); "
+                              "train it without a launcher, or set disc_weight=0")
+
     def extra_state(self) -> dict:
         state = {"usage_counts": self.usage.counts.clone(), "z_buffer": self.z_buffer.clone()}
         if self.disc is not None:
@@ -419,12 +432,10 @@ class VQTrainer(Trainer):
         self.z_buffer = state["z_buffer"].clone()
 
 
-def train_vq(cfg: VQTrainConfig, before_step: Callable[[], None] | None = None) -> Path:
-    """Train a VQ tokenizer as configured; returns the output folder (``load_vq`` reads it)."""
-    trainer = VQTrainer(cfg)
-    trainer.train(before_step=before_step)
-    trainer.close()
-    return trainer.out_dir
+def train_vq(cfg: VQTrainConfig, before_step: Callable[[], None] | None = None, max_steps: int | None = None) -> Path:
+    """Train a VQ tokenizer as configured (``max_steps``: stop there, resumable); returns the output folder
+    (``load_vq`` reads it)."""
+    return VQTrainer(cfg).run(max_steps, before_step=before_step)
 
 
 __all__ = ["VQTrainConfig", "VQTrainer", "load_vq", "load_vq_config", "load_vq_into", "save_vq",
