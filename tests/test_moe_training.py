@@ -37,6 +37,8 @@ def test_the_moe_columns_are_logged(one_process):
         assert r["moe_aux"] == pytest.approx((r["moe_aux_l0"] + r["moe_aux_l1"]) / 2)
 
 
+# slow: two training processes; the dense FSDP test (test_train_resume) keeps the default run's check of the sharding
+@pytest.mark.slow
 def test_two_process_fsdp_moe_with_gradient_checkpointing_equals_one_process(data, one_process, tmp_path):
     done = run(cli("--stage", 1, f"data={data}", "stage1.steps=4", GROUPS, MOE, "--output-dir", tmp_path,
                    "stage1.batch_size=4", "parallel=fsdp", "grad_checkpointing=true", launcher=TORCHRUN), timeout=600)
@@ -44,6 +46,8 @@ def test_two_process_fsdp_moe_with_gradient_checkpointing_equals_one_process(dat
     _same_run(one_process, tmp_path)
 
 
+# slow: trains a dense stage, then the upcycled one; test_moe's upcycling test keeps equal logits in the default run
+@pytest.mark.slow
 def test_an_upcycled_dense_checkpoint_starts_with_the_dense_loss(data, tmp_path):
     """Step 1's loss (before any update) of the upcycled model is the dense model's; it trains and saves as MoE."""
     common = ["--stage", 1, f"data={data}", "stage1.batch_size=8", GROUPS]

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     prompts.add_argument("--shapes", type=positive_int, metavar="N", help="N Shapes-world prompts drawn with --seed")
     p.add_argument("--k", type=int, default=4, help="images drawn per prompt, at least 2 (default 4)")
     p.add_argument("--judge", default="shapes",
-                   help="shapes (the Shapes checker) or module:function taking (prompt, PIL image) -> score")
+                   help="shapes (the Shapes checker) or module:function taking (prompt, PIL image) -> score "
+                   "(default shapes)")
     p.add_argument("--seed", type=seed_int, default=0, help="prompt i draws with seed + i (default 0)")
     p.add_argument("--output-dir", type=Path, required=True, help=f"where {PAIRS} and images/ go")
     p.add_argument("--overwrite", action="store_true", help=f"replace an earlier {PAIRS} in --output-dir")
