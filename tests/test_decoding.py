@@ -255,6 +255,7 @@ def histogram(codes: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.bincount(codes, minlength=vocab).float() / codes.numel()
 
 
+@pytest.mark.slow  # thousands of sampled draws (~11 s); the greedy Jacobi tests check the decoder by default
 def test_sampled_jacobi_keeps_the_sampling_distribution(small_codebook):
     """Token frequencies over 4000 draws against the exact distribution (positions 0-2, where every
     acceptance case occurs: a guessed draft, a Jacobi-updated draft, a re-verified fixed token) and against

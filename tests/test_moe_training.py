@@ -25,6 +25,8 @@ def one_process(data, tmp_path_factory):
     return out
 
 
+# slow: a `unigen train` subprocess (~25 s); test_moe's in-process moe_metrics test keeps the numbers in the default run
+@pytest.mark.slow
 def test_the_moe_columns_are_logged(one_process):
     rows = [r for r in metrics(one_process) if r["stage"] == 1]
     assert len(rows) == 4

@@ -76,6 +76,7 @@ def test_a_second_tokenizer_run_on_a_held_folder_refuses_and_the_first_result_st
     assert main([*argv, f"data={data}", "--output-dir", str(out), "--resume", "latest"]) == 0
 
 
+@pytest.mark.slow  # a holder process and two trainings (~16 s); test_output_lock checks the same lock by default
 def test_a_second_train_on_a_held_folder_refuses_and_a_killed_holder_never_blocks(data, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--config", str(SMOKE), "tensorboard=false", "--stage", "1", f"data={data}", "--output-dir",
