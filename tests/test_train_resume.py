@@ -73,6 +73,7 @@ def one_process(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # two torchrun processes (~30 s); the FSDP test below keeps 2 processes = 1 in the default run
 def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data, one_process, tmp_path):
     run(cli("--stage", 1, f"data={data}", "stage1.steps=4", GROUPS, "--output-dir", tmp_path,
             "stage1.batch_size=4", launcher=TORCHRUN))
