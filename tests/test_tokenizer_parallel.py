@@ -69,16 +69,29 @@ def assert_same(a, b, tol=1e-5, width=None):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol
 
 
+def assert_same_vq(a, b):
+    """Two VQ runs compute the same tokenizer: per-step losses and the codebook to 1e-5, and reconstructions and
+    encoder outputs of 64 random images to 1e-4. Their weights are not compared one by one: the group-mean part of a
+    conv bias in front of a GroupNorm changes nothing the VQ computes, so its gradient is float noise, which AdamW
+    turns into steps near lr that differ between a 1- and a 2-process run (their all-reduce rounds differently)."""
+    la, lb = losses(a), losses(b)
+    assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3, 4]
+    assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la, lb, strict=True)), (la, lb)
+    va, vb = load_vq(a), load_vq(b)
+    assert (va.quantize.embedding.weight - vb.quantize.embedding.weight).abs().max() < 1e-5
+    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert (va.quant_conv(va.encoder(x)) - vb.quant_conv(vb.encoder(x))).abs().max() < 1e-4
+        assert (va(x)[0] - vb(x)[0]).abs().max() < 1e-4
+
+
 @pytest.mark.slow  # three launches of the VQ trainer, two of them 2-process (~1 min)
 def test_two_process_vq_equals_one_process_and_resumes_bitwise(tmp_path):
     data = write_images(tmp_path, 16)
     one("train-vq", f"data={data}", "batch_size=8", "--output-dir", tmp_path / "one", *VQ)
     two("train-vq", f"data={data}", "batch_size=4", "--output-dir", tmp_path / "two", "save_every=2", "keep_last=5",
         *VQ)
-    assert_same(tmp_path / "one", tmp_path / "two")
-    x = torch.rand(4, 3, 16, 16) * 2 - 1
-    with torch.no_grad():  # the key biases left out above change nothing the VQ computes
-        assert (load_vq(tmp_path / "one")(x)[0] - load_vq(tmp_path / "two")(x)[0]).abs().max() < 1e-5
+    assert_same_vq(tmp_path / "one", tmp_path / "two")
     step2 = tmp_path / "two" / "checkpoints" / "step_0000002"
     assert {"rng_0.pt", "rng_1.pt", "model.safetensors", "optimizer.pt"} <= {p.name for p in step2.iterdir()}
     assert json.loads((step2 / "progress.json").read_text())["data"]["global_batch"] == 8
