@@ -22,6 +22,25 @@ def test_foreground_mask_marks_pixels_off_the_border_colour(background):
     assert torch.equal(mask, expected)
 
 
+def test_margin_grows_the_mask_by_that_many_pixels_on_every_side():
+    x = _object_on(-1.0)
+    expected = torch.zeros(2, 1, 16, 16)
+    expected[0, :, 2:10, 3:11] = 1  # rows 4:8, columns 5:9, two more on each side
+    assert torch.equal(foreground_mask(x, margin=2), expected)
+
+
+def test_with_a_margin_an_edge_costs_the_same_grown_or_shrunk():
+    x = _object_on(-1.0)
+    yellow = x[0, :, 4, 5].clone()
+    grown, shrunk = x.clone(), x.clone()
+    grown[0, :, 8, 5:9] = yellow[:, None]  # one row of background painted as the object
+    shrunk[0, :, 7, 5:9] = -1.0  # the object's last row painted as background
+    assert reconstruction_loss(grown, x, "l2", 4.0, margin=2) == pytest.approx(
+        reconstruction_loss(shrunk, x, "l2", 4.0, margin=2).item(), rel=1e-6)
+    # without one, growing into the background is the cheaper error
+    assert reconstruction_loss(grown, x, "l2", 4.0) < reconstruction_loss(shrunk, x, "l2", 4.0) / 2
+
+
 @pytest.mark.parametrize("kind", ["l1", "l2"])
 def test_zero_weight_is_the_plain_mean(kind):
     x, recon = _object_on(-1.0), torch.randn(2, 3, 16, 16)
@@ -42,6 +61,8 @@ def test_foreground_error_costs_more_than_the_same_error_on_the_background():
     assert b.item() == pytest.approx(F.mse_loss(on_background, x).item() / mean_weight, rel=1e-6)
 
 
-def test_negative_foreground_weight_is_refused():
+def test_negative_foreground_weight_or_margin_is_refused():
     with pytest.raises(ConfigError, match="foreground_weight must be >= 0"):
         VQTrainConfig(foreground_weight=-1.0)
+    with pytest.raises(ConfigError, match="foreground_margin must be >= 0 pixels"):
+        VQTrainConfig(foreground_margin=-1)

@@ -58,6 +58,9 @@ class VQTrainConfig(TokenizerRunConfig):
     # background (Shapes, icons, documents) is a few percent of the pixels, so a plain mean lets its colour drift
     # at almost no cost; 0 turns the weighting off.
     foreground_weight: float = 0.0
+    # Background pixels this close to the foreground count as foreground, so the weight is the same on both sides
+    # of an edge: without a margin, growing the object into the background is the cheap error, and shapes fatten.
+    foreground_margin: int = 2
     codebook_weight: float = 1.0  # scales codebook + commitment (commit beta lives in vq.commit_beta)
     perceptual_weight: float = 0.0
     perceptual_net_path: str | None = None  # torchvision vgg16 state dict; never downloaded
@@ -86,6 +89,8 @@ class VQTrainConfig(TokenizerRunConfig):
         super().__post_init__()
         if self.foreground_weight < 0:
             raise ConfigError(f"foreground_weight must be >= 0 (0 turns it off), got {self.foreground_weight}")
+        if self.foreground_margin < 0:
+            raise ConfigError(f"foreground_margin must be >= 0 pixels, got {self.foreground_margin}")
         if self.recon_loss not in ("l1", "l2"):
             raise ConfigError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
         if self.ae_warmup_steps < 0 or self.ae_warmup_steps >= max(1, self.steps):
@@ -99,21 +104,24 @@ class VQTrainConfig(TokenizerRunConfig):
                               f"({self.vq.norm_groups}): every GroupNorm splits its channels into that many groups")
 
 
-def foreground_mask(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+def foreground_mask(x: torch.Tensor, margin: int = 0, threshold: float = 0.1) -> torch.Tensor:
     """(B, 1, H, W) 1.0 where a pixel differs from its image's border colour (the per-channel median of the
-    outermost pixels) by more than ``threshold`` in some channel, for images in [-1, 1]."""
+    outermost pixels) by more than ``threshold`` in some channel, or lies within ``margin`` pixels (Chebyshev) of
+    such a pixel; for images in [-1, 1]."""
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (B, C, 2H + 2W)
     background = border.median(dim=-1).values[..., None, None]
-    return ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+    mask = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+    return F.max_pool2d(mask, 2 * margin + 1, stride=1, padding=margin) if margin else mask
 
 
-def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, kind: str, foreground_weight: float) -> torch.Tensor:
-    """L1 or L2 per pixel, averaged with weight 1 + ``foreground_weight`` on foreground pixels (normalised by the
-    mean weight, so the loss keeps the plain mean's scale)."""
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, kind: str, foreground_weight: float,
+                        margin: int = 0) -> torch.Tensor:
+    """L1 or L2 per pixel, averaged with weight 1 + ``foreground_weight`` on foreground pixels (``margin``: see
+    ``foreground_mask``), normalised by the mean weight so the loss keeps the plain mean's scale."""
     err = (recon - x).abs() if kind == "l1" else (recon - x).square()
     if foreground_weight == 0:
         return err.mean()
-    weight = 1 + foreground_weight * foreground_mask(x)
+    weight = 1 + foreground_weight * foreground_mask(x, margin)
     return (err * weight).mean() / weight.mean()
 
 
@@ -280,7 +288,7 @@ class VQTrainer(Trainer):
                 q = None if warming_up else model.quantize(h.float())
             # during the warm-up the decoder learns from the unquantized point on the unit sphere
             recon = model.decode_latent(F.normalize(h.float(), dim=1) if warming_up else q.quantized).float()
-        rec = reconstruction_loss(recon, x, cfg.recon_loss, cfg.foreground_weight)
+        rec = reconstruction_loss(recon, x, cfg.recon_loss, cfg.foreground_weight, cfg.foreground_margin)
         loss = cfg.recon_weight * rec
         out = {"recon": rec.item()}
         if q is not None:
