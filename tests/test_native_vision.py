@@ -140,3 +140,52 @@ def test_weights_load_from_a_whole_qwen2vl_checkpoint_and_config_round_trips():
     assert UniGenConfig.from_dict(again.to_dict()) == again
     with pytest.raises(ConfigError, match=r"native_vision: the head width \(6\) must be a multiple of 4"):
         NativeVisionConfig(width=12, num_heads=2)
+
+
+# ---- end to end: a Method A model with the native encoder and M-RoPE captions a non-square image -----------
+
+def tiny_native_pipeline(directory):
+    from unigen import UniGenModel
+    from unigen.generation.pipeline import UniGenPipeline
+    from unigen.processor import UniGenProcessor
+    from unigen.testing import TINY_TOKENS, randomize_, write_tiny_tokenizer
+
+    write_tiny_tokenizer(directory)
+    d = UniGenConfig.from_name("smoke").to_dict()
+    d |= {"encoder": "native", "tokens": vars(TINY_TOKENS),
+          "native_vision": {"patch_size": 4, "temporal_patch_size": 1, "width": 32, "depth": 1, "num_heads": 2,
+                            "out_width": 32, "min_pixels": 64, "max_pixels": 32 * 32}}
+    d["llm"] |= {"rope": "mrope", "mrope_section": [2, 3, 3]}
+    config = UniGenConfig.from_dict(d)
+    model = UniGenModel(config).eval()
+    randomize_(model, seed=0, std=0.3)
+    return UniGenPipeline(model, UniGenProcessor.from_pretrained(directory, config))
+
+
+def greedy_without_cache(model, ids, pixels, n):
+    """The reference: every step re-runs the whole sequence (M-RoPE positions recomputed from scratch)."""
+    out = []
+    for _ in range(n):
+        token = model(ids, pixel_values=pixels).logits[:, -1].argmax(-1)
+        out.append(int(token))
+        ids = torch.cat([ids, token[:, None]], 1)
+    return out
+
+
+def test_a_method_a_model_captions_non_square_images_at_their_own_size(tmp_path):
+    from PIL import Image
+
+    pipe = tiny_native_pipeline(tmp_path)
+    wide, tall = Image.new("RGB", (40, 16), (200, 30, 30)), Image.new("RGB", (8, 24), (30, 30, 200))
+    wide.paste((20, 220, 20), (4, 4, 12, 12))
+    batch = pipe.processor.understanding_inputs([wide], "describe the image .")
+    assert [tuple(x.shape) for x in batch["pixel_values"].images] == [(3, 16, 40)]  # already multiples of 8
+    assert int((batch["input_ids"] == pipe.model.config.image_token_id).sum()) == 2 * 5  # the merged grid
+    with torch.no_grad():
+        expected = greedy_without_cache(pipe.model, batch["input_ids"], batch["pixel_values"], 5)
+    caption = pipe.caption(wide, question="describe the image .", max_new_tokens=5)
+    assert caption == pipe.processor.decode(expected)
+    # two sizes in one batch (left padding, packed encoder) caption as each does alone
+    both = pipe.caption([wide, tall], question="describe the image .", max_new_tokens=5)
+    assert both == [caption, pipe.caption(tall, question="describe the image .", max_new_tokens=5)]
+    assert caption and both[0] != both[1]

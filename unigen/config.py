@@ -400,10 +400,18 @@ class UniGenConfig:
             self.native_vision = build_config(NativeVisionConfig, self.native_vision, "config.native_vision")
         if self.encoder == "native" and self.native_vision is None:
             self.native_vision = NativeVisionConfig()
+        if self.encoder == "native" and self.fusion != "concat":
+            raise ConfigError("encoder: native gives each image its own number of tokens, which Method B's "
+                              "cross-attention does not take yet; use fusion: concat")
 
     @property
     def image_token_id(self) -> int:
         return self.tokens.image
+
+    @property
+    def understanding_width(self) -> int:
+        """The width of the understanding encoder's features (what the aligner maps to the LLM's width)."""
+        return self.native_vision.out_width if self.encoder == "native" else self.vision.width
 
     @property
     def image_placeholders_per_image(self) -> int:

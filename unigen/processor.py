@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundError, DataError
 from unigen.models.checkpoint import check_tokenizer_files, load_config
+from unigen.models.native_inputs import native_understanding_inputs
 from unigen.prompts import (
     CHAT_TEMPLATE,
     EOS_TEXT,
@@ -281,6 +282,8 @@ class UniGenProcessor:
         for question in questions:
             check_text(question, "question")
         rows = [self.prompts.question(q) for q in questions]
+        if self.config.encoder == "native":  # each image at its own size, as many placeholders as its tokens
+            return native_understanding_inputs(self, rows, [load_image(image) for image in images])
         batch = self.pad(rows)
         batch["pixel_values"] = self.understanding_pixels(images)
         return batch
