@@ -96,6 +96,10 @@ def test_the_block_diagonal_mask_keeps_attention_inside_each_image():
                                                 [0, 0, 1, 1, 1]]
     with pytest.raises(ArgumentError, match="attention backend must be 'auto', 'flex' or 'mask', got 'varlen'"):
         PackedAttention([2], torch.device("cpu"), "varlen")
+    if not torch.cuda.is_available():
+        with pytest.raises(ArgumentError, match="attention backend 'flex' needs CUDA"):
+            PackedAttention([2], torch.device("cpu"), "flex")
+        assert PackedAttention([2, 3], torch.device("cpu"), "auto").backend == "mask"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's kernels run on CUDA")
@@ -189,3 +193,34 @@ def test_a_method_a_model_captions_non_square_images_at_their_own_size(tmp_path)
     both = pipe.caption([wide, tall], question="describe the image .", max_new_tokens=5)
     assert both == [caption, pipe.caption(tall, question="describe the image .", max_new_tokens=5)]
     assert caption and both[0] != both[1]
+
+
+def test_a_native_checkpoint_saves_and_reloads(tmp_path):
+    from PIL import Image
+
+    from unigen.generation.pipeline import UniGenPipeline
+
+    pipe = tiny_native_pipeline(tmp_path / "tokenizer")
+    pipe.save_pretrained(tmp_path / "checkpoint")
+    again = UniGenPipeline.from_pretrained(tmp_path / "checkpoint")
+    assert again.model.config == pipe.model.config
+    image = Image.new("RGB", (24, 40), (250, 250, 20))
+    assert again.caption(image, max_new_tokens=4) == pipe.caption(image, max_new_tokens=4)
+
+
+def test_a_chat_holds_images_of_two_sizes_each_with_its_own_placeholders(tmp_path):
+    from PIL import Image
+
+    pipe = tiny_native_pipeline(tmp_path)
+    wide, tall = Image.new("RGB", (48, 16), (200, 30, 30)), Image.new("RGB", (16, 32), (30, 30, 200))
+    messages = [{"role": "user", "content": "<image_placeholder>\nwhat is this ?", "images": [wide]},
+                {"role": "assistant", "content": "a red square ."},
+                {"role": "user", "content": "<image_placeholder>\nand this ?", "images": [tall]}]
+    batch = pipe.processor.chat_inputs(messages)
+    ids = batch["input_ids"][0].tolist()
+    image = pipe.model.config.image_token_id
+    runs = [len(run) for run in "".join("x" if t == image else " " for t in ids).split()]
+    assert runs == [2 * 6, 4 * 2]  # each image's merged grid (8 px a token): 48x16 px -> 2x6, 16x32 -> 4x2
+    with torch.no_grad():
+        expected = greedy_without_cache(pipe.model, batch["input_ids"], batch["pixel_values"], 4)
+    assert pipe.chat(messages, max_new_tokens=4) == pipe.processor.decode(expected)

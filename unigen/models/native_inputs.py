@@ -77,12 +77,14 @@ def with_image_tokens(row: list[int], tokens: TokenIds, counts: Sequence[int]) -
     return out
 
 
-def native_understanding_inputs(processor, rows: list[list[int]], images: Sequence[Image.Image]) -> dict:
-    """One image per row: the rows' image blocks sized to each image's token grid, left-padded, and the images."""
+def native_inputs(processor, rows: list[list[int]], row_images: list[Sequence[Image.Image]]) -> dict:
+    """Each row with its images (in the order of their tags): the rows' image blocks sized to each image's token
+    grid, left-padded, and all the images in reading order."""
     cfg = processor.config.native_vision
-    pixels = native_pixels(images, cfg, processor.do_normalize)
-    counts = [h * w for h, w in (token_grid(cfg, image) for image in pixels.images)]
-    batch = processor.pad([with_image_tokens(row, processor.tokens, [n]) for row, n in zip(rows, counts)])
+    pixels = native_pixels([image for images in row_images for image in images], cfg, processor.do_normalize)
+    counts = iter([h * w for h, w in (token_grid(cfg, image) for image in pixels.images)])
+    batch = processor.pad([with_image_tokens(row, processor.tokens, [next(counts) for _ in images])
+                           for row, images in zip(rows, row_images, strict=True)])
     batch["pixel_values"] = pixels
     return batch
 

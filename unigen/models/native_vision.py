@@ -6,9 +6,9 @@ column, so any grid of patches has positions. An image is resized (aspect kept) 
 cut into patches, and every ``merge_size`` x ``merge_size`` neighbouring patches are merged into one output
 token by the ``merger`` (LayerNorm, then an MLP over their concatenation).
 
-Several images of different sizes run as one packed sequence; attention stays inside each image. On CUDA
-with FlexAttention that is a block-sparse document mask; elsewhere SDPA with the same block-diagonal mask as a
-dense boolean one. Both compute the same attention (tests/test_native_vision.py; docs/RESOLUTION.md).
+Several images of different sizes run as one packed sequence; attention stays inside each image: SDPA with a
+block-diagonal boolean mask (any device), or on CUDA, by choice, FlexAttention's block-sparse document mask, which
+skips the masked blocks (tests/test_native_vision.py compares the two on CUDA; docs/RESOLUTION.md).
 
 Patches are laid out as transformers' ``Qwen2VLImageProcessor`` lays them out (block-major: the patches of one
 merged token are consecutive), and the module tree uses transformers' ``Qwen2VisionTransformerPretrainedModel``
@@ -114,11 +114,14 @@ class PackedAttention:
     ``backend``: "flex" (FlexAttention's block-sparse mask, CUDA) or "mask" (a dense boolean mask for SDPA); "auto"
     picks flex where it runs. A backend that is asked for and cannot run is an error, never a silent swap."""
 
-    def __init__(self, lengths: Sequence[int], device: torch.device, backend: str = "auto"):
+    def __init__(self, lengths: Sequence[int], device: torch.device, backend: str = "mask"):
         if backend not in ("auto", "flex", "mask"):
             raise ArgumentError(f"attention backend must be 'auto', 'flex' or 'mask', got {backend!r}")
         if backend == "auto":
             backend = "flex" if flex_attention_available(device) else "mask"
+        if backend == "flex" and not flex_attention_available(device):
+            raise ArgumentError(f"attention backend 'flex' needs CUDA and torch's FlexAttention (device: {device}); "
+                                "use 'mask' or 'auto'")
         self.backend = backend
         ids = torch.repeat_interleave(torch.arange(len(lengths), device=device),
                                       torch.tensor(list(lengths), device=device))
@@ -235,7 +238,9 @@ class NativeVisionEncoder(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
-        self.attention_backend = "auto"  # "flex", "mask" or "auto" (flex where it runs): PackedAttention
+        # "mask" (every device), "flex" (CUDA) or "auto" (flex where it runs): PackedAttention. The mask stays the
+        # default until the CUDA test that compares the two has run (docs/RESOLUTION.md)
+        self.attention_backend = "mask"
 
     def grid(self, image: torch.Tensor) -> tuple[int, int]:
         """(rows, columns) of patches of one image; a size the encoder cannot read is named."""
