@@ -144,6 +144,10 @@ def test_weights_load_from_a_whole_qwen2vl_checkpoint_and_config_round_trips():
     assert UniGenConfig.from_dict(again.to_dict()) == again
     with pytest.raises(ConfigError, match=r"native_vision: the head width \(6\) must be a multiple of 4"):
         NativeVisionConfig(width=12, num_heads=2)
+    with pytest.raises(ConfigError, match="native_vision.mlp_act must be 'quick_gelu', 'gelu' or 'gelu_tanh'"):
+        NativeVisionConfig(mlp_act="relu")
+    with pytest.raises(ConfigError, match="encoder: native gives each image its own number of tokens"):
+        UniGenConfig.from_dict(d | {"fusion": "cross_attention"})
 
 
 # ---- end to end: a Method A model with the native encoder and M-RoPE captions a non-square image -----------

@@ -120,6 +120,9 @@ class NativeVisionConfig:
         if (self.width // self.num_heads) % 4:
             raise ConfigError(f"native_vision: the head width ({self.width // self.num_heads}) must be a multiple of "
                               "4: the 2-D rotary embedding turns pairs of channels for rows and for columns")
+        if self.mlp_act not in ("quick_gelu", "gelu", "gelu_tanh"):
+            raise ConfigError(f"native_vision.mlp_act must be 'quick_gelu', 'gelu' or 'gelu_tanh', "
+                              f"got {self.mlp_act!r}")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"native_vision.min_pixels ({self.min_pixels}) must not exceed max_pixels "
                               f"({self.max_pixels})")
