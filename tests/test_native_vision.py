@@ -152,7 +152,7 @@ def test_weights_load_from_a_whole_qwen2vl_checkpoint_and_config_round_trips():
 
 # ---- end to end: a Method A model with the native encoder and M-RoPE captions a non-square image -----------
 
-def tiny_native_pipeline(directory):
+def tiny_native_pipeline(directory, encoder: str = "native"):
     from unigen import UniGenModel
     from unigen.generation.pipeline import UniGenPipeline
     from unigen.processor import UniGenProcessor
@@ -160,7 +160,7 @@ def tiny_native_pipeline(directory):
 
     write_tiny_tokenizer(directory)
     d = UniGenConfig.from_name("smoke").to_dict()
-    d |= {"encoder": "native", "tokens": vars(TINY_TOKENS),
+    d |= {"encoder": encoder, "tokens": vars(TINY_TOKENS),
           "native_vision": {"patch_size": 4, "temporal_patch_size": 1, "width": 32, "depth": 1, "num_heads": 2,
                             "out_width": 32, "min_pixels": 64, "max_pixels": 32 * 32}}
     d["llm"] |= {"rope": "mrope", "mrope_section": [2, 3, 3]}
@@ -228,3 +228,22 @@ def test_a_chat_holds_images_of_two_sizes_each_with_its_own_placeholders(tmp_pat
     with torch.no_grad():
         expected = greedy_without_cache(pipe.model, batch["input_ids"], batch["pixel_values"], 4)
     assert pipe.chat(messages, max_new_tokens=4) == pipe.processor.decode(expected)
+
+
+def test_a_fixed_size_encoder_with_mrope_places_its_square_grid(tmp_path):
+    from PIL import Image
+
+    from unigen.models.native_inputs import mrope_position_ids
+
+    pipe = tiny_native_pipeline(tmp_path, encoder="siglip")  # the smoke preset's 32-px SigLIP: 4x4 tokens
+    image = Image.new("RGB", (40, 16), (200, 30, 30))
+    batch = pipe.processor.understanding_inputs([image], "describe the image .")
+    ids = batch["input_ids"]
+    positions = mrope_position_ids(pipe.model.config, ids, batch["attention_mask"], batch["pixel_values"])
+    slots = ids[0] == pipe.model.config.image_token_id
+    start = int(positions[0, 0, slots][0])
+    assert (positions[1, 0, slots] - start).tolist() == [r for r in range(4) for _ in range(4)]
+    assert (positions[2, 0, slots] - start).tolist() == list(range(4)) * 4
+    with torch.no_grad():
+        expected = greedy_without_cache(pipe.model, ids, batch["pixel_values"], 4)
+    assert pipe.caption(image, question="describe the image .", max_new_tokens=4) == pipe.processor.decode(expected)
