@@ -14,11 +14,12 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from unigen.config import NativeVisionConfig, UniGenConfig
-from unigen.errors import ArgumentError, ConfigError
+from unigen.errors import ArgumentError, CheckpointError, ConfigError
 from unigen.models.native_vision import (
     NativeVisionEncoder,
     PackedAttention,
     fit_size,
+    load_qwen2vl_vision,
     patchify,
     vision_state_from_qwen2vl,
 )
@@ -128,6 +129,20 @@ def test_bad_sizes_are_named():
         ours([torch.zeros(3, 64, 80)])
     with pytest.raises(ArgumentError, match=r"must have shape \(3, H, W\); got \(1, 3, 8, 8\)"):
         ours([torch.zeros(1, 3, 8, 8)])
+
+
+def test_a_saved_qwen2vl_tower_loads_with_its_config(tmp_path):
+    hf, ours = tiny_pair()
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text('{"min_pixels": 64, "max_pixels": 4096}')
+    loaded = load_qwen2vl_vision(tmp_path)
+    assert loaded.config == ours.config
+    images = [torch.randn(3, 16, 24), torch.randn(3, 24, 8)]
+    with torch.no_grad():
+        assert (loaded(images) - transformers_features(hf, images, 2, 2)).abs().max() <= 1e-4
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    with pytest.raises(CheckpointError, match="is model_type 'qwen2_5_vl', not a Qwen2-VL model"):
+        load_qwen2vl_vision(tmp_path)
 
 
 def test_weights_load_from_a_whole_qwen2vl_checkpoint_and_config_round_trips():

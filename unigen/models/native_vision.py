@@ -17,15 +17,18 @@ names, so its weights load by dropping a prefix (:func:`vision_state_from_qwen2v
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unigen.config import NativeVisionConfig
-from unigen.errors import ArgumentError, CheckpointError
+from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundError
+from unigen.models.checkpoint import load_state, read_state_dict
 from unigen.models.decoder import rotate
 
 MAX_ASPECT = 200  # as Qwen2-VL's smart_resize: beyond this a side would round to nothing
@@ -287,3 +290,40 @@ def vision_state_from_qwen2vl(state: dict[str, torch.Tensor]) -> dict[str, torch
     if not state:
         raise CheckpointError("no Qwen2-VL vision tower weights found (keys visual.* / model.visual.*)")
     return state
+
+
+QWEN2VL_TYPES = ("qwen2_vl", "qwen2_vl_vision")  # Qwen2.5-VL's tower differs (window attention, RMSNorm, SwiGLU)
+
+
+def native_config_from_qwen2vl(raw: dict) -> NativeVisionConfig:
+    """A Qwen2-VL ``config.json`` (the whole model's, or its vision tower's) -> the encoder's config."""
+    vision = raw.get("vision_config", raw)
+    theta = (vision.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return NativeVisionConfig(
+        patch_size=vision.get("patch_size", 14), temporal_patch_size=vision.get("temporal_patch_size", 2),
+        merge_size=vision.get("spatial_merge_size", 2), width=vision.get("embed_dim", 1280),
+        depth=vision.get("depth", 32), num_heads=vision.get("num_heads", 16), mlp_ratio=vision.get("mlp_ratio", 4),
+        out_width=vision.get("hidden_size", 3584), mlp_act=vision.get("hidden_act", "quick_gelu"), rope_theta=theta)
+
+
+def load_qwen2vl_vision(directory: str | Path) -> NativeVisionEncoder:
+    """transformers' Qwen2-VL vision tower (a ``Qwen2VisionTransformerPretrainedModel`` or a whole
+    ``Qwen2VLForConditionalGeneration`` folder) as a :class:`NativeVisionEncoder`, fp32."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointNotFoundError(f"{directory} has no config.json; pass a transformers Qwen2-VL folder")
+    raw = json.loads((directory / "config.json").read_text())
+    if raw.get("model_type") not in QWEN2VL_TYPES:
+        raise CheckpointError(f"{directory} is model_type {raw.get('model_type')!r}, not a Qwen2-VL model "
+                              f"({' or '.join(QWEN2VL_TYPES)})")
+    cfg = native_config_from_qwen2vl(raw)
+    preprocessor = directory / "preprocessor_config.json"  # the resize range lives with the image processor
+    if preprocessor.is_file():
+        pre = json.loads(preprocessor.read_text())
+        size = pre.get("size") or {}
+        cfg.min_pixels = pre.get("min_pixels", size.get("shortest_edge", cfg.min_pixels))
+        cfg.max_pixels = pre.get("max_pixels", size.get("longest_edge", cfg.max_pixels))
+        cfg.__post_init__()
+    encoder = NativeVisionEncoder(cfg)
+    load_state(encoder, vision_state_from_qwen2vl(read_state_dict(directory)), torch.float32, directory)
+    return encoder.eval()
