@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from unigen.config import NativeVisionConfig, TokenIds, UniGenConfig
-from unigen.errors import ArgumentError, ConfigError
+from unigen.errors import ArgumentError
 from unigen.models.mrope import mrope_positions
 from unigen.models.native_vision import check_size, fit_size
 
@@ -122,8 +122,7 @@ def mrope_position_ids(config: UniGenConfig, input_ids, attention_mask, pixel_va
     """The (3, batch, n) M-RoPE positions of a prompt with images (``llm.rope: mrope``); None where plain
     positions are the same (no images: text has t = h = w) or with Method B (its images are not in the sequence).
     """
-    if config.llm.rope != "mrope" or input_ids is None or pixel_values is None or not len(pixel_values):
+    if (config.llm.rope != "mrope" or config.fusion != "concat" or input_ids is None or pixel_values is None
+            or not len(pixel_values)):
         return None
-    if config.fusion != "concat":
-        raise ConfigError("llm.rope: mrope places image tokens in the sequence; it needs fusion: concat")
     return mrope_positions(input_ids, config.image_token_id, image_grids(config, pixel_values), attention_mask)
