@@ -87,6 +87,53 @@ class SigLIPConfig:
 
 
 @dataclass
+class NativeVisionConfig:
+    """``encoder: "native"`` (unigen.models.native_vision, docs/RESOLUTION.md): a ViT that reads each image at its
+    own size, Qwen2-VL's vision tower. No absolute position table: 2-D rotary positions over patch rows and
+    columns; ``merge_size`` x ``merge_size`` neighbouring patches are merged into one token (1: no merging).
+    The defaults are Qwen2-VL's (``Qwen2VLVisionConfig``)."""
+
+    patch_size: int = 14
+    # Qwen2-VL's patch embedding is a Conv3d over 2 frames; a still image is its own 2 frames, so the two
+    # temporal slices of the kernel act as one (their sum). 1 for an encoder trained from scratch.
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    width: int = 1280  # Qwen2VLVisionConfig.embed_dim
+    depth: int = 32
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    out_width: int = 3584  # the merger's output (Qwen2VLVisionConfig.hidden_size)
+    mlp_act: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-6
+    # every image is resized (aspect kept) to multiples of patch_size * merge_size within these pixel counts
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    # False: images must already be multiples of patch_size * merge_size and within max_pixels (else an error)
+    resize: bool = True
+
+    def __post_init__(self):
+        _whole("native_vision", self, "patch_size temporal_patch_size merge_size width depth num_heads out_width "
+                                      "min_pixels max_pixels")
+        _positive("native_vision", self, "mlp_ratio rope_theta layer_norm_eps")
+        _divides("native_vision", "width", self.width, "native_vision.num_heads", self.num_heads)
+        if (self.width // self.num_heads) % 4:
+            raise ConfigError(f"native_vision: the head width ({self.width // self.num_heads}) must be a multiple of "
+                              "4: the 2-D rotary embedding turns pairs of channels for rows and for columns")
+        if self.mlp_act not in ("quick_gelu", "gelu", "gelu_tanh"):
+            raise ConfigError(f"native_vision.mlp_act must be 'quick_gelu', 'gelu' or 'gelu_tanh', "
+                              f"got {self.mlp_act!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"native_vision.min_pixels ({self.min_pixels}) must not exceed max_pixels "
+                              f"({self.max_pixels})")
+
+    @property
+    def factor(self) -> int:
+        """Image sides are multiples of this: one merged token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+
+@dataclass
 class VQConfig:
     """LlamaGen VQ-16 image tokenizer: conv encoder/decoder around an l2-normalised codebook."""
 
@@ -225,6 +272,10 @@ class LLMConfig:
     # where qk_norm normalises: each head (Qwen3) or the whole q and k projections (OLMoE)
     qk_norm_scope: Literal["head", "all"] = "head"
     moe: MoEConfig | None = None  # None: every layer a dense SwiGLU
+    # "mrope": Qwen2-VL's multimodal rotary positions: position ids (3, batch, n) of (time, row, column), each
+    # rotating its own ``mrope_section`` share of the frequencies (unigen.models.mrope); text has t = h = w
+    rope: Literal["default", "mrope"] = "default"
+    mrope_section: list[int] | None = None  # None with rope="mrope": Qwen2-VL's [16, 24, 24]
 
     def __post_init__(self):
         if isinstance(self.moe, dict):  # from config.json or a recipe's model: section
@@ -241,6 +292,27 @@ class LLMConfig:
             raise ConfigError(f"llm.head_dim ({self.head_width}) must be even: rotary embeddings turn pairs of "
                               "channels")
         check_rope_scaling(self.rope_scaling)
+        self._check_mrope()
+
+    def _check_mrope(self) -> None:
+        if self.rope not in ("default", "mrope"):
+            raise ConfigError(f"llm.rope must be 'default' or 'mrope', got {self.rope!r}")
+        if self.rope == "default":
+            if self.mrope_section is not None:
+                raise ConfigError("llm.mrope_section needs llm.rope: mrope")
+            return
+        if self.mrope_section is None:
+            self.mrope_section = [16, 24, 24]
+        section = list(self.mrope_section)
+        if len(section) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in section):
+            raise ConfigError(f"llm.mrope_section must be three whole numbers >= 0 (time, rows, columns), "
+                              f"got {self.mrope_section!r}")
+        if sum(section) != self.head_width // 2:
+            raise ConfigError(f"llm.mrope_section {section} must sum to half the head width "
+                              f"({self.head_width // 2}): each rotary frequency belongs to one axis")
+        if self.rope_scaling is not None:
+            raise ConfigError("llm.rope: mrope does not take llm.rope_scaling")
+        self.mrope_section = section
 
     @property
     def head_width(self) -> int:
@@ -304,7 +376,8 @@ class UniGenConfig:
     prompt_format: Literal["janus-pro", "janus", "chat-template"] = "janus-pro"
     system_prompt: str | None = None  # understanding prompts; None = the format's (Janus's) system prompt
     fusion: Literal["concat", "cross_attention"] = "concat"
-    encoder: Literal["siglip", "patch"] = "siglip"
+    encoder: Literal["siglip", "patch", "native"] = "siglip"
+    native_vision: NativeVisionConfig | None = None  # encoder: native (None there: Qwen2-VL's sizes)
     cross_attention_every: int = 4
     cross_attention_layers: list[int] | None = None  # explicit positions override ``cross_attention_every``
     # Method B: add a learned 2-D position table (2-D sin-cos at init) to the image features each block
@@ -326,10 +399,22 @@ class UniGenConfig:
 
     def __post_init__(self):
         _whole("config", self, "aligner_depth gen_aligner_depth gen_head_dim cross_attention_every")
+        if isinstance(self.native_vision, dict):  # from config.json or a recipe's model: section
+            self.native_vision = build_config(NativeVisionConfig, self.native_vision, "config.native_vision")
+        if self.encoder == "native" and self.native_vision is None:
+            self.native_vision = NativeVisionConfig()
+        if self.encoder == "native" and self.fusion != "concat":
+            raise ConfigError("encoder: native gives each image its own number of tokens, which Method B's "
+                              "cross-attention does not take yet; use fusion: concat")
 
     @property
     def image_token_id(self) -> int:
         return self.tokens.image
+
+    @property
+    def understanding_width(self) -> int:
+        """The width of the understanding encoder's features (what the aligner maps to the LLM's width)."""
+        return self.native_vision.out_width if self.encoder == "native" else self.vision.width
 
     @property
     def image_placeholders_per_image(self) -> int:
@@ -341,9 +426,11 @@ class UniGenConfig:
         d = dataclasses.asdict(self)
         d["model_type"] = "unigen"
         # a dense model's config.json stays as it was before these keys existed
-        for key, default in (("moe", None), ("qk_norm_scope", "head")):
+        for key, default in (("moe", None), ("qk_norm_scope", "head"), ("rope", "default"), ("mrope_section", None)):
             if d["llm"][key] == default:
                 del d["llm"][key]
+        if d["native_vision"] is None:
+            del d["native_vision"]
         return d
 
     @classmethod

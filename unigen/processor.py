@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundError, DataError
 from unigen.models.checkpoint import check_tokenizer_files, load_config
+from unigen.models.native_inputs import native_inputs
 from unigen.prompts import (
     CHAT_TEMPLATE,
     EOS_TEXT,
@@ -281,6 +282,8 @@ class UniGenProcessor:
         for question in questions:
             check_text(question, "question")
         rows = [self.prompts.question(q) for q in questions]
+        if self.config.encoder == "native":  # each image at its own size, as many placeholders as its tokens
+            return native_inputs(self, rows, [[load_image(image)] for image in images])
         batch = self.pad(rows)
         batch["pixel_values"] = self.understanding_pixels(images)
         return batch
@@ -299,6 +302,8 @@ class UniGenProcessor:
         assistant's reply slot, and pixel_values (n_images, 3, S, S) in the order of their tags (None
         without images): the ids DeepSeek's ``VLChatProcessor`` makes for the same conversation."""
         ids, images = self.prompts.conversation(messages)
+        if self.config.encoder == "native" and images:  # each image at its own size
+            return native_inputs(self, [ids], [[load_image(image) for image in images]])
         batch = self.pad([ids])
         batch["pixel_values"] = self.understanding_pixels(images) if images else None
         return batch

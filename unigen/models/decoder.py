@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from unigen.config import LLMConfig
 from unigen.models.feed_forward import MLP, SKINNY_ROWS, linear, project  # noqa: F401 - their old import path
 from unigen.models.moe import Experts, MoEFeedForward, checkpoint_contexts
+from unigen.models.mrope import last_positions, mrope_tables
 from unigen.models.precision import native_bf16
 
 
@@ -310,7 +311,7 @@ class Decoder(nn.Module):
         attended, unfilled columns masked); run eagerly, attention reads only the filled columns."""
         if position_ids is None:
             position_ids = cache.next_pos[:, None].clone()
-        cache.next_pos.copy_(position_ids[:, -1] + 1)
+        cache.next_pos.copy_(last_positions(position_ids) + 1)
         cache.key_bias.index_fill_(2, cache.column, 0.0)
         mask = cache.key_bias.flatten(0, 1)[:, None]
         cross_mask, sees = cross.state.decode_visibility() if cross is not None else (None, None)
@@ -344,7 +345,7 @@ class Decoder(nn.Module):
         return out
 
     def _blocks(self, x, position_ids, mask, cache, cross, cross_mask, sees) -> torch.Tensor:
-        rope = rotary_tables(position_ids, self.head_dim, self.config.rope_theta, x.dtype, self.config.rope_scaling)
+        rope = self.rotary(position_ids, x.dtype)
         blocks = cross.blocks if cross is not None else {}
         if sees is not None:
             sees = sees.to(x.dtype)
@@ -360,6 +361,15 @@ class Decoder(nn.Module):
             x = blocks[last](x, cross.state.keys[last], cross.state.values[last], cross_mask, sees)
         return self.norm(x)
 
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """The blocks' rotary tables: (batch, n) positions, or with ``llm.rope: mrope`` also (3, batch, n)
+        (time, row, column; unigen.models.mrope)."""
+        cfg = self.config
+        if cfg.rope == "mrope":
+            inv_freq = rotary_frequencies(self.head_dim, cfg.rope_theta, None, position_ids.device)
+            return mrope_tables(position_ids, inv_freq, cfg.mrope_section, dtype)
+        return rotary_tables(position_ids, self.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
+
     def _prefill_positions_and_mask(self, cache: KVCache, attention_mask, position_ids, n: int):
         """Positions and attention mask of ``n`` new columns; marks them real or padding in the cache."""
         start, end = cache.length, cache.length + n
@@ -367,7 +377,7 @@ class Decoder(nn.Module):
                  torch.ones(cache.batch_size, n, dtype=torch.bool, device=cache.k.device))
         if position_ids is None:
             position_ids = cache.next_pos[:, None] + positions_from_mask(valid)
-        cache.next_pos.copy_(position_ids[:, -1] + 1)
+        cache.next_pos.copy_(last_positions(position_ids) + 1)
         cache.key_bias[:, :, start:end] = torch.zeros_like(valid, dtype=cache.key_bias.dtype).masked_fill(
             ~valid, float("-inf"))[:, None]
         if start == 0 and bool(valid.all()):  # no padding: SDPA's causal kernel skips the masked half

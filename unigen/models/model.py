@@ -23,6 +23,8 @@ from unigen.errors import ArgumentError, ConfigError
 from unigen.models.checkpoint import load_state, read_checkpoint, resolve_checkpoint_dir, save_model
 from unigen.models.cross_attention import build_cross_attention_layers, convert_fusion, resolve_cross_attention_state
 from unigen.models.decoder import CausalLM, CrossAttentionInput, Decoder, KVCache, project
+from unigen.models.native_inputs import mrope_position_ids, splice_native_features
+from unigen.models.native_vision import NativeVisionEncoder
 from unigen.models.param_groups import parameter_groups
 from unigen.models.patch_encoder import PatchEncoder
 from unigen.models.vq import VQModel
@@ -122,7 +124,9 @@ def build_understanding_encoder(config: UniGenConfig) -> nn.Module:
         return SigLIPEncoder(config.vision)
     if config.encoder == "patch":
         return PatchEncoder(config.vision)
-    raise ConfigError(f"unknown encoder {config.encoder!r}; expected 'siglip' or 'patch'")
+    if config.encoder == "native":
+        return NativeVisionEncoder(config.native_vision)
+    raise ConfigError(f"unknown encoder {config.encoder!r}; expected 'siglip', 'patch' or 'native'")
 
 
 class DecoderOutput(NamedTuple):
@@ -144,7 +148,7 @@ class UniGenModel(nn.Module):
         self.config = config
         width = config.llm.hidden_size
         self.vision_model = build_understanding_encoder(config)
-        self.aligner = MLPAligner(config.vision.width, width, config.aligner_depth)
+        self.aligner = MLPAligner(config.understanding_width, width, config.aligner_depth)
         self.gen_vision_model = VQModel(config.vq)
         self.gen_embed = nn.Embedding(config.vq.codebook_size, config.vq.embed_dim)
         self.gen_aligner = MLPAligner(config.vq.embed_dim, width, config.gen_aligner_depth)
@@ -201,6 +205,8 @@ class UniGenModel(nn.Module):
 
     def _splice_image_features(self, embeds: torch.Tensor, input_ids: torch.Tensor,
                                pixel_values: torch.Tensor | None) -> torch.Tensor:
+        if self.config.encoder == "native":  # images of their own sizes: unigen.models.native_inputs
+            return splice_native_features(self, embeds, input_ids, pixel_values)
         is_image = input_ids == self.config.image_token_id
         n_slots = int(is_image.sum())
         pixel_values = stacked_images(pixel_values)
@@ -251,6 +257,8 @@ class UniGenModel(nn.Module):
                 inputs_embeds = self.embed_text(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.prepare_inputs_embeds(input_ids, pixel_values, source_codes, source_rows)
+        if position_ids is None:  # llm.rope: mrope gives image tokens (time, row, column) positions
+            position_ids = mrope_position_ids(self.config, input_ids, attention_mask, pixel_values)
         hidden = self.run_decoder(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, state)
         logits = project(self.language_model.lm_head, hidden.last_hidden_state[:, -logits_to_keep:])
         return UniGenOutput(logits, hidden.last_hidden_state, hidden.past_key_values, state)
