@@ -2,9 +2,10 @@
 one short run, printed as the markdown table of docs/PERFORMANCE.md ("GPU check").
 
 Rows: bf16 eager and with the captured step (a CUDA graph), int8 / int4 weight-only and float8 (torchao), a
-float8 KV cache, and fp32 weights with their own and a bf16 KV cache; columns: ms per decode step at 1 and 16
-images (each step draws one token of every image, classifier-free guidance doubles the rows), the linear
-weights' and the cache's bytes, and peak GPU memory. A row the device cannot run says why instead of a number.
+float8 KV cache, fp32 weights with their own and a bf16 KV cache, and int8 weight-only / int8-dynamic of fp32;
+columns: ms per decode step at 1 and 16 images (each step draws one token of every image, classifier-free guidance
+doubles the rows), the linear weights' and the cache's bytes, and peak GPU memory. A row the device cannot run
+says why instead of a number.
 
     python benchmarks/gpu_check.py                     # one GPU, under 3 minutes on an H100
     python benchmarks/gpu_check.py --device cpu --tiny # every row at the smoke preset's size, in seconds
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from unigen import UniGenModel
-from unigen.config import UniGenConfig
+from unigen.config import LLMConfig, UniGenConfig
 from unigen.errors import ArgumentError
 from unigen.generation.sampling import generate_image_tokens
 from unigen.generation.sampling_options import SamplingOptions
@@ -46,17 +47,27 @@ ROWS = (
     Row("bf16 + float8 KV cache", kv_cache_dtype="float8_e4m3fn"),
     Row("fp32 captured", dtype="float32"),
     Row("fp32 + bf16 KV cache", dtype="float32", kv_cache_dtype="bfloat16"),
+    Row("fp32 int8 weight-only", dtype="float32", quantize="int8-weight-only"),  # CPU's usual case
+    Row("fp32 int8-dynamic", dtype="float32", quantize="int8-dynamic"),
 )
 
 
-def build(tiny: bool, device: torch.device) -> UniGenModel:
+def build(args, device: torch.device) -> UniGenModel:
     """Random weights of the Janus-Pro-1B shape (``UniGenConfig()``: width 2048, 24 layers, 576 image tokens),
-    or of the smoke preset, built in place on ``device``."""
-    if not tiny:
-        config = UniGenConfig()
-    else:  # 4 x 4 image tokens: the test runs every row in a few seconds
-        smoke = UniGenConfig.from_name("smoke")
+    of the smoke preset (``--tiny``), or of bench_sampling's CPU shape (``--width 512 --layers 8``), built in
+    place on ``device``; ``--tokens`` shortens the image."""
+    smoke = UniGenConfig.from_name("smoke")  # the encoders a decode step does not run stay small
+    if args.tiny:  # 4 x 4 image tokens: the test runs every row in a few seconds
         config = replace(smoke, tokens=TINY_TOKENS, vq=replace(smoke.vq, image_size=16))
+    elif args.width:  # bench_sampling's CPU model: 24 x 24 tokens of a 16384-code book
+        llm = LLMConfig(vocab_size=32000, hidden_size=args.width, intermediate_size=2 * args.width,
+                        num_layers=args.layers, num_heads=args.width // 64, num_kv_heads=args.width // 64)
+        config = replace(smoke, llm=llm, tokens=TINY_TOKENS, gen_head_dim=args.width,
+                         vq=replace(smoke.vq, codebook_size=16384, image_size=24 * smoke.vq.downsample))
+    else:
+        config = UniGenConfig()
+    if args.tokens:
+        config = replace(config, vq=replace(config.vq, image_size=int(args.tokens**0.5) * config.vq.downsample))
     torch.manual_seed(0)
     with torch.device(device):
         return UniGenModel(config).eval()
@@ -114,20 +125,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="the smoke preset's size (16 image tokens), not Janus-Pro-1B's")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="images per run (default 1 16)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
+    p.add_argument("--width", type=int, default=None, help="a decoder of this width instead (default: none)")
+    p.add_argument("--layers", type=int, default=8, help="its layers, with --width (default 8)")
+    p.add_argument("--tokens", type=int, default=None, help="image tokens, a square (default: the model's)")
+    p.add_argument("--rows", nargs="+", default=None, help="only the rows whose names start so (default: all)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    base = build(args.tiny, device).to(torch.bfloat16)
+    base = build(args, device).to(torch.bfloat16)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} thread(s)"
-    print(f"GPU check: {'smoke preset' if args.tiny else 'Janus-Pro-1B shape'} ({base.num_parameters() / 1e9:.2f} B "
+    shape = "smoke preset" if args.tiny else f"width {args.width}" if args.width else "Janus-Pro-1B shape"
+    print(f"GPU check: {shape} ({base.num_parameters() / 1e9:.2f} B "
           f"parameters), {base.config.vq.num_tokens} image tokens, guidance 5 (2 rows per image), {name}, "
-          f"torch {torch.__version__}\n")
+          f"torch {torch.__version__}" + ("; on CPU every row runs the eager step" if device.type == "cpu" else "")
+          + "\n")
     header = ["weights / cache", *(f"ms/step @{n}" for n in args.batches), "linear weights",
               f"KV cache @{args.batches[-1]}", "peak memory"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in ROWS:
+        if args.rows and not any(row.name.startswith(prefix) for prefix in args.rows):
+            continue
         print("| " + " | ".join(measure(row, base, device, args.batches)) + " |", flush=True)
     print(f"\n({time.perf_counter() - started:.0f} s in all)")
 

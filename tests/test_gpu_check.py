@@ -18,12 +18,12 @@ def test_gpu_check_prints_its_table_on_cpu(capsys):
     start = lines.index("| weights / cache | ms/step @2 | linear weights | KV cache @2 | peak memory |")
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
                                               for line in lines[start + 2:] if line.startswith("|"))}
-    assert len(rows) == 8
+    assert len(rows) == 10
     assert rows["int4 weight-only (g128)"][0] == ("skipped: int4-weight-only has no CPU kernel in torchao (it needs a "
                                                   "CUDA GPU); on CPU use int8-weight-only")
     assert rows["float8 (dynamic, per row)"][0].startswith("skipped: float8 needs a CUDA GPU of compute capability 8.9")
     measured = {name: cells for name, cells in rows.items() if not cells[0].startswith("skipped")}
-    assert len(measured) == 6 and all(float(cells[0]) > 0 for cells in measured.values())
+    assert len(measured) == 8 and all(float(cells[0]) > 0 for cells in measured.values())
 
     def mib(name: str, column: int) -> float:
         return float(rows[name][column].removesuffix(" MiB"))
