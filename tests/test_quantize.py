@@ -141,6 +141,22 @@ def test_a_lora_merged_model_quantizes(base):
     assert error <= TOLERANCE["int8-weight-only"]
 
 
+def test_a_method_b_model_quantizes_its_cross_attention_blocks(tiny_hf_janus):
+    """Method B's gated cross-attention blocks are decoder layers: quantized with the blocks (gates opened so that
+    they change the logits)."""
+    model = UniGenModel.from_pretrained(tiny_hf_janus[1], fusion="cross_attention", cross_attention_every=1)
+    with torch.no_grad():
+        for name, p in model.cross_attn_layers.named_parameters():
+            if "gate" in name:
+                p.fill_(0.5)
+    ids, mask = prompts()
+    ref = logits(model, ids, mask)
+    model.quantize("int8-weight-only")
+    linears = [m for m in model.cross_attn_layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m.weight).__name__ == "Int8Tensor" for m in linears)
+    assert 0 < (logits(model, ids, mask) - ref).abs()[mask.bool()].max() <= TOLERANCE["int8-weight-only"]
+
+
 @pytest.mark.slow
 def test_the_captured_decode_step_runs_quantized(int8):
     """The sequential step captured once (torch.compile on CPU) gives the eager quantized tokens."""
