@@ -73,6 +73,21 @@ def test_int8_greedy_caption_tokens_agree_with_fp32(base, int8):
     assert agree.float().mean() >= 0.9 and bool(agree[clear].all()) and clear.sum() >= 10
 
 
+def test_the_cpu_int8_decode_product_gives_torchaos_numbers(int8):
+    """A CPU decode step's int8 product (ATen's int8 kernel, bf16 activations) against torchao's own (which
+    dequantizes the weight): equal to bf16 rounding of the activations; the weights are symmetric (zero points 0),
+    as the kernel assumes."""
+    from unigen.models.feed_forward import project
+
+    layer = int8.language_model.model.layers[0].mlp.gate_up_proj
+    assert bool((layer.weight.zero_point == 0).all())
+    x = torch.randn(2, 1, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, reference = project(layer, x), torch.nn.functional.linear(x, layer.weight)
+    assert ours.dtype == torch.float32 and ours.shape == reference.shape
+    assert 0 < (ours - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
 def test_int8_weight_bytes_are_a_quarter_plus_scales(base, int8):
     """int8 data is 1/4 of fp32; each output row adds its scale (and zero point), 4 bytes each per row of at
     least 64 inputs here, so the ratio lies in [0.25, 0.25 + 8 / 64 / 4]."""

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unigen.errors import ArgumentError
@@ -24,6 +25,7 @@ LAYER_GROUPS = ("decoder", "heads", "vq", "vision")
 DEFAULT_LAYERS = ("decoder", "heads")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torchao's int4 kernels take
 KV_CACHE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
+CPU_INT8_ROWS = 64  # up to this many rows (decode steps) a CPU int8 weight-only product takes ATen's int8 kernel
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,20 @@ def torchao_config(quantization: Quantization):
     if quantization.method == "int4-weight-only":  # tinygemm's layout: the CUDA kernel for bf16 activations
         return Int4WeightOnlyConfig(group_size=quantization.group_size, int4_packing_format="tile_packed_to_4d")
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a torchao weight. The few rows of a CPU decode step with an int8 weight-only weight go
+    through ATen's int8 kernel with bf16 activations: torchao 0.18's own CPU path dequantizes the whole weight
+    per call, 6x slower than the fp32 product, where the kernel is several times faster (docs/EXPERIMENTS.md)."""
+    rows = x.numel() // x.shape[-1]
+    if not (x.is_cpu and rows <= CPU_INT8_ROWS and type(weight).__name__ == "Int8Tensor"
+            and weight.act_quant_kwargs is None):
+        return F.linear(x, weight, bias)
+    scales = weight.scale.reshape(-1).to(torch.bfloat16)
+    out = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).to(torch.bfloat16), weight.qdata, scales)
+    out = out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
