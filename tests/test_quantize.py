@@ -17,7 +17,7 @@ from unigen.training.lora import LoraSettings, attach, merge
 pytest.importorskip("torchao")
 
 # Largest |logit - fp32 logit| over real positions; the tiny model's logits span about +-2.2 and its measured error
-# is 0.019 (int8 weight-only) and 0.033 (int8-dynamic), so each tolerance has a margin of about 3x.
+# is 0.026 (int8 weight-only, bf16 activations on CPU) and 0.033 (int8-dynamic): margins of 2.3x and 3x.
 TOLERANCE = {"int8-weight-only": 0.06, "int8-dynamic": 0.1}
 
 
