@@ -142,8 +142,9 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     through ATen's int8 kernel with bf16 activations: torchao 0.18's own CPU path dequantizes the whole weight
     per call, 6x slower than the fp32 product, where the kernel is several times faster (docs/EXPERIMENTS.md)."""
     rows = x.numel() // x.shape[-1]
+    # Inductor cannot lower the kernel on a fused input (torch 2.14): a compiled step keeps torchao's path
     if not (x.is_cpu and rows <= CPU_INT8_ROWS and type(weight).__name__ == "Int8Tensor"
-            and weight.act_quant_kwargs is None):
+            and weight.act_quant_kwargs is None) or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     scales = weight.scale.reshape(-1).to(torch.bfloat16)
     out = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).to(torch.bfloat16), weight.qdata, scales)
