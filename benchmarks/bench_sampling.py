@@ -9,6 +9,11 @@
   fidelity of each decoder on the same prompts and seeds (``--shapes-prompts``, default 200), its passes and
   its wall time at 1 image, so speed and quality are read side by side.
 
+In the ``transformers`` section each unigen row is followed by the bytes a decode step reads (weights and the
+KV cache's average filled part) over its time (the prefill's share included), against the machine's read
+bandwidth measured in the same run (``sum`` over 512 MiB): the fraction of the memory bound, as a number.
+``--quantize METHOD`` and ``--kv-cache-dtype DTYPE`` apply to unigen's model (docs/QUANTIZATION.md).
+
 ``--gpu``: the Janus-Pro-1B shape in bf16 on CUDA: seconds per image for each decoder and the fraction of
 the memory-bandwidth bound of one pass per token (weights read once per pass).
 
@@ -29,6 +34,7 @@ import torch
 from unigen import UniGenModel
 from unigen.generation.sampling import generate_image_tokens, generate_text
 from unigen.generation.sampling_options import SamplingOptions
+from unigen.models.quantize import tensor_bytes
 from unigen.testing import TINY_TOKENS as T
 from unigen.testing import make_tiny_hf_janus
 
@@ -50,10 +56,35 @@ def timed_call(fn, device):
 
 def decode_bytes(model) -> int:
     """Bytes one image-token step must read at least: every decoder block, the final norm, gen_aligner
-    and gen_head (embed_tokens and lm_head are not used in image decoding; the KV cache is left out)."""
+    and gen_head (embed_tokens and lm_head are not used in image decoding; the KV cache is left out).
+    A quantized weight counts its stored bytes (data and scales)."""
     modules = [*model.language_model.model.layers, model.language_model.model.norm, model.gen_aligner,
                model.gen_head]
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return sum(tensor_bytes(p) for m in modules for p in m.parameters())
+
+
+def cache_bytes_per_step(model, rows: int, prompt_len: int, n_tok: int) -> int:
+    """Keys and values an eager decode step reads on average over an image (it reads the filled columns)."""
+    cfg = model.decoder.config
+    cache = model.decoder.new_cache(1, 1)
+    columns = prompt_len + n_tok / 2
+    return int(2 * cfg.num_layers * rows * cfg.num_kv_heads * columns * cfg.head_width * cache.k.itemsize)
+
+
+def read_bandwidth(device) -> float:
+    """The machine's read bandwidth in bytes/s, measured now: the best of 5 ``sum`` calls over 512 MiB (far
+    beyond the caches), on as many threads as the benchmark uses."""
+    data = torch.ones(128 * 2**20, device=device)
+    best = min(timed(lambda: data.sum(), device) for _ in range(5))
+    return data.nbytes / best
+
+
+def bound_line(model, images: int, n_tok: int, seconds: float, bandwidth: float) -> str:
+    """Bytes read per decode step (weights + the cache's average) over the step's time, against ``bandwidth``."""
+    step = seconds / n_tok
+    read = decode_bytes(model) + cache_bytes_per_step(model, 2 * images, prompt_ids("cpu").shape[1], n_tok)
+    return (f"{'':>6} {'':>14} reads {read / 2**20:.0f} MiB/step in {1000 * step:.2f} ms = {read / step / 1e9:.1f} "
+            f"GB/s, {read / step / bandwidth:.0%} of the {bandwidth / 1e9:.1f} GB/s measured read bandwidth")
 
 
 def peak_bandwidth() -> float:
@@ -95,6 +126,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["sequential", "jacobi:16", "zipar"],
                    help="decoders to compare, NAME or NAME:WINDOW (default: sequential jacobi:16 zipar)")
     p.add_argument("--shapes-prompts", type=int, default=200, help="prompts of the fidelity comparison (default 200)")
+    p.add_argument("--quantize", default=None, help="quantize unigen's model (unigen.models.quantize.METHODS)")
+    p.add_argument("--kv-cache-dtype", default=None, help="unigen's KV cache dtype, e.g. bfloat16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -104,6 +137,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         hf = build(args, directory).to(device, dtype).eval()
         ours = UniGenModel.from_pretrained(directory, dtype=dtype).to(device)
+    if args.quantize:
+        ours.quantize(args.quantize)
+    if args.kv_cache_dtype:
+        ours.decoder.kv_cache_dtype = getattr(torch, args.kv_cache_dtype)
     n_tok = ours.config.vq.num_tokens
     if args.tokens:  # shorter runs on a busy machine: shrink the image-token count of both models
         n_tok = args.tokens
@@ -207,6 +244,7 @@ def compare_on_shapes(args, methods) -> None:
 
 def compare_with_transformers(args, hf, ours, device, n_tok: int) -> None:
     prompt = prompt_ids(device)
+    bandwidth = read_bandwidth(device)
     print(f"{'images':>6} {'impl':>14} {'ms/token':>9} {'images/s':>9} {'speedup':>8}   (best of {args.repeats})")
     for n in args.batches:
         ids = prompt.repeat(n, 1)
@@ -233,6 +271,8 @@ def compare_with_transformers(args, hf, ours, device, n_tok: int) -> None:
         base = best["transformers"]
         for name, seconds in best.items():
             print(f"{n:>6} {name:>14} {1000 * seconds / n_tok:>9.2f} {n / seconds:>9.3f} {base / seconds:>7.2f}x")
+            if name == "unigen":
+                print(bound_line(ours, n, n_tok, seconds, bandwidth))
             if args.gpu and name != "transformers" and n == 1:
                 bound = n_tok * decode_bytes(ours) / peak_bandwidth()
                 print(f"{'':>6} {'':>14} bound {bound:.3f} s/image -> {bound / seconds:.0%} of bandwidth bound")

@@ -37,15 +37,35 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="where to run: auto picks cuda, then mps, then cpu (default auto)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
+    add_quantize_arguments(p)
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """--quantize and the KV cache's dtype (docs/QUANTIZATION.md)."""
+    from unigen.models.quantize import DEFAULT_LAYERS, INT4_GROUP_SIZES, KV_CACHE_DTYPES, LAYER_GROUPS, METHODS
+
+    p.add_argument("--quantize", choices=METHODS, default=None,
+                   help="quantize the decoder blocks and heads through torchao (default: none)")
+    p.add_argument("--quantize-group-size", type=int, choices=INT4_GROUP_SIZES, default=128,
+                   help="int4-weight-only: input columns per scale (default 128)")
+    p.add_argument("--quantize-layers", default=",".join(DEFAULT_LAYERS),
+                   help=f"comma-separated groups to quantize, of {','.join(LAYER_GROUPS)} "
+                        f"(default {','.join(DEFAULT_LAYERS)})")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                   help="the KV cache's dtype (default: the weights'); bfloat16 halves an fp32 cache's bytes")
 
 
 def load_pipeline(args: argparse.Namespace):
     import torch
 
     from unigen.generation.pipeline import UniGenPipeline, resolve_device
+    from unigen.models.quantize import Quantization
 
     device = resolve_device(args.device)  # before loading: a missing CUDA/MPS is named at once
-    return UniGenPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
+    quantization = None if args.quantize is None else Quantization(
+        args.quantize, args.quantize_group_size, tuple(filter(None, args.quantize_layers.split(","))))
+    return UniGenPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device,
+                                          quantization=quantization, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def check_writable_dir(path: Path, flag: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from unigen.commands._common import DTYPES, load_pipeline, sigterm_as_interrupt
+from unigen.commands._common import DTYPES, add_quantize_arguments, load_pipeline, sigterm_as_interrupt
 from unigen.generation.sampling_options import positive_int
 from unigen.recipes import resolve
 
@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="where to run: auto picks cuda, then mps, then cpu (default auto)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
+    add_quantize_arguments(p)
     p.add_argument("--concurrency", type=positive_int, default=1,
                    help="model requests that run at once over all sessions; the rest wait in a queue "
                         "(default 1: a request already uses every core)")

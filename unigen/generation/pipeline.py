@@ -14,6 +14,7 @@ from unigen.generation.sampling import CFGSchedule, generate_image_tokens, gener
 from unigen.generation.sampling_options import SamplingOptions
 from unigen.models.checkpoint import resolve_checkpoint_dir
 from unigen.models.model import UniGenModel
+from unigen.models.quantize import Quantization, cache_dtype, check_device, quantize_model
 from unigen.processor import UniGenProcessor, load_image, pixels_to_pil
 from unigen.prompts import DEFAULT_CFG_DROP, check_drop, check_instruction, keeps_image, source_slots
 from unigen.runs import DEVICES, resolve_device
@@ -36,9 +37,20 @@ class UniGenPipeline:
         self.processor = processor
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> UniGenPipeline:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device=None,
+                        quantization: str | Quantization | None = None,
+                        kv_cache_dtype: str | torch.dtype | None = None) -> UniGenPipeline:
+        """``quantization``: a method name or a ``Quantization`` (``unigen.models.quantize``), applied on
+        ``device`` (torchao quantizes where the weights are); ``kv_cache_dtype``: the static KV cache's dtype
+        (``bfloat16``, ``float8_e4m3fn``; default the weights'). docs/QUANTIZATION.md."""
+        quantization, kv_cache_dtype = Quantization.of(quantization), cache_dtype(kv_cache_dtype)  # before loading
+        if quantization is not None:
+            check_device(quantization, device or "cpu", dtype)
         directory = resolve_checkpoint_dir(path)
-        model = UniGenModel.from_pretrained(directory, dtype=dtype)
+        model = UniGenModel.from_pretrained(directory, dtype=dtype, device=device or "cpu")
+        model.decoder.kv_cache_dtype = kv_cache_dtype
+        if quantization is not None:
+            quantize_model(model, quantization)
         return cls(model, UniGenProcessor.from_pretrained(directory, config=model.config))
 
     def to(self, device) -> UniGenPipeline:

@@ -113,7 +113,10 @@ class KVCache:
     cross_attention_state: object | None = None  # Method B: the images' keys and values, set by the prefill
 
     @classmethod
-    def empty(cls, config: LLMConfig, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+    def empty(cls, config: LLMConfig, batch: int, max_len: int, dtype: torch.dtype, device,
+              storage: torch.dtype | None = None) -> KVCache:
+        """Keys and values in ``storage`` (default: ``dtype``); attention runs in the key bias's dtype: the
+        storage dtype, or for a one-byte float8 storage (no -inf, no matmuls) ``dtype``, read back into it."""
         if max_len > config.max_position_embeddings:
             raise ValueError(f"{max_len} positions exceed the model's max_position_embeddings "
                              f"({config.max_position_embeddings})")
@@ -122,9 +125,12 @@ class KVCache:
         # cache and the attention stay in fp32 there; the weights (the bulk of the bytes read) stay bf16.
         if dtype == torch.bfloat16 and not native_bf16(device):
             dtype = torch.float32
+        storage = storage or dtype
+        attend = dtype if storage.itemsize == 1 else storage
         shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_width)
-        return cls(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device),
-                   key_bias=torch.full((batch, config.num_kv_heads, max_len), float("-inf"), dtype=dtype,
+        return cls(k=torch.zeros(shape, dtype=storage, device=device),
+                   v=torch.zeros(shape, dtype=storage, device=device),
+                   key_bias=torch.full((batch, config.num_kv_heads, max_len), float("-inf"), dtype=attend,
                                        device=device),
                    next_pos=torch.zeros(batch, dtype=torch.long, device=device),
                    column=torch.zeros(1, dtype=torch.long, device=device))
@@ -194,21 +200,23 @@ class Attention(nn.Module):
             out = out.transpose(1, 2)
         elif mask is not None and mask.ndim == 3:  # a decode step's key bias (Decoder.extend may pass one query)
             keys, values = cache.k[layer], cache.v[layer]
-            keys.index_copy_(2, cache.column, k.transpose(1, 2).to(keys.dtype))
-            values.index_copy_(2, cache.column, v.transpose(1, 2).to(values.dtype))
+            write_column(keys, cache.column, k.transpose(1, 2))
+            write_column(values, cache.column, v.transpose(1, 2))
             if not (torch.compiler.is_compiling() or capturing(keys)):
                 # Eager: read only the filled columns. A decode step is bound by reading the cache, and the
                 # whole of it is twice the filled part on average over an image. A captured step keeps the
                 # fixed shape (the unfilled columns are masked by the key bias).
                 end = cache.length + 1
                 keys, values, mask = keys[:, :, :end], values[:, :, :end], mask[..., :end]
-            out = _single_query_attention(q.to(keys.dtype), keys, values, mask)
+            attend = mask.dtype  # the cache's attention dtype (its storage may be float8)
+            out = _single_query_attention(q.to(attend), keys.to(attend), values.to(attend), mask)
         else:
             start, end = cache.length, cache.length + n
             cache.k[layer, :, :, start:end] = k.transpose(1, 2)
             cache.v[layer, :, :, start:end] = v.transpose(1, 2)
-            keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask,
+            attend = cache.key_bias.dtype
+            keys, values = cache.k[layer, :, :, :end].to(attend), cache.v[layer, :, :, :end].to(attend)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2).to(attend), keys, values, attn_mask=mask,
                                                  is_causal=mask is None, enable_gqa=kv != h).transpose(1, 2)
         return project(self.o_proj, out.to(x.dtype).reshape(b, n, h * d))
 
@@ -217,6 +225,15 @@ def capturing(t: torch.Tensor) -> bool:
     """Inside a CUDA-graph capture, where every replay must see the same shapes (asked only of CUDA tensors:
     a CPU decode step pays no CUDA query)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def write_column(part: torch.Tensor, column: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` (batch, kv heads, 1, head_dim) into the cache ``part`` at ``column``; a one-byte (float8) cache
+    through its bytes, as CPU's ``index_copy_`` has no float8 kernel."""
+    new = new.to(part.dtype)
+    if part.itemsize == 1:
+        part, new = part.view(torch.uint8), new.view(torch.uint8)
+    return part.index_copy_(2, column, new)
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -265,6 +282,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # recompute each block's activations in the backward pass
+        self.kv_cache_dtype: torch.dtype | None = None  # the static cache's keys and values (None: the weights')
 
     @property
     def head_dim(self) -> int:
@@ -272,7 +290,7 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight
-        return KVCache.empty(self.config, batch, max_len, p.dtype, p.device)
+        return KVCache.empty(self.config, batch, max_len, p.dtype, p.device, storage=self.kv_cache_dtype)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unigen.models.quantize import quantized_linear
+
 SKINNY_ROWS = 64  # up to this many rows, linear()'s weight-on-the-left product is the faster one on CPU
 
 
@@ -16,6 +18,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     kernels read a streamed weight faster, so an odd row count gets its last row repeated (docs/PERFORMANCE.md).
     From a few hundred rows on, in bfloat16 and on GPUs the usual form is as fast or faster.
     """
+    if type(weight) not in (nn.Parameter, torch.Tensor):  # a quantized weight (torchao's tensor subclass)
+        return quantized_linear(x, weight, bias)
     if not x.is_cpu or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]

@@ -27,6 +27,7 @@ from unigen.models.native_inputs import mrope_position_ids, splice_native_featur
 from unigen.models.native_vision import NativeVisionEncoder
 from unigen.models.param_groups import parameter_groups
 from unigen.models.patch_encoder import PatchEncoder
+from unigen.models.quantize import DEFAULT_LAYERS, Quantization, quantize_model
 from unigen.models.vq import VQModel
 from unigen.processor import check_pixel_values
 from unigen.prompts import stacked_images
@@ -346,6 +347,12 @@ class UniGenModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
         save_model(self, directory, max_shard_bytes=max_shard_bytes)
+
+    def quantize(self, method: str, group_size: int = 128, layers: tuple[str, ...] = DEFAULT_LAYERS) -> UniGenModel:
+        """Quantize the decoder blocks and the two heads (or the ``layers`` groups) in place through torchao:
+        ``int8-weight-only``, ``int4-weight-only`` (``group_size``), ``int8-dynamic`` or ``float8``
+        (``unigen.models.quantize``, docs/QUANTIZATION.md). Call it on the model's device, after any LoRA merge."""
+        return quantize_model(self, Quantization(method, group_size, tuple(layers)))
 
     def trainable_groups(self) -> dict[str, list[str]]:
         """Parameter names by group (``unigen.models.param_groups.GROUPS``), e.g. ``"cross_attention"``, ``"llm"``."""
