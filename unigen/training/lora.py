@@ -31,6 +31,7 @@ from torch import nn
 
 from unigen.errors import CheckpointError, ConfigError
 from unigen.models.model import UniGenModel
+from unigen.models.moe import Experts
 from unigen.models.param_groups import GROUPS, parameter_groups
 from unigen.runs import load_state_file
 
@@ -85,9 +86,8 @@ def _group_linears(model: nn.Module, group: str) -> list[str]:
 def _expert_weights(model: nn.Module, entry: str) -> list[str]:
     """The routed experts' 3-D weights an entry names (``experts``, ``experts.down_proj``, a glob): their LoRA is
     PEFT's ``target_parameters`` (per expert ``A``/``B``, ``W + alpha/r * B @ A`` in place during the experts' call)."""
-    from unigen.models.moe import Experts
-
-    names = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts) for p in ("gate_up_proj", "down_proj")]
+    names = [f"{name}.{weight}" for name, m in model.named_modules() if isinstance(m, Experts)
+             for weight in ("gate_up_proj", "down_proj")]
     return [n for n in names if _matches(n, entry) or _matches(n.rpartition(".")[0], entry)]
 
 
