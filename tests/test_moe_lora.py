@@ -74,3 +74,27 @@ def test_a_bad_expert_target_is_one_line(targets, settings, message):
         adapted(targets, **settings)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert "MoE experts ('experts', 'experts.down_proj')" in str(err.value) or "dropout" in settings
+
+
+# slow: a LoRA stage through run_stage (~25 s); the test above keeps init, training and merging in the default run
+@pytest.mark.slow
+def test_a_lora_stage_on_the_experts_changes_only_the_adapted_weights(tmp_path):
+    from train_common import recipe, weights
+
+    from unigen.data.manifest import read_samples
+    from unigen.shapes import write_dataset
+    from unigen.training import run_stage
+    from unigen.training.start import build_fresh
+
+    data = write_dataset(tmp_path / "shapes", 16, seed=3)
+    moe = "model.llm.moe={num_experts: 4, top_k: 2, expert_size: 32, num_shared_experts: 1, shared_expert_gate: true}"
+    model, processor = build_fresh(recipe(data, tmp_path / "run0", moe), read_samples(data))
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    r = recipe(data, tmp_path / "run", moe, "stage2.steps=2", "stage2.warmup_steps=0",
+               "stage2.lora={r: 4, alpha: 8, targets: [experts, shared_expert.gate_up_proj]}")
+    final = run_stage(r, 2, init_from=str(tmp_path / "base"), progress=False)
+    before, after = weights(tmp_path / "base"), weights(final)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"language_model.model.layers.{i}.mlp.{w}" for i in range(2)
+                       for w in ("experts.gate_up_proj", "experts.down_proj", "shared_expert.gate_up_proj.weight")}
