@@ -40,6 +40,17 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def swiglu_into(out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                scale: float = 1.0) -> None:
+    """``out += scale * down @ (silu(gate) * up)`` with ``gate | up = gate_up @ x``, for one row ``x``, in place.
+
+    Matrix-vector products: the MoE decode step's per-expert form, where its few, small weights are cache-resident and
+    ``linear``'s doubled row costs more than it gains (docs/MOE.md)."""
+    h = torch.mv(gate_up, x)
+    half = h.shape[0] // 2
+    out.addmv_(down, F.silu(h[:half]).mul_(h[half:]), alpha=scale)
+
+
 class MLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate|up as one matmul."""
 

@@ -28,7 +28,7 @@ from torch import nn
 from unigen.config import MoEConfig
 from unigen.config_io import build_config
 from unigen.errors import ConfigError
-from unigen.models.feed_forward import MLP, linear, project
+from unigen.models.feed_forward import MLP, swiglu_into
 
 log = logging.getLogger(__name__)
 IDLE_WARNING_STEPS = 100  # an expert that gets no token for this many training steps in a row is named
@@ -60,7 +60,11 @@ class Routing:
 
 
 class Experts(nn.Module):
-    """The routed experts' weights as two 3-D parameters (one grouped matmul each)."""
+    """The routed experts' weights as two 3-D parameters (one grouped matmul each).
+
+    The routed products run in this module's own call (``forward``), so that a LoRA over the experts (PEFT's
+    ``target_parameters``, which puts ``W + alpha/r * B @ A`` in place of a weight for the length of the call)
+    adapts every path."""
 
     def __init__(self, num_experts: int, width: int, expert_width: int):
         super().__init__()
@@ -69,10 +73,46 @@ class Experts(nn.Module):
         for p in (self.gate_up_proj, self.down_proj):
             nn.init.normal_(p, std=0.02)
 
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """(tokens, width) through each token's ``chosen`` (tokens, k) experts, weighted by ``weights`` and summed."""
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return (self.gathered(x, chosen) * weights[..., None]).sum(1)
+        if few_tokens(x, chosen, self.gate_up_proj.shape[0]):
+            return self.pairs(x, weights, chosen)
+        return self.sorted(x, weights, chosen)
+
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` over rows ``x`` (views of its weights, no copy)."""
-        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj[e])
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def sorted(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Dropless: the (token, expert) pairs sorted by expert, one matmul per expert, scattered back."""
+        k = chosen.shape[1]
+        flat = chosen.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        rows = x[token]
+        if _grouped_mm_fits(rows, self.down_proj.shape[-1]):
+            y = self.grouped(rows, counts)
+        else:
+            pieces = rows.split(counts.tolist())
+            y = torch.cat([self.one(e, piece) for e, piece in enumerate(pieces) if len(piece)])
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def pairs(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """A decode step's few tokens: each (token, expert) pair as two matrix-vector products added in place into
+        the token's output; no sort, gather or scatter, and the experts no token chose are not touched. The pairs
+        run expert by expert, so that an expert two tokens chose is read from memory once (then from cache)."""
+        out = torch.zeros_like(x)
+        rows, sums = x.unbind(0), out.unbind(0)
+        pairs = sorted((e, t, scale) for t, (experts, scales) in enumerate(zip(chosen.tolist(), weights.tolist()))
+                       for e, scale in zip(experts, scales, strict=True))
+        for e, t, scale in pairs:
+            swiglu_into(sums[t], rows[t], self.gate_up_proj[e], self.down_proj[e], scale)
+        return out
 
     def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, ``counts`` rows each, through their experts in two grouped matmuls."""
@@ -86,6 +126,13 @@ class Experts(nn.Module):
         h = torch.matmul(self.gate_up_proj[chosen], x[:, None, :, None]).squeeze(-1)
         gate, up = h.chunk(2, dim=-1)
         return torch.matmul(self.down_proj[chosen], (F.silu(gate) * up)[..., None]).squeeze(-1)
+
+
+def few_tokens(x: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> bool:
+    """A CPU inference call with no more (token, expert) pairs than experts (a decode step): per-pair products
+    beat sorting the pairs by expert, whose fixed cost is a dozen small ops."""
+    return (x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and chosen.numel() <= num_experts)
 
 
 class MoEFeedForward(nn.Module):
@@ -107,7 +154,7 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, width) -> router logits, the top-k weights (x's dtype) and the chosen experts."""
-        logits = project(self.gate, x)
+        logits = self.gate(x)
         k = self.cfg.top_k
         if self.cfg.router == "topk_softmax":
             top, chosen = torch.topk(logits, k, dim=-1)
@@ -124,32 +171,20 @@ class MoEFeedForward(nn.Module):
         logits, weights, chosen = self.route(x)
         if self.training and torch.is_grad_enabled() and not _RECOMPUTING.get():
             self.records.append(Routing(logits.float(), chosen, shape[0]))
-        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            out = (self.experts.gathered(x, chosen) * weights[..., None]).sum(1)
-        else:
-            out = self._sorted(x, weights, chosen)
+        out = self.experts(x, weights, chosen)
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(project(self.shared_expert_gate, x)) * shared
-            out = out + shared
+            out = self._add_shared(x, out, few_tokens(x, chosen, self.cfg.num_experts))
         return out.view(shape)
 
-    def _sorted(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Dropless: the (token, expert) pairs sorted by expert, one matmul per expert, scattered back."""
-        k = chosen.shape[1]
-        flat = chosen.flatten()
-        order = flat.argsort(stable=True)
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.cfg.num_experts)
-        rows = x[token]
-        if _grouped_mm_fits(rows, self.experts.down_proj.shape[-1]):
-            y = self.experts.grouped(rows, counts)
-        else:
-            pieces = rows.split(counts.tolist())
-            y = torch.cat([self.experts.one(e, piece) for e, piece in enumerate(pieces) if len(piece)])
-        y = y * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token, y)
+    def _add_shared(self, x: torch.Tensor, out: torch.Tensor, few: bool) -> torch.Tensor:
+        """``out`` plus the (gated) shared experts, their products as module calls (``F.linear``, or an adapter's
+        forward); a decode step's ``out`` (its own, no gradient) takes them in place."""
+        mlp = self.shared_expert
+        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        shared = mlp.down_proj(F.silu(gate) * up)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out.add_(shared) if few else out + shared
 
 
 def _grouped_mm_fits(x: torch.Tensor, expert_width: int) -> bool:

@@ -31,6 +31,7 @@ from torch import nn
 
 from unigen.errors import CheckpointError, ConfigError
 from unigen.models.model import UniGenModel
+from unigen.models.moe import Experts
 from unigen.models.param_groups import GROUPS, parameter_groups
 from unigen.runs import load_state_file
 
@@ -82,13 +83,22 @@ def _group_linears(model: nn.Module, group: str) -> list[str]:
     return _linear_names(model, f"{top}.")
 
 
+def _expert_weights(model: nn.Module, entry: str) -> list[str]:
+    """The routed experts' 3-D weights an entry names (``experts``, ``experts.down_proj``, a glob): their LoRA is
+    PEFT's ``target_parameters`` (per expert ``A``/``B``, ``W + alpha/r * B @ A`` in place during the experts' call)."""
+    names = [f"{name}.{weight}" for name, m in model.named_modules() if isinstance(m, Experts)
+             for weight in ("gate_up_proj", "down_proj")]
+    return [n for n in names if _matches(n, entry) or _matches(n.rpartition(".")[0], entry)]
+
+
 def _matches(name: str, pattern: str) -> bool:
     """A full module name, its last part(s) (``qkv_proj``, ``self_attn.o_proj``) or a glob (``*.layers.1[0-5].*``)."""
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
 def resolve_targets(model: nn.Module, settings: LoraSettings, where: str) -> tuple[list[str], list[str]]:
-    """(full names of the linear layers to adapt, full names of the modules to train whole). Errors name the key."""
+    """(full names of the linear layers and MoE experts' 3-D weights to adapt, full names of the modules to train
+    whole). Errors name the key."""
     linears = _linear_names(model)
     targets: list[str] = []
     for entry in settings.targets:
@@ -100,12 +110,17 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, where: str) -> tup
                                   f"{[g for g in linear_groups() if _group_linears(model, g)]}"
                                   + ("; train an embedding whole with modules_to_save" if entry == "gen_embed" else ""))
         else:
-            found = [n for n in linears if _matches(n, entry)]
+            experts = _expert_weights(model, entry)
+            found = [n for n in linears if _matches(n, entry)] + experts
             if not found:
                 raise ConfigError(f"{where}.targets: unknown target {entry!r}: neither a parameter group "
                                   f"({', '.join(linear_groups())}) nor the name (or last part of the name) of a linear "
                                   f"layer of this model, such as {linears[0]!r} or 'qkv_proj', nor a glob matching "
-                                  "one (e.g. '*.layers.0.*')")
+                                  "one (e.g. '*.layers.0.*')" + (", nor MoE experts ('experts', 'experts.down_proj')"
+                                                                 if _expert_weights(model, "experts") else ""))
+            if experts and settings.dropout:
+                raise ConfigError(f"{where}.targets: {entry!r} names MoE routed experts, whose LoRA has no dropout "
+                                  f"(PEFT's target_parameters); set {where}.dropout to 0 or leave the experts out")
         targets += [n for n in found if n not in targets]
     modules = dict(model.named_modules())
     saved: list[str] = []
@@ -148,8 +163,9 @@ def quantize_targets(model: nn.Module, settings: LoraSettings, where: str,
     import bitsandbytes as bnb
 
     targets, _ = resolve_targets(model, settings, where)
+    modules = dict(model.named_modules())
     for name in targets:
-        layer = model.get_submodule(name)
+        layer = modules.get(name)  # None: an MoE experts' 3-D weight, adapted on the float base
         if type(layer) is not nn.Linear:
             continue
         bias = layer.bias is not None
@@ -174,11 +190,16 @@ def quantize_targets(model: nn.Module, settings: LoraSettings, where: str,
 # ---- attach, save, load, merge ----------------------------------------------------------------------------------
 
 
-def peft_config(settings: LoraSettings, targets: list[str], modules_to_save: list[str]):
+def peft_config(settings: LoraSettings, targets: list[str], modules_to_save: list[str], model: nn.Module):
+    """PEFT's config: the named linear layers as ``target_modules``, the MoE experts' 3-D weights (names that are
+    parameters, not modules) as ``target_parameters``."""
     from peft import LoraConfig
 
+    modules = dict(model.named_modules())
+    parameters = [t for t in targets if t not in modules]
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=targets, modules_to_save=modules_to_save or None, bias="none")
+                      target_modules=[t for t in targets if t in modules], target_parameters=parameters or None,
+                      modules_to_save=modules_to_save or None, bias="none")
 
 
 def adapter_config(adapter_dir: str | Path):
@@ -230,7 +251,7 @@ def attach(model: nn.Module, settings: LoraSettings, where: str):
     from peft import get_peft_model
 
     targets, saved = resolve_targets(model, settings, where)
-    return get_peft_model(model, peft_config(settings, targets, saved))
+    return get_peft_model(model, peft_config(settings, targets, saved, model))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False):
