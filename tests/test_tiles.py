@@ -138,3 +138,22 @@ def test_tiles_config_is_checked_when_read_and_absent_by_default():
         UniGenConfig.from_dict(d | {"vision": d["vision"] | {"tiles": {"max": 4}}, "fusion": "cross_attention"})
     tiled = UniGenConfig.from_dict(d | {"vision": d["vision"] | {"tiles": {"max": 4}}})
     assert tiled.vision.tiles.max == 4 and UniGenConfig.from_dict(tiled.to_dict()) == tiled
+
+
+def test_siglip_from_keeps_the_recipes_tiles(tmp_path):
+    import dataclasses
+
+    from tokenizers import Tokenizer, models
+
+    from unigen.config import SigLIPConfig, TilesConfig
+    from unigen.models.siglip import SigLIPDualEncoder, SigLIPTowersConfig, TextTowerConfig
+    from unigen.models.vision_from import load_siglip_from
+    from unigen.training.tokenizer.siglip_trainer import save_siglip
+
+    vision = SigLIPConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2)
+    dual = SigLIPDualEncoder(SigLIPTowersConfig(vision=vision, text=TextTowerConfig(width=16, depth=1, num_heads=2,
+                                                                                    vocab_size=8), embed_dim=16))
+    save_siglip(dual.eval(), Tokenizer(models.WordLevel({"a": 0}, unk_token="a")), tmp_path)
+    recipe = SigLIPConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, tiles=TilesConfig(max=4))
+    _, cfg = load_siglip_from(tmp_path, recipe)
+    assert cfg == dataclasses.replace(vision, tiles=TilesConfig(max=4))
