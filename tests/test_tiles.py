@@ -157,3 +157,11 @@ def test_siglip_from_keeps_the_recipes_tiles(tmp_path):
     recipe = SigLIPConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, tiles=TilesConfig(max=4))
     _, cfg = load_siglip_from(tmp_path, recipe)
     assert cfg == dataclasses.replace(vision, tiles=TilesConfig(max=4))
+
+
+def test_training_a_tiled_config_is_refused_not_silently_untiled(tmp_path):
+    from unigen.training.batches import BatchBuilder
+
+    pipe = tiny_tiled_pipeline(tmp_path)
+    with pytest.raises(ConfigError, match=r"^training with vision\.tiles is not built yet"):
+        BatchBuilder(pipe.model, pipe.processor, "describe the image .")
