@@ -69,7 +69,7 @@ def test_split_tiles_cuts_the_resized_grid_in_reading_order_and_adds_the_thumbna
     assert tile_tags(3) == ["<tile_1>", "<tile_2>", "<tile_global_thumbnail>"]
 
 
-def tiny_tiled_pipeline(directory, max_tiles: int = 6):
+def tiny_tiled_pipeline(directory, max_tiles: int = 6, mrope: bool = False):
     from unigen import UniGenModel
     from unigen.generation.pipeline import UniGenPipeline
     from unigen.processor import UniGenProcessor
@@ -79,6 +79,8 @@ def tiny_tiled_pipeline(directory, max_tiles: int = 6):
     d = UniGenConfig.from_name("smoke").to_dict()
     d |= {"tokens": vars(TINY_TOKENS)}
     d["vision"] |= {"tiles": {"max": max_tiles}}
+    if mrope:
+        d["llm"] |= {"rope": "mrope", "mrope_section": [2, 3, 3]}
     config = UniGenConfig.from_dict(d)
     model = UniGenModel(config).eval()
     randomize_(model, seed=0, std=0.3)
@@ -103,6 +105,34 @@ def test_a_2x1_grid_puts_each_tiles_placeholders_after_its_tag(tmp_path):
     assert ids[ids.index(t.image_end):] == plain[plain.index(t.image_end):]
 
 
+def greedy_without_cache(model, batch, n):
+    """The reference: every step re-runs the whole sequence."""
+    ids, out = batch["input_ids"], []
+    with torch.no_grad():
+        for _ in range(n):
+            token = model(ids, pixel_values=batch["pixel_values"]).logits[:, -1].argmax(-1)
+            out.append(int(token))
+            ids = torch.cat([ids, token[:, None]], 1)
+    return out
+
+
+def test_with_mrope_each_tile_is_its_own_square_grid_of_positions(tmp_path):
+    from unigen.models.native_inputs import mrope_position_ids
+
+    pipe = tiny_tiled_pipeline(tmp_path, max_tiles=2, mrope=True)
+    batch = pipe.processor.understanding_inputs([Image.new("RGB", (64, 32), (9, 90, 9))], "describe the image .")
+    ids = batch["input_ids"][0].tolist()
+    positions = mrope_position_ids(pipe.model.config, batch["input_ids"], batch["attention_mask"],
+                                   batch["pixel_values"])[:, 0]
+    first = ids.index(pipe.processor.tokens.image)  # tile 1: a 4x4 grid from its start position
+    start = int(positions[0, first])
+    assert positions[:, first: first + 16].tolist() == [[start] * 16, [start + i // 4 for i in range(16)],
+                                                        [start + i % 4 for i in range(16)]]
+    assert int(positions[0, first + 16]) == start + 4  # the next tag's text continues after the grid's side
+    caption = pipe.caption(Image.new("RGB", (64, 32), (9, 90, 9)), question="describe the image .", max_new_tokens=3)
+    assert caption == pipe.processor.decode(greedy_without_cache(pipe.model, batch, 3))
+
+
 def test_a_wide_image_captions_end_to_end_as_the_uncached_recompute(tmp_path):
     pipe = tiny_tiled_pipeline(tmp_path)
     wide = Image.new("RGB", (256, 64), (200, 30, 30))
@@ -111,14 +141,8 @@ def test_a_wide_image_captions_end_to_end_as_the_uncached_recompute(tmp_path):
     per_tile = pipe.model.config.vision.num_tokens
     assert batch["pixel_values"].shape[0] == 4 + 1  # a 4x1 grid of 32-px tiles and the thumbnail
     assert int((batch["input_ids"] == pipe.model.config.image_token_id).sum()) == 5 * per_tile
-    ids, expected = batch["input_ids"], []
-    with torch.no_grad():
-        for _ in range(5):
-            token = pipe.model(ids, pixel_values=batch["pixel_values"]).logits[:, -1].argmax(-1)
-            expected.append(int(token))
-            ids = torch.cat([ids, token[:, None]], 1)
     caption = pipe.caption(wide, question="describe the image .", max_new_tokens=5)
-    assert caption == pipe.processor.decode(expected) and caption
+    assert caption == pipe.processor.decode(greedy_without_cache(pipe.model, batch, 5)) and caption
     # a batch of a tiled and a one-tile image captions each as alone; a chat reads the same tiles
     square = Image.new("RGB", (32, 32), (30, 30, 200))
     both = pipe.caption([wide, square], question="describe the image .", max_new_tokens=5)
