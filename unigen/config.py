@@ -40,6 +40,18 @@ def _divides(section: str, name: str, value: int, by_name: str, by: int) -> None
 
 
 @dataclass
+class TilesConfig:
+    """``vision.tiles`` (unigen.models.tiles, docs/RESOLUTION.md): an understanding image becomes up to ``max``
+    encoder-size tiles on the grid closest to its aspect ratio (InternVL / NVLM-D's dynamic tiling), plus a
+    global thumbnail when there is more than one tile, each tile's tokens after its text tag."""
+
+    max: int = 6  # NVLM-D's and InternVL's default
+
+    def __post_init__(self):
+        _whole("vision.tiles", self, "max")
+
+
+@dataclass
 class SigLIPConfig:
     """SigLIP ViT (timm ``VisionTransformer``, no class token) for the understanding path."""
 
@@ -60,9 +72,12 @@ class SigLIPConfig:
     # The MLP's GELU: exact (Janus's and timm's SigLIP) or the tanh approximation (transformers' SigLIP and
     # Siglip2, ``hidden_act: gelu_pytorch_tanh``); the two differ by up to ~1e-3 per activation.
     mlp_act: Literal["gelu", "gelu_tanh"] = "gelu"
+    tiles: TilesConfig | None = None  # None: one padded square per image (Janus)
 
     def __post_init__(self):
         _whole("vision", self, "image_size patch_size width depth num_heads")
+        if isinstance(self.tiles, dict):  # from config.json or a recipe's model: section
+            self.tiles = build_config(TilesConfig, self.tiles, "vision.tiles")
         if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int) or self.select_layer == 0:
             raise ConfigError(f"vision.select_layer must be a non-zero whole number (-1 the last block, -2 the one "
                               f"before, or a block count); got {self.select_layer!r}")
@@ -406,6 +421,9 @@ class UniGenConfig:
         if self.encoder == "native" and self.fusion != "concat":
             raise ConfigError("encoder: native gives each image its own number of tokens, which Method B's "
                               "cross-attention does not take yet; use fusion: concat")
+        if self.vision.tiles is not None and (self.encoder == "native" or self.fusion != "concat"):
+            raise ConfigError("vision.tiles splits images for a fixed-size encoder read in the sequence; it needs "
+                              "encoder siglip or patch with fusion: concat (remove vision.tiles)")
 
     @property
     def image_token_id(self) -> int:
@@ -431,6 +449,8 @@ class UniGenConfig:
                 del d["llm"][key]
         if d["native_vision"] is None:
             del d["native_vision"]
+        if d["vision"]["tiles"] is None:
+            del d["vision"]["tiles"]
         return d
 
     @classmethod

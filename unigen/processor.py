@@ -21,6 +21,7 @@ from unigen.config import SPECIAL_TOKEN_TEXT, TokenIds, UniGenConfig
 from unigen.errors import ArgumentError, CheckpointError, CheckpointNotFoundError, DataError
 from unigen.models.checkpoint import check_tokenizer_files, load_config
 from unigen.models.native_inputs import native_inputs
+from unigen.models.tiles import tiled_inputs
 from unigen.prompts import (
     CHAT_TEMPLATE,
     EOS_TEXT,
@@ -284,6 +285,8 @@ class UniGenProcessor:
         rows = [self.prompts.question(q) for q in questions]
         if self.config.encoder == "native":  # each image at its own size, as many placeholders as its tokens
             return native_inputs(self, rows, [[load_image(image)] for image in images])
+        if self.config.vision.tiles is not None:  # each image as tiles + thumbnail, each after its tag
+            return tiled_inputs(self, rows, [[load_image(image)] for image in images])
         batch = self.pad(rows)
         batch["pixel_values"] = self.understanding_pixels(images)
         return batch
@@ -304,6 +307,8 @@ class UniGenProcessor:
         ids, images = self.prompts.conversation(messages)
         if self.config.encoder == "native" and images:  # each image at its own size
             return native_inputs(self, [ids], [[load_image(image) for image in images]])
+        if self.config.vision.tiles is not None and images:
+            return tiled_inputs(self, [ids], [[load_image(image) for image in images]])
         batch = self.pad([ids])
         batch["pixel_values"] = self.understanding_pixels(images) if images else None
         return batch

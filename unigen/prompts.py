@@ -35,6 +35,9 @@ JANUS_SYSTEM_PROMPT = (
 )
 IMAGE_TAG, IMAGE_START_TAG, EOS_TEXT = (SPECIAL_TOKEN_TEXT[k] for k in ("image", "image_start", "eos"))
 ROLES = ("user", "assistant")
+# NVLM-D's tile tags (its ``chat``: ``<tile_1>`` ... ``<tile_k>`` for the tiles, then the thumbnail's; an image
+# of one tile is tagged as the thumbnail), plain text in front of each tile's placeholders (unigen.models.tiles)
+TILE_TAG, THUMBNAIL_TAG = "<tile_{}>", "<tile_global_thumbnail>"
 CFG_DROPS = ("instruction", "image", "both")  # what an edit's unconditional row drops
 DEFAULT_CFG_DROP = "both"  # the best of the three on the Shapes editing checkpoint (docs/EXPERIMENTS.md)
 
@@ -300,6 +303,11 @@ def with_image_tags(text: str, n_images: int, where: str = "message 1") -> str:
 # ---- rows of ids ----------------------------------------------------------------------------------
 
 
+def tile_tags(n_tiles: int) -> list[str]:
+    """The tags of an image read as ``n_tiles`` tiles (the thumbnail last, counted in ``n_tiles``)."""
+    return [TILE_TAG.format(k) for k in range(1, n_tiles)] + [THUMBNAIL_TAG]
+
+
 def unconditional_ids(ids, cfg_pad: int):
     """Janus's unconditional row: BOS and the final <begin_of_image> kept, every token between them the CFG pad
     (a list or a 1-D tensor, returned as the same kind)."""
@@ -397,6 +405,28 @@ class PromptBuilder:
         out: list[int] = []
         for i in ids:
             out += block if i == t.image else [i]
+        return out
+
+    def with_tiles(self, ids: list[int], tiles: Sequence[int]) -> list[int]:
+        """``ids`` with each image block (``expand_images``') holding its image's ``tiles[k]`` tiles: every tile's
+        placeholders after its tag (``tile_tags``), all inside the one <begin_of_image> ... <end_of_image>. The
+        tags are tokenized alone; the special tokens around them cut the text there, so a one-pass tokenization
+        of the whole prompt gives the same ids."""
+        t, per_tile = self.tokens, self.config.image_placeholders_per_image
+        out: list[int] = []
+        k = 0
+        for i in ids:
+            if i == t.image:
+                continue
+            if i == t.image_end:
+                if k == len(tiles):
+                    raise ArgumentError(f"the prompt holds more image blocks than the {len(tiles)} image(s) given")
+                for tag in tile_tags(tiles[k]):
+                    out += [*self.tokenize(tag), *([t.image] * per_tile)]
+                k += 1
+            out.append(i)
+        if k != len(tiles):
+            raise ArgumentError(f"the prompt holds {k} image block(s) for {len(tiles)} image(s)")
         return out
 
     def dialogue(self, turns: list[str], system: str | None = None) -> list[Segment]:

@@ -117,14 +117,14 @@ HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": 
 
 def load_siglip_from(source: str | Path, config: SigLIPConfig) -> tuple[SigLIPEncoder, SigLIPConfig]:
     """The encoder of ``source`` with its weights (fp32), and the config that describes it: the source's sizes
-    with ``config.select_layer`` (the recipe's ``vision.select_layer``) applied; the other fields of ``config``
-    are not used."""
+    with ``config.select_layer`` and ``config.tiles`` (the recipe's) applied; the other fields of ``config`` are
+    not used."""
     with naming_the_part("siglip_from", source):
         directory = resolve_checkpoint_dir(source)
         raw = read_config_json(directory, SIGLIP_LAYOUTS)
         found, state = _siglip_reader(directory, raw)(directory, raw)
         found = dataclasses.replace(found, depth=found.kept_depth, select_layer=-1)  # what the weights hold
-        cfg = dataclasses.replace(found, select_layer=config.select_layer)
+        cfg = dataclasses.replace(found, select_layer=config.select_layer, tiles=config.tiles)
         kept = {k: v for k, v in state.items() if _block_index(k) < cfg.kept_depth}
         with torch.device("meta"):
             encoder = SigLIPEncoder(cfg)

@@ -20,7 +20,7 @@ import torch
 
 from unigen.data.bad_samples import BadSamples
 from unigen.data.manifest import Sample
-from unigen.errors import DataError
+from unigen.errors import ConfigError, DataError
 from unigen.processor import understanding_pixels
 from unigen.prompts import Segment, keeps_image, source_slots, with_image_tags
 from unigen.training.mixture import Pick
@@ -43,6 +43,9 @@ def _where(s: Sample) -> str:
 
 class BatchBuilder:
     def __init__(self, model, processor, question: str, max_seq_len: int = 0):
+        if model.config.vision.tiles is not None:  # its rows hold one square per image: inference would differ
+            raise ConfigError("training with vision.tiles is not built yet (rows hold one square per image); remove "
+                              "vision.tiles to train, and set it in the trained checkpoint's config to caption tiles")
         self.model = model  # the unwrapped model: its frozen VQ encodes images outside the training forward
         self.processor = processor
         self.question = question
