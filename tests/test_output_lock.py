@@ -24,9 +24,14 @@ from unigen.output_lock import LOCK_NAME, hold_output_dir
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals and flock are POSIX here")
 
+# The holder imports unigen.output_lock (and unigen.errors) without the package's __init__, whose torch and
+# transformers imports would cost it many seconds; the lock is the same code either way.
 HOLDER = """
-import sys, threading
+import sys, threading, types
 from pathlib import Path
+package = types.ModuleType("unigen")
+package.__path__ = [sys.argv[3]]
+sys.modules["unigen"] = package
 from unigen.output_lock import hold_output_dir
 with hold_output_dir(sys.argv[1]):
     Path(sys.argv[2]).write_text("held")
@@ -88,7 +93,7 @@ def cli(argv, capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def holder(tmp_path):
     folder, ready = tmp_path / "out", tmp_path / "held"
-    proc = child(HOLDER, folder, ready)
+    proc = child(HOLDER, folder, ready, Path(hold_output_dir.__code__.co_filename).parent)
     wait_for(ready, proc)
     yield folder, proc
     proc.kill()

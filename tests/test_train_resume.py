@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from train_common import ENV, cli, kill_in_checkpoint_15, losses, run, weights
+from train_common import ENV, cli, kill_in_checkpoint_15, losses, run, train_here, weights
 
 from unigen.shapes import write_dataset
 
@@ -19,8 +19,9 @@ def data(tmp_path_factory):
 
 
 def test_sigkill_and_resume_gives_the_same_losses(data, tmp_path):
-    common = ["--stage", "1", f"data={data}", "stage1.steps=30", "stage1.batch_size=8"]
-    run(cli("--output-dir", tmp_path / "a", *common))
+    # 20 steps: the kill falls in checkpoint 15 with 5 steps still to train after it
+    common = ["--stage", "1", f"data={data}", "stage1.steps=20", "stage1.batch_size=8"]
+    train_here("--output-dir", tmp_path / "a", *common)  # the killed and resumed runs below are subprocesses
     kill_in_checkpoint_15("--output-dir", tmp_path / "b", "--save-every", 5, *common, ready=tmp_path / "in-ckpt-15")
     ckpts = tmp_path / "b" / "stage1" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step_0000015", "step_0000005", "step_0000010"]
@@ -30,10 +31,10 @@ def test_sigkill_and_resume_gives_the_same_losses(data, tmp_path):
     torch.save({"last_epoch": 10}, ckpts / "step_0000010" / "scheduler.pt")
     run(cli("--output-dir", tmp_path / "b", "--save-every", 5, "--resume", "latest", *common))
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))  # the killed run's extra rows dropped
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 21))  # the killed run's extra rows dropped
     assert a == b  # bitwise: JSON floats round-trip exactly
     kept = sorted(p.name for p in (tmp_path / "b" / "stage1" / "checkpoints").iterdir())
-    assert kept == ["step_0000020", "step_0000025"]  # keep_last=2, and no half-written .tmp-* folder
+    assert kept == ["step_0000010", "step_0000015"]  # keep_last=2, and no half-written .tmp-* folder
 
 
 @pytest.mark.slow  # three training subprocesses (~70 s); test_run_plan's fast whole run checks the same refusal
@@ -69,7 +70,7 @@ GROUPS = "stage1.groups=[aligner,gen_aligner,gen_embed,gen_head,llm]"
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    run(cli("--stage", 1, f"data={data}", "stage1.steps=4", GROUPS, "--output-dir", out, "stage1.batch_size=8"))
+    train_here("--stage", 1, f"data={data}", "stage1.steps=4", GROUPS, "--output-dir", out, "stage1.batch_size=8")
     return out
 
 

@@ -47,6 +47,14 @@ def cli(*args, launcher=(sys.executable, "-m", "unigen.cli")):
     return [*launcher, "train", "--config", str(SMOKE), *map(str, args), "tensorboard=false"]
 
 
+def train_here(*args) -> None:
+    """``unigen train`` on the smoke recipe in this process (one thread, as the subprocesses of ``cli``): the same run
+    without a second interpreter's start-up, for the reference side of a comparison."""
+    from unigen.cli import main
+
+    assert main(cli(*args)[3:]) == 0
+
+
 def run(cmd, timeout=300):
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
