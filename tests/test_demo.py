@@ -36,8 +36,8 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     assert config["vq"]["channel_mult"] == [1, 1, 2, 2] and config["vision"]["depth"] == 2
     assert json.loads((run / "vq" / "config.json").read_text())["channel_mult"] == [1, 1, 2, 2]
     # the recipe's sampling defaults travel in the checkpoint and are recorded with the scores
-    assert config["guidance_scale"] == 2.0 and config["temperature"] == 0.4
-    assert scores["guidance_scale"] == 2.0 and scores["temperature"] == 0.4
+    assert config["guidance_scale"] == 1.5 and config["temperature"] == 0.4
+    assert scores["guidance_scale"] == 1.5 and scores["temperature"] == 0.4
 
 
 def test_demo_rejects_a_warm_up_as_long_as_the_vq_run_before_any_work(tmp_path):
