@@ -16,8 +16,8 @@ from unigen.shapes.render import render
 from unigen.shapes.world import ShapeSpec
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-# Each checkpoint's scores recorded in the README (n = 200, seed 0), read by the strict checker (docs/shapes-world.md),
-# which no longer passes in-between colours and deformed shapes.
+# The scores the README reports for each checkpoint (its evaluation's n and seed are the slow test's), read by the
+# strict checker (docs/shapes-world.md); the bars derive from them.
 # name: (fusion, captions, caption position, fidelity, edit accuracy with its defaults or None)
 SCORES = {"shapes-small": ("concat", 0.995, 1.0, 0.92, 0.89),
           "shapes-small-b": ("cross_attention", 0.98, 1.0, 0.945, None)}
