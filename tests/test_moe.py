@@ -120,7 +120,7 @@ def test_balance_and_z_losses_equal_hand_computations_and_transformers():
 
 @torch.no_grad()
 def test_the_upcycled_model_computes_what_the_dense_one_did():
-    """Every expert a copy of the dense feed-forward, router zero, shared expert's output zero: the logits of a
+    """Every expert a copy of the dense feed-forward, shared expert's output zero: the logits of a
     left-padded batch equal the dense model's (to float rounding: k equal terms of weight 1/k)."""
     dense = moe_model(None)
     ids = torch.randint(0, 200, (2, 12))

@@ -226,8 +226,8 @@ class MoEConfig:
     normalize_top_k: bool = True
     aux_loss_weight: float = 0.01  # load-balancing loss (Switch Transformer's, per sequence) in the training loss
     z_loss_weight: float = 0.0  # router z-loss (ST-MoE): mean logsumexp(router logits) ** 2
-    # a stage started from a dense checkpoint: every expert a copy of the dense feed-forward, the router at zero
-    # and the shared experts' output at zero, so the model computes what the dense one did (unigen.models.moe)
+    # a stage started from a dense checkpoint: every expert a copy of the dense feed-forward, a random router and
+    # the shared experts' output at zero, so the model computes what the dense one did (unigen.models.moe)
     upcycle_from_dense: bool = False
 
     def __post_init__(self):

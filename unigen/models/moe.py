@@ -271,8 +271,10 @@ def _layer_index(name: str) -> str:
 @torch.no_grad()
 def upcycle(model: nn.Module, cfg: MoEConfig) -> None:
     """Sparse upcycling of a dense unified model, in place: each MoE layer's experts start as copies of its dense
-    feed-forward, the router at zero (every expert equally likely) and the shared experts' output at zero, so
-    the model computes what the dense one did until training moves them apart."""
+    feed-forward, the shared experts' output at zero and the router at its random start, so the model computes
+    what the dense one did (the k weights of equal experts sum to 1) until training moves them apart. A router at
+    zero would tie every token's scores: the k experts it picks by index get the same tokens with the same weight,
+    hence the same gradients, and stay copies of each other for good."""
     llm = model.config.llm
     if cfg.expert_size not in (None, llm.intermediate_size):
         raise ConfigError(f"llm.moe.upcycle_from_dense copies the dense feed-forward into every expert, so "
@@ -287,7 +289,6 @@ def upcycle(model: nn.Module, cfg: MoEConfig) -> None:
             continue
         dense = block.mlp
         moe = MoEFeedForward(llm.hidden_size, llm.intermediate_size, cfg).to(dense.down_proj.weight)
-        moe.gate.weight.zero_()
         moe.experts.gate_up_proj.copy_(dense.gate_up_proj.weight.expand_as(moe.experts.gate_up_proj))
         moe.experts.down_proj.copy_(dense.down_proj.weight.expand_as(moe.experts.down_proj))
         if moe.shared_expert is not None:
