@@ -1,13 +1,12 @@
 """A whole run (both tokenizers, the codes, three stages) under a real 2-process launch trains what one process
 trains at the same global batch: every step's losses to 1e-5, the same codes, and the finished model's logits."""
 
-import json
-
 import pytest
 import torch
 from test_run_plan import RECIPE, train, unigen
+from test_tokenizer_parallel import losses as tokenizer_losses
 from test_train_resume import TORCHRUN
-from train_common import run
+from train_common import losses, run
 
 from unigen import UniGenModel
 from unigen.shapes import write_dataset
@@ -17,15 +16,9 @@ HALF = [f"{step}.batch_size=2" for step in ("tokenizers.vq", "tokenizers.siglip"
 
 
 def step_losses(out) -> dict:
-    """{step name: [(step, loss), ...]} for the tokenizers (their own metrics) and the stages (the run's)."""
-    found = {}
-    for name in ("vq", "siglip"):
-        rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
-        found[name] = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-    for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()):
-        if "loss" in r and "stage" in r:
-            found.setdefault(f"stage{r['stage']}", []).append((r["step"], r["loss"]))
-    return found
+    """{step name: [(step, loss), ...]}: the tokenizers' own metrics, then the stages' rows of the run's."""
+    found = {name: tokenizer_losses(out / name) for name in ("vq", "siglip")}
+    return found | {f"stage{n}": losses(out, stage=n) for n in (1, 2, 3)}
 
 
 def outputs(out) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ class DemoConfig:
     # captions: it gets a long run of its own
     siglip_steps: int = 2500
     stage_steps: tuple[int, int, int] | None = None  # None: the recipe's
-    # a score at n = 200 has a standard error near 0.03 (fidelity ~0.8), as large as the margin to the targets
+    # a binomial score's standard error sqrt(p (1 - p) / n) nears 0.03 at n = 200, as wide as the targets' margins
     n_eval: int = 600
     seed: int = 0
     threads: int = 2
