@@ -16,6 +16,7 @@ from unigen.shapes.checker import check
 from unigen.shapes.conversations import (
     HELD_OUT,
     KINDS,
+    NOISE_WORD,
     TRAINING,
     conversation_rng,
     draw_conversation,
@@ -73,6 +74,27 @@ def test_written_lines_use_training_phrasings_and_spec_renders(data):
     assert [t["value"] for t in lines[3]["conversations"][1::2]] == [conv.answer(t) for t in conv.turns]
     again = write_conversation_dataset(data[0].parent / "again", 12, seed=5)
     assert again.read_text() == data[0].read_text()  # byte-identical for the same seed
+
+
+def test_word_noise_replaces_question_words_only(data, tmp_path):
+    clean = [json.loads(x) for x in data[0].read_text().splitlines()]
+    noisy_path = write_conversation_dataset(tmp_path, 12, seed=5, word_noise=0.3)
+    noisy = [json.loads(x) for x in noisy_path.read_text().splitlines()]
+    replaced = kept = 0
+    for a, b in zip(clean, noisy, strict=True):
+        assert a["image"] == b["image"]
+        assert [t["value"] for t in a["conversations"][1::2]] == [t["value"] for t in b["conversations"][1::2]]
+        for qa, qb in zip(a["conversations"][0::2], b["conversations"][0::2], strict=True):
+            wa, wb = re.findall(r"\w+|[^\w\s]", qa["value"]), re.findall(r"\w+|[^\w\s]", qb["value"])
+            assert len(wa) == len(wb)  # word for word; punctuation and the <image> tag stay
+            for x, y in zip(wa, wb, strict=True):
+                assert y == x or (y == NOISE_WORD and re.fullmatch(r"\w+", x))
+                replaced += y != x
+                kept += y == x
+    assert 0.15 < replaced / (replaced + kept) < 0.35  # about the rate, over ~300 words
+    assert NOISE_WORD not in TRAINING.words() + HELD_OUT.words()
+    with pytest.raises(ValueError, match="word_noise"):
+        write_conversation_dataset(tmp_path / "bad", 1, seed=5, word_noise=1.0)
 
 
 def test_lines_build_multi_image_rows_with_the_trained_tokenizer(data, trained):

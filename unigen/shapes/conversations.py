@@ -27,6 +27,10 @@ MAX_IMAGES = 4
 ORDINALS: tuple[str, ...] = ("first", "second", "third", "fourth")
 CHAT_STREAM = 0xC4A7  # in every conversation seed: apart from the caption data's and evaluation's render seeds
 NEW_IMAGE_SHARE = 0.5  # of the turns after the first (while fewer than MAX_IMAGES are shown)
+# A word no tokenizer trained on these lines knows: a word-level tokenizer reads it as <unk>, exactly as it reads a
+# held-out phrasing's new words, so lines with it teach answering around words the model has never seen.
+NOISE_WORD = "wug"
+NOISE_STREAM = 0x4E01  # the word-noise draws: apart from the conversation's, so word_noise=0 lines stay the same
 
 
 @dataclass(frozen=True)
@@ -145,12 +149,20 @@ def image_seed(seed: int, index: int, image: int) -> list[int]:
     return [seed, CHAT_STREAM, index, image]
 
 
+def add_word_noise(question: str, rate: float, rng: np.random.Generator) -> str:
+    """``question`` with each word replaced by ``NOISE_WORD`` with probability ``rate`` (punctuation kept)."""
+    return re.sub(r"\w+", lambda m: NOISE_WORD if rng.random() < rate else m.group(0), question)
+
+
 def write_conversation_dataset(out_dir: str | Path, n: int, seed: int, split: str = "chat",
-                               progress: bool | None = None) -> Path:
+                               progress: bool | None = None, word_noise: float = 0.0) -> Path:
     """``n`` conversations in the training phrasings as LLaVA-style lines (``unigen.data.manifest``): ``image``
     lists the conversation's renders (``style="spec"``), each shown by an ``<image>`` tag of the human turn that
-    shows it; every answer is supervised. Returns ``out_dir/{split}.jsonl``; byte-identical for the same seed.
+    shows it; every answer is supervised. ``word_noise``: the share of question words replaced by a word the model
+    cannot know (``add_word_noise``). Returns ``out_dir/{split}.jsonl``; byte-identical for the same seed.
     Seeds from ``unigen.shapes.evaluate.EVAL_SEED_OFFSET`` up are the evaluation's."""
+    if not 0.0 <= word_noise < 1.0:
+        raise ValueError(f"word_noise must be in [0, 1), got {word_noise}")
     out_dir = Path(out_dir)
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     manifest = out_dir / f"{split}.jsonl"
@@ -158,12 +170,14 @@ def write_conversation_dataset(out_dir: str | Path, n: int, seed: int, split: st
     with manifest.open("w") as f:
         for i in tqdm(range(n), desc=f"conversations {split}", disable=not show):
             conv = draw_conversation(conversation_rng(seed, i), TRAINING)
+            noise = np.random.default_rng([seed, CHAT_STREAM, i, NOISE_STREAM])
             names = [f"{split}/{i:06d}_{j}.png" for j in range(len(conv.specs))]
             for j, (spec, name) in enumerate(zip(conv.specs, names, strict=True)):
                 render(spec, image_seed(seed, i, j), style="spec").pil().save(out_dir / name, format="PNG")
             lines = []
             for turn in conv.turns:
-                lines += [{"from": "human", "value": ("<image>\n" if turn.shows_image else "") + turn.question},
+                question = add_word_noise(turn.question, word_noise, noise) if word_noise else turn.question
+                lines += [{"from": "human", "value": ("<image>\n" if turn.shows_image else "") + question},
                           {"from": "gpt", "value": conv.answer(turn)}]
             f.write(json.dumps({"image": names, "conversations": lines}) + "\n")
     return manifest
