@@ -97,11 +97,7 @@ def make_tiny_hf_janus(directory: str | Path, seed: int = 0, **config_kwargs):
 
 
 def write_official_layout(model, directory: str | Path, extra_unused: bool = True) -> None:
-    """Write a unigen model's weights in DeepSeek's official layout (config sections + key names).
-
-    Small test models need the size parameters that the official presets fix; they go into the
-    ``params`` sections as unigen extension keys.
-    """
+    """Write a unigen model's weights in DeepSeek's official layout (config sections + key names)."""
     from safetensors.torch import save_file
 
     from unigen.models.checkpoint import official_state_dict
@@ -110,7 +106,20 @@ def write_official_layout(model, directory: str | Path, extra_unused: bool = Tru
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     llm = cfg.llm
-    raw = {
+    (directory / "config.json").write_text(json.dumps(official_config(cfg), indent=2))
+    state = official_state_dict({k: v.detach().contiguous() for k, v in model.state_dict().items()}, llm)
+    if extra_unused:  # real checkpoints carry these; loaders must ignore them
+        state["vision_model.vision_tower.attn_pool.latent"] = torch.zeros(1, 1, cfg.vision.width)
+        state["gen_vision_model.quantize.codebook_used"] = torch.zeros(16)
+    save_file(state, str(directory / "model.safetensors"))
+    write_tiny_tokenizer(directory, llm.vocab_size)
+
+
+def official_config(cfg) -> dict:
+    """DeepSeek's official config.json for a ``UniGenConfig``. Small test models need the size parameters that
+    the official presets fix; they go into the ``params`` sections as unigen extension keys."""
+    llm = cfg.llm
+    return {
         "model_type": "multi_modality",
         "language_config": {"model_type": "llama", "vocab_size": llm.vocab_size, "hidden_size": llm.hidden_size,
                             "intermediate_size": llm.intermediate_size, "num_hidden_layers": llm.num_layers,
@@ -135,10 +144,3 @@ def write_official_layout(model, directory: str | Path, extra_unused: bool = Tru
             "n_embed": llm.hidden_size, "image_token_embed": cfg.gen_head_dim,
             "image_token_size": cfg.vq.codebook_size}},
     }
-    (directory / "config.json").write_text(json.dumps(raw, indent=2))
-    state = official_state_dict({k: v.detach().contiguous() for k, v in model.state_dict().items()}, llm)
-    if extra_unused:  # real checkpoints carry these; loaders must ignore them
-        state["vision_model.vision_tower.attn_pool.latent"] = torch.zeros(1, 1, cfg.vision.width)
-        state["gen_vision_model.quantize.codebook_used"] = torch.zeros(16)
-    save_file(state, str(directory / "model.safetensors"))
-    write_tiny_tokenizer(directory, llm.vocab_size)

@@ -16,10 +16,19 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from unigen.config import SPECIAL_TOKEN_TEXT, LLMConfig, SigLIPConfig, TokenIds, UniGenConfig, VQConfig
 from unigen.errors import CheckpointError, CheckpointNotFoundError
+from unigen.models.lazy_weights import (
+    LazyTensor,
+    bin_tensors,
+    cat,
+    copy_of,
+    materialize,
+    safetensors_tensors,
+    unsqueeze0,
+)
 from unigen.runs import atomic_write, write_json
 
 # ---- locating files ----------------------------------------------------------------------
@@ -82,10 +91,16 @@ def detect_layout(directory: Path) -> str:
     )
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Weights from safetensors (single or sharded) or pickled .bin (only with weights_only=True)."""
-    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
-                               ("pytorch_model.bin.index.json", _load_bin)):
+def read_state_dict(directory: Path, lazy: bool = False) -> dict[str, torch.Tensor | LazyTensor]:
+    """Weights from safetensors (single or sharded) or pickled .bin (only with weights_only=True); ``lazy``: as
+    ``LazyTensor``s, read when materialized (``unigen.models.lazy_weights``)."""
+    state = _lazy_state_dict(directory)
+    return state if lazy else {k: materialize(v) for k, v in state.items()}
+
+
+def _lazy_state_dict(directory: Path) -> dict[str, LazyTensor]:
+    for index_name, loader in (("model.safetensors.index.json", safetensors_tensors),
+                               ("pytorch_model.bin.index.json", bin_tensors)):
         index = directory / index_name
         if index.is_file():
             try:
@@ -103,11 +118,11 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
             missing = [s for s in shards if not (directory / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names shard file(s) that are missing: {missing}")
-            state: dict[str, torch.Tensor] = {}
+            state: dict[str, LazyTensor] = {}
             for shard in shards:
                 state.update(loader(directory / shard))
             return state
-    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+    for name, loader in (("model.safetensors", safetensors_tensors), ("pytorch_model.bin", bin_tensors)):
         if (directory / name).is_file():
             return loader(directory / name)
     found = sorted(p.name for p in directory.iterdir())
@@ -118,21 +133,8 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path} could not be read as safetensors ({err}); the file is truncated or "
-                              "damaged: download or save it again") from err
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only refuses arbitrary pickled objects: a .bin from the hub must never run code on load
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch file: {err}") from err
+    """Every tensor of one safetensors file, read."""
+    return {k: v.materialize() for k, v in safetensors_tensors(path).items()}
 
 
 # ---- configs -------------------------------------------------------------------------------
@@ -296,14 +298,14 @@ def official_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torc
             new = "gen_vision_model." + inner
         new = _mlp_key(new)
         if new == f"{_VIS}.pos_embed":
-            value = value.unsqueeze(0)
+            value = unsqueeze0(value)
         out[new] = value
     if unmapped:
         raise CheckpointError(f"transformers checkpoint has keys with no unigen equivalent: {unmapped[:20]}")
     # fuse q|k|v (official order) into timm's qkv
     for key in [k for k in out if ".attn.q_proj." in k]:
         parts = [out.pop(key.replace(".q_proj.", f".{x}_proj.")) for x in "qkv"]
-        out[key.replace(".q_proj.", ".qkv.")] = torch.cat(parts, 0)
+        out[key.replace(".q_proj.", ".qkv.")] = cat(parts)
     return out
 
 
@@ -349,7 +351,7 @@ def fused_state_dict(state: dict[str, torch.Tensor], llm: LLMConfig) -> dict[str
             prefix = key[: -len(first)]
             names = [f"{prefix}.{owner}.{part}.{kind}" for part in parts]
             if all(n in state for n in names):
-                out[f"{prefix}.{fused}"] = torch.cat([out.pop(n) for n in names])
+                out[f"{prefix}.{fused}"] = cat([out.pop(n) for n in names])
     return out
 
 
@@ -421,15 +423,16 @@ def load_config(directory: Path) -> tuple[UniGenConfig, str]:
     return config, layout
 
 
-def read_checkpoint(directory: Path) -> tuple[UniGenConfig, dict[str, torch.Tensor]]:
-    """The config and the weights (under the in-memory names) of a checkpoint directory in any layout."""
+def read_checkpoint(directory: Path, lazy: bool = False) -> tuple[UniGenConfig, dict[str, torch.Tensor | LazyTensor]]:
+    """The config and the weights (under the in-memory names) of a checkpoint directory in any layout; ``lazy``:
+    ``LazyTensor``s that ``load_state`` reads one at a time."""
     config, layout = load_config(directory)
-    state = read_state_dict(directory)
+    state = read_state_dict(directory, lazy=lazy)
     if layout == "transformers":
         state = official_from_transformers(state)
         if _ties_embeddings(json.loads((directory / "config.json").read_text())):
             # as transformers does: the head is the embedding (saved files then hold no lm_head.weight)
-            state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"].clone()
+            state["language_model.lm_head.weight"] = copy_of(state["language_model.model.embed_tokens.weight"])
     return config, fused_state_dict(state, config.llm)
 
 
@@ -441,8 +444,9 @@ def _ties_embeddings(raw: dict) -> bool:
     return bool(raw.get("tie_word_embeddings", JanusConfig().tie_word_embeddings))
 
 
-def load_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path) -> None:
-    """Strict load that names every missing, unexpected and mis-shaped key."""
+def load_state(model, state: dict[str, torch.Tensor | LazyTensor], dtype: torch.dtype, where: Path) -> None:
+    """Strict load that names every missing, unexpected and mis-shaped key. Each weight is read (a lazy one) and
+    cast into the model one at a time, so the peak is the loaded model plus one tensor."""
     state = {k: v for k, v in state.items() if not any(re.search(p, k) for p in IGNORED_KEYS)}
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
@@ -458,8 +462,12 @@ def load_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype, where:
         problems.append(f"shape mismatches ({len(shapes)}): {sorted(shapes)[:20]}")
     if problems:
         raise CheckpointError(f"weights in {where} do not fit the model its config describes; " + "; ".join(problems))
-    cast = {k: _aligned(v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(cast, strict=True, assign=True)
+    for key in list(state):
+        module, _, _ = key.rpartition(".")
+        value = _aligned(materialize(state.pop(key), dtype))
+        # the owning module alone: a whole-model load_state_dict per key would walk every module each time
+        model.get_submodule(module).load_state_dict({key[len(module) + 1:] if module else key: value}, strict=False,
+                                                    assign=True)
     _check_nothing_left_on_meta(model)
     check_finite_weights(model, where)
 
@@ -467,9 +475,15 @@ def load_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype, where:
 def check_finite_weights(model: torch.nn.Module, where) -> None:
     """A checkpoint with NaN or infinite weights samples black or random images without a word: name it."""
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise CheckpointError(f"the weights in {where} hold NaN or infinite values (first: {name}); the "
                                   "checkpoint is damaged or its training diverged: use an earlier checkpoint")
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    # in chunks: isfinite over a whole embedding makes temporaries of its size, a load's peak beyond the weights
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -336,7 +336,7 @@ class UniGenModel(nn.Module):
         Method B model from a base model. ``fusion=None`` loads the checkpoint as saved.
         """
         directory = resolve_checkpoint_dir(path)
-        config, state = read_checkpoint(directory)
+        config, state = read_checkpoint(directory, lazy=True)  # read tensor by tensor: one copy at the peak
         with torch.device("meta"):  # no memory or init work for weights the checkpoint replaces
             model = cls(config)
         load_state(model, state, dtype, directory)
