@@ -19,6 +19,7 @@ import ctypes
 import json
 import mmap
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class FileSlice(LazyTensor):
                 self._read(f, flat)
                 return
             # another dtype: through a bounded buffer, so that a cast load holds no whole-tensor copy
-            buffer = torch.empty(min(flat.numel(), CAST_CHUNK), dtype=self.dtype)
+            buffer = _cast_buffer(self.dtype)
             for start in range(0, flat.numel(), CAST_CHUNK):
                 part = buffer[: min(CAST_CHUNK, flat.numel() - start)]
                 self._read(f, part)
@@ -86,6 +87,18 @@ class FileSlice(LazyTensor):
         if nbytes and f.readinto(memoryview(into.view(torch.uint8).numpy())) != nbytes:
             raise CheckpointError(f"{self.path} could not be read as safetensors (it ends inside a tensor); the "
                                   "file is truncated or damaged: download or save it again")
+
+
+_buffers = threading.local()
+
+
+def _cast_buffer(dtype: torch.dtype) -> torch.Tensor:
+    # one buffer per thread and dtype, reused: one allocated and freed per tensor, between the loaded weights'
+    # allocations, fragments the heap and raises the peak (docs/PERFORMANCE.md, "Loading big checkpoints")
+    cache = _buffers.__dict__.setdefault("by_dtype", {})
+    if dtype not in cache or cache[dtype].numel() < CAST_CHUNK:
+        cache[dtype] = torch.empty(CAST_CHUNK, dtype=dtype)
+    return cache[dtype]
 
 
 @dataclass
