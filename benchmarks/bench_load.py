@@ -60,6 +60,15 @@ def _random(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype).normal_(0, 0.02, generator=gen)
 
 
+def _random_weights(model: torch.nn.Module, dtype: torch.dtype, gen: torch.Generator) -> torch.nn.Module:
+    """A model built on the meta device, in memory with random weights of ``dtype``."""
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(_random(p.shape, dtype, gen))
+    return model
+
+
 def write(layout: str, shape: str, save_dtype: torch.dtype, out: Path) -> None:
     """The checkpoint of ``layout`` and ``shape``, random weights in ``save_dtype``; at most one copy of the
     weights in memory (the official layout's ``.bin`` shards one shard at a time)."""
@@ -76,10 +85,7 @@ def write(layout: str, shape: str, save_dtype: torch.dtype, out: Path) -> None:
     if layout == "transformers":
         with torch.device("meta"):
             model = JanusForConditionalGeneration(hf_config)
-        model = model.to_empty(device="cpu").to(save_dtype)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(_random(p.shape, save_dtype, gen))
+        model = _random_weights(model, save_dtype, gen)
         model.save_pretrained(out)
         write_tiny_tokenizer(out, vocab)
         return
@@ -87,10 +93,7 @@ def write(layout: str, shape: str, save_dtype: torch.dtype, out: Path) -> None:
     with torch.device("meta"):
         model = UniGenModel(config)
     if layout == "unigen":
-        model = model.to_empty(device="cpu").to(save_dtype)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(_random(p.shape, save_dtype, gen))
+        model = _random_weights(model, save_dtype, gen)
         model.save_pretrained(out, max_shard_bytes=64 << 30)  # one file: the case a whole-file read hurts most
         write_tiny_tokenizer(out, vocab)
         return
@@ -100,7 +103,7 @@ def write(layout: str, shape: str, save_dtype: torch.dtype, out: Path) -> None:
     names = official_state_dict(model.state_dict(), config.llm)
     shards, current, size = [], [], 0
     for key in sorted(names):
-        nbytes = names[key].numel() * torch.empty((), dtype=save_dtype).element_size()
+        nbytes = names[key].numel() * save_dtype.itemsize
         if current and size + nbytes > BIN_SHARD_BYTES:
             shards.append(current)
             current, size = [], 0

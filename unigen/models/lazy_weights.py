@@ -52,12 +52,6 @@ class LazyTensor:
         self.read_into(out)
         return out
 
-    def is_floating_point(self) -> bool:
-        return self.dtype.is_floating_point
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
 
 @dataclass
 class FileSlice(LazyTensor):
@@ -85,8 +79,7 @@ class FileSlice(LazyTensor):
     def _read(self, f, into: torch.Tensor) -> None:
         nbytes = into.numel() * into.element_size()
         if nbytes and f.readinto(memoryview(into.view(torch.uint8).numpy())) != nbytes:
-            raise CheckpointError(f"{self.path} could not be read as safetensors (it ends inside a tensor); the "
-                                  "file is truncated or damaged: download or save it again")
+            raise _damaged(self.path, "it ends inside a tensor")
 
 
 _buffers = threading.local()
@@ -201,15 +194,17 @@ def safetensors_tensors(path: Path) -> dict[str, FileSlice]:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise _damaged(path, "shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER_BYTES, size - 8):
-                raise _damaged(path, f"a header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            text = f.read(n) if n is not None and n <= min(MAX_HEADER_BYTES, size - 8) else None
+    except OSError as err:
+        raise _damaged(path, f"{type(err).__name__}: {err}") from err
+    if n is None:
+        raise _damaged(path, "shorter than its 8-byte header length")
+    if text is None:
+        raise _damaged(path, f"a header of {n} bytes in a file of {size}")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as err:
         raise _damaged(path, f"{type(err).__name__}: {err}") from err
     if not isinstance(header, dict):
         raise _damaged(path, "its header is not a JSON object")
@@ -224,7 +219,7 @@ def safetensors_tensors(path: Path) -> dict[str, FileSlice]:
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise _damaged(path, f"tensor {name!r} has a bad header entry {entry!r}") from err
-        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = shape.numel() * dtype.itemsize
         if end - begin != nbytes or begin < 0 or data_start + end > size:
             raise _damaged(path, f"tensor {name!r} does not fit the file ({begin}..{end} of {size - data_start} "
                                  f"data bytes, {nbytes} expected)")
